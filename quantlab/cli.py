@@ -1,0 +1,131 @@
+"""The click skin: parse options, call one library function, map QuantlabError to a one-line error."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from quantlab.errors import QuantlabError
+
+
+class QuantlabGroup(click.Group):
+    """Turns library errors into ``Error: ...`` with the error's exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QuantlabError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                tb = getattr(exc, "worker_traceback", None)
+                if tb:
+                    click.echo(tb, err=True)
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=QuantlabGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="quantlab")
+@click.pass_context
+def cli(ctx, debug):
+    """quantlab: which 8-bit or 4-bit version of a causal LM keeps its quality, and what it costs."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+def _common(f):
+    f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
+    f = click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+                     help="torch threads in each measured process (1 is fastest on a busy 2-core CPU).")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repo.")(f)
+    return f
+
+
+@cli.command("quantize-and-compare")
+@click.option("--model", default=None, help="Hub id, local HF dir, .gguf file or smollm2-135m (default).")
+@click.option("--recipes", default=None, help="Comma-separated recipes (default: fp,bnb-int8,bnb-nf4,rtn-w8,rtn-w4-g64).")
+@click.option("--experiment", type=click.Path(dir_okay=False), default=None, help="Experiment YAML with recipes.")
+@click.option("--text", default=None, help="Reference text: FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
+@click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
+@click.option("--out", default=None, help="Output dir (default reports/<model>-<date>/).")
+@click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--chunks", default=None, type=click.IntRange(1), help="Reference-text windows (default 16).")
+@click.option("--chunk-tokens", default=None, type=click.IntRange(8), help="Tokens per window (default 256).")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
+@_common
+def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, store, chunks, chunk_tokens,
+                             as_json, device, threads, trust_remote_code):
+    """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
+    from quantlab import pipeline
+    from quantlab.table import render_table
+
+    opts = pipeline.build_options(model=model, recipes=recipes, experiment=experiment, text=text,
+                                  data_dir=data_dir, out=out, store=store, chunks=chunks, chunk_tokens=chunk_tokens,
+                                  device=device, threads=threads, trust_remote_code=trust_remote_code,
+                                  progress=not as_json)
+    results = pipeline.quantize_and_compare(opts)
+    click.echo(json.dumps(results, indent=2, default=str) if as_json else render_table(results))
+
+
+@cli.command("quantize")
+@click.argument("recipe")
+@click.option("--model", default=None, help="Model reference (default smollm2-135m).")
+@_common
+def quantize_cmd(recipe, model, device, threads, trust_remote_code):
+    """Quantize MODEL with RECIPE into the artifact cache; prints the artifact directory."""
+    from quantlab import pipeline
+    from quantlab.recipe import parse_recipe
+
+    result = pipeline.quantize_model(model, parse_recipe(recipe), device, threads, trust_remote_code)
+    click.echo(result["artifact"])
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--baseline", required=True, help="The fp model reference to compare against.")
+@click.option("--text", default=None, help="FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
+@click.option("--data-dir", default=None)
+@click.option("--per-token", default=None, type=click.Path(dir_okay=False), help="Write per-token values (.npz).")
+@_common
+def eval_cmd(model, baseline, text, data_dir, per_token, device, threads, trust_remote_code):
+    """Fidelity of MODEL (artifact dir or model ref) against --baseline: KLD, top-1, token-level ppl."""
+    from quantlab import pipeline
+
+    result = pipeline.evaluate_model(model, baseline, text, data_dir, device, threads,
+                                     per_token_path=per_token, trust_remote_code=trust_remote_code)
+    click.echo(json.dumps(result, indent=2, default=str))
+
+
+@cli.command("bench")
+@click.argument("model")
+@_common
+def bench_cmd(model, device, threads, trust_remote_code):
+    """Memory and latency of MODEL (artifact dir or model ref), in a fresh process."""
+    from quantlab import pipeline
+
+    click.echo(json.dumps(pipeline.bench_model(model, device, threads, trust_remote_code=trust_remote_code),
+                          indent=2, default=str))
+
+
+@cli.command("runs")
+@click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--run-set", default=None, help="Only runs of this run set.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True)
+def runs_cmd(store, run_set, limit, as_json):
+    """List stored runs, newest first."""
+    from quantlab import store as store_mod
+    from quantlab.table import render_runs
+
+    rows = store_mod.list_runs(store, run_set, limit)
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else render_runs(rows))
+
+
+def main() -> None:  # pragma: no cover
+    cli(obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The isolated fidelity step: baseline log-probs (cached) against one or more candidates' log-probs.
+
+Fidelity measures no memory or time, so one process evaluates every candidate of a comparison:
+the tokenized text and cached baseline are loaded once.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+
+def load_recipe_model(path: str, recipe, device: str, trust_remote_code: bool = False):
+    """Load an artifact (or the fp source) the way its method says, with no quantlab code in the model."""
+    from quantlab.methods import get_method
+    from quantlab.models import load_causal_lm
+
+    method = get_method(recipe.method)
+    method.require()
+    return load_causal_lm(path, device=device, trust_remote_code=trust_remote_code,
+                          **method.load_kwargs(recipe.config, device))
+
+
+def ensure_baseline(baseline, ids, text, settings, device: str):
+    """Path of the cached baseline log-probs for (model, text, windows), computing them on a miss."""
+    from quantlab.evaluate import fidelity as fid
+    from quantlab.fsutil import file_lock
+    from quantlab.models import quantlab_home
+    from quantlab.recipe import parse_recipe
+
+    fp = parse_recipe("fp")
+    key = fid.cache_key(baseline.fingerprint, text.sha256, settings, fp.name, device)
+    cache = quantlab_home() / "logits" / key
+    hit = True
+    with file_lock(cache.with_name(f".{key}.lock")):
+        if not (cache / "logprobs.npy").is_file():
+            hit = False
+            model = load_recipe_model(baseline.path, fp, device, baseline.trust_remote_code)
+            fid.baseline_cache(model, ids, cache, settings)
+            del model
+            gc.collect()
+    return cache, hit
+
+
+def fidelity_job(payload: dict) -> dict:
+    """payload: baseline (ModelSource), text (TextSource), settings, device, candidates: [{recipe, artifact,
+    per_token_path}]. Returns one summary per candidate, in order."""
+    from tqdm import tqdm
+
+    from quantlab.evaluate import fidelity as fid
+    from quantlab.evaluate.text import TextSource
+    from quantlab.models import ModelSource, load_tokenizer
+    from quantlab.recipe import Recipe
+
+    baseline = ModelSource.from_dict(payload["baseline"])
+    text = TextSource(**payload["text"])
+    settings = fid.FidelitySettings(**payload.get("settings", {}))
+    device = payload["device"]
+    ids = fid.chunk_ids(load_tokenizer(baseline.path, baseline.trust_remote_code), text.read(), settings)
+    cache, hit = ensure_baseline(baseline, ids, text, settings, device)
+    logprobs, _ = fid.load_baseline(cache)
+    results = []
+    for cand in tqdm(payload["candidates"], desc="fidelity", unit="model", leave=False):
+        recipe = Recipe.from_dict(cand["recipe"])
+        model = load_recipe_model(cand["artifact"], recipe, device, baseline.trust_remote_code)
+        per_token = fid.compare(model, ids, logprobs)
+        del model
+        gc.collect()
+        if cand.get("per_token_path"):
+            fid.save_per_token(Path(cand["per_token_path"]), per_token)
+        summary = fid.summarize(per_token, settings)
+        results.append({**summary, "baseline_recipe": "fp", "baseline_cached": hit,
+                        "per_token": cand.get("per_token_path")})
+    return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict()}

@@ -1,0 +1,49 @@
+"""The isolated bench step: load an artifact in a fresh process, then measure memory and latency."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def bench_job(payload: dict) -> dict:
+    import torch
+
+    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.measure import latency, memory
+    from quantlab.recipe import Recipe
+
+    recipe = Recipe.from_dict(payload["recipe"])
+    device = payload["device"]
+    rss_before = memory.current_rss_bytes()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    load_s = time.perf_counter() - t0
+    weights = memory.weight_bytes(model)
+    rss_loaded = memory.current_rss_bytes()
+    settings = latency.LatencySettings(**{k: tuple(v) if k == "batch_sizes" else v
+                                          for k, v in payload.get("latency", {}).items()})
+    lat = latency.measure_latency(model, settings, device)
+    mem = {
+        **weights,
+        "footprint_hf_bytes": model.get_memory_footprint(),
+        "disk_bytes": memory.disk_bytes(Path(payload["artifact"])),
+        "peak_bytes": memory.peak_rss_bytes(),
+        "peak_kind": "peak RSS of the bench process (load + latency runs)",
+        "process_rss_before_load_bytes": rss_before,
+        "rss_after_load_bytes": rss_loaded,
+        "load_s": load_s,
+    }
+    if device.startswith("cuda"):
+        mem.update({"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                    "peak_kind": "torch.cuda.max_memory_reserved of the bench process"})
+        mem["peak_bytes"] = mem["peak_reserved_bytes"]
+        name = torch.cuda.get_device_name()
+        per_step = weights["weights_bytes"]
+        rate = lat["decode_tok_s"]["1"]["median"] if "1" in lat["decode_tok_s"] else None
+        if rate:
+            lat["roofline_b1"] = latency.roofline(name, per_step, rate)
+    return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}

@@ -1,0 +1,129 @@
+"""Prefill latency and decode throughput, after warm-up, with every raw sample kept.
+
+Decode path: a manual greedy loop of single-token forwards over transformers' DynamicCache (the
+path every method here supports on CPU). On CUDA, timings use CUDA events with synchronisation;
+on CPU, time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+# Peak HBM bandwidth in bytes/s of GPUs we know, by substring of the device name.
+HBM_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
+                 "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12,
+                 "RTX 4090": 1.008e12, "RTX 5090": 1.792e12, "V100": 0.9e12, "T4": 0.32e12}
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (1, 8)
+    warmup: int = 1
+    repetitions: int = 5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Timer:
+    device: str
+    samples: list = field(default_factory=list)
+
+    def __enter__(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.startswith("cuda"):
+            self._end.record()
+            torch.cuda.synchronize()
+            self.samples.append(self._start.elapsed_time(self._end) / 1000.0)
+        else:
+            self.samples.append(time.perf_counter() - self._t0)
+        return False
+
+
+def median_iqr(values) -> dict:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    q1, med, q3 = np.percentile(arr, [25, 50, 75])
+    return {"median": float(med), "iqr": float(q3 - q1), "n": int(arr.size)}
+
+
+def _prompt(model, batch: int, tokens: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (batch, tokens), generator=gen).to(model.device)
+
+
+def _decode(model, ids, steps: int, timer: Timer | None):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(ids, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    if timer is None:
+        for _ in range(steps):
+            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return
+    with timer:
+        for _ in range(steps):
+            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+
+
+def measure_latency(model, settings: LatencySettings, device: str) -> dict:
+    """Prefill ms (batch 1) and decode tokens/s per batch size; median, IQR and raw samples."""
+    import torch
+
+    result = {"settings": settings.to_dict(), "decode_path": "manual greedy loop, DynamicCache, eager forward",
+              "timer": "cuda events" if device.startswith("cuda") else "time.perf_counter"}
+    with torch.inference_mode():
+        ids = _prompt(model, 1, settings.prompt_tokens)
+        prefill = Timer(device)
+        for i in range(settings.warmup + settings.repetitions):
+            t = prefill if i >= settings.warmup else Timer(device)
+            with t:
+                model(ids, use_cache=True)
+        result["prefill_ms"] = median_iqr([s * 1000 for s in prefill.samples])
+        result["prefill_ms_samples"] = [s * 1000 for s in prefill.samples]
+        result["decode_tok_s"] = {}
+        result["decode_tok_s_samples"] = {}
+        for batch in settings.batch_sizes:
+            ids = _prompt(model, batch, settings.prompt_tokens)
+            for _ in range(settings.warmup):
+                _decode(model, ids, settings.decode_tokens, None)
+            timer = Timer(device)
+            for _ in range(settings.repetitions):
+                _decode(model, ids, settings.decode_tokens, timer)
+            rates = [batch * settings.decode_tokens / s for s in timer.samples]
+            result["decode_tok_s"][str(batch)] = median_iqr(rates)
+            result["decode_tok_s_samples"][str(batch)] = rates
+    return result
+
+
+def roofline(device_name: str, bytes_per_step: int, steps_per_s: float) -> dict | None:
+    """Decode as % of the HBM roofline: each decode step reads at least the weights once."""
+    for key, bandwidth in HBM_BANDWIDTH.items():
+        if key in device_name:
+            achieved = bytes_per_step * steps_per_s
+            return {"bandwidth_bytes_s": bandwidth, "achieved_bytes_s": achieved,
+                    "percent_of_roofline": 100.0 * achieved / bandwidth, "gpu_key": key}
+    return None

@@ -1,0 +1,43 @@
+"""Run one step in a fresh Python process, so no model freed earlier skews its memory or time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from quantlab import errors
+from quantlab.errors import MeasurementError
+
+
+def run_isolated(task: str, payload: dict, timeout: float | None = None) -> dict:
+    """Run ``quantlab.measure.worker`` for ``task`` and return its JSON result.
+
+    A QuantlabError raised in the worker is raised again here with the same class and message.
+    """
+    with tempfile.TemporaryDirectory(prefix="quantlab-worker-") as tmp:
+        payload_path = Path(tmp) / "payload.json"
+        result_path = Path(tmp) / "result.json"
+        payload_path.write_text(json.dumps(payload, default=str))
+        cmd = [sys.executable, "-m", "quantlab.measure.worker", task, str(payload_path), str(result_path)]
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MeasurementError(f"The {task} step ran over {timeout:.0f} s — raise the timeout or use a smaller model") from None
+        if not result_path.is_file():
+            raise MeasurementError(
+                f"The {task} subprocess died (exit code {proc.returncode}) — likely out of memory; "
+                "free memory or use a smaller model"
+            )
+        result = json.loads(result_path.read_text())
+    if "error" in result:
+        err = result["error"]
+        cls = getattr(errors, err.get("class", ""), None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.QuantlabError)):
+            cls = MeasurementError
+        exc = cls(err["message"])
+        exc.worker_traceback = err.get("traceback")
+        raise exc
+    return result

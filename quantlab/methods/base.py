@@ -1,0 +1,58 @@
+"""The one small interface every quantization method implements."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class Method:
+    """A quantization method.
+
+    ``quantize`` writes a directory that ``AutoModelForCausalLM.from_pretrained`` reloads with the
+    method's library installed and no quantlab import. ``fp`` is the exception: its artifact is the
+    source directory itself.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    short_pattern: ClassVar[re.Pattern]
+    example_names: ClassVar[tuple[str, ...]]
+    libraries: ClassVar[tuple[str, ...]] = ()
+    writes_artifact: ClassVar[bool] = True
+
+    def parse_short_name(self, text: str) -> Any | None:
+        """Return a config for a short name this method owns, else None."""
+        match = self.short_pattern.fullmatch(text)
+        return self.config_from_match(match) if match else None
+
+    def config_from_match(self, match: re.Match) -> Any:
+        raise NotImplementedError
+
+    def short_name(self, config: Any) -> str:
+        raise NotImplementedError
+
+    def explain_short_name(self, text: str) -> str | None:
+        """Say why a name that starts with this method's prefix is invalid, when we can tell."""
+        return None
+
+    def check_model(self, config: Any, linear_shapes: dict[str, tuple[int, int]]) -> None:
+        """Reject a recipe that cannot apply to this model's linear layers, before any work starts."""
+
+    def require(self) -> None:
+        """Raise MissingExtraError when the method's library is not importable."""
+        from quantlab.provenance import require_library
+
+        for lib in self.libraries:
+            require_library(lib, self.name)
+
+    def quantize(self, config: Any, source_dir: Path, out_dir: Path, device: str) -> dict:
+        """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes."""
+        raise NotImplementedError
+
+    def load_kwargs(self, config: Any, device: str) -> dict:
+        """Extra ``from_pretrained`` kwargs for loading this method's artifact."""
+        import torch
+
+        return {"dtype": torch.float32 if device == "cpu" else "auto"}

@@ -1,0 +1,78 @@
+"""bitsandbytes int8 (LLM.int8()) and 4-bit nf4/fp4 through transformers' BitsAndBytesConfig."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import RecipeError
+from quantlab.methods.base import Method
+
+_TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
+_COMPUTE = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    compute_dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.quant_type not in _TYPES:
+            raise RecipeError(f"bnb quant_type '{self.quant_type}' is not supported — use int8, nf4 or fp4")
+        if self.double_quant and self.quant_type == "int8":
+            raise RecipeError("bnb double_quant applies to 4-bit only — drop it or use nf4/fp4")
+        if self.compute_dtype not in _COMPUTE:
+            raise RecipeError(f"bnb compute_dtype '{self.compute_dtype}' — use one of {', '.join(_COMPUTE)}")
+
+    @property
+    def bits(self) -> int:
+        return _TYPES[self.quant_type]
+
+
+class BnbMethod(Method):
+    name = "bnb"
+    config_cls = BnbConfig
+    short_pattern = re.compile(r"bnb-(int8|nf4|fp4)(-dq)?")
+    example_names = ("bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq")
+    libraries = ("bitsandbytes",)
+
+    def config_from_match(self, match):
+        return BnbConfig(quant_type=match.group(1), double_quant=bool(match.group(2)))
+
+    def short_name(self, config):
+        return f"bnb-{config.quant_type}" + ("-dq" if config.double_quant else "")
+
+    def explain_short_name(self, text):
+        if text.endswith("-dq") and text.startswith("bnb-int8"):
+            return "double quantization applies to 4-bit only — use bnb-nf4-dq or bnb-fp4-dq"
+        return None
+
+    def hf_config(self, config, device: str):
+        """The transformers BitsAndBytesConfig; 4-bit names its quant type (transformers 5 defaults to fp4)."""
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if config.quant_type == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        compute = config.compute_dtype
+        if compute == "auto":
+            compute = "float32" if device == "cpu" else "bfloat16"
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant_type,
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute),
+        )
+
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+        from quantlab.models import load_causal_lm, save_with_tokenizer
+
+        kwargs = {"quantization_config": self.hf_config(config, device)}
+        if device != "cpu":
+            kwargs["device_map"] = device
+        model = load_causal_lm(source_dir, device="cpu" if device == "cpu" else None, **kwargs)
+        save_with_tokenizer(model, source_dir, out_dir)
+        return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}

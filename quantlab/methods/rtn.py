@@ -1,0 +1,107 @@
+"""Round-to-nearest weight-only quantization: the reference every smarter method must beat.
+
+The arithmetic is plain affine RTN (``fake_quantize`` below spells it out in torch). The artifact
+stores the integers, scales and zero points in torchao's intx layout (IntxUnpackedToInt8Tensor)
+through transformers' TorchAoConfig, so ``from_pretrained`` reloads real quantized weights.
+On CPU torchao keeps int4 one value per byte; memory is measured on what loads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import RecipeError
+from quantlab.methods.base import Method
+
+_BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class RtnConfig:
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if self.bits not in _BITS:
+            raise RecipeError(f"rtn bits must be 8 or 4 (got {self.bits}) — use rtn-w8 or rtn-w4-g64")
+        if self.group_size != -1 and self.group_size < 2:
+            raise RecipeError(f"rtn group_size must be -1 (per channel) or ≥ 2 (got {self.group_size})")
+
+
+class RtnMethod(Method):
+    name = "rtn"
+    config_cls = RtnConfig
+    short_pattern = re.compile(r"rtn-w(\d+)(?:-g(\d+))?(-asym)?")
+    example_names = ("rtn-w8", "rtn-w4-g128", "rtn-w4-g64", "rtn-w4-g32")
+    libraries = ("torchao",)
+
+    def config_from_match(self, match):
+        group = int(match.group(2)) if match.group(2) else -1
+        return RtnConfig(bits=int(match.group(1)), group_size=group, symmetric=not match.group(3))
+
+    def short_name(self, config):
+        group = f"-g{config.group_size}" if config.group_size != -1 else ""
+        return f"rtn-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
+
+    def check_model(self, config, linear_shapes):
+        if config.group_size == -1:
+            return
+        bad = sorted({k for _, k in linear_shapes.values() if k % config.group_size})
+        if bad:
+            ok = [g for g in (32, 64, 128) if all(k % g == 0 for _, k in linear_shapes.values())]
+            raise RecipeError(
+                f"group size {config.group_size} does not divide in-features {bad} of this model — "
+                f"use a group size that divides every layer ({', '.join(map(str, ok)) or 'per-channel -1'})"
+            )
+
+    def torchao_config(self, config):
+        import torch
+        from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+
+        granularity = PerAxis(0) if config.group_size == -1 else PerGroup(config.group_size)
+        return IntxWeightOnlyConfig(
+            weight_dtype=torch.int4 if config.bits == 4 else torch.int8,
+            granularity=granularity,
+            mapping_type=MappingType.SYMMETRIC if config.symmetric else MappingType.ASYMMETRIC,
+        )
+
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+        from transformers import TorchAoConfig
+
+        from quantlab.models import load_causal_lm, save_with_tokenizer
+
+        # Quantized on CPU: RTN is cheap, and the saved layout is device-independent.
+        model = load_causal_lm(
+            source_dir, device="cpu", quantization_config=TorchAoConfig(self.torchao_config(config))
+        )
+        save_with_tokenizer(model, source_dir, out_dir)
+        return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)"}
+
+
+def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
+    """Quantize then dequantize ``weight`` (out, in) with affine RTN, in plain torch.
+
+    Same convention as torchao's intx: int range [-2^(b-1), 2^(b-1)-1]; symmetric scale is
+    max|w| / ((qmax - qmin) / 2) with zero point 0; asymmetric maps [min(w,0), max(w,0)] onto the range.
+    """
+    import torch
+
+    out_features, in_features = weight.shape
+    group = in_features if group_size == -1 else group_size
+    w = weight.float().reshape(out_features, in_features // group, group)  # (out, groups, group)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    eps = torch.finfo(torch.float32).smallest_normal
+    lo = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    if symmetric:
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp(min=eps)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=eps)
+        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    q = torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).reshape(out_features, in_features).to(weight.dtype)

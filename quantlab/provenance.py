@@ -1,0 +1,103 @@
+"""Where a number came from: library versions, device, threads, seeds, git sha."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import platform
+import subprocess
+from pathlib import Path
+
+from quantlab.errors import MissingExtraError
+
+LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "lm_eval", "gguf", "safetensors")
+_DIST_NAMES = {"lm_eval": "lm-eval"}
+_EXTRAS = {"bitsandbytes": "bnb", "torchao": "rtn", "gguf": "gguf"}
+
+
+def library_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(_DIST_NAMES.get(name, name))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def require_library(name: str, method: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        extra = _EXTRAS.get(name, "all")
+        raise MissingExtraError(
+            f"Method '{method}' needs {name}, which is not installed — pip install -e '.[{extra}]'"
+        )
+
+
+def versions() -> dict:
+    from quantlab import __version__
+
+    out = {"python": platform.python_version(), "quantlab": __version__}
+    out.update({name: library_version(name) for name in LIBRARIES})
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str) -> dict:
+    """Describe the device a measurement ran on. Imports torch."""
+    import os
+
+    import torch
+
+    info = {"device": device, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update({"gpu": props.name, "gpu_memory_bytes": props.total_memory, "cuda": torch.version.cuda})
+    return info
+
+
+def provenance(device: str, seeds: dict | None = None, data: dict | None = None) -> dict:
+    return {
+        "versions": versions(),
+        "device": device_info(device),
+        "seeds": seeds or {},
+        "data_sha256": data or {},
+        "git_sha": git_sha(),
+    }
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,52 @@
+"""Plain-text tables for the terminal."""
+
+from __future__ import annotations
+
+MB = 1024 * 1024
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _rows_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def render_table(results: dict) -> str:
+    header = ["recipe", "bits", "KLD mean [95% CI]", "top-1", "ppl (token)", "weights MiB", "disk MiB",
+              "peak MiB", "prefill ms", "decode tok/s b1", "b8", "quantize s"]
+    rows = []
+    for r in results["runs"]:
+        f, m, lat, c = r["fidelity"], r["memory"], r["latency"], r["cost"]
+        lo, hi = f["ci95"]["kld_mean"]
+        rows.append([
+            r["recipe"], str(r["bits"]), f"{f['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}]",
+            f"{f['top1_agreement']:.3f}", f"{f['ppl']:.2f}",
+            f"{m['weights_bytes'] / MB:.1f}", f"{m['disk_bytes'] / MB:.1f}", f"{m['peak_bytes'] / MB:.0f}",
+            _fmt(lat["prefill_ms"], ".1f"), _fmt(lat["decode_tok_s"].get("1"), ".1f"),
+            _fmt(lat["decode_tok_s"].get("8"), ".1f"), _fmt(c.get("quantize_wall_s"), ".1f"),
+        ])
+    model = results["model"]
+    notes = [f"model: {model['ref']} ({model['params'] / 1e6:.1f} M params, fingerprint {model['fingerprint'][:12]})"]
+    if model.get("note"):
+        notes.append(f"baseline: {model['note']}")
+    base = results["runs"][0]["fidelity"]
+    notes.append(f"text: {results['text']['name']} — {base['tokens']} tokens in {base['chunks']} windows; "
+                 f"fp token-level ppl {base['ppl_baseline']:.2f}; device {results['device']}")
+    notes.append(f"results: {results.get('results_path', '')}")
+    return _rows_table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def render_runs(rows: list[dict]) -> str:
+    header = ["id", "run set", "created", "model", "recipe", "KLD mean", "top-1", "weights MiB"]
+    body = []
+    for r in rows:
+        f, m = r.get("fidelity") or {}, r.get("memory") or {}
+        body.append([r["id"][:12], r["run_set"], r["created_at"], r["model_ref"], r["recipe"],
+                     _fmt(f.get("kld_mean"), ".4f"), _fmt(f.get("top1_agreement"), ".3f"),
+                     _fmt(m.get("weights_bytes") and m["weights_bytes"] / MB, ".1f")])
+    return _rows_table(header, body) if body else "No runs stored yet — run quantlab quantize-and-compare"

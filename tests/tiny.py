@@ -1,0 +1,50 @@
+"""Tiny random-init models and tokenizers built in code, so tests run in seconds without the hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ("the of and to in is was for on that with as by at from his an were are which this be has "
+         "or had not first one their its new after but who they have two been her she also year into "
+         "more other all time over some up only city when can most many would later these there between "
+         "both under new world during season film game part three while made").split()
+
+
+def build_tokenizer():
+    """A word-level tokenizer over a fixed vocabulary, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS + [",", ".", "=", "@-@", "(", ")"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def build_llama_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random-init Llama (hidden and intermediate divisible by 32 and 64) plus its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_text(path: Path, words: int = 6000, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
+    return path
