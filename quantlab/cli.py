@@ -35,6 +35,16 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers, e.g. 1,8") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("give positive integers, e.g. 1,8")
+    return out
+
+
 def _common(f):
     f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
     f = click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
@@ -53,16 +63,21 @@ def _common(f):
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--chunks", default=None, type=click.IntRange(1), help="Reference-text windows (default 16).")
 @click.option("--chunk-tokens", default=None, type=click.IntRange(8), help="Tokens per window (default 256).")
+@click.option("--batch-sizes", default="1,8", show_default=True, callback=lambda c, p, v: _int_list(v),
+              help="Decode batch sizes.")
+@click.option("--repetitions", default=None, type=click.IntRange(1), help="Timed repetitions (default 5).")
+@click.option("--decode-tokens", default=None, type=click.IntRange(1), help="Decode steps timed (default 32).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
 @_common
 def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, store, chunks, chunk_tokens,
-                             as_json, device, threads, trust_remote_code):
+                             batch_sizes, repetitions, decode_tokens, as_json, device, threads, trust_remote_code):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
     from quantlab import pipeline
     from quantlab.table import render_table
 
     opts = pipeline.build_options(model=model, recipes=recipes, experiment=experiment, text=text,
                                   data_dir=data_dir, out=out, store=store, chunks=chunks, chunk_tokens=chunk_tokens,
+                                  batch_sizes=batch_sizes, repetitions=repetitions, decode_tokens=decode_tokens,
                                   device=device, threads=threads, trust_remote_code=trust_remote_code,
                                   progress=not as_json)
     results = pipeline.quantize_and_compare(opts)

@@ -61,11 +61,15 @@ def file_lock(path: str | Path):
 
 
 def check_writable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and prove a file can be written there, before any heavy work."""
+    """Prove ``path`` can be created and written, without leaving anything behind, before heavy work."""
     path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"Output directory {path} cannot be created: {probe} is not a directory — choose another --out")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".quantlab-write-test.", dir=path)
+        fd, tmp = tempfile.mkstemp(prefix=".quantlab-write-test.", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:

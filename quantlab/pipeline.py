@@ -101,8 +101,7 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
 
     from quantlab import store
     from quantlab.artifacts import ensure_artifact
-    from quantlab.fsutil import atomic_write_json
-    from quantlab.models import count_params, load_config
+    from quantlab.models import count_params, load_config, quantlab_home
     from quantlab.provenance import provenance
     from quantlab.evaluate.text import SELF_SEED
 
@@ -118,9 +117,14 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
                  "latency_settings": opts.latency.to_dict(), "run_set": run_set})
     arts = [ensure_artifact(source, r, device, opts.threads)
             for r in tqdm(recipes, desc="quantize", unit="recipe", disable=not opts.progress)]
+    # Per-token values are staged outside --out and moved there with results.json at the end,
+    # so a failed run leaves no half-written output directory.
+    staging = quantlab_home() / "staging" / run_set
     candidates = [{"recipe": r.to_dict(), "artifact": a["artifact"],
-                   "per_token_path": str(out / "per_token" / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
+                   "per_token_path": str(staging / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
     fids = fidelity_all(source, text, candidates, opts, device)
+    for fid, r in zip(fids, recipes):
+        fid["per_token"] = str(out / "per_token" / f"{r.name}.npz")
     runs = []
     steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
     for recipe, art, fid in steps:
@@ -130,9 +134,23 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
         runs.append(record)
     results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
                "definitions": DEFINITIONS, "runs": runs}
-    atomic_write_json(out / "results.json", results)
+    publish(staging, out, results)
     results["results_path"] = str(out / "results.json")
     return results
+
+
+def publish(staging: Path, out: Path, results: dict) -> None:
+    """Move staged per-token files into ``out/per_token`` and write results.json atomically."""
+    import shutil
+
+    from quantlab.fsutil import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "per_token"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.move(str(staging), str(final))
+    atomic_write_json(out / "results.json", results)
 
 
 DEFINITIONS = {
@@ -215,7 +233,7 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
 
 
 def build_options(model=None, recipes=None, experiment=None, text=None, chunks=None, chunk_tokens=None,
-                  **kwargs) -> CompareOptions:
+                  batch_sizes=None, repetitions=None, decode_tokens=None, **kwargs) -> CompareOptions:
     """CompareOptions from CLI-shaped arguments: a recipe list or an experiment YAML, window sizes."""
     from quantlab.errors import UsageError
     from quantlab.recipe import load_experiment
@@ -232,4 +250,8 @@ def build_options(model=None, recipes=None, experiment=None, text=None, chunks=N
     defaults = FidelitySettings()
     fidelity = dataclasses.replace(defaults, max_chunks=chunks or defaults.max_chunks,
                                    chunk_tokens=chunk_tokens or defaults.chunk_tokens)
-    return options_from(model=model, recipes=parsed, text=text, fidelity=fidelity, **kwargs)
+    lat = LatencySettings()
+    latency = dataclasses.replace(lat, batch_sizes=tuple(batch_sizes or lat.batch_sizes),
+                                  repetitions=repetitions or lat.repetitions,
+                                  decode_tokens=decode_tokens or lat.decode_tokens)
+    return options_from(model=model, recipes=parsed, text=text, fidelity=fidelity, latency=latency, **kwargs)

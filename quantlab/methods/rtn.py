@@ -86,7 +86,8 @@ def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
     """Quantize then dequantize ``weight`` (out, in) with affine RTN, in plain torch.
 
     Same convention as torchao's intx: int range [-2^(b-1), 2^(b-1)-1]; symmetric scale is
-    max|w| / ((qmax - qmin) / 2) with zero point 0; asymmetric maps [min(w,0), max(w,0)] onto the range.
+    max|w| / ((qmax - qmin) / 2) with zero point 0; asymmetric maps [min(w,0), max(w,0)] onto the range;
+    q = round(w * (1/scale)) + zero, rounding half to even.
     """
     import torch
 
@@ -103,5 +104,5 @@ def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
     else:
         scale = ((hi - lo) / (qmax - qmin)).clamp(min=eps)
         zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
-    q = torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
+    q = torch.clamp(torch.round(w * (1.0 / scale)) + zero, qmin, qmax)  # torchao multiplies by 1/scale
     return ((q - zero) * scale).reshape(out_features, in_features).to(weight.dtype)

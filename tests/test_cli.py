@@ -1,0 +1,160 @@
+"""End to end through click's CliRunner on a tiny random Llama, and every bad input of the spine."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from quantlab import store
+from quantlab.cli import cli
+
+FAST = ["--chunk-tokens", "32", "--chunks", "8", "--repetitions", "2", "--decode-tokens", "4", "--batch-sizes", "1,2"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, list(args), obj={})
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_dir, tiny_text, tmp_path_factory):
+    """Two identical runs sharing one QUANTLAB_HOME: the second must reuse everything."""
+    home = tmp_path_factory.mktemp("home")
+    out = tmp_path_factory.mktemp("out")
+    db = home / "runs.db"
+    args = ["quantize-and-compare", "--model", str(tiny_dir), "--recipes", "bnb-int8,bnb-nf4,rtn-w4-g32",
+            "--text", str(tiny_text), "--out", str(out / "r"), "--store", str(db), "--json", *FAST]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLAB_HOME", str(home))
+        first = _invoke(*args)
+        second = _invoke(*args)
+    return {"first": first, "second": second, "db": db, "out": out / "r", "home": home}
+
+
+def test_results_have_every_field(compared):
+    res = compared["first"]
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["model"]["fingerprint"] and data["model"]["params"] > 0
+    assert [r["recipe"] for r in data["runs"]] == ["fp", "bnb-int8", "bnb-nf4", "rtn-w4-g32"]
+    for run in data["runs"]:
+        for key in ("kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_baseline", "tokens"):
+            assert run["fidelity"][key] is not None
+        for key in ("weights_bytes", "disk_bytes", "peak_bytes"):
+            assert run["memory"][key] > 0
+        assert run["latency"]["prefill_ms"] > 0
+        assert set(run["latency"]["decode_tok_s"]) == {"1", "2"}
+        assert run["cost"]["quantize_wall_s"] is not None
+        prov = run["provenance"]
+        assert prov["versions"]["torch"] and prov["versions"]["transformers"] and prov["data_sha256"]
+        assert prov["device"]["torch_threads"] == 1
+    fp, int8, nf4, rtn = data["runs"]
+    assert fp["fidelity"]["kld_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert fp["fidelity"]["top1_agreement"] == 1.0
+    assert nf4["fidelity"]["kld_mean"] > 0 and rtn["fidelity"]["kld_mean"] > 0
+    assert nf4["memory"]["weights_bytes"] < fp["memory"]["weights_bytes"]
+    assert nf4["cost"]["quantize_wall_s"] > 0
+    assert (compared["out"] / "results.json").is_file()
+    assert (compared["out"] / "per_token" / "bnb-nf4.npz").is_file()
+
+
+def test_second_run_reuses_artifacts_and_baseline(compared):
+    res = compared["second"]
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert all(r["artifact_cached"] for r in data["runs"])
+    assert all(r["fidelity"]["baseline_cached"] for r in data["runs"])
+    first = json.loads(compared["first"].stdout)
+    for a, b in zip(first["runs"], data["runs"]):
+        assert a["fidelity"]["kld_mean"] == pytest.approx(b["fidelity"]["kld_mean"], rel=1e-9, abs=1e-12)
+        assert a["artifact"] == b["artifact"]
+
+
+def test_runs_lists_stored_runs(compared):
+    res = _invoke("runs", "--store", str(compared["db"]), "--json")
+    assert res.exit_code == 0
+    rows = json.loads(res.stdout)
+    assert len(rows) == 8 and {r["recipe"] for r in rows} == {"fp", "bnb-int8", "bnb-nf4", "rtn-w4-g32"}
+    table = _invoke("runs", "--store", str(compared["db"]))
+    assert "bnb-nf4" in table.stdout
+
+
+def test_eval_and_bench_an_artifact(compared, tiny_dir, tiny_text, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_HOME", str(compared["home"]))
+    nf4 = json.loads(compared["first"].stdout)["runs"][2]["artifact"]
+    res = _invoke("eval", nf4, "--baseline", str(tiny_dir), "--text", str(tiny_text))
+    assert res.exit_code == 0, res.output
+    fid = json.loads(res.stdout)["fidelity"]
+    assert fid["kld_mean"] > 0 and fid["ppl_kind"] == "token-level"
+    res = _invoke("bench", nf4)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["memory"]["weights_bytes"] > 0
+
+
+def _encoder_dir(path):
+    from transformers import DistilBertConfig
+
+    path.mkdir()
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(path)
+    return path
+
+
+def _corrupt_dir(tiny_dir, path):
+    shutil.copytree(tiny_dir, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return path
+
+
+def _file(path, text):
+    path.write_text(text)
+    return path
+
+
+def _dir(path):
+    path.mkdir()
+    return path
+
+
+# case -> (args given tmp dir t, tiny model dir d, reference text x; expected message; exit code)
+BAD = {
+    "missing path": (lambda t, d, x: ["--model", str(t / "nope")], "does not exist", 1),
+    "no config.json": (lambda t, d, x: ["--model", str(_dir(t / "empty"))], "has no config.json", 1),
+    "not a causal LM": (lambda t, d, x: ["--model", str(_encoder_dir(t / "enc"))], "not a causal language model", 1),
+    "unknown recipe": (lambda t, d, x: ["--model", str(d), "--recipes", "gtpq"], "Unknown recipe 'gtpq'", 2),
+    "rtn-w3": (lambda t, d, x: ["--model", str(d), "--recipes", "rtn-w3"], "bits must be 8 or 4", 2),
+    "bad group size": (lambda t, d, x: ["--model", str(d), "--recipes", "rtn-w4-g48"], "does not divide", 2),
+    "corrupt safetensors": (lambda t, d, x: ["--model", str(_corrupt_dir(d, t / "bad"))], "Corrupt safetensors", 1),
+    "empty text": (lambda t, d, x: ["--model", str(d), "--text", str(_file(t / "e.txt", ""))], "is empty", 1),
+    "missing text": (lambda t, d, x: ["--model", str(d), "--text", str(t / "none.txt")], "does not exist", 1),
+    "unwritable out": (lambda t, d, x: ["--model", str(d), "--out", str(_file(t / "f", "x") / "sub")],
+                       "not a directory", 2),
+    "recipes and experiment": (lambda t, d, x: ["--recipes", "fp", "--experiment", str(t / "e.yaml")],
+                               "not both", 2),
+    "unknown experiment key": (lambda t, d, x: ["--model", str(d), "--experiment",
+                                                str(_file(t / "e.yaml", "recipes: [fp]\nrecipies: [bnb-nf4]\n"))],
+                               "unknown top-level key(s) recipies", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_with_no_trace(case, tmp_path, tiny_dir, tiny_text):
+    make_args, message, code = BAD[case]
+    db = tmp_path / "store.db"
+    out = tmp_path / "out"
+    args = make_args(tmp_path, tiny_dir, tiny_text)
+    args += [] if "--text" in args else ["--text", str(tiny_text)]
+    args += [] if "--out" in args else ["--out", str(out)]
+    res = _invoke("quantize-and-compare", *args, "--store", str(db))
+    assert res.exit_code == code, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not db.exists() or store.list_runs(db) == []
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = _invoke("--debug", "quantize-and-compare", "--model", str(tmp_path / "nope"))
+    assert res.exit_code != 0
+    assert res.exception is not None and "does not exist" in str(res.exception)

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+
+from quantlab.errors import DataError
+from quantlab.evaluate import fidelity as fid
+
+
+def test_kl_against_hand_computed_example(tmp_path):
+    """Two tokens, vocab 2: KL, agreement and NLL follow their definitions."""
+    p = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]])
+    q = torch.tensor([[[0.25, 0.75], [0.9, 0.1]]])
+
+    class Fixed(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def forward(self, ids):
+            logits = torch.cat([q.log(), torch.zeros(1, 1, 2)], dim=1)  # (1, 3, 2); last position unused
+            return type("Out", (), {"logits": logits})()
+
+    ids = torch.tensor([[0, 1, 0]])
+    per_token = fid.compare(Fixed(), ids, p.log().numpy())
+    expected_kl0 = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
+    np.testing.assert_allclose(per_token["kl"][0], [expected_kl0, 0.0], atol=1e-6)
+    np.testing.assert_array_equal(per_token["agree"][0], [0.0, 1.0])  # argmax of [.5,.5] is 0, of q is 1
+    np.testing.assert_allclose(per_token["nll"][0], [-np.log(0.75), -np.log(0.9)], atol=1e-6)
+    np.testing.assert_allclose(per_token["nll_baseline"][0], [-np.log(0.5), -np.log(0.9)], atol=1e-6)
+
+
+def test_identical_model_has_zero_kl_and_full_agreement(tiny_model, tiny_dir, tiny_text, tmp_path):
+    from quantlab.models import load_tokenizer
+
+    settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=6, bootstrap=200)
+    ids = fid.chunk_ids(load_tokenizer(tiny_dir), tiny_text.read_text(), settings)
+    assert ids.shape == (6, 32)
+    fid.baseline_cache(tiny_model, ids, tmp_path / "cache", settings)
+    logprobs, cached_ids = fid.load_baseline(tmp_path / "cache")
+    np.testing.assert_array_equal(cached_ids, ids.numpy())
+    per_token = fid.compare(tiny_model, ids, logprobs)
+    summary = fid.summarize(per_token, settings)
+    assert summary["kld_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["top1_agreement"] == 1.0
+    assert summary["ppl"] == pytest.approx(summary["ppl_baseline"])
+    assert summary["tokens"] == 6 * 31 and summary["ppl_kind"] == "token-level"
+
+
+def test_perturbed_model_has_positive_kl_inside_its_interval(tiny_dir, tiny_text, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.models import load_tokenizer
+
+    settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=8, bootstrap=300)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    noisy = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in noisy.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = fid.chunk_ids(load_tokenizer(tiny_dir), tiny_text.read_text(), settings)
+    fid.baseline_cache(base, ids, tmp_path / "c", settings)
+    per_token = fid.compare(noisy, ids, fid.load_baseline(tmp_path / "c")[0])
+    s = fid.summarize(per_token, settings)
+    assert s["kld_mean"] > 1e-4
+    assert (per_token["kl"] >= 0).all()
+    for key in ("kld_mean", "top1_agreement", "ppl"):
+        lo, hi = s["ci95"][key]
+        assert lo <= s[key] <= hi and lo < hi
+    assert s["kld_p99"] >= s["kld_mean"]
+
+
+def test_text_shorter_than_one_window_is_an_error(tiny_dir):
+    from quantlab.models import load_tokenizer
+
+    with pytest.raises(DataError, match="fewer than one window"):
+        fid.chunk_ids(load_tokenizer(tiny_dir), "the of and", fid.FidelitySettings(chunk_tokens=64))
+
+
+def test_per_token_values_round_trip(tmp_path):
+    per_token = {k: np.random.default_rng(0).random((3, 5)) for k in ("kl", "agree", "nll", "nll_baseline")}
+    fid.save_per_token(tmp_path / "p.npz", per_token)
+    loaded = np.load(tmp_path / "p.npz")
+    np.testing.assert_allclose(loaded["kl"], per_token["kl"], rtol=1e-6)

@@ -1,0 +1,53 @@
+import sqlite3
+
+import pytest
+
+from quantlab import store
+
+
+def _record(run_set="rs1", recipe="bnb-nf4"):
+    return {"run_set": run_set, "model": {"ref": "m", "fingerprint": "abc"}, "recipe": recipe, "method": "bnb",
+            "bits": 4, "params": {"quant_type": "nf4"}, "artifact": "/a", "fidelity": {"kld_mean": 0.1},
+            "memory": {"weights_bytes": 10}, "latency": {}, "cost": {}, "provenance": {"git_sha": "x"}}
+
+
+def test_schema_after_migrations(tmp_path):
+    conn = store.connect(tmp_path / "q.db")
+    assert store.schema_version(conn) == len(store.MIGRATIONS)
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
+    assert cols == ["id", "run_set", "created_at", "model_ref", "model_fingerprint", "recipe", "method", "bits",
+                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance"]
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.migrate(conn)  # idempotent
+    assert store.schema_version(conn) == len(store.MIGRATIONS)
+
+
+def test_insert_and_list_round_trip(tmp_path):
+    db = tmp_path / "q.db"
+    run_id = store.insert_run(db, _record())
+    store.insert_run(db, _record(run_set="rs2", recipe="rtn-w8"))
+    rows = store.list_runs(db)
+    assert [r["recipe"] for r in rows] == ["rtn-w8", "bnb-nf4"]
+    only = store.list_runs(db, run_set="rs1")
+    assert len(only) == 1 and only[0]["id"] == run_id and only[0]["fidelity"] == {"kld_mean": 0.1}
+
+
+def test_failed_insert_leaves_no_row(tmp_path):
+    db = tmp_path / "q.db"
+    bad = _record()
+    del bad["recipe"]
+    with pytest.raises(KeyError):
+        store.insert_run(db, bad)
+    run_id = store.insert_run(db, _record())
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert_run(db, {**_record(), "id": run_id})
+    assert len(store.list_runs(db)) == 1
+
+
+def test_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "q.db"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {len(store.MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(store.StoreError, match="newer than this quantlab"):
+        store.connect(db)
