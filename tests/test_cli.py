@@ -119,6 +119,7 @@ def _dir(path):
 # case -> (args given tmp dir t, tiny model dir d, reference text x; expected message; exit code)
 BAD = {
     "missing path": (lambda t, d, x: ["--model", str(t / "nope")], "does not exist", 1),
+    "hub id offline": (lambda t, d, x: ["--model", "no-such-org/no-such-model"], "Could not get", 1),
     "no config.json": (lambda t, d, x: ["--model", str(_dir(t / "empty"))], "has no config.json", 1),
     "not a causal LM": (lambda t, d, x: ["--model", str(_encoder_dir(t / "enc"))], "not a causal language model", 1),
     "unknown recipe": (lambda t, d, x: ["--model", str(d), "--recipes", "gtpq"], "Unknown recipe 'gtpq'", 2),
@@ -138,7 +139,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_with_no_trace(case, tmp_path, tiny_dir, tiny_text):
+def test_bad_input_is_one_line_with_no_trace(case, tmp_path, tiny_dir, tiny_text, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make_args, message, code = BAD[case]
     db = tmp_path / "store.db"
     out = tmp_path / "out"

@@ -42,6 +42,9 @@ def test_identical_model_has_zero_kl_and_full_agreement(tiny_model, tiny_dir, ti
     assert summary["top1_agreement"] == 1.0
     assert summary["ppl"] == pytest.approx(summary["ppl_baseline"])
     assert summary["tokens"] == 6 * 31 and summary["ppl_kind"] == "token-level"
+    shortcut = fid.compare_baseline_to_itself(ids, logprobs)
+    for key in per_token:
+        np.testing.assert_allclose(shortcut[key], per_token[key], atol=1e-5)
 
 
 def test_perturbed_model_has_positive_kl_inside_its_interval(tiny_dir, tiny_text, tmp_path):

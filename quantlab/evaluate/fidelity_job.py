@@ -62,10 +62,13 @@ def fidelity_job(payload: dict) -> dict:
     results = []
     for cand in tqdm(payload["candidates"], desc="fidelity", unit="model", leave=False):
         recipe = Recipe.from_dict(cand["recipe"])
-        model = load_recipe_model(cand["artifact"], recipe, device, baseline.trust_remote_code)
-        per_token = fid.compare(model, ids, logprobs)
-        del model
-        gc.collect()
+        if recipe.name == "fp" and Path(cand["artifact"]).resolve() == Path(baseline.path).resolve():
+            per_token = fid.compare_baseline_to_itself(ids, logprobs)
+        else:
+            model = load_recipe_model(cand["artifact"], recipe, device, baseline.trust_remote_code)
+            per_token = fid.compare(model, ids, logprobs)
+            del model
+            gc.collect()
         if cand.get("per_token_path"):
             fid.save_per_token(Path(cand["per_token_path"]), per_token)
         summary = fid.summarize(per_token, settings)
