@@ -4,13 +4,14 @@ Steps: load the fp model, quantize with bnb-nf4 (load + quantize + save), fideli
 log-probs, then KL / top-1 / NLL of the nf4 model) on the same text. Each step alternates
 direct/quantlab, repeats, and reports the median time of each and their ratio (goal <= 1.10).
 
-    .venv/bin/python scripts/bench_overhead.py [--model smollm2-135m] [--repeats 3] [--chunks 4]
+    .venv/bin/python scripts/bench_overhead.py [--model smollm2-135m] [--repeats 6] [--chunks 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def quantlab_fidelity(fp_model, q_model, ids, cache, settings):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -105,16 +106,21 @@ def main() -> None:
             lambda: quantlab_fidelity(fp_model, q_model, ids, tmp / f"c{time.time_ns()}", settings)),
     }
     prov = provenance("cpu", data={text.name: text.sha256})
+    print("$ .venv/bin/python scripts/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     print(f"model {source.ref} ({source.note or source.fingerprint[:12]}); text {text.name} "
-          f"{ids.numel()} tokens; threads {args.threads}; repeats {args.repeats} (alternating, median)")
+          f"{ids.numel()} tokens; threads {args.threads}; repeats {args.repeats} (ABBA order, median)")
     print(f"versions {prov['versions']}; cpu {prov['device']['cpu']}; git {prov['git_sha']}")
     print(f"{'step':45s} {'direct s':>9s} {'quantlab s':>11s} {'ratio':>7s}")
     ratios = []
     for name, (direct, ours) in steps.items():
         d, q = [], []
-        for _ in range(args.repeats):
-            d.append(timed(direct))
-            q.append(timed(ours))
+        for i in range(args.repeats):  # ABBA order, so neither side always runs on a warmer cache
+            if i % 2 == 0:
+                d.append(timed(direct))
+                q.append(timed(ours))
+            else:
+                q.append(timed(ours))
+                d.append(timed(direct))
         ratio = statistics.median(q) / statistics.median(d)
         ratios.append(ratio)
         print(f"{name:45s} {statistics.median(d):9.2f} {statistics.median(q):11.2f} {ratio:7.3f}")

@@ -52,27 +52,31 @@ class BnbMethod(Method):
 
     def hf_config(self, config, device: str):
         """The transformers BitsAndBytesConfig; 4-bit names its quant type (transformers 5 defaults to fp4)."""
-        import torch
         from transformers import BitsAndBytesConfig
 
         if config.quant_type == "int8":
             return BitsAndBytesConfig(load_in_8bit=True)
-        compute = config.compute_dtype
-        if compute == "auto":
-            compute = "float32" if device == "cpu" else "bfloat16"
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=config.quant_type,
             bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, compute),
+            bnb_4bit_compute_dtype=self.load_kwargs(config, device)["dtype"],
         )
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
         from quantlab.models import load_causal_lm, save_with_tokenizer
 
-        kwargs = {"quantization_config": self.hf_config(config, device)}
-        if device != "cpu":
-            kwargs["device_map"] = device
-        model = load_causal_lm(source_dir, device="cpu" if device == "cpu" else None, **kwargs)
+        # bitsandbytes quantizes as the weights move to the device: on CUDA, load straight onto it.
+        model = load_causal_lm(source_dir, device=device, quantization_config=self.hf_config(config, device),
+                               **self.load_kwargs(config, device))
         save_with_tokenizer(model, source_dir, out_dir)
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
+
+    def load_kwargs(self, config, device):
+        """Unquantized parts (embeddings, norms) in fp32 on CPU, bf16 on CUDA unless a compute dtype is named."""
+        import torch
+
+        compute = config.compute_dtype
+        if compute == "auto":
+            compute = "float32" if device == "cpu" else "bfloat16"
+        return {"dtype": getattr(torch, compute)}
