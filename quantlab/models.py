@@ -107,7 +107,7 @@ def convert_gguf(gguf: Path) -> tuple[Path, str]:
     from quantlab.provenance import require_library
 
     require_library("gguf", "gguf conversion")
-    digest = sha256_file(gguf)
+    digest = cached_sha256(gguf)
     target = quantlab_home() / "models" / f"{gguf.stem}-{digest[:12]}"
     marker = target / "quantlab-source.json"
     with file_lock(target.parent / f".{target.name}.lock"):
@@ -231,8 +231,26 @@ def fingerprint_dir(path: str | Path) -> str:
     for p in sorted(path.iterdir()):
         if p.suffix in _WEIGHT_SUFFIXES:
             h.update(p.name.encode())
-            h.update(sha256_file(p).encode())
+            h.update(cached_sha256(p).encode())
     return h.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a large file, remembered under QUANTLAB_HOME by (path, size, mtime_ns) as git's index does.
+
+    Hashing SmolLM2's 540 MB of weights takes ~2 s; every command resolves its model, so it is done once.
+    """
+    from quantlab.fsutil import atomic_write_json
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = quantlab_home() / "sha256-cache.json"
+    with file_lock(cache_file.with_suffix(".lock")):
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        if key not in cache:
+            cache[key] = sha256_file(path)
+            atomic_write_json(cache_file, cache)
+    return cache[key]
 
 
 def load_causal_lm(path: str | Path, device: str | None = "cpu", trust_remote_code: bool = False, **kwargs):

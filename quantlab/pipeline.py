@@ -193,7 +193,14 @@ def _target(ref: str, trust_remote_code: bool):
 def evaluate_model(model: str, baseline: str | None, text: str | None = None, data_dir: str | None = None,
                    device: str = "auto", threads: int = 1, settings: FidelitySettings | None = None,
                    per_token_path: str | None = None, trust_remote_code: bool = False) -> dict:
-    """Fidelity of ``model`` (an artifact dir or model ref) against ``baseline`` (a model ref)."""
+    """Fidelity of ``model`` (an artifact dir or model ref) against ``baseline`` (a model ref).
+
+    One fidelity evaluation measures no memory or time, so it runs in this process; quantize-and-compare
+    runs all of its candidates in one fresh process instead, to keep its own memory flat.
+    """
+    import torch
+
+    from quantlab.evaluate.fidelity_job import fidelity_job
     from quantlab.evaluate.text import resolve_text
     from quantlab.models import resolve_model
 
@@ -203,9 +210,15 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     device = resolve_device(device)
     if text_source is None:
         text_source = resolve_text("self", data_dir, model=base, device=device)
-    opts = CompareOptions(recipes=[recipe], threads=threads, fidelity=settings or FidelitySettings())
-    result = fidelity_all(base, text_source, [{"recipe": recipe.to_dict(), "artifact": path,
-                                               "per_token_path": per_token_path}], opts, device)[0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = fidelity_job({"baseline": base.to_dict(), "text": text_source.to_dict(), "device": device,
+                               "settings": (settings or FidelitySettings()).to_dict(),
+                               "candidates": [{"recipe": recipe.to_dict(), "artifact": path,
+                                               "per_token_path": per_token_path}]})["results"][0]
+    finally:
+        torch.set_num_threads(previous)
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
             "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": result}
 
