@@ -73,7 +73,8 @@ def _source(ref, path: Path, kind, note, trust_remote_code) -> ModelSource:
 
 
 def _looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or ref.count("/") != 1 or os.sep + os.sep in ref
+    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a missing local path."""
+    return ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or ref.count("/") > 1
 
 
 def _embedded_gguf() -> Path:
