@@ -81,6 +81,18 @@ def load_baseline(cache_path: Path):
     return np.load(cache_path / "logprobs.npy", mmap_mode="r"), np.load(cache_path / "ids.npy")
 
 
+def _readonly_tensor(array):
+    """A tensor view of a read-only memmap slice, without copying it; it is only ever read."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.asarray(array))
+
+
 def compare(model, ids, baseline) -> dict:
     """Per-token KL, top-1 agreement and NLL of both models; arrays of shape (chunks, chunk_tokens - 1)."""
     import numpy as np
@@ -92,7 +104,7 @@ def compare(model, ids, baseline) -> dict:
     step = 4
     for start in range(0, n, step):
         lq = _log_probs(model, ids[start:start + step])
-        lp = torch.from_numpy(np.array(baseline[start:start + lq.shape[0]]))  # copy out of the read-only memmap
+        lp = _readonly_tensor(baseline[start:start + lq.shape[0]])
         if lp.shape[-1] != lq.shape[-1]:
             raise DataError(f"Vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}) — compare models of one tokenizer")
         tgt = targets[start:start + lq.shape[0]].unsqueeze(-1)

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from quantlab.measure import latency as lat
+
+
+def test_both_cache_paths_decode_what_generate_decodes(tiny_model):
+    ids = lat._prompt(tiny_model, 2, 16)
+    with torch.inference_mode():
+        expected = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                       do_sample=False)[:, -1:]
+        for path in lat.DECODE_PATHS:
+            assert torch.equal(lat._decode(tiny_model, ids, 5, path, None), expected), path
+
+
+def test_measure_latency_keeps_raw_samples(tiny_model):
+    settings = lat.LatencySettings(prompt_tokens=16, decode_tokens=3, batch_sizes=(1, 2), repetitions=3)
+    result = lat.measure_latency(tiny_model, settings, "cpu")
+    assert result["decode_path"]["chosen"] in lat.DECODE_PATHS
+    assert len(result["prefill_ms_samples"]) == 3 and result["prefill_ms"]["median"] > 0
+    for b in ("1", "2"):
+        assert len(result["decode_tok_s_samples"][b]) == 3
+        assert result["decode_tok_s"][b]["median"] > 0 and result["decode_tok_s"][b]["n"] == 3
+
+
+def test_median_iqr():
+    assert lat.median_iqr([1, 2, 3, 4, 5]) == {"median": 3.0, "iqr": 2.0, "n": 5}
+
+
+def test_roofline_fraction():
+    r = lat.roofline("NVIDIA H200", bytes_per_step=16e9, steps_per_s=150)
+    assert r["gpu_key"] == "H200" and r["percent_of_roofline"] == pytest.approx(100 * 16e9 * 150 / 4.8e12)
+    assert lat.roofline("Some Unknown GPU", 1, 1) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compare_on_tiny_model(tiny_dir, tiny_text, tmp_path):
+    """CUDA path: bnb quantizes on the GPU, timings use CUDA events, peak is max reserved."""
+    import json
+
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    res = CliRunner().invoke(cli, ["quantize-and-compare", "--model", str(tiny_dir), "--recipes", "bnb-nf4",
+                                   "--text", str(tiny_text), "--out", str(tmp_path / "o"), "--device", "cuda",
+                                   "--chunk-tokens", "32", "--chunks", "4", "--json"], obj={})
+    assert res.exit_code == 0, res.output
+    run = json.loads(res.stdout)["runs"][1]
+    assert run["latency"]["detail"]["timer"] == "cuda events"
+    assert run["memory"]["peak_reserved_bytes"] > 0
