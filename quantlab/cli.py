@@ -138,9 +138,5 @@ def runs_cmd(store, run_set, limit, as_json):
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else render_runs(rows))
 
 
-def main() -> None:  # pragma: no cover
-    cli(obj={})
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(cli())
