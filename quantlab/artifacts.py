@@ -23,8 +23,10 @@ def artifact_key(source: ModelSource, recipe: Recipe, device: str) -> str:
     from quantlab.methods import get_method
     from quantlab.provenance import library_version
 
-    libs = ("torch", "transformers") + get_method(recipe.method).libraries
+    method = get_method(recipe.method)
+    libs = ("torch", "transformers") + method.libraries
     payload = {"model": source.fingerprint, "method": recipe.method, "params": recipe.params(),
+               "inputs": method.cache_inputs(recipe.config, Path(source.path)),
                "quantlab": __version__, "libs": {n: library_version(n) for n in libs},
                "device": device.split(":")[0]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

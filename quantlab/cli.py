@@ -35,6 +35,15 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+def _call(fn, *args, **kwargs):
+    """Run a library call with stray prints sent to stderr: stdout carries only quantlab's own output
+    (some libraries, GPTQModel among them, print banners on import)."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return fn(*args, **kwargs)
+
+
 def _int_list(value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
@@ -80,7 +89,9 @@ def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, st
                                   batch_sizes=batch_sizes, repetitions=repetitions, decode_tokens=decode_tokens,
                                   device=device, threads=threads, trust_remote_code=trust_remote_code,
                                   progress=not as_json)
-    results = pipeline.quantize_and_compare(opts)
+    results = _call(pipeline.quantize_and_compare, opts)
+    for warning in results.get("warnings", []):
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(results, indent=2, default=str) if as_json else render_table(results))
 
 
@@ -93,7 +104,7 @@ def quantize_cmd(recipe, model, device, threads, trust_remote_code):
     from quantlab import pipeline
     from quantlab.recipe import parse_recipe
 
-    result = pipeline.quantize_model(model, parse_recipe(recipe), device, threads, trust_remote_code)
+    result = _call(pipeline.quantize_model, model, parse_recipe(recipe), device, threads, trust_remote_code)
     click.echo(result["artifact"])
 
 
@@ -108,8 +119,8 @@ def eval_cmd(model, baseline, text, data_dir, per_token, device, threads, trust_
     """Fidelity of MODEL (artifact dir or model ref) against --baseline: KLD, top-1, token-level ppl."""
     from quantlab import pipeline
 
-    result = pipeline.evaluate_model(model, baseline, text, data_dir, device, threads,
-                                     per_token_path=per_token, trust_remote_code=trust_remote_code)
+    result = _call(pipeline.evaluate_model, model, baseline, text, data_dir, device, threads,
+                   per_token_path=per_token, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -120,8 +131,8 @@ def bench_cmd(model, device, threads, trust_remote_code):
     """Memory and latency of MODEL (artifact dir or model ref), in a fresh process."""
     from quantlab import pipeline
 
-    click.echo(json.dumps(pipeline.bench_model(model, device, threads, trust_remote_code=trust_remote_code),
-                          indent=2, default=str))
+    result = _call(pipeline.bench_model, model, device, threads, trust_remote_code=trust_remote_code)
+    click.echo(json.dumps(result, indent=2, default=str))
 
 
 @cli.command("runs")

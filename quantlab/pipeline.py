@@ -67,6 +67,19 @@ def prepare(opts: CompareOptions):
     return source, text, recipes, out
 
 
+def calibration_overlaps(source, text, recipes: list[Recipe]) -> dict[str, str]:
+    """Recipe name -> warning, for calibrated recipes whose calibration text is the evaluation text."""
+    from quantlab.methods import get_method
+
+    found = {}
+    for r in recipes:
+        inputs = get_method(r.method).cache_inputs(r.config, Path(source.path))
+        if inputs.get("calibration_sha256") == text.sha256:
+            found[r.name] = (f"{r.name} is calibrated on the evaluation text ({text.name}): its fidelity is "
+                             "optimistic — evaluate on other text or calibrate on c4_calibration")
+    return found
+
+
 def fidelity_all(source, text, candidates: list[dict], opts: "CompareOptions", device: str) -> list[dict]:
     """Fidelity of every candidate ``{recipe, artifact, per_token_path}`` in one fresh process."""
     from quantlab.measure.runner import run_isolated
@@ -91,8 +104,9 @@ def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
     return {"recipe": recipe.name, "method": recipe.method, "bits": recipe.bits, "params": recipe.params(),
             "artifact": art["artifact"], "artifact_cached": art["cached"], "fidelity": fidelity,
             "memory": bench["memory"],
-            "latency": {"prefill_ms": lat["prefill_ms"]["median"],
-                        "decode_tok_s": {b: v["median"] for b, v in lat["decode_tok_s"].items()}, "detail": lat},
+            "latency": {"prefill_ms": (lat["prefill_ms"] or {}).get("median"),
+                        "decode_tok_s": {b: v["median"] for b, v in lat["decode_tok_s"].items()},
+                        "skipped": lat.get("skipped"), "detail": lat},
             "cost": art["cost"], "threads": bench["threads"]}
 
 
@@ -106,6 +120,7 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     from quantlab.evaluate.text import SELF_SEED
 
     source, text, recipes, out = prepare(opts)
+    overlaps = calibration_overlaps(source, text, recipes)
     device = resolve_device(opts.device)
     model_info = {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path, "note": source.note,
                   "params": count_params(load_config(source.path, opts.trust_remote_code))}
@@ -129,11 +144,12 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
     for recipe, art, fid in steps:
         bench = bench_artifact(recipe, art["artifact"], opts, device, source.trust_remote_code)
-        record = {**make_record(recipe, art, fid, bench), "provenance": prov}
+        record = {**make_record(recipe, art, fid, bench), "provenance": prov,
+                  "warnings": [overlaps[recipe.name]] if recipe.name in overlaps else []}
         record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info})
         runs.append(record)
     results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
-               "definitions": DEFINITIONS, "runs": runs}
+               "definitions": DEFINITIONS, "warnings": list(overlaps.values()), "runs": runs}
     publish(staging, out, results)
     results["results_path"] = str(out / "results.json")
     return results

@@ -12,9 +12,17 @@ from pathlib import Path
 
 from quantlab.errors import MissingExtraError
 
-LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "lm_eval", "gguf", "safetensors")
+LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum", "lm_eval",
+             "gguf", "safetensors")
 _DIST_NAMES = {"lm_eval": "lm-eval"}
-_EXTRAS = {"bitsandbytes": "bnb", "torchao": "rtn", "gguf": "gguf"}
+_INSTALL = {
+    "bitsandbytes": "pip install -e '.[bnb]'",
+    "torchao": "pip install -e '.[rtn]'",
+    "gguf": "pip install -e '.[gguf]'",
+    # gptqmodel builds against the installed torch: without --no-build-isolation pip would fetch another torch
+    "gptqmodel": "pip install --no-build-isolation -c scripts/constraints.txt gptqmodel optimum",
+    "optimum": "pip install -c scripts/constraints.txt optimum",
+}
 
 
 def library_version(name: str) -> str | None:
@@ -26,9 +34,8 @@ def library_version(name: str) -> str | None:
 
 def require_library(name: str, method: str) -> None:
     if importlib.util.find_spec(name) is None:
-        extra = _EXTRAS.get(name, "all")
         raise MissingExtraError(
-            f"Method '{method}' needs {name}, which is not installed — pip install -e '.[{extra}]'"
+            f"Method '{method}' needs {name}, which is not installed — {_INSTALL.get(name, 'bash scripts/setup.sh')}"
         )
 
 

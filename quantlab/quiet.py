@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
-_LOGGERS = ("bitsandbytes", "torchao", "transformers", "accelerate", "torch.utils._pytree", "torch._dynamo")
+_LOGGERS = ("bitsandbytes", "torchao", "transformers", "accelerate", "torch.utils._pytree", "torch._dynamo",
+            "tokenicer", "tokenicer.tokenicer", "optimum")
 
 
 def quiet_libraries() -> None:
@@ -13,7 +14,11 @@ def quiet_libraries() -> None:
 
     torch resets its loggers on import, so torch is imported before the levels are set.
     """
+    import os
+
     import torch  # noqa: F401
+
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
 
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

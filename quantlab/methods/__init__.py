@@ -16,7 +16,8 @@ _LOADED: dict[str, object] = {}
 
 
 def register_method(name: str, target: str) -> None:
-    """Register a method class by import path, e.g. ``register_method("rtn", "quantlab.methods.rtn:RtnMethod")``."""
+    """Register a method class by import path, e.g. ``register_method("rtn", "quantlab.methods.rtn:RtnMethod")
+register_method("gptq", "quantlab.methods.gptq:GptqMethod")``."""
     _REGISTRY[name] = target
     _LOADED.pop(name, None)
 
@@ -41,3 +42,4 @@ def get_method(name: str):
 register_method("fp", "quantlab.methods.fp:FpMethod")
 register_method("bnb", "quantlab.methods.bnb:BnbMethod")
 register_method("rtn", "quantlab.methods.rtn:RtnMethod")
+register_method("gptq", "quantlab.methods.gptq:GptqMethod")

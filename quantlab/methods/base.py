@@ -51,6 +51,14 @@ class Method:
         """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes."""
         raise NotImplementedError
 
+    def cache_inputs(self, config: Any, source_dir: Path) -> dict:
+        """Inputs beyond the recipe that change the artifact (e.g. calibration text sha256)."""
+        return {}
+
+    def measures_latency(self, config: Any, device: str) -> str | None:
+        """None when latency can be measured here; otherwise the reason it is not."""
+        return None
+
     def load_kwargs(self, config: Any, device: str) -> dict:
         """Extra ``from_pretrained`` kwargs for loading this method's artifact."""
         import torch

@@ -1,0 +1,41 @@
+"""Calibration text for calibrated methods (GPTQ): a data-dir dataset, a user file, or ``self``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantlab.errors import DataError
+
+
+def resolve_calibration(config, source_dir: Path):
+    """The TextSource behind ``config.calibration``; ``self`` is text the fp model writes (cached)."""
+    from quantlab.evaluate.text import resolve_text
+    from quantlab.models import resolve_model
+
+    model = resolve_model(str(source_dir)) if config.calibration == "self" else None
+    try:
+        return resolve_text(config.calibration, model=model)
+    except DataError as exc:
+        raise DataError(f"Calibration: {exc}") from None
+
+
+def calibration_windows(config, source_dir: Path, device: str) -> tuple[list[list[int]], dict]:
+    """``config.samples`` windows of ``config.tokens`` token ids at seeded random offsets of the text."""
+    import random
+
+    from quantlab.models import load_tokenizer
+
+    text = resolve_calibration(config, source_dir)
+    ids = load_tokenizer(source_dir)(text.read(), add_special_tokens=False)["input_ids"]
+    if len(ids) < 2 * config.tokens:
+        raise DataError(
+            f"Calibration text {text.name} has {len(ids)} tokens, fewer than two windows of {config.tokens} — "
+            "give a longer text or lower 'tokens'"
+        )
+    rng = random.Random(config.seed)
+    starts = [rng.randrange(0, len(ids) - config.tokens + 1) for _ in range(config.samples)]
+    windows = [ids[s:s + config.tokens] for s in starts]
+    info = {"source": text.name, "origin": text.origin, "sha256": text.sha256, "samples": config.samples,
+            "tokens": config.tokens, "seed": config.seed, "text_tokens": len(ids),
+            "distinct_fraction": len(set(starts)) / len(starts)}
+    return windows, info

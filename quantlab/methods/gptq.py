@@ -1,0 +1,124 @@
+"""GPTQ through GPTQModel: calibrated, layer-by-layer post-training quantization in the GPTQ format.
+
+GPTQModel (the maintained successor of auto-gptq, and transformers' own GPTQ backend) quantizes on
+CPU and CUDA and saves a GPTQ directory that plain ``AutoModelForCausalLM.from_pretrained`` reloads
+with gptqmodel and optimum installed. On CPU its int4 kernels run in fp32; its 8-bit CPU kernel runs
+only in bf16 at about one token per second, so 8-bit GPTQ on CPU is an accuracy-only recipe: quantlab
+measures its memory and fidelity but not its latency there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import DataError, RecipeError
+from quantlab.methods.base import Method
+
+_BITS = (8, 4)
+_GROUPS = (-1, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    bits: int = 4
+    group_size: int = 64
+    desc_act: bool = False
+    symmetric: bool = True
+    damp_percent: float = 0.05
+    calibration: str = "c4_calibration"
+    samples: int = 64
+    tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bits not in _BITS:
+            raise RecipeError(f"gptq bits must be 8 or 4 (got {self.bits}) — use gptq-w4-g64 or gptq-w8")
+        if self.group_size not in _GROUPS:
+            raise RecipeError(f"gptq group_size must be one of {', '.join(map(str, _GROUPS))} (got {self.group_size})")
+        if not 0 < self.damp_percent < 1:
+            raise RecipeError(f"gptq damp_percent must be in (0, 1) (got {self.damp_percent})")
+        if self.samples < 1 or self.tokens < 8:
+            raise RecipeError("gptq calibration needs samples ≥ 1 and tokens ≥ 8 — e.g. samples: 64, tokens: 256")
+
+
+class GptqMethod(Method):
+    name = "gptq"
+    config_cls = GptqConfig
+    short_pattern = re.compile(r"gptq-w(\d+)(?:-g(\d+))?(-asym)?(-act)?")
+    example_names = ("gptq-w4-g64", "gptq-w4-g32", "gptq-w8")
+    libraries = ("gptqmodel", "optimum")
+
+    def config_from_match(self, match):
+        group = int(match.group(2)) if match.group(2) else -1
+        return GptqConfig(bits=int(match.group(1)), group_size=group, symmetric=not match.group(3),
+                          desc_act=bool(match.group(4)))
+
+    def short_name(self, config):
+        group = f"-g{config.group_size}" if config.group_size != -1 else ""
+        return (f"gptq-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
+                + ("-act" if config.desc_act else ""))
+
+    def check_model(self, config, linear_shapes):
+        if config.group_size == -1:
+            return
+        bad = sorted({k for _, k in linear_shapes.values() if k % config.group_size})
+        if bad:
+            raise RecipeError(
+                f"group size {config.group_size} does not divide in-features {bad} of this model — "
+                "use a group size that divides every layer (SmolLM2: 32 or 64)"
+            )
+
+    def cache_inputs(self, config, source_dir):
+        from quantlab.methods.calibration import resolve_calibration
+
+        return {"calibration_sha256": resolve_calibration(config, Path(source_dir)).sha256}
+
+    def measures_latency(self, config, device: str) -> str | None:
+        if device == "cpu" and config.bits == 8:
+            return "GPTQModel's 8-bit CPU kernel runs only in bf16 at ~1 token/s: accuracy-only on CPU"
+        return None
+
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+        from quantlab.methods.calibration import calibration_windows
+
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+        import torch
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        _quiet_gptqmodel()
+        windows, info = calibration_windows(config, Path(source_dir), device)
+        # act_group_aware (GPTQModel's group-aware reordering) needs groups and excludes desc_act.
+        # offload_to_disk=False: otherwise it leaves /tmp folders and writes their path into the config.
+        qconfig = QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
+                                 sym=config.symmetric, damp_percent=config.damp_percent, offload_to_disk=False,
+                                 act_group_aware=config.group_size > 0 and not config.desc_act)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device)
+        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+        model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
+        model.save(str(out_dir))
+        for extra in ("quant_log.csv",):
+            (Path(out_dir) / extra).unlink(missing_ok=True)
+        return {"library": "gptqmodel", "format": "gptq", "calibration": info}
+
+
+def _quiet_gptqmodel() -> None:
+    import logging
+
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def check_calibration_text(text: str, tokens_needed: int, what: str) -> None:
+    if not text.strip():
+        raise DataError(f"Calibration text {what} is empty — give a file with text, or use 'c4_calibration'")
+    if len(text.split()) < tokens_needed // 4:
+        raise DataError(f"Calibration text {what} is too short for the requested windows — "
+                        "give a longer file or lower samples/tokens")

@@ -1,0 +1,139 @@
+"""GPTQ on a tiny model: quantizes in seconds, reloads through plain transformers, beats RTN per layer."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantlab.errors import DataError, RecipeError
+from quantlab.methods import get_method
+from quantlab.recipe import parse_recipe, recipe_from_mapping
+
+RELOAD = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = m(torch.arange(2, 34).unsqueeze(0)).logits
+layer = m.model.layers[0].mlp.up_proj
+print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "kernel": type(layer).__name__,
+                  "quantlab_imported": any(k.startswith("quantlab") for k in sys.modules)}))
+"""
+
+
+def _recipe(bits, group, calibration, samples=16, tokens=64):
+    return recipe_from_mapping({"method": "gptq", "bits": bits, "group_size": group, "calibration": calibration,
+                                "samples": samples, "tokens": tokens}, "test")
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from tiny import write_text
+
+    return write_text(tmp_path_factory.mktemp("calib") / "calib.txt", words=8000, seed=7)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir, calib_file, tmp_path_factory):
+    out = {}
+    for bits, group in ((4, 32), (8, -1)):
+        recipe = _recipe(bits, group, str(calib_file))
+        target = tmp_path_factory.mktemp(recipe.name)
+        notes = get_method("gptq").quantize(recipe.config, tiny_dir, target, "cpu")
+        out[bits] = (target, notes)
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_reloads_in_plain_transformers(bits, quantized):
+    target, notes = quantized[bits]
+    assert json.loads((target / "config.json").read_text())["quantization_config"]["bits"] == bits
+    assert notes["calibration"]["samples"] == 16 and len(notes["calibration"]["sha256"]) == 64
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(target)], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["finite"] and not result["quantlab_imported"]
+
+
+def test_gptq_error_is_below_rtn_on_calibration_inputs(tiny_dir, tiny_model, quantized, calib_file):
+    """GPTQ minimises ||W X - Q(W) X|| on the calibration inputs; per layer it must not lose to RTN.
+
+    Checked on the first layer's q/k/v projections, whose inputs do not depend on earlier quantization.
+    """
+    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.calibration import calibration_windows
+    from quantlab.methods.rtn import fake_quantize
+
+    recipe = _recipe(4, 32, str(calib_file))
+    windows, _ = calibration_windows(recipe.config, tiny_dir, "cpu")
+    captured = []
+    hook = tiny_model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out: captured.append(args[0].detach()))
+    with torch.no_grad():
+        tiny_model(torch.tensor(windows))
+    hook.remove()
+    x = torch.cat(captured).reshape(-1, captured[0].shape[-1])  # (samples * tokens, hidden)
+    gptq = load_recipe_model(str(quantized[4][0]), recipe, "cpu")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        w = getattr(tiny_model.model.layers[0].self_attn, name).weight.detach()
+        ref = x @ w.T
+        with torch.no_grad():
+            err_gptq = (getattr(gptq.model.layers[0].self_attn, name)(x) - ref).pow(2).sum().item()
+        err_rtn = (x @ fake_quantize(w, 4, 32, True).T - ref).pow(2).sum().item()
+        assert err_gptq <= err_rtn, (name, err_gptq, err_rtn)
+
+
+def test_short_names():
+    assert parse_recipe("gptq-w4-g64").params()["group_size"] == 64
+    assert parse_recipe("gptq-w8").params() == {**parse_recipe("gptq-w8").params(), "bits": 8, "group_size": -1}
+    with pytest.raises(RecipeError, match="bits must be 8 or 4"):
+        parse_recipe("gptq-w3")
+    with pytest.raises(RecipeError, match="group_size must be one of"):
+        parse_recipe("gptq-w4-g48")
+
+
+def test_group_size_must_divide_layers():
+    with pytest.raises(RecipeError, match="does not divide in-features \\[576\\]"):
+        get_method("gptq").check_model(parse_recipe("gptq-w4-g128").config, {"q": (576, 576)})
+
+
+def test_too_short_calibration_is_an_error(tiny_dir, tmp_path):
+    from quantlab.methods.calibration import calibration_windows
+
+    short = tmp_path / "short.txt"
+    short.write_text("the of and to in is " * 10)
+    with pytest.raises(DataError, match="fewer than two windows"):
+        calibration_windows(_recipe(4, 32, str(short)).config, tiny_dir, "cpu")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="Calibration: .*is empty"):
+        calibration_windows(_recipe(4, 32, str(empty)).config, tiny_dir, "cpu")
+
+
+def test_8bit_is_accuracy_only_on_cpu():
+    method = get_method("gptq")
+    assert "accuracy-only" in method.measures_latency(parse_recipe("gptq-w8").config, "cpu")
+    assert method.measures_latency(parse_recipe("gptq-w4-g64").config, "cpu") is None
+
+
+def test_calibrating_on_the_evaluation_text_warns(tiny_dir, tiny_text, tmp_path):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"recipes:\n  - {{method: gptq, bits: 4, group_size: 32, calibration: '{tiny_text}', "
+                   "samples: 8, tokens: 64}\n")
+    res = CliRunner().invoke(cli, ["quantize-and-compare", "--model", str(tiny_dir), "--experiment", str(exp),
+                                   "--text", str(tiny_text), "--out", str(tmp_path / "o"), "--chunk-tokens", "32",
+                                   "--chunks", "4", "--repetitions", "1", "--decode-tokens", "2",
+                                   "--batch-sizes", "1", "--json"], obj={})
+    assert res.exit_code == 0, res.output
+    assert "Warning: gptq-w4-g32 is calibrated on the evaluation text" in res.stderr
+    data = json.loads(res.stdout)
+    gptq = data["runs"][1]
+    assert gptq["warnings"] and gptq["fidelity"]["kld_mean"] > 0
+    assert gptq["latency"]["prefill_ms"] > 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["warnings"] == data["warnings"]
