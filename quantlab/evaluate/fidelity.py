@@ -95,7 +95,6 @@ def _readonly_tensor(array):
 
 def compare(model, ids, baseline) -> dict:
     """Per-token KL, top-1 agreement and NLL of both models; arrays of shape (chunks, chunk_tokens - 1)."""
-    import numpy as np
     import torch
 
     n = ids.shape[0]

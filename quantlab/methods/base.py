@@ -64,3 +64,18 @@ class Method:
         import torch
 
         return {"dtype": torch.float32 if device == "cpu" else "auto"}
+
+
+def check_group_size(group_size: int, linear_shapes: dict[str, tuple[int, int]]) -> None:
+    """Every quantized layer's in-features must be a multiple of the group size (-1: per channel)."""
+    from quantlab.errors import RecipeError
+
+    if group_size == -1:
+        return
+    bad = sorted({k for _, k in linear_shapes.values() if k % group_size})
+    if bad:
+        ok = [g for g in (32, 64, 128) if all(k % g == 0 for _, k in linear_shapes.values())]
+        raise RecipeError(
+            f"group size {group_size} does not divide in-features {bad} of this model — "
+            f"use a group size that divides every layer ({', '.join(map(str, ok)) or 'per-channel -1'})"
+        )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
-from quantlab.methods.base import Method
+from quantlab.methods.base import Method, check_group_size
 
 _BITS = (8, 4)
 _GROUPS = (-1, 32, 64, 128)
@@ -62,14 +62,7 @@ class GptqMethod(Method):
                 + ("-act" if config.desc_act else ""))
 
     def check_model(self, config, linear_shapes):
-        if config.group_size == -1:
-            return
-        bad = sorted({k for _, k in linear_shapes.values() if k % config.group_size})
-        if bad:
-            raise RecipeError(
-                f"group size {config.group_size} does not divide in-features {bad} of this model — "
-                "use a group size that divides every layer (SmolLM2: 32 or 64)"
-            )
+        check_group_size(config.group_size, linear_shapes)
 
     def cache_inputs(self, config, source_dir):
         from quantlab.methods.calibration import resolve_calibration

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import Method
+from quantlab.methods.base import Method, check_group_size
 
 _BITS = (8, 4)
 
@@ -47,15 +47,7 @@ class RtnMethod(Method):
         return f"rtn-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
 
     def check_model(self, config, linear_shapes):
-        if config.group_size == -1:
-            return
-        bad = sorted({k for _, k in linear_shapes.values() if k % config.group_size})
-        if bad:
-            ok = [g for g in (32, 64, 128) if all(k % g == 0 for _, k in linear_shapes.values())]
-            raise RecipeError(
-                f"group size {config.group_size} does not divide in-features {bad} of this model — "
-                f"use a group size that divides every layer ({', '.join(map(str, ok)) or 'per-channel -1'})"
-            )
+        check_group_size(config.group_size, linear_shapes)
 
     def torchao_config(self, config):
         import torch
