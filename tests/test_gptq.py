@@ -137,3 +137,10 @@ def test_calibrating_on_the_evaluation_text_warns(tiny_dir, tiny_text, tmp_path)
     assert gptq["warnings"] and gptq["fidelity"]["kld_mean"] > 0
     assert gptq["latency"]["prefill_ms"] > 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())["warnings"] == data["warnings"]
+
+
+def test_quantizing_leaves_the_working_directory_clean(quantized, tmp_path, monkeypatch, tiny_dir, calib_file):
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(4, 32, str(calib_file), samples=4)
+    get_method("gptq").quantize(recipe.config, tiny_dir, tmp_path / "out", "cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

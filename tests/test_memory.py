@@ -54,3 +54,20 @@ def test_rtn_w4_bytes_follow_the_layout(tiny_dir, tmp_path, tiny_model):
     shapes = linear_shapes(tiny_model.config)
     expected = sum(o * i + (o * i // 32) * (4 + 1) for o, i in shapes.values())
     assert weight_bytes(_load(tmp_path, "rtn-w4-g32"))["quantized_bytes"] == expected
+
+
+def test_a_fresh_process_does_not_inherit_its_parents_peak():
+    """ru_maxrss survives fork+exec; the worker must report its own peak, not the parent's."""
+    import subprocess
+    import sys
+
+    from quantlab.measure.memory import peak_rss_bytes
+
+    ballast = bytearray(600 * 1024 * 1024)  # the parent now peaks above 600 MiB
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    out = subprocess.run([sys.executable, "-c",
+                          "from quantlab.measure.memory import peak_rss_bytes; print(peak_rss_bytes())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert peak_rss_bytes() > 600 * 1024 * 1024
+    assert int(out) < 300 * 1024 * 1024
+    del ballast

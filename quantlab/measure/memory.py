@@ -66,7 +66,17 @@ def weight_bytes(model) -> dict:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size.
+
+    On Linux this is VmHWM from /proc/self/status: ru_maxrss survives fork+exec, so a fresh worker
+    started by a large parent would report the parent's peak; VmHWM belongs to the new address space.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -9,8 +9,10 @@ measures its memory and fidelity but not its latency there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +93,9 @@ class GptqMethod(Method):
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device)
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-        model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
+        # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
+        with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch, contextlib.chdir(scratch):
+            model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
         model.save(str(out_dir))
         for extra in ("quant_log.csv",):
             (Path(out_dir) / extra).unlink(missing_ok=True)
