@@ -103,6 +103,7 @@ def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
     lat = bench["latency"]
     return {"recipe": recipe.name, "method": recipe.method, "bits": recipe.bits, "params": recipe.params(),
             "artifact": art["artifact"], "artifact_cached": art["cached"], "fidelity": fidelity,
+            "guard": fidelity.get("guard"),
             "memory": bench["memory"],
             "latency": {"prefill_ms": (lat["prefill_ms"] or {}).get("median"),
                         "decode_tok_s": {b: v["median"] for b, v in lat["decode_tok_s"].items()},
@@ -140,6 +141,7 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     fids = fidelity_all(source, text, candidates, opts, device)
     for fid, r in zip(fids, recipes):
         fid["per_token"] = str(out / "per_token" / f"{r.name}.npz")
+    guard_warnings = apply_guard(recipes, fids)
     runs = []
     steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
     for recipe, art, fid in steps:
@@ -148,11 +150,26 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
                   "warnings": [overlaps[recipe.name]] if recipe.name in overlaps else []}
         record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info})
         runs.append(record)
+    warnings = list(overlaps.values()) + guard_warnings
     results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
-               "definitions": DEFINITIONS, "warnings": list(overlaps.values()), "runs": runs}
+               "definitions": DEFINITIONS, "warnings": warnings, "runs": runs}
     publish(staging, out, results)
     results["results_path"] = str(out / "results.json")
     return results
+
+
+def apply_guard(recipes: list[Recipe], fids: list[dict]) -> list[str]:
+    """Put each run's garbage-guard verdict into its fidelity record; one loud warning per failure."""
+    from quantlab.evaluate import guard
+
+    runs = [{"recipe": r.name, "method": r.method, "bits": r.bits, "fidelity": f} for r, f in zip(recipes, fids)]
+    warnings = []
+    for run in runs:
+        reasons = run["fidelity"].get("guard_reasons", []) + guard.fidelity_reasons(run, runs)
+        run["fidelity"]["guard"] = {"ok": not reasons, "reasons": reasons}
+        if reasons:
+            warnings.append(f"{run['recipe']} looks broken (garbage guard): {'; '.join(reasons)}")
+    return warnings
 
 
 def publish(staging: Path, out: Path, results: dict) -> None:
@@ -216,6 +233,7 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     """
     import torch
 
+    from quantlab.evaluate import guard
     from quantlab.evaluate.fidelity_job import fidelity_job
     from quantlab.evaluate.text import resolve_text
     from quantlab.models import resolve_model
@@ -235,6 +253,9 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
                                                "per_token_path": per_token_path}]})["results"][0]
     finally:
         torch.set_num_threads(previous)
+    reasons = result["guard_reasons"] + guard.fidelity_reasons(
+        {"method": recipe.method, "bits": recipe.bits, "fidelity": result}, [])
+    result["guard"] = {"ok": not reasons, "reasons": reasons}
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
             "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": result}
 

@@ -38,6 +38,8 @@ def render_table(results: dict) -> str:
     notes.append(f"text: {results['text']['name']} — {base['tokens']} tokens in {base['chunks']} windows; "
                  f"fp token-level ppl {base['ppl_baseline']:.2f}; device {results['device']}")
     for r in results["runs"]:
+        if r.get("guard") and not r["guard"]["ok"]:
+            notes.append(f"{r['recipe']}: FAILED the garbage guard — {'; '.join(r['guard']['reasons'])}")
         if r["latency"].get("skipped"):
             notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
     notes.append(f"results: {results.get('results_path', '')}")

@@ -48,6 +48,7 @@ def test_results_have_every_field(compared):
         prov = run["provenance"]
         assert prov["versions"]["torch"] and prov["versions"]["transformers"] and prov["data_sha256"]
         assert prov["device"]["torch_threads"] == 1
+    assert all(run["guard"] == {"ok": True, "reasons": []} for run in data["runs"])
     fp, int8, nf4, rtn = data["runs"]
     assert fp["fidelity"]["kld_mean"] == pytest.approx(0.0, abs=1e-9)
     assert fp["fidelity"]["top1_agreement"] == 1.0

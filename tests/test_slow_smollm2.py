@@ -23,5 +23,6 @@ def test_smollm2_int8_is_closer_than_4bit(tmp_path):
     assert kld["bnb-int8"] < kld["rtn-w4-g64"]
     ppl = {r["recipe"]: r["fidelity"]["ppl"] for r in data["runs"]}
     assert 5 < ppl["fp"] < 100  # SmolLM2 on wikitext: a language model, not noise
+    assert all(r["guard"]["ok"] for r in data["runs"]), [r["guard"] for r in data["runs"]]
     weights = {r["recipe"]: r["memory"]["weights_bytes"] for r in data["runs"]}
     assert weights["bnb-nf4"] < weights["bnb-int8"] < weights["fp"]

@@ -42,12 +42,31 @@ def ensure_baseline(baseline, ids, text, settings, device: str):
     return cache, hit
 
 
+def baseline_generation(baseline, ids, cache: Path, device: str) -> list[int]:
+    """The fp model's greedy continuation for the garbage guard, kept beside the cached log-probs."""
+    import json
+
+    from quantlab.evaluate import guard
+    from quantlab.fsutil import atomic_write_json, file_lock
+    from quantlab.recipe import parse_recipe
+
+    target = cache / "generation.json"
+    with file_lock(cache.with_name(f".{cache.name}.gen.lock")):
+        if not target.is_file():
+            model = load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
+            atomic_write_json(target, {"tokens": guard.greedy_continuation(model, ids)})
+            del model
+            gc.collect()
+    return json.loads(target.read_text())["tokens"]
+
+
 def fidelity_job(payload: dict) -> dict:
     """payload: baseline (ModelSource), text (TextSource), settings, device, candidates: [{recipe, artifact,
     per_token_path}]. Returns one summary per candidate, in order."""
     from tqdm import tqdm
 
     from quantlab.evaluate import fidelity as fid
+    from quantlab.evaluate import guard
     from quantlab.evaluate.text import TextSource
     from quantlab.models import ModelSource, load_tokenizer
     from quantlab.recipe import Recipe
@@ -59,19 +78,24 @@ def fidelity_job(payload: dict) -> dict:
     ids = fid.chunk_ids(load_tokenizer(baseline.path, baseline.trust_remote_code), text.read(), settings)
     cache, hit = ensure_baseline(baseline, ids, text, settings, device)
     logprobs, _ = fid.load_baseline(cache)
+    base_gen = baseline_generation(baseline, ids, cache, device)
     results = []
     for cand in tqdm(payload["candidates"], desc="fidelity", unit="model", leave=False):
         recipe = Recipe.from_dict(cand["recipe"])
         if recipe.name == "fp" and Path(cand["artifact"]).resolve() == Path(baseline.path).resolve():
             per_token = fid.compare_baseline_to_itself(ids, logprobs)
+            gen = base_gen
         else:
             model = load_recipe_model(cand["artifact"], recipe, device, baseline.trust_remote_code)
             per_token = fid.compare(model, ids, logprobs)
+            gen = guard.greedy_continuation(model, ids)
             del model
             gc.collect()
         if cand.get("per_token_path"):
             fid.save_per_token(Path(cand["per_token_path"]), per_token)
         summary = fid.summarize(per_token, settings)
         results.append({**summary, "baseline_recipe": "fp", "baseline_cached": hit,
-                        "per_token": cand.get("per_token_path")})
+                        "per_token": cand.get("per_token_path"),
+                        "generation": {"tokens": gen, **guard.repetition(gen), "baseline_tokens": base_gen},
+                        "guard_reasons": guard.generation_reasons(gen, base_gen)})
     return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict()}

@@ -1,0 +1,58 @@
+"""A garbage guard: a quantized model that collapsed is flagged loudly, not stored as a quiet success.
+
+Two signals, both against the fp baseline:
+- a short greedy continuation of the reference text (first window's first 32 tokens, 32 new tokens):
+  a run of one repeated token that the fp model does not produce (≥ 8 and ≥ 2× the fp's longest run);
+- fidelity far outside its peers: top-1 agreement below 0.25, or mean KLD above 3× that of
+  round-to-nearest at the same bits in the same comparison (when RTN ran too).
+"""
+
+from __future__ import annotations
+
+PROMPT_TOKENS = 32
+NEW_TOKENS = 32
+MIN_RUN = 8
+MIN_TOP1 = 0.25
+KLD_VS_RTN = 3.0
+
+
+def greedy_continuation(model, ids) -> list[int]:
+    """Greedy tokens after the first ``PROMPT_TOKENS`` tokens of the first reference window."""
+    import torch
+
+    prompt = ids[:1, :PROMPT_TOKENS].to(model.device)
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def repetition(tokens: list[int]) -> dict:
+    longest = run = 1 if tokens else 0
+    for prev, cur in zip(tokens, tokens[1:]):
+        run = run + 1 if cur == prev else 1
+        longest = max(longest, run)
+    return {"longest_run": longest, "distinct_fraction": len(set(tokens)) / len(tokens) if tokens else 0.0}
+
+
+def generation_reasons(candidate: list[int], baseline: list[int]) -> list[str]:
+    cand, base = repetition(candidate), repetition(baseline)
+    if cand["longest_run"] >= max(MIN_RUN, 2 * base["longest_run"]):
+        return [f"greedy output repeats one token {cand['longest_run']} times in a row "
+                f"(fp baseline at most {base['longest_run']})"]
+    return []
+
+
+def fidelity_reasons(run: dict, peers: list[dict]) -> list[str]:
+    """Reasons from fidelity numbers; ``peers`` are the other runs of the same comparison."""
+    reasons = []
+    fid = run["fidelity"]
+    if fid["top1_agreement"] < MIN_TOP1:
+        reasons.append(f"top-1 agreement {fid['top1_agreement']:.3f} is below {MIN_TOP1}")
+    rtn = [p for p in peers if p["method"] == "rtn" and p["bits"] == run["bits"]]
+    if run["method"] not in ("rtn", "fp") and rtn:
+        ref = min(p["fidelity"]["kld_mean"] for p in rtn)
+        if fid["kld_mean"] > KLD_VS_RTN * ref:
+            reasons.append(f"mean KLD {fid['kld_mean']:.4f} is above {KLD_VS_RTN}× round-to-nearest's {ref:.4f} "
+                           f"at {run['bits']} bits")
+    return reasons
