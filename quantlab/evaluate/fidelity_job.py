@@ -37,6 +37,7 @@ def ensure_baseline(baseline, ids, text, settings, device: str):
             hit = False
             model = load_recipe_model(baseline.path, fp, device, baseline.trust_remote_code)
             fid.baseline_cache(model, ids, cache, settings)
+            write_generation(model, ids, cache)
             del model
             gc.collect()
     return cache, hit
@@ -46,18 +47,24 @@ def baseline_generation(baseline, ids, cache: Path, device: str) -> list[int]:
     """The fp model's greedy continuation for the garbage guard, kept beside the cached log-probs."""
     import json
 
-    from quantlab.evaluate import guard
-    from quantlab.fsutil import atomic_write_json, file_lock
+    from quantlab.fsutil import file_lock
     from quantlab.recipe import parse_recipe
 
     target = cache / "generation.json"
     with file_lock(cache.with_name(f".{cache.name}.gen.lock")):
-        if not target.is_file():
+        if not target.is_file():  # a cache written before the guard existed
             model = load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
-            atomic_write_json(target, {"tokens": guard.greedy_continuation(model, ids)})
+            write_generation(model, ids, cache)
             del model
             gc.collect()
     return json.loads(target.read_text())["tokens"]
+
+
+def write_generation(model, ids, cache: Path) -> None:
+    from quantlab.evaluate import guard
+    from quantlab.fsutil import atomic_write_json
+
+    atomic_write_json(cache / "generation.json", {"tokens": guard.greedy_continuation(model, ids)})
 
 
 def fidelity_job(payload: dict) -> dict:
