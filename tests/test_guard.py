@@ -29,6 +29,8 @@ def test_kld_far_above_rtn_is_flagged():
     assert "above 3.0× round-to-nearest's 0.4000" in guard.fidelity_reasons(runs[1], runs)[0]
     assert guard.fidelity_reasons(runs[2], runs) == []
     assert guard.fidelity_reasons(runs[0], runs) == []
+    eight = [_run("rtn-w8", "rtn", 8, 0.0038), _run("bnb-int8", "bnb", 8, 0.0214)]  # SmolLM2, measured
+    assert guard.fidelity_reasons(eight[1], eight) == []  # 5.6x RTN but far from garbage
     assert "below 0.25" in guard.fidelity_reasons(_run("x", "bnb", 4, 0.1, top1=0.1), [])[0]
 
 

@@ -4,7 +4,8 @@ Two signals, both against the fp baseline:
 - a short greedy continuation of the reference text (first window's first 32 tokens, 32 new tokens):
   a run of one repeated token that the fp model does not produce (≥ 8 and ≥ 2× the fp's longest run);
 - fidelity far outside its peers: top-1 agreement below 0.25, or mean KLD above 3× that of
-  round-to-nearest at the same bits in the same comparison (when RTN ran too).
+  round-to-nearest at the same bits in the same comparison (when RTN ran too) and above 0.5 nats.
+  The floor matters: at 8 bits RTN's KLD can be ~0.004, and a healthy LLM.int8() at 0.02 is 5× that.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ NEW_TOKENS = 32
 MIN_RUN = 8
 MIN_TOP1 = 0.25
 KLD_VS_RTN = 3.0
+KLD_FLOOR = 0.5  # nats/token: below this no ratio makes a model garbage
 
 
 def greedy_continuation(model, ids) -> list[int]:
@@ -52,7 +54,7 @@ def fidelity_reasons(run: dict, peers: list[dict]) -> list[str]:
     rtn = [p for p in peers if p["method"] == "rtn" and p["bits"] == run["bits"]]
     if run["method"] not in ("rtn", "fp") and rtn:
         ref = min(p["fidelity"]["kld_mean"] for p in rtn)
-        if fid["kld_mean"] > KLD_VS_RTN * ref:
+        if fid["kld_mean"] > max(KLD_VS_RTN * ref, KLD_FLOOR):
             reasons.append(f"mean KLD {fid['kld_mean']:.4f} is above {KLD_VS_RTN}× round-to-nearest's {ref:.4f} "
                            f"at {run['bits']} bits")
     return reasons
