@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.errors import DataError, RecipeError
+from quantlab.errors import RecipeError
 from quantlab.methods.base import Method, check_group_size
 
 _BITS = (8, 4)
@@ -112,10 +112,3 @@ def _quiet_gptqmodel() -> None:
     except ImportError:
         pass
 
-
-def check_calibration_text(text: str, tokens_needed: int, what: str) -> None:
-    if not text.strip():
-        raise DataError(f"Calibration text {what} is empty — give a file with text, or use 'c4_calibration'")
-    if len(text.split()) < tokens_needed // 4:
-        raise DataError(f"Calibration text {what} is too short for the requested windows — "
-                        "give a longer file or lower samples/tokens")
