@@ -24,7 +24,7 @@ def artifact_key(source: ModelSource, recipe: Recipe, device: str) -> str:
     from quantlab.provenance import library_version
 
     method = get_method(recipe.method)
-    libs = ("torch", "transformers") + method.libraries
+    libs = ("torch", "transformers") + method.libraries_for(recipe.config)
     payload = {"model": source.fingerprint, "method": recipe.method, "params": recipe.params(),
                "inputs": method.cache_inputs(recipe.config, Path(source.path)),
                "quantlab": __version__, "libs": {n: library_version(n) for n in libs},
@@ -78,7 +78,7 @@ def build_artifact(payload: dict) -> dict:
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
     method = get_method(recipe.method)
-    method.require()
+    method.require(recipe.config)
     rss_before = current_rss_bytes()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def prepare(opts: CompareOptions):
     if not any(r.method == "fp" for r in recipes):
         recipes.insert(0, parse_recipe_list("fp")[0])
     for r in recipes:
-        get_method(r.method).require()
+        get_method(r.method).require(r.config)
     out = Path(opts.out) if opts.out else Path("reports") / f"{slug(opts.model or 'smollm2-135m')}-{date.today():%Y%m%d}"
     check_writable_dir(out)
     text = None if opts.text == "self" else resolve_text(opts.text, opts.data_dir)
@@ -276,7 +276,7 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     from quantlab.methods import get_method
     from quantlab.models import linear_shapes, load_config, resolve_model
 
-    get_method(recipe.method).require()
+    get_method(recipe.method).require(recipe.config)
     source = resolve_model(model, trust_remote_code)
     get_method(recipe.method).check_model(recipe.config, linear_shapes(load_config(source.path, trust_remote_code)))
     return ensure_artifact(source, recipe, resolve_device(device), threads)

@@ -140,7 +140,19 @@ def test_calibrating_on_the_evaluation_text_warns(tiny_dir, tiny_text, tmp_path)
 
 
 def test_quantizing_leaves_the_working_directory_clean(quantized, tmp_path, monkeypatch, tiny_dir, calib_file):
+    import tempfile
+
     monkeypatch.chdir(tmp_path)
-    recipe = _recipe(4, 32, str(calib_file), samples=4)
-    get_method("gptq").quantize(recipe.config, tiny_dir, tmp_path / "out", "cpu")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        recipe = _recipe(4, 32, str(calib_file), samples=4)
+        get_method("gptq").quantize(recipe.config, tiny_dir, tmp_path / "out", "cpu")
+    finally:
+        tempfile.tempdir = None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]
+    assert list((tmp_path / "tmp").iterdir()) == []  # GPTQModel's offload scratch is gone
+    # ... and the saved configs do not point at it.
+    for name in ("config.json", "quantize_config.json"):
+        assert str(tmp_path / "tmp") not in (tmp_path / "out" / name).read_text()

@@ -10,7 +10,8 @@ import torch
 from quantlab.methods import get_method
 from quantlab.recipe import parse_recipe
 
-CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym"]
+CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym",
+         "rtn-w4-g32-gptqfmt"]
 
 RELOAD = r"""
 import json, sys, torch
@@ -56,7 +57,7 @@ def test_quantized_layers_really_are_quantized(name, quantized):
 
     with safe_open(str(quantized[name] / "model.safetensors"), "pt") as fh:
         dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys() if "layers.0.mlp.up_proj" in k}
-    assert any(d in ("I8", "U8") for d in dtypes.values()), dtypes
+    assert any(d in ("I8", "U8", "I32") for d in dtypes.values()), dtypes
     assert not any(k.endswith("up_proj.weight") and d in ("F32", "BF16", "F16") for k, d in dtypes.items())
 
 
@@ -82,3 +83,30 @@ def test_rtn_error_shrinks_with_bits(tiny_model):
     w = tiny_model.model.layers[0].mlp.down_proj.weight.detach()
     err = {b: (fake_quantize(w, b, 32, True) - w).abs().mean().item() for b in (8, 4)}
     assert 0 < err[8] < err[4] / 8
+
+
+def test_rtn_in_gptq_format_holds_the_same_grid(quantized, tiny_model):
+    """GPTQModel's RTN, packed eight int4 values per int32, stores torchao's symmetric int4 grid."""
+    from safetensors import safe_open
+
+    from quantlab.methods.rtn import fake_quantize
+
+    layer = "model.layers.0.mlp.up_proj"
+    with safe_open(str(quantized["rtn-w4-g32-gptqfmt"] / "model.safetensors"), "pt") as fh:
+        qweight, qzeros, scales = (fh.get_tensor(f"{layer}.{k}") for k in ("qweight", "qzeros", "scales"))
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(-1, qweight.shape[1])  # (in, out)
+    zeros = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, 8)) & 0xF).reshape(qzeros.shape[0], -1) + 1  # v1 stores z-1
+    assert torch.all(zeros == 8)  # symmetric: zero point in the middle of [0, 15]
+    group = q.shape[0] // scales.shape[0]
+    w = tiny_model.get_submodule(layer).weight.detach()
+    ref_scale = w.t().reshape(-1, group, w.shape[0]).abs().amax(dim=1) / 7.5
+    torch.testing.assert_close(scales.float(), ref_scale, rtol=1e-3, atol=0)  # scales are stored in fp16
+    scale_full = ref_scale.repeat_interleave(group, dim=0)
+    ref_int = torch.round(fake_quantize(w, 4, 32, True).t() / scale_full)
+    # The same integers everywhere except on the rounding tie: each group's negative extreme sits at
+    # exactly -7.5 steps, which float arithmetic may round either way (-8 or -7).
+    differ = q - 8 != ref_int
+    at_tie = ((w.t() / scale_full).abs() - 7.5).abs() < 1e-5
+    assert differ.float().mean().item() < 0.01
+    assert not torch.any(differ & ~at_tie)

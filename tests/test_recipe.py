@@ -11,9 +11,10 @@ from quantlab.recipe import Recipe, load_recipes_yaml, parse_recipe, parse_recip
     ("bnb-nf4", "bnb", {"quant_type": "nf4", "double_quant": False, "compute_dtype": "auto"}),
     ("bnb-fp4", "bnb", {"quant_type": "fp4", "double_quant": False, "compute_dtype": "auto"}),
     ("bnb-nf4-dq", "bnb", {"quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"}),
-    ("rtn-w8", "rtn", {"bits": 8, "group_size": -1, "symmetric": True}),
-    ("rtn-w4-g128", "rtn", {"bits": 4, "group_size": 128, "symmetric": True}),
-    ("rtn-w4-g32-asym", "rtn", {"bits": 4, "group_size": 32, "symmetric": False}),
+    ("rtn-w8", "rtn", {"bits": 8, "group_size": -1, "symmetric": True, "format": "torchao"}),
+    ("rtn-w4-g128", "rtn", {"bits": 4, "group_size": 128, "symmetric": True, "format": "torchao"}),
+    ("rtn-w4-g32-asym", "rtn", {"bits": 4, "group_size": 32, "symmetric": False, "format": "torchao"}),
+    ("rtn-w4-g64-gptqfmt", "rtn", {"bits": 4, "group_size": 64, "symmetric": True, "format": "gptq"}),
 ])
 def test_short_names_parse_and_round_trip(name, method, params):
     r = parse_recipe(name)
@@ -78,3 +79,10 @@ def test_group_size_checked_against_layers():
     with pytest.raises(RecipeError, match="does not divide in-features \\[576\\].*use a group size"):
         get_method("rtn").check_model(r.config, {"q_proj": (576, 576), "down_proj": (576, 1536)})
     get_method("rtn").check_model(parse_recipe("rtn-w4-g64").config, {"q_proj": (576, 576)})
+
+
+def test_rtn_format_is_checked(tmp_path):
+    f = tmp_path / "e.yaml"
+    f.write_text("recipes:\n  - {method: rtn, bits: 4, group_size: 64, format: awq}\n")
+    with pytest.raises(RecipeError, match="rtn format must be one of torchao, gptq"):
+        load_recipes_yaml(f)

@@ -16,7 +16,7 @@ def load_recipe_model(path: str, recipe, device: str, trust_remote_code: bool = 
     from quantlab.models import load_causal_lm
 
     method = get_method(recipe.method)
-    method.require()
+    method.require(recipe.config)
     return load_causal_lm(path, device=device, trust_remote_code=trust_remote_code,
                           **method.load_kwargs(recipe.config, device))
 

@@ -40,11 +40,15 @@ class Method:
     def check_model(self, config: Any, linear_shapes: dict[str, tuple[int, int]]) -> None:
         """Reject a recipe that cannot apply to this model's linear layers, before any work starts."""
 
-    def require(self) -> None:
-        """Raise MissingExtraError when the method's library is not importable."""
+    def libraries_for(self, config: Any | None) -> tuple[str, ...]:
+        """The libraries this config needs (a method may store some configs through another library)."""
+        return self.libraries
+
+    def require(self, config: Any | None = None) -> None:
+        """Raise MissingExtraError when a library the method (or this config of it) needs is not importable."""
         from quantlab.provenance import require_library
 
-        for lib in self.libraries:
+        for lib in self.libraries_for(config):
             require_library(lib, self.name)
 
     def quantize(self, config: Any, source_dir: Path, out_dir: Path, device: str) -> dict:

@@ -5,6 +5,11 @@ CPU and CUDA and saves a GPTQ directory that plain ``AutoModelForCausalLM.from_p
 with gptqmodel and optimum installed. On CPU its int4 kernels run in fp32; its 8-bit CPU kernel runs
 only in bf16 at about one token per second, so 8-bit GPTQ on CPU is an accuracy-only recipe: quantlab
 measures its memory and fidelity but not its latency there.
+
+``mse`` (default 2.4) turns on GPTQ's clipping search, the original GPTQ code's ``--mse`` option:
+before each group is quantized its range is shrunk in 1 % steps down to 21 % and the scale that
+minimises the 2.4-norm of the weight error is kept. Measured on SmolLM2 w4-g64 it takes GPTQ from
+0.54x to 0.47x RTN's KLD, for about twice the quantization time; ``mse: 0`` turns it off.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +35,8 @@ class GptqConfig:
     group_size: int = 64
     desc_act: bool = False
     symmetric: bool = True
-    damp_percent: float = 0.05
+    damp_percent: float = 0.01
+    mse: float = 2.4
     calibration: str = "c4_calibration"
     samples: int = 64
     tokens: int = 256
@@ -40,6 +47,8 @@ class GptqConfig:
             raise RecipeError(f"gptq bits must be 8 or 4 (got {self.bits}) — use gptq-w4-g64 or gptq-w8")
         if self.group_size not in _GROUPS:
             raise RecipeError(f"gptq group_size must be one of {', '.join(map(str, _GROUPS))} (got {self.group_size})")
+        if self.mse != 0 and not 1 <= self.mse <= 4:
+            raise RecipeError(f"gptq mse must be 0 (no clipping search) or a norm in [1, 4], e.g. 2.4 (got {self.mse})")
         if not 0 < self.damp_percent < 1:
             raise RecipeError(f"gptq damp_percent must be in (0, 1) (got {self.damp_percent})")
         if self.samples < 1 or self.tokens < 8:
@@ -79,27 +88,76 @@ class GptqMethod(Method):
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
         from quantlab.methods.calibration import calibration_windows
 
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
-        import torch
-        from gptqmodel import GPTQModel, QuantizeConfig
-
-        _quiet_gptqmodel()
         windows, info = calibration_windows(config, Path(source_dir), device)
+        gptqmodel = import_gptqmodel()
         # act_group_aware (GPTQModel's group-aware reordering) needs groups and excludes desc_act.
-        # offload_to_disk=False: otherwise it leaves /tmp folders and writes their path into the config.
-        qconfig = QuantizeConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
-                                 sym=config.symmetric, damp_percent=config.damp_percent, offload_to_disk=False,
-                                 act_group_aware=config.group_size > 0 and not config.desc_act)
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device)
+        settings = dict(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
+                        sym=config.symmetric, damp_percent=config.damp_percent, mse=config.mse,
+                        act_group_aware=config.group_size > 0 and not config.desc_act)
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-        # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
-        with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch, contextlib.chdir(scratch):
-            model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
-        model.save(str(out_dir))
-        for extra in ("quant_log.csv",):
-            (Path(out_dir) / extra).unlink(missing_ok=True)
+        run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, calib)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info}
+
+
+def import_gptqmodel():
+    """Import GPTQModel with its CPU worker pool sized for this machine and its logging quietened."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    with contextlib.redirect_stdout(sys.stderr):  # it prints a banner on import
+        import gptqmodel
+    _quiet_gptqmodel()
+    return gptqmodel
+
+
+def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, device: str,
+                  calib: list[dict] | None) -> None:
+    """Quantize ``source_dir`` with ``config_cls(**settings)`` and save the GPTQ directory to ``out_dir``.
+
+    GPTQModel's offload mode keeps memory near one model's size: it reads source weights layer by layer
+    from the checkpoint and parks finished layers on disk (measured on SmolLM2: peak 0.60 GB above the
+    imports instead of 1.0 GB). Its scratch files and logs go to a temp dir that is removed, and the
+    path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN).
+    """
+    import torch
+    from gptqmodel import GPTQModel
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch:
+        offload = str(Path(scratch) / "offload")
+        qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
+        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device)
+        # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
+        with contextlib.chdir(scratch):
+            if calib is None:
+                model.quantize(None)
+            else:
+                model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
+            model.save(str(out_dir))
+        del model
+    (Path(out_dir) / "quant_log.csv").unlink(missing_ok=True)
+    for name in ("config.json", "quantize_config.json"):
+        _drop_path(Path(out_dir) / name, offload)
+
+
+def _drop_path(path: Path, prefix: str) -> None:
+    """Rewrite a saved JSON file with every string under ``prefix`` (a deleted scratch dir) set to null."""
+    import json
+
+    from quantlab.fsutil import atomic_write_text
+
+    if not path.exists():
+        return
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return None if isinstance(value, str) and value.startswith(prefix) else value
+
+    data = json.loads(path.read_text())
+    cleaned = clean(data)
+    if cleaned != data:
+        atomic_write_text(path, json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
 
 
 def _quiet_gptqmodel() -> None:

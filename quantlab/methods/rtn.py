@@ -1,9 +1,16 @@
 """Round-to-nearest weight-only quantization: the reference every smarter method must beat.
 
-The arithmetic is plain affine RTN (``fake_quantize`` below spells it out in torch). The artifact
-stores the integers, scales and zero points in torchao's intx layout (IntxUnpackedToInt8Tensor)
-through transformers' TorchAoConfig, so ``from_pretrained`` reloads real quantized weights.
-On CPU torchao keeps int4 one value per byte; memory is measured on what loads.
+The arithmetic is plain affine RTN (``fake_quantize`` below spells it out in torch). Two storage
+formats, chosen by ``format``:
+
+- ``torchao`` (default): integers, scales and zero points in torchao's intx layout
+  (IntxUnpackedToInt8Tensor) through transformers' TorchAoConfig. On CPU torchao keeps int4 one value
+  per byte; memory is measured on what loads.
+- ``gptq``: GPTQModel's own RTN written in the packed GPTQ format (eight int4 values per int32), so RTN
+  and GPTQ compare like for like in memory and latency. Its grid is GPTQ's symmetric grid (scale
+  max|w|/7.5, zero point 8), which matches torchao's symmetric int4 grid up to rounding ties.
+
+Either way ``from_pretrained`` reloads real quantized weights.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from quantlab.errors import RecipeError
 from quantlab.methods.base import Method, check_group_size
 
 _BITS = (8, 4)
+_FORMATS = ("torchao", "gptq")
+_GPTQ_SUFFIX = "-gptqfmt"
 
 
 @dataclass(frozen=True)
@@ -23,8 +32,11 @@ class RtnConfig:
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
+    format: str = "torchao"
 
     def __post_init__(self):
+        if self.format not in _FORMATS:
+            raise RecipeError(f"rtn format must be one of {', '.join(_FORMATS)} (got {self.format!r})")
         if self.bits not in _BITS:
             raise RecipeError(f"rtn bits must be 8 or 4 (got {self.bits}) — use rtn-w8 or rtn-w4-g64")
         if self.group_size != -1 and self.group_size < 2:
@@ -34,17 +46,31 @@ class RtnConfig:
 class RtnMethod(Method):
     name = "rtn"
     config_cls = RtnConfig
-    short_pattern = re.compile(r"rtn-w(\d+)(?:-g(\d+))?(-asym)?")
-    example_names = ("rtn-w8", "rtn-w4-g128", "rtn-w4-g64", "rtn-w4-g32")
+    short_pattern = re.compile(r"rtn-w(\d+)(?:-g(\d+))?(-asym)?(-gptqfmt)?")
+    example_names = ("rtn-w8", "rtn-w4-g128", "rtn-w4-g64", "rtn-w4-g32", "rtn-w4-g64-gptqfmt")
     libraries = ("torchao",)
 
     def config_from_match(self, match):
         group = int(match.group(2)) if match.group(2) else -1
-        return RtnConfig(bits=int(match.group(1)), group_size=group, symmetric=not match.group(3))
+        return RtnConfig(bits=int(match.group(1)), group_size=group, symmetric=not match.group(3),
+                         format="gptq" if match.group(4) else "torchao")
 
     def short_name(self, config):
         group = f"-g{config.group_size}" if config.group_size != -1 else ""
-        return f"rtn-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
+        return (f"rtn-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
+                + (_GPTQ_SUFFIX if config.format == "gptq" else ""))
+
+    def libraries_for(self, config):
+        from quantlab.methods.gptq import GptqMethod
+
+        return GptqMethod.libraries if config is not None and config.format == "gptq" else self.libraries
+
+    def measures_latency(self, config, device: str) -> str | None:
+        if config.format == "gptq":
+            from quantlab.methods.gptq import GptqMethod
+
+            return GptqMethod().measures_latency(config, device)
+        return None
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
@@ -62,6 +88,8 @@ class RtnMethod(Method):
         )
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+        if config.format == "gptq":
+            return self._quantize_gptq_format(config, source_dir, out_dir, device)
         from transformers import TorchAoConfig
 
         from quantlab.models import load_causal_lm, save_with_tokenizer
@@ -72,6 +100,14 @@ class RtnMethod(Method):
         )
         save_with_tokenizer(model, source_dir, out_dir)
         return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)"}
+
+    def _quantize_gptq_format(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+        from quantlab.methods.gptq import import_gptqmodel, run_gptqmodel
+
+        gptqmodel = import_gptqmodel()
+        settings = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric)
+        run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None)
+        return {"library": "gptqmodel", "format": "gptq", "layout": "GPTQ packed int32 (RTN, no calibration)"}
 
 
 def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
