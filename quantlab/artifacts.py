@@ -79,20 +79,27 @@ def build_artifact(payload: dict) -> dict:
     device = payload["device"]
     method = get_method(recipe.method)
     method.require(recipe.config)
+    method.preload(recipe.config)
     rss_before = current_rss_bytes()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with atomic_dir(payload["target"]) as tmp:
         notes = method.quantize(recipe.config, Path(source.path), tmp, device)
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        peak = peak_rss_bytes()
+        source_bytes = sum(f.stat().st_size for f in Path(source.path).glob("*.safetensors"))
         cost = {
             "quantize_wall_s": time.perf_counter() - t0,
             "quantize_cpu_s": (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime),
-            "quantize_peak_rss_bytes": peak_rss_bytes(),
+            "quantize_peak_rss_bytes": peak,
             "process_rss_before_bytes": rss_before,
+            "source_weights_bytes": source_bytes,
+            "quantize_peak_over_baseline_x_source": (peak - rss_before) / source_bytes if source_bytes else None,
             "quantize_peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
             "definition": "wall/CPU seconds of load+quantize+save in a fresh process; peak RSS of that process "
-                          "(includes the Python and library baseline given as process_rss_before_bytes)",
+                          "(includes the Python and library baseline given as process_rss_before_bytes, taken "
+                          "after the method's libraries are imported); quantize_peak_over_baseline_x_source = "
+                          "(peak - baseline) / bytes of the source model's safetensors",
         }
         atomic_write_json(tmp / MANIFEST, {
             "recipe": recipe.to_dict(), "source": {"ref": source.ref, "fingerprint": source.fingerprint,

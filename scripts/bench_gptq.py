@@ -83,15 +83,19 @@ def main() -> None:
           f"GPTQModel {prov['versions']['gptqmodel']}")
     print("rtn = torchao layout; rtn-...-gptqfmt = the same RTN written by GPTQModel in the packed GPTQ format")
     print(f"versions {prov['versions']}; cpu {prov['device']['cpu']}; git {prov['git_sha']}")
-    print("quantize s / peak RSS: wall time and peak resident memory of the quantize process "
-          "(GPTQModel's import alone is ~0.54 GB)")
-    print(f"{'recipe':28s} {'KLD mean [95% CI]':28s} {'top-1':>6s} {'ppl':>7s} {'quantize s':>10s} {'peak RSS GB':>11s}")
+    print("quantize s / peak RSS: wall time and peak resident memory of the quantize process; baseline = its RSS "
+          "after importing the method's libraries, before loading the model; over/model = (peak - baseline) / "
+          "bytes of the fp model's safetensors (goal <= 1.5)")
+    print(f"{'recipe':28s} {'KLD mean [95% CI]':28s} {'top-1':>6s} {'ppl':>7s} {'quantize s':>10s} {'peak RSS GB':>11s} "
+          f"{'baseline':>9s} {'over/model':>12s}")
     for pair, runs in rows.items():
         for r in runs:
             f, c = r["fid"], r["cost"]
             lo, hi = f["ci95"]["kld_mean"]
+            over = c.get("quantize_peak_over_baseline_x_source")
             print(f"{r['name']:28s} {f['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}]       {f['top1_agreement']:6.3f} "
-                  f"{f['ppl']:7.2f} {c['quantize_wall_s']:10.1f} {c['quantize_peak_rss_bytes'] / 1e9:11.2f}")
+                  f"{f['ppl']:7.2f} {c['quantize_wall_s']:10.1f} {c['quantize_peak_rss_bytes'] / 1e9:11.2f} "
+                  f"{c['process_rss_before_bytes'] / 1e9:9.2f} {over:12.2f}")
         rtn = runs[0]["fid"]["kld_mean"]
         for r in runs:
             if r["recipe"].method == "gptq":
@@ -103,11 +107,11 @@ def main() -> None:
         print(f"{'recipe':28s} {'weights MiB':>11s} {'disk MiB':>9s} {'prefill ms':>11s} {'decode b1 tok/s':>16s}")
         for name, b in benches.items():
             mem, lat = b["memory"], b["latency"]
-            dec = lat["decode_tok_s"].get("1")
-            pre = lat["prefill_ms"]
+            dec, pre = lat["decode_tok_s"].get("1"), lat["prefill_ms"]
+            pre_s = f"{pre['median']:.1f}" if pre else "n/a"
+            dec_s = f"{dec['median']:.1f} [{dec['iqr']:.1f}]" if dec else f"n/a: {lat['skipped']}"
             print(f"{name:28s} {mem['weights_bytes'] / 2**20:11.1f} {mem['disk_bytes'] / 2**20:9.1f} "
-                  f"{(f'{pre['median']:.1f}' if pre else 'n/a'):>11s} "
-                  f"{(f'{dec['median']:.1f} [{dec['iqr']:.1f}]' if dec else 'n/a: ' + str(lat['skipped'])):>16s}")
+                  f"{pre_s:>11s} {dec_s:>16s}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ class Method:
         for lib in self.libraries_for(config):
             require_library(lib, self.name)
 
+    def preload(self, config: Any | None) -> None:
+        """Import the libraries ``quantize`` uses, so a cost baseline taken afterwards includes them."""
+        import contextlib
+        import importlib
+        import sys
+
+        with contextlib.redirect_stdout(sys.stderr):  # some libraries print banners on import
+            for lib in self.libraries_for(config):
+                importlib.import_module(lib)
+
     def quantize(self, config: Any, source_dir: Path, out_dir: Path, device: str) -> dict:
         """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes."""
         raise NotImplementedError
