@@ -8,6 +8,7 @@ import sys
 import click
 
 from quantlab.errors import QuantlabError
+from quantlab.recipe import DEFAULT_RECIPES
 
 
 class QuantlabGroup(click.Group):
@@ -64,7 +65,7 @@ def _common(f):
 
 @cli.command("quantize-and-compare")
 @click.option("--model", default=None, help="Hub id, local HF dir, .gguf file or smollm2-135m (default).")
-@click.option("--recipes", default=None, help="Comma-separated recipes (default: fp,bnb-int8,bnb-nf4,rtn-w8,rtn-w4-g64).")
+@click.option("--recipes", default=None, help=f"Comma-separated recipes (default: {DEFAULT_RECIPES}).")
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None, help="Experiment YAML with recipes.")
 @click.option("--text", default=None, help="Reference text: FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")

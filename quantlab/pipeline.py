@@ -14,9 +14,7 @@ from pathlib import Path
 
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.measure.latency import LatencySettings
-from quantlab.recipe import Recipe, parse_recipe_list
-
-DEFAULT_RECIPES = "fp,bnb-int8,bnb-nf4,rtn-w8,rtn-w4-g64"
+from quantlab.recipe import DEFAULT_RECIPES, Recipe, parse_recipe_list
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import Any
 
 from quantlab.errors import RecipeError
 
+#: What ``quantize-and-compare`` runs when no recipes are given.
+DEFAULT_RECIPES = "fp,bnb-int8,bnb-nf4,rtn-w8,rtn-w4-g64,gptq-w8,gptq-w4-g64"
 
 @dataclass(frozen=True)
 class Recipe:

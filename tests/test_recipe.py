@@ -86,3 +86,13 @@ def test_rtn_format_is_checked(tmp_path):
     f.write_text("recipes:\n  - {method: rtn, bits: 4, group_size: 64, format: awq}\n")
     with pytest.raises(RecipeError, match="rtn format must be one of torchao, gptq"):
         load_recipes_yaml(f)
+
+
+def test_default_experiment_file_matches_the_default_recipes():
+    from pathlib import Path
+
+    from quantlab.recipe import DEFAULT_RECIPES, load_experiment
+
+    exp = load_experiment(Path(__file__).parent.parent / "experiments" / "default.yaml")
+    assert [r.name for r in exp["recipes"]] == DEFAULT_RECIPES.split(",")
+    assert exp["model"] == "smollm2-135m"
