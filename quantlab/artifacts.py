@@ -101,6 +101,11 @@ def build_artifact(payload: dict) -> dict:
                           "after the method's libraries are imported); quantize_peak_over_baseline_x_source = "
                           "(peak - baseline) / bytes of the source model's safetensors",
         }
+        if "training" in notes:  # trained methods: their training cost beside the whole step's
+            t = notes["training"]
+            cost["training"] = {k: t[k] for k in ("steps", "tokens_seen", "train_wall_s", "teacher_forward_s")}
+            curve = notes.get("heldout_curve") or []
+            cost["training"]["train_cpu_s"] = curve[-1]["train_cpu_s"] if curve else None
         atomic_write_json(tmp / MANIFEST, {
             "recipe": recipe.to_dict(), "source": {"ref": source.ref, "fingerprint": source.fingerprint,
                                                    "note": source.note},

@@ -51,6 +51,7 @@ def prepare(opts: CompareOptions):
     recipes = list(opts.recipes)
     if not any(r.method == "fp" for r in recipes):
         recipes.insert(0, parse_recipe_list("fp")[0])
+    recipes = with_twins(recipes)
     for r in recipes:
         get_method(r.method).require(r.config)
     out = Path(opts.out) if opts.out else Path("reports") / f"{slug(opts.model or 'smollm2-135m')}-{date.today():%Y%m%d}"
@@ -63,6 +64,32 @@ def prepare(opts: CompareOptions):
     if text is None:
         text = resolve_text("self", opts.data_dir, model=source, device=resolve_device(opts.device))
     return source, text, recipes, out
+
+
+def with_twins(recipes: list[Recipe]) -> list[Recipe]:
+    """Add each trained recipe's PTQ twin (same format, no training) just before it, unless listed."""
+    from quantlab.methods import get_method
+    from quantlab.recipe import parse_recipe
+
+    names = {r.name for r in recipes}
+    out = []
+    for r in recipes:
+        twin = get_method(r.method).ptq_twin(r.config)
+        if twin and twin not in names and not any(t.name == twin for t in out):
+            out.append(parse_recipe(twin))
+        out.append(r)
+    return out
+
+
+def add_recoveries(recipes: list[Recipe], fids: list[dict], npz: dict[str, str], settings) -> None:
+    """Each trained recipe's recovered fraction over its PTQ twin, into its fidelity record."""
+    from quantlab.evaluate.recovery import recovery
+    from quantlab.methods import get_method
+
+    for recipe, fid in zip(recipes, fids):
+        twin = get_method(recipe.method).ptq_twin(recipe.config)
+        if twin and twin in npz:
+            fid["recovery"] = recovery(npz[recipe.name], npz[twin], twin, settings.bootstrap, settings.seed)
 
 
 def calibration_overlaps(source, text, recipes: list[Recipe]) -> dict[str, str]:
@@ -137,6 +164,7 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     candidates = [{"recipe": r.to_dict(), "artifact": a["artifact"],
                    "per_token_path": str(staging / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
     fids = fidelity_all(source, text, candidates, opts, device)
+    add_recoveries(recipes, fids, {c["recipe"]["name"]: c["per_token_path"] for c in candidates}, opts.fidelity)
     for fid, r in zip(fids, recipes):
         fid["per_token"] = str(out / "per_token" / f"{r.name}.npz")
     guard_warnings = apply_guard(recipes, fids)

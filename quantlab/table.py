@@ -40,6 +40,15 @@ def render_table(results: dict) -> str:
     for r in results["runs"]:
         if r.get("guard") and not r["guard"]["ok"]:
             notes.append(f"{r['recipe']}: FAILED the garbage guard — {'; '.join(r['guard']['reasons'])}")
+        rec = r["fidelity"].get("recovery")
+        if rec:
+            ci = rec["ci95"]
+            parts = [f"{k.upper()} {_fmt(rec[k], '.0%')}" + (f" [{ci[k][0]:.0%}, {ci[k][1]:.0%}]" if ci.get(k) else "")
+                     for k in ("kld", "ppl")]
+            train = (r["cost"].get("training") or {})
+            notes.append(f"{r['recipe']}: recovers {', '.join(parts)} of {rec['twin']}'s degradation; training "
+                         f"{train.get('steps')} steps, {_fmt(train.get('train_cpu_s'), '.0f')} CPU-s, "
+                         f"{train.get('tokens_seen')} tokens")
         if r["latency"].get("skipped"):
             notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
     notes.append(f"results: {results.get('results_path', '')}")

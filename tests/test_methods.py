@@ -11,7 +11,7 @@ from quantlab.methods import get_method
 from quantlab.recipe import parse_recipe
 
 CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym",
-         "rtn-w4-g32-gptqfmt"]
+         "rtn-w4-g32-gptqfmt", "torchao-w4-g32", "torchao-a8w4-g32"]
 
 RELOAD = r"""
 import json, sys, torch

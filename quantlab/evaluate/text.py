@@ -66,20 +66,26 @@ def resolve_text(spec: str | None, data: str | Path | None = None, model=None, d
     return TextSource(name=spec if spec in TEXT_DATASETS else path.name, origin=str(path.resolve()), sha256=sha256_text(text))
 
 
-def self_text(model, device: str = "cpu", max_new_tokens: int = 320) -> TextSource:
-    """Text the fp model writes from quantlab's own prompts, sampled with a fixed seed and cached."""
+def self_text(model, device: str = "cpu", max_new_tokens: int = 320, rounds: int = 1, seed: int = SELF_SEED,
+              name: str = "self") -> TextSource:
+    """Text the fp model writes from quantlab's own prompts, sampled with a fixed seed and cached.
+
+    Each round samples one continuation per prompt (all prompts in one batch, with the KV cache);
+    ``rounds`` > 1 gives more text, e.g. for data-free training.
+    """
     from quantlab.fsutil import atomic_write_text, file_lock
     from quantlab.models import quantlab_home
 
-    target = quantlab_home() / "text" / f"self-{model.fingerprint[:16]}-s{SELF_SEED}-n{max_new_tokens}.txt"
+    suffix = f"-r{rounds}" if rounds != 1 else ""
+    target = quantlab_home() / "text" / f"self-{model.fingerprint[:16]}-s{seed}-n{max_new_tokens}{suffix}.txt"
     with file_lock(target.with_suffix(".lock")):
         if not target.is_file():
-            atomic_write_text(target, _generate(model, device, max_new_tokens))
+            atomic_write_text(target, _generate(model, device, max_new_tokens, rounds, seed))
     text = target.read_text(encoding="utf-8")
-    return TextSource(name="self", origin=str(target), sha256=sha256_text(text))
+    return TextSource(name=name, origin=str(target), sha256=sha256_text(text))
 
 
-def _generate(model_source, device: str, max_new_tokens: int) -> str:
+def _generate(model_source, device: str, max_new_tokens: int, rounds: int, seed: int) -> str:
     import torch
 
     from quantlab.methods import get_method
@@ -91,10 +97,13 @@ def _generate(model_source, device: str, max_new_tokens: int) -> str:
     tok.padding_side = "left"
     fp = get_method("fp")
     model = load_causal_lm(model_source.path, device=device, **fp.load_kwargs(fp.parse_short_name("fp"), device))
-    torch.manual_seed(SELF_SEED)
+    torch.manual_seed(seed)
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
-    with torch.inference_mode():
-        out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens // 2, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    texts = []
+    for _ in range(rounds):
+        with torch.inference_mode():
+            out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=0.95,
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens // 2,
+                                 pad_token_id=tok.pad_token_id)
+        texts += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return "\n\n".join(t.strip() for t in texts) + "\n"

@@ -65,6 +65,10 @@ class Method:
         """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes."""
         raise NotImplementedError
 
+    def ptq_twin(self, config: Any) -> str | None:
+        """Short name of the post-training recipe of the identical format, for a trained method."""
+        return None
+
     def cache_inputs(self, config: Any, source_dir: Path) -> dict:
         """Inputs beyond the recipe that change the artifact (e.g. calibration text sha256)."""
         return {}
