@@ -13,6 +13,20 @@ def test_both_cache_paths_decode_what_generate_decodes(tiny_model):
             assert torch.equal(lat._decode(tiny_model, ids, 5, path, None), expected), path
 
 
+def test_repetitions_decode_from_copies_of_one_prefilled_cache(tiny_model):
+    """Each timed repetition starts from a copy of the prefilled cache and decodes the same tokens."""
+    import copy
+
+    ids = lat._prompt(tiny_model, 2, 16)
+    with torch.inference_mode():
+        for path in lat.DECODE_PATHS:
+            fresh = lat._decode(tiny_model, ids, 5, path, None)
+            cache, first = lat._prefill(tiny_model, ids, 5, path)
+            for _ in range(3):
+                again = lat._decode_from(tiny_model, copy.deepcopy(cache), first, ids.shape[1], 5, None)
+                assert torch.equal(again, fresh), path
+
+
 def test_measure_latency_keeps_raw_samples(tiny_model):
     settings = lat.LatencySettings(prompt_tokens=16, decode_tokens=3, batch_sizes=(1, 2), repetitions=3)
     result = lat.measure_latency(tiny_model, settings, "cpu")

@@ -88,23 +88,34 @@ def _make_cache(model, path: str, ids, steps: int):
     return DynamicCache()
 
 
-def _decode(model, ids, steps: int, path: str, timer: Timer | None):
-    """Prefill (untimed), then ``steps`` greedy single-token forwards through the cache (timed)."""
+def _prefill(model, ids, steps: int, path: str):
+    """Fill a fresh cache of ``path``'s kind with the prompt; returns (cache, first greedy token)."""
+    import torch
+
+    cache = _make_cache(model, path, ids, steps)
+    out = model(ids, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(ids.shape[1], device=ids.device))
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+def _decode_from(model, cache, nxt, length: int, steps: int, timer: Timer | None):
+    """``steps`` greedy single-token forwards through a prefilled cache (timed)."""
     import contextlib
 
     import torch
 
-    cache = _make_cache(model, path, ids, steps)
-    length = ids.shape[1]
-    out = model(ids, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(length, device=ids.device))
-    nxt = out.logits[:, -1:].argmax(-1)
     with timer if timer is not None else contextlib.nullcontext():
         for i in range(steps):
-            pos = torch.tensor([length + i], device=ids.device)
+            pos = torch.tensor([length + i], device=nxt.device)
             out = model(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
             nxt = out.logits[:, -1:].argmax(-1)
     return nxt
+
+
+def _decode(model, ids, steps: int, path: str, timer: Timer | None):
+    """Prefill (untimed), then ``steps`` greedy single-token forwards through the cache (timed)."""
+    cache, nxt = _prefill(model, ids, steps, path)
+    return _decode_from(model, cache, nxt, ids.shape[1], steps, timer)
 
 
 def choose_decode_path(model, settings: LatencySettings, device: str) -> dict:
@@ -126,6 +137,8 @@ def choose_decode_path(model, settings: LatencySettings, device: str) -> dict:
 
 def measure_latency(model, settings: LatencySettings, device: str) -> dict:
     """Prefill ms (batch 1) and decode tokens/s per batch size; median, IQR and raw samples."""
+    import copy
+
     import torch
 
     result = {"settings": settings.to_dict(),
@@ -144,12 +157,13 @@ def measure_latency(model, settings: LatencySettings, device: str) -> dict:
         result["decode_tok_s"] = {}
         result["decode_tok_s_samples"] = {}
         for batch in settings.batch_sizes:
+            # One prefill per batch size; each repetition decodes from a copy of the prefilled cache.
             ids = _prompt(model, batch, settings.prompt_tokens)
-            for _ in range(settings.warmup):
-                _decode(model, ids, settings.decode_tokens, path, None)
+            cache, first = _prefill(model, ids, settings.decode_tokens, path)
             timer = Timer(device)
-            for _ in range(settings.repetitions):
-                _decode(model, ids, settings.decode_tokens, path, timer)
+            for i in range(settings.warmup + settings.repetitions):
+                _decode_from(model, copy.deepcopy(cache), first, ids.shape[1], settings.decode_tokens,
+                             timer if i >= settings.warmup else None)
             rates = [batch * settings.decode_tokens / s for s in timer.samples]
             result["decode_tok_s"][str(batch)] = median_iqr(rates)
             result["decode_tok_s_samples"][str(batch)] = rates

@@ -55,9 +55,9 @@ class Method:
         """Import the libraries ``quantize`` uses, so a cost baseline taken afterwards includes them."""
         import contextlib
         import importlib
-        import sys
+        import io
 
-        with contextlib.redirect_stdout(sys.stderr):  # some libraries print banners on import
+        with contextlib.redirect_stdout(io.StringIO()):  # some libraries print banners on import
             for lib in self.libraries_for(config):
                 importlib.import_module(lib)
 
