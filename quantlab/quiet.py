@@ -24,6 +24,7 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers, on GPTQ loads
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from transformers.utils import logging as hf_logging
