@@ -23,7 +23,7 @@ from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
 from quantlab.methods.base import Method, check_group_size
-from quantlab.methods.torchao_ptq import check_scheme
+from quantlab.methods.torchao_ptq import check_scheme, scheme_name
 
 QAT_TEXT_SEED = 4321  # self-generated training text: a different seed from the evaluation `self` text
 
@@ -72,13 +72,13 @@ class QatMethod(Method):
         return QatConfig(scheme=match.group(1), group_size=int(match.group(2)) if match.group(2) else -1)
 
     def short_name(self, config):
-        return f"qat-{config.scheme}" + (f"-g{config.group_size}" if config.group_size != -1 else "")
+        return scheme_name("qat", config.scheme, config.group_size)
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
     def ptq_twin(self, config):
-        return f"torchao-{config.scheme}" + (f"-g{config.group_size}" if config.group_size != -1 else "")
+        return scheme_name("torchao", config.scheme, config.group_size)
 
     def cache_inputs(self, config, source_dir):
         if config.train_text == "self":

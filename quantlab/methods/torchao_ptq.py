@@ -40,6 +40,11 @@ def check_scheme(scheme: str, group_size: int, method: str) -> None:
         raise RecipeError(f"{method} group_size must be -1 (per channel) or ≥ 2 (got {group_size})")
 
 
+def scheme_name(prefix: str, scheme: str, group_size: int) -> str:
+    """``torchao-w4-g32``, ``qat-a8w4`` (per channel): the short names of both methods."""
+    return f"{prefix}-{scheme}" + (f"-g{group_size}" if group_size != -1 else "")
+
+
 def base_config(scheme: str, group_size: int):
     """The torchao PTQ config of a scheme (also the base config QAT prepares and converts with)."""
     import torch
@@ -77,7 +82,7 @@ class TorchaoMethod(Method):
         return TorchaoConfig(scheme=match.group(1), group_size=int(match.group(2)) if match.group(2) else -1)
 
     def short_name(self, config):
-        return f"torchao-{config.scheme}" + (f"-g{config.group_size}" if config.group_size != -1 else "")
+        return scheme_name("torchao", config.scheme, config.group_size)
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
