@@ -77,10 +77,12 @@ def _common(f):
               help="Decode batch sizes.")
 @click.option("--repetitions", default=None, type=click.IntRange(1), help="Timed repetitions (default 5).")
 @click.option("--decode-tokens", default=None, type=click.IntRange(1), help="Decode steps timed (default 32).")
+@click.option("--suite", default=None, help="Add lm-eval suite accuracy to every run: quick, standard or a suite YAML.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
 @_common
 def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, store, chunks, chunk_tokens,
-                             batch_sizes, repetitions, decode_tokens, as_json, device, threads, trust_remote_code):
+                             batch_sizes, repetitions, decode_tokens, suite, as_json, device, threads,
+                             trust_remote_code):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
     from quantlab import pipeline
     from quantlab.table import render_table
@@ -88,7 +90,7 @@ def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, st
     opts = pipeline.build_options(model=model, recipes=recipes, experiment=experiment, text=text,
                                   data_dir=data_dir, out=out, store=store, chunks=chunks, chunk_tokens=chunk_tokens,
                                   batch_sizes=batch_sizes, repetitions=repetitions, decode_tokens=decode_tokens,
-                                  device=device, threads=threads, trust_remote_code=trust_remote_code,
+                                  suite=suite, device=device, threads=threads, trust_remote_code=trust_remote_code,
                                   progress=not as_json)
     results = _call(pipeline.quantize_and_compare, opts)
     for warning in results.get("warnings", []):
@@ -111,18 +113,51 @@ def quantize_cmd(recipe, model, device, threads, trust_remote_code):
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--baseline", required=True, help="The fp model reference to compare against.")
-@click.option("--text", default=None, help="FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
-@click.option("--data-dir", default=None)
-@click.option("--per-token", default=None, type=click.Path(dir_okay=False), help="Write per-token values (.npz).")
+@click.option("--tasks", default=None, help="lm-eval task names, e.g. hellaswag,arc_easy,piqa (run offline on local data).")
+@click.option("--suite", default=None, help="A suite from experiments/suites.yaml (quick, standard) or a suite YAML.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="First N documents of each task.")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="lm-eval batch size (default 8; pinned).")
+@click.option("--include-path", default=None, type=click.Path(file_okay=False), help="Folder of your own task YAMLs.")
+@click.option("--output", default=None, type=click.Path(dir_okay=False),
+              help="Write results with per-sample scores here (a gate reference).")
+@click.option("--baseline", default=None, help="Fidelity against this fp model reference (KLD, top-1, ppl).")
+@click.option("--text", default=None, help="Fidelity text: FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
+@click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
+@click.option("--per-token", default=None, type=click.Path(dir_okay=False), help="Write per-token fidelity values (.npz).")
 @_common
-def eval_cmd(model, baseline, text, data_dir, per_token, device, threads, trust_remote_code):
-    """Fidelity of MODEL (artifact dir or model ref) against --baseline: KLD, top-1, token-level ppl."""
-    from quantlab import pipeline
+def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, baseline, text, data_dir, per_token,
+             device, threads, trust_remote_code):
+    """Suite accuracy (--tasks/--suite, lm-eval) and/or fidelity against --baseline of MODEL."""
+    from quantlab.evaluate import suites
 
-    result = _call(pipeline.evaluate_model, model, baseline, text, data_dir, device, threads,
-                   per_token_path=per_token, trust_remote_code=trust_remote_code)
+    result = _call(suites.evaluate_all, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
+                   include_path=include_path, output=output, baseline=baseline, text=text, data_dir=data_dir,
+                   per_token=per_token, device=device, threads=threads, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str))
+
+
+@cli.command("gate")
+@click.option("--baseline", required=True, help="results.json, run id or run set (REF@recipe picks one recipe).")
+@click.option("--candidate", required=True, help="results.json, run id or run set (REF@recipe picks one recipe).")
+@click.option("--policy", default=None, type=click.Path(dir_okay=False), help="Gate policy YAML (experiments/gates/).")
+@click.option("--summary", default=None, type=click.Path(dir_okay=False), help="Write a Markdown summary here.")
+@click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the verdict JSON here.")
+@click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.pass_context
+def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store):
+    """Paired tests of candidate vs baseline per-sample scores: exit 0 pass, 3 regression, 1 error."""
+    from quantlab.gate import run_gate
+    from quantlab.gate.report import publish_verdict
+
+    try:
+        verdict = _call(run_gate, baseline, candidate, policy, store)
+    except QuantlabError as exc:  # the gate's contract: 0 pass, 3 regression, 1 any error
+        if ctx.obj.get("debug"):
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(1)
+    click.echo(publish_verdict(verdict, summary, json_out))
+    ctx.exit(verdict["exit_code"])
 
 
 @cli.command("bench")

@@ -13,8 +13,10 @@ from datetime import date
 from pathlib import Path
 
 from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.harness import HarnessSettings
 from quantlab.measure.latency import LatencySettings
 from quantlab.recipe import DEFAULT_RECIPES, Recipe, parse_recipe_list
+from quantlab.twins import add_accuracy_recoveries, add_recoveries, with_twins
 
 
 @dataclass
@@ -31,6 +33,7 @@ class CompareOptions:
     progress: bool = True
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
+    suite: "HarnessSettings | None" = None  # lm-eval tasks run on every recipe (--suite)
 
 
 def resolve_device(device: str) -> str:
@@ -56,6 +59,10 @@ def prepare(opts: CompareOptions):
         get_method(r.method).require(r.config)
     out = Path(opts.out) if opts.out else Path("reports") / f"{slug(opts.model or 'smollm2-135m')}-{date.today():%Y%m%d}"
     check_writable_dir(out)
+    if opts.suite:
+        from quantlab.evaluate.harness import check_tasks
+
+        check_tasks(opts.suite)
     text = None if opts.text == "self" else resolve_text(opts.text, opts.data_dir)
     source = resolve_model(opts.model, opts.trust_remote_code)
     shapes = linear_shapes(load_config(source.path, opts.trust_remote_code))
@@ -64,32 +71,6 @@ def prepare(opts: CompareOptions):
     if text is None:
         text = resolve_text("self", opts.data_dir, model=source, device=resolve_device(opts.device))
     return source, text, recipes, out
-
-
-def with_twins(recipes: list[Recipe]) -> list[Recipe]:
-    """Add each trained recipe's PTQ twin (same format, no training) just before it, unless listed."""
-    from quantlab.methods import get_method
-    from quantlab.recipe import parse_recipe
-
-    names = {r.name for r in recipes}
-    out = []
-    for r in recipes:
-        twin = get_method(r.method).ptq_twin(r.config)
-        if twin and twin not in names and not any(t.name == twin for t in out):
-            out.append(parse_recipe(twin))
-        out.append(r)
-    return out
-
-
-def add_recoveries(recipes: list[Recipe], fids: list[dict], npz: dict[str, str], settings) -> None:
-    """Each trained recipe's recovered fraction over its PTQ twin, into its fidelity record."""
-    from quantlab.evaluate.recovery import recovery
-    from quantlab.methods import get_method
-
-    for recipe, fid in zip(recipes, fids):
-        twin = get_method(recipe.method).ptq_twin(recipe.config)
-        if twin and twin in npz:
-            fid["recovery"] = recovery(npz[recipe.name], npz[twin], twin, settings.bootstrap, settings.seed)
 
 
 def calibration_overlaps(source, text, recipes: list[Recipe]) -> dict[str, str]:
@@ -103,6 +84,29 @@ def calibration_overlaps(source, text, recipes: list[Recipe]) -> dict[str, str]:
             found[r.name] = (f"{r.name} is calibrated on the evaluation text ({text.name}): its fidelity is "
                              "optimistic — evaluate on other text or calibrate on c4_calibration")
     return found
+
+
+def accuracy_all(recipes: list[Recipe], candidates: list[dict], opts: "CompareOptions", device: str, staging: Path,
+                 trust_remote_code: bool) -> tuple[list, list]:
+    """Suite accuracy of every candidate in one fresh process; per-sample rows staged as samples/<recipe>.json.gz.
+
+    Returns (accuracy record or None, samples or None) per recipe."""
+    if not opts.suite:
+        return [None] * len(recipes), [None] * len(recipes)
+    from quantlab.evaluate.accuracy import split_samples
+    from quantlab.evaluate.harness import prepare_tasks
+    from quantlab.gate.refs import write_samples
+    from quantlab.measure.runner import run_isolated
+
+    prepared = prepare_tasks(opts.suite)
+    results = run_isolated("accuracy", {"settings": opts.suite.to_dict(), "prepared": dataclasses.asdict(prepared),
+                                        "device": device, "threads": opts.threads, "candidates": candidates,
+                                        "trust_remote_code": trust_remote_code})["results"]
+    samples = [split_samples(r) for r in results]
+    for recipe, result, rows in zip(recipes, results, samples):
+        write_samples(staging / "samples" / f"{recipe.name}.json.gz", rows)
+        result.update(settings=opts.suite.to_dict(), samples_path=f"samples/{recipe.name}.json.gz")
+    return results, samples
 
 
 def fidelity_all(source, text, candidates: list[dict], opts: "CompareOptions", device: str) -> list[dict]:
@@ -162,19 +166,23 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     # so a failed run leaves no half-written output directory.
     staging = quantlab_home() / "staging" / run_set
     candidates = [{"recipe": r.to_dict(), "artifact": a["artifact"],
-                   "per_token_path": str(staging / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
+                   "per_token_path": str(staging / "per_token" / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
     fids = fidelity_all(source, text, candidates, opts, device)
     add_recoveries(recipes, fids, {c["recipe"]["name"]: c["per_token_path"] for c in candidates}, opts.fidelity)
     for fid, r in zip(fids, recipes):
         fid["per_token"] = str(out / "per_token" / f"{r.name}.npz")
+    accs, samples = accuracy_all(recipes, candidates, opts, device, staging, source.trust_remote_code)
+    add_accuracy_recoveries(recipes, accs, samples)
+    if opts.suite:
+        prov["data_sha256"].update({f: sha for acc in accs for t in acc["tasks"].values() for f, sha in t["files"].items()})
     guard_warnings = apply_guard(recipes, fids)
     runs = []
     steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
-    for recipe, art, fid in steps:
+    for (recipe, art, fid), acc, rows in zip(steps, accs, samples):
         bench = bench_artifact(recipe, art["artifact"], opts, device, source.trust_remote_code)
-        record = {**make_record(recipe, art, fid, bench), "provenance": prov,
+        record = {**make_record(recipe, art, fid, bench), "accuracy": acc, "provenance": prov,
                   "warnings": [overlaps[recipe.name]] if recipe.name in overlaps else []}
-        record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info})
+        record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info}, rows)
         runs.append(record)
     warnings = list(overlaps.values()) + guard_warnings
     results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
@@ -199,16 +207,19 @@ def apply_guard(recipes: list[Recipe], fids: list[dict]) -> list[str]:
 
 
 def publish(staging: Path, out: Path, results: dict) -> None:
-    """Move staged per-token files into ``out/per_token`` and write results.json atomically."""
+    """Move staged per-token (and per-sample) files into ``out`` and write results.json atomically."""
     import shutil
 
     from quantlab.fsutil import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    final = out / "per_token"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.move(str(staging), str(final))
+    for part in ("per_token", "samples"):
+        final = out / part
+        if final.exists():
+            shutil.rmtree(final)
+        if (staging / part).exists():
+            shutil.move(str(staging / part), str(final))
+    shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(out / "results.json", results)
 
 
@@ -309,7 +320,7 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
 
 
 def build_options(model=None, recipes=None, experiment=None, text=None, chunks=None, chunk_tokens=None,
-                  batch_sizes=None, repetitions=None, decode_tokens=None, **kwargs) -> CompareOptions:
+                  batch_sizes=None, repetitions=None, decode_tokens=None, suite=None, **kwargs) -> CompareOptions:
     """CompareOptions from CLI-shaped arguments: a recipe list or an experiment YAML, window sizes."""
     from quantlab.errors import UsageError
     from quantlab.recipe import load_experiment
@@ -330,4 +341,9 @@ def build_options(model=None, recipes=None, experiment=None, text=None, chunks=N
     latency = dataclasses.replace(lat, batch_sizes=tuple(batch_sizes or lat.batch_sizes),
                                   repetitions=repetitions or lat.repetitions,
                                   decode_tokens=decode_tokens or lat.decode_tokens)
-    return options_from(model=model, recipes=parsed, text=text, fidelity=fidelity, latency=latency, **kwargs)
+    if suite:
+        from quantlab.evaluate.suites import load_suite
+
+        suite = load_suite(suite, data_dir=kwargs.get("data_dir"))
+    return options_from(model=model, recipes=parsed, text=text, fidelity=fidelity, latency=latency, suite=suite,
+                        **kwargs)

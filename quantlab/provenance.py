@@ -22,6 +22,7 @@ _INSTALL = {
     # gptqmodel builds against the installed torch: without --no-build-isolation pip would fetch another torch
     "gptqmodel": "pip install --no-build-isolation -c scripts/constraints.txt gptqmodel optimum",
     "optimum": "pip install -c scripts/constraints.txt optimum",
+    "lm_eval": "pip install -c scripts/constraints.txt -e '.[eval]'",
 }
 
 

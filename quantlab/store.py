@@ -6,6 +6,7 @@ are what ``quantlab runs`` lists and what later queries filter on.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 import uuid
@@ -38,9 +39,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX runs_model_recipe ON runs (model_fingerprint, recipe);
     CREATE INDEX runs_run_set ON runs (run_set);
     """,
+    # 2: suite accuracy per run, and its per-sample scores (gzip JSON, one row per task) for the gate
+    """
+    ALTER TABLE runs ADD COLUMN accuracy TEXT;
+    CREATE TABLE samples (
+        run_id TEXT NOT NULL REFERENCES runs (id),
+        task TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, task)
+    );
+    """,
 ]
 
-_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance")
+_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy")
 
 
 def default_store_path() -> Path:
@@ -89,8 +100,8 @@ def new_run_set() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def insert_run(path: str | Path | None, record: dict) -> str:
-    """Insert one run in one transaction; returns its id."""
+def insert_run(path: str | Path | None, record: dict, samples: dict | None = None) -> str:
+    """Insert one run and its per-sample scores (task -> rows) in one transaction; returns its id."""
     run_id = record.get("id") or uuid.uuid4().hex
     row = {
         "id": run_id, "run_set": record["run_set"],
@@ -106,6 +117,9 @@ def insert_run(path: str | Path | None, record: dict) -> str:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", list(row.values()))
+            for task, rows in (samples or {}).items():
+                blob = gzip.compress(json.dumps(rows, separators=(",", ":")).encode(), mtime=0)
+                conn.execute("INSERT INTO samples (run_id, task, data) VALUES (?, ?, ?)", (run_id, task, blob))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -114,12 +128,27 @@ def insert_run(path: str | Path | None, record: dict) -> str:
 
 
 def list_runs(path: str | Path | None = None, run_set: str | None = None, limit: int | None = None) -> list[dict]:
-    sql = "SELECT * FROM runs"
-    args: list = []
-    if run_set:
-        sql += " WHERE run_set = ?"
-        args.append(run_set)
-    sql += " ORDER BY created_at DESC, rowid DESC"
+    return _select(path, "WHERE run_set = ?" if run_set else "", [run_set] if run_set else [], limit)
+
+
+def find_runs(path: str | Path | None, ref: str) -> list[dict]:
+    """Runs whose id (or an unambiguous id prefix of ≥ 8 characters) or run set is ``ref``, oldest first."""
+    runs = _select(path, "WHERE run_set = ?", [ref], None)
+    if not runs and len(ref) >= 8:
+        runs = _select(path, "WHERE id LIKE ?", [ref.replace("%", "") + "%"], None)
+        if len(runs) > 1:
+            raise StoreError(f"Run id prefix '{ref}' matches {len(runs)} runs — give more characters")
+    return runs[::-1]
+
+
+def read_samples(path: str | Path | None, run_id: str) -> dict:
+    with closing(connect(path)) as conn:
+        rows = conn.execute("SELECT task, data FROM samples WHERE run_id = ?", (run_id,)).fetchall()
+    return {task: json.loads(gzip.decompress(data)) for task, data in rows}
+
+
+def _select(path, where: str, args: list, limit: int | None) -> list[dict]:
+    sql = f"SELECT * FROM runs {where} ORDER BY created_at DESC, rowid DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
     with closing(connect(path)) as conn:

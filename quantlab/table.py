@@ -52,7 +52,49 @@ def render_table(results: dict) -> str:
         if r["latency"].get("skipped"):
             notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
     notes.append(f"results: {results.get('results_path', '')}")
-    return _rows_table(header, rows) + "\n\n" + "\n".join(notes)
+    suite = render_accuracy(results["runs"])
+    return _rows_table(header, rows) + ("\n\n" + suite if suite else "") + "\n\n" + "\n".join(notes)
+
+
+def primary_metric(task: dict) -> str | None:
+    """The metric a task is usually quoted by: acc_norm where lm-eval has it, else acc, else its perplexity."""
+    for name in ("acc_norm", "acc", "word_perplexity", "perplexity"):
+        if name in task["metrics"]:
+            return name
+    return next(iter(task["metrics"]), None)
+
+
+def render_accuracy(runs: list[dict]) -> str:
+    """Suite accuracy per recipe: each task's primary metric ± 1.96 x lm-eval's stderr (a 95 % interval)."""
+    runs = [r for r in runs if r.get("accuracy")]
+    if not runs:
+        return ""
+    tasks = runs[0]["accuracy"]["tasks"]
+    header = ["recipe"] + [f"{t} {primary_metric(info)}" for t, info in tasks.items()]
+    rows = []
+    for r in runs:
+        cells = [r["recipe"]]
+        for t in tasks:
+            info = r["accuracy"]["tasks"].get(t)
+            metric = info and primary_metric(info)
+            if not metric:
+                cells.append("—")
+                continue
+            value, err = info["metrics"][metric], info["stderr"].get(metric)
+            cells.append(f"{value:.4f}" + (f" ± {1.96 * err:.4f}" if err else ""))
+        rows.append(cells)
+    n = ", ".join(f"{t} {info['n']}/{info['n_total']}" for t, info in tasks.items())
+    notes = [f"suite (lm-eval {runs[0]['accuracy']['lm_eval']['version']}, batch "
+             f"{runs[0]['accuracy']['lm_eval']['batch_size']}): documents {n}; ± = 1.96 x lm-eval stderr"]
+    notes += [f"{t}: {info['note']}" for t, info in tasks.items() if info.get("note")]
+    for r in runs:
+        parts = [f"{t} {rec['metric']} {_fmt(rec['recovered'], '.0%')}"
+                 + (f" [{rec['ci95'][0]:.0%}, {rec['ci95'][1]:.0%}]" if rec.get("ci95") else "")
+                 for t, rec in (r["accuracy"].get("recovery") or {}).items()]
+        if parts:
+            twin = next(iter(r["accuracy"]["recovery"].values()))["twin"]
+            notes.append(f"{r['recipe']}: recovers {', '.join(parts)} of the accuracy {twin} lost")
+    return _rows_table(header, rows) + "\n" + "\n".join(notes)
 
 
 def render_runs(rows: list[dict]) -> str:

@@ -7,7 +7,7 @@ training CPU seconds and tokens, and the recovery-vs-cost curve measured during 
 windows of the training text. Artifacts are cached under QUANTLAB_HOME.
 
     .venv/bin/python scripts/bench_qat.py [--model smollm2-135m] [--schemes w4-g32,a8w4-g32]
-        [--set steps=100 --set lr=2e-5 ...]
+        [--set steps=100 --set lr=2e-5 ...] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def evaluate(model: str, recipe, per_token: Path) -> dict:
+def evaluate(model: str, recipe, per_token: Path, threads: int) -> dict:
     from quantlab.artifacts import read_manifest
     from quantlab.pipeline import evaluate_model, quantize_model
 
-    art = quantize_model(model, recipe, "cpu")
+    art = quantize_model(model, recipe, "cpu", threads)
     fid = evaluate_model(art["artifact"], model, per_token_path=str(per_token))["fidelity"]
     return {"recipe": recipe, "fid": fid, "cost": art["cost"],
             "notes": (read_manifest(art["artifact"]) or {}).get("method_notes", {})}
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--schemes", default="w4-g32")
     ap.add_argument("--set", action="append", default=[], help="QAT parameter, e.g. steps=100")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the quantize/train process "
+                    "(1, as quantize-and-compare: fewer CPU-seconds per step than 2)")
     args = ap.parse_args()
 
     from quantlab.evaluate.recovery import recovery
@@ -53,8 +55,8 @@ def main() -> None:
             changes = {k: type(getattr(qat.config, k))(v) for k, v in (s.split("=", 1) for s in args.set)}
             qat = Recipe(name=qat.name, method="qat", config=replace(qat.config, **changes))
             ptq = parse_recipe(f"torchao-{scheme}")
-            p = evaluate(args.model, ptq, Path(tmp) / f"{ptq.name}.npz")
-            q = evaluate(args.model, qat, Path(tmp) / f"{qat.name}.npz")
+            p = evaluate(args.model, ptq, Path(tmp) / f"{ptq.name}.npz", args.threads)
+            q = evaluate(args.model, qat, Path(tmp) / f"{qat.name}.npz", args.threads)
             rec = recovery(Path(tmp) / f"{qat.name}.npz", Path(tmp) / f"{ptq.name}.npz", ptq.name)
             rows.append((p, q, rec))
 

@@ -19,11 +19,18 @@ def _invoke(*args):
 @pytest.fixture(scope="module")
 def compared(tiny_dir, tiny_text, tmp_path_factory):
     """Two identical runs sharing one QUANTLAB_HOME: the second must reuse everything."""
+    from suite_data import write_arc
+
     home = tmp_path_factory.mktemp("home")
     out = tmp_path_factory.mktemp("out")
     db = home / "runs.db"
+    data = tmp_path_factory.mktemp("data")
+    write_arc(data / "arc_challenge" / "ARC-Challenge-Test.jsonl", 16)
+    suite = data / "suite.yaml"
+    suite.write_text("description: test suite\ntasks: [arc_challenge]\nlimit: 12\n")
     args = ["quantize-and-compare", "--model", str(tiny_dir), "--recipes", "bnb-int8,bnb-nf4,rtn-w4-g32",
-            "--text", str(tiny_text), "--out", str(out / "r"), "--store", str(db), "--json", *FAST]
+            "--text", str(tiny_text), "--out", str(out / "r"), "--store", str(db), "--json", *FAST,
+            "--suite", str(suite), "--data-dir", str(data)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUANTLAB_HOME", str(home))
         first = _invoke(*args)
@@ -57,6 +64,24 @@ def test_results_have_every_field(compared):
     assert nf4["cost"]["quantize_wall_s"] > 0
     assert (compared["out"] / "results.json").is_file()
     assert (compared["out"] / "per_token" / "bnb-nf4.npz").is_file()
+    for run in data["runs"]:
+        task = run["accuracy"]["tasks"]["arc_challenge"]
+        assert task["n"] == 12 and task["metrics"]["acc"] is not None and "samples" not in task
+        assert (compared["out"] / run["accuracy"]["samples_path"]).is_file()
+    from quantlab.table import render_table
+
+    assert "arc_challenge acc_norm" in render_table(data) and "± = 1.96 x lm-eval stderr" in render_table(data)
+
+
+def test_gate_passes_a_rerun_and_reads_the_store(compared):
+    first = json.loads(compared["first"].stdout)
+    second = json.loads(compared["second"].stdout)
+    res = _invoke("gate", "--baseline", str(compared["out"] / "results.json"), "--candidate", second["run_set"],
+                  "--store", str(compared["db"]))
+    assert res.exit_code == 0, res.output
+    assert res.output.count("PASS: within the policy") == 4 * 3  # 4 recipes x (acc, acc_norm, gold_logprob)
+    rows = store.read_samples(compared["db"], first["runs"][1]["run_id"])
+    assert len(rows["arc_challenge"]) == 12
 
 
 def test_second_run_reuses_artifacts_and_baseline(compared):

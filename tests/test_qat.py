@@ -162,8 +162,19 @@ def test_recovered_fraction_and_its_interval(tmp_path):
     assert rec["ci95"]["ppl"][0] < rec["ppl"] < rec["ci95"]["ppl"][1]
 
 
+def test_recovered_fraction_of_task_accuracy():
+    """fp right on 40 of 40 documents, PTQ on 20, QAT on 35 -> (35 - 20) / (40 - 20) = 75 % recovered."""
+    from quantlab.evaluate.recovery import accuracy_recovery
+
+    rows = lambda right: [{"doc_id": i, "acc": float(i < right)} for i in range(40)]  # noqa: E731
+    rec = accuracy_recovery(rows(40), rows(20), rows(35), "acc", "torchao-w4-g32")
+    assert rec["recovered"] == pytest.approx(0.75) and rec["documents"] == 40
+    assert rec["ci95"][0] < 0.75 < rec["ci95"][1]
+    assert accuracy_recovery(rows(40), rows(40), rows(35), "acc", "t")["recovered"] is None  # nothing lost
+
+
 def test_a_trained_recipe_brings_its_ptq_twin():
-    from quantlab.pipeline import with_twins
+    from quantlab.twins import with_twins
     from quantlab.recipe import parse_recipe_list
 
     names = [r.name for r in with_twins(parse_recipe_list("fp,qat-w4-g32,qat-a8w4-g32,torchao-a8w4-g32"))]

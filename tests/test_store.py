@@ -16,7 +16,8 @@ def test_schema_after_migrations(tmp_path):
     assert store.schema_version(conn) == len(store.MIGRATIONS)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
     assert cols == ["id", "run_set", "created_at", "model_ref", "model_fingerprint", "recipe", "method", "bits",
-                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance"]
+                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy"]
+    assert [r[1] for r in conn.execute("PRAGMA table_info(samples)")] == ["run_id", "task", "data"]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.migrate(conn)  # idempotent
     assert store.schema_version(conn) == len(store.MIGRATIONS)
@@ -51,3 +52,28 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(store.StoreError, match="newer than this quantlab"):
         store.connect(db)
+
+
+def test_v1_store_migrates_and_keeps_its_runs(tmp_path):
+    db = tmp_path / "q.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(store.MIGRATIONS[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO runs VALUES ('old', 'rs0', 't', 'm', 'f', 'fp', 'fp', 16, '{}', '/a', '{}', '{}', "
+                 "'{}', '{}', '{}')")
+    conn.close()
+    rows = store.list_runs(db)
+    assert [r["id"] for r in rows] == ["old"] and rows[0]["accuracy"] is None
+    assert store.read_samples(db, "old") == {}
+
+
+def test_samples_round_trip_in_the_run_transaction(tmp_path):
+    db = tmp_path / "q.db"
+    samples = {"arc_easy": [{"doc_id": 0, "acc": 1.0, "ll": [-1.0, -2.0], "gold": 0}]}
+    run_id = store.insert_run(db, {**_record(), "accuracy": {"tasks": {}}}, samples)
+    assert store.read_samples(db, run_id) == samples
+    assert [r["id"] for r in store.find_runs(db, "rs1")] == [run_id]
+    assert [r["id"] for r in store.find_runs(db, run_id[:10])] == [run_id]
+    bad = {"arc_easy": [{"doc_id": 0}], "piqa": [{"doc_id": object()}]}  # fails after the run row is inserted
+    with pytest.raises(TypeError):
+        store.insert_run(db, {**_record(run_set="rs9"), "id": "half"}, bad)
+    assert store.find_runs(db, "rs9") == [] and store.read_samples(db, "half") == {}

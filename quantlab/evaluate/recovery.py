@@ -38,3 +38,29 @@ def recovery(trained_npz: str | Path, twin_npz: str | Path, twin: str, bootstrap
         ci[key] = ([float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
                    if point[key] is not None and values else None)
     return {"twin": twin, **point, "ci95": ci, "definition": DEFINITION}
+
+
+ACCURACY_DEFINITION = ("recovered fraction = (QAT - PTQ) / (fp - PTQ) of the task metric the PTQ twin lost; 95 % "
+                       "interval from a paired bootstrap over documents (fp, PTQ and QAT scored the same documents)")
+
+
+def accuracy_recovery(fp_rows: list[dict], twin_rows: list[dict], trained_rows: list[dict], metric: str,
+                      twin: str, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Recovered fraction of a per-document 0/1 (or mean) task metric, e.g. hellaswag acc_norm."""
+    import numpy as np
+
+    by_doc = [{r["doc_id"]: r[metric] for r in rows} for rows in (fp_rows, twin_rows, trained_rows)]
+    docs = sorted(set(by_doc[0]) & set(by_doc[1]) & set(by_doc[2]))
+    f, p, q = (np.array([d[i] for i in docs], float) for d in by_doc)
+
+    def frac(rows):
+        lost = f[rows].mean() - p[rows].mean()
+        return float((q[rows].mean() - p[rows].mean()) / lost) if lost > 0 else None
+
+    n = len(docs)
+    point = frac(np.arange(n))
+    rng = np.random.default_rng(seed)
+    values = [v for v in (frac(rng.integers(0, n, size=n)) for _ in range(bootstrap)) if v is not None]
+    ci = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if point is not None and values else None
+    return {"twin": twin, "metric": metric, "recovered": point, "ci95": ci, "documents": n,
+            "definition": ACCURACY_DEFINITION}

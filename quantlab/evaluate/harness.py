@@ -1,0 +1,281 @@
+"""Accuracy suites through lm-evaluation-harness, offline, on local copies of the data.
+
+Each requested built-in task gets an override YAML (in the quantlab cache) that ``include:``s lm-eval's own
+task YAML by path and replaces only the dataset source with a JSONL converted from the data dir, so lm-eval's
+prompts, targets and metrics apply unchanged. Tasks from ``--include-path`` are the user's own YAMLs. The model
+is handed to lm-eval in memory (HFLM with a model object): a quantized model is evaluated as quantlab loaded
+it. Batch size, max length, dtype and threads are pinned and recorded: log-probs move ~1e-5 across batch sizes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from quantlab.errors import DataError, UsageError
+
+LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # lm-eval's own defaults
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    tasks: tuple[str, ...]
+    limit: int | None = None  # first N documents of each task (lm-eval's --limit)
+    batch_size: int = 8  # the CPU sweet spot; lm-eval's "auto" probes for minutes
+    max_length: int = 2048  # context for rolling perplexity windows and truncation
+    num_fewshot: int | None = None  # None: each task's own (0 for the built-ins quantlab maps)
+    bootstrap_iters: int = 1000  # lm-eval's stderr: closed form for means, bootstrap for perplexity
+    data_dir: str | None = None
+    include_path: str | None = None
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise UsageError("No tasks given — e.g. --tasks hellaswag,arc_easy,piqa")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be ≥ 1 (got {self.limit})")
+        if self.batch_size < 1 or self.max_length < 16 or (self.num_fewshot or 0) < 0:
+            raise UsageError("batch size must be ≥ 1, max length ≥ 16 and num_fewshot ≥ 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HarnessSettings":
+        return cls(**{**data, "tasks": tuple(data["tasks"])})
+
+
+@dataclass
+class PreparedTasks:
+    include_paths: list[str]
+    names: list[str]
+    data: dict[str, dict] = field(default_factory=dict)  # task -> {files: {path: sha256}, items, note}
+
+
+def offline_env() -> None:
+    """No hub access for datasets or models; the datasets cache under QUANTLAB_HOME. Before importing datasets."""
+    from quantlab.models import quantlab_home
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(quantlab_home() / "hf_datasets"))
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's perplexity bootstrap: no process pool
+
+
+def user_tasks(include_path: str | None) -> dict[str, Path]:
+    """Task names defined by YAMLs under ``include_path`` (``task:`` keys), without indexing lm-eval's tasks."""
+    if not include_path:
+        return {}
+    root = Path(include_path)
+    if not root.is_dir():
+        raise UsageError(f"--include-path {root} is not a directory — give the folder holding your task YAMLs")
+    found = {}
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            doc = yaml.load(text, Loader=_IgnoreTags)
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"{path} is not readable YAML ({exc.__class__.__name__}) — fix or remove it") from None
+        if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+            found[doc["task"]] = path
+    return found
+
+
+def _ignore_tag(loader, suffix, node):
+    return None
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """Reads task YAMLs that use lm-eval's ``!function`` tags, without importing anything."""
+
+
+_IgnoreTags.add_multi_constructor("!", _ignore_tag)
+
+
+def check_tasks(settings: HarnessSettings) -> tuple[list[str], dict[str, Path]]:
+    """Known task names and their local files exist — before any model is loaded. Returns (names, user YAMLs)."""
+    from quantlab.evaluate.tasks import TASKS
+    from quantlab.evaluate.text import data_dir
+
+    lm_eval_tasks_dir()
+    own = user_tasks(settings.include_path)
+    known = sorted(set(TASKS) | set(own))
+    base = None
+    for name in settings.tasks:
+        if name in own:
+            continue
+        if name not in TASKS:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"Did you mean '{close[0]}'? " if close else ""
+            raise UsageError(f"Unknown task '{name}'. {hint}Available: {', '.join(known)} "
+                             "(your own task YAMLs: --include-path DIR)")
+        base = base or data_dir(settings.data_dir)
+        if base is None:
+            raise DataError(f"No data dir for task '{name}' — pass --data-dir or set QUANTLAB_DATA_DIR")
+        for rel in TASKS[name].files:
+            if not (base / rel).is_file():
+                raise DataError(f"Task '{name}' needs {base / rel}, which does not exist in the data dir {base} — "
+                                f"put the file there or pass --data-dir")
+    return list(settings.tasks), own
+
+
+def prepare_tasks(settings: HarnessSettings) -> PreparedTasks:
+    """Convert local data and write override YAMLs into the cache (once per data hash and lm-eval version)."""
+    from quantlab.evaluate.tasks import TASKS
+    from quantlab.evaluate.text import data_dir
+
+    names, own = check_tasks(settings)
+    local = [n for n in names if n not in own]
+    prepared = PreparedTasks(include_paths=[], names=names)
+    for name in local:
+        folder, info = _write_override(TASKS[name], data_dir(settings.data_dir))
+        prepared.include_paths.append(str(folder))
+        prepared.data[name] = info
+    if own:
+        prepared.include_paths.append(str(Path(settings.include_path).resolve()))
+        for n in names:
+            if n in own:
+                prepared.data[n] = {"files": {str(own[n].resolve()): _sha(own[n])}, "note": "user task YAML"}
+    return prepared
+
+
+def _sha(path: Path) -> str:
+    from quantlab.models import cached_sha256
+
+    return cached_sha256(path)
+
+
+def _write_override(task, base: Path) -> tuple[Path, dict]:
+    """Convert one task's local files and write its override YAML, once per (files, lm-eval version)."""
+    import hashlib
+    import json
+
+    from quantlab.fsutil import atomic_dir, file_lock
+    from quantlab.models import quantlab_home
+    from quantlab.provenance import library_version
+
+    files = {str((base / rel).resolve()): _sha(base / rel) for rel in task.files}
+    key = json.dumps([task.name, task.builtin, task.converter, library_version("lm_eval"), sorted(files.values())])
+    folder = quantlab_home() / "lmeval" / f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    with file_lock(folder.with_name(f".{folder.name}.lock")):
+        if not (folder / "meta.json").is_file():
+            with atomic_dir(folder) as tmp:
+                records = task.convert([base / rel for rel in task.files])
+                (tmp / "data").mkdir()
+                with open(tmp / "data" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                (tmp / "tasks").mkdir()
+                override = _override(task, lm_eval_tasks_dir(), folder / "data" / f"{task.name}.jsonl",
+                                     quantlab_home() / "hf_datasets")
+                (tmp / "tasks" / f"{task.name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
+                (tmp / "meta.json").write_text(json.dumps({"converted_items": len(records)}))
+    meta = json.loads((folder / "meta.json").read_text())
+    return folder / "tasks", {"files": files, "items": task.items, "note": task.note, **meta}
+
+
+def _override(task, builtin: Path, jsonl: Path, cache: Path) -> dict:
+    splits = {"training_split": None, "validation_split": None, "test_split": None}
+    splits[f"{task.split}_split"] = task.split
+    return {"include": str(builtin / task.builtin), "task": task.name, "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {task.split: str(jsonl)}, "cache_dir": str(cache)}, **splits}
+
+
+def lm_eval_tasks_dir() -> Path:
+    from importlib.util import find_spec
+
+    from quantlab.errors import MissingExtraError
+
+    if find_spec("lm_eval") is None:
+        raise MissingExtraError("Accuracy tasks need lm-eval, which is not installed — "
+                                "pip install -c scripts/constraints.txt -e '.[eval]'")
+    return Path(find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
+
+
+def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTasks) -> dict:
+    """lm-eval's simple_evaluate on an in-memory model; per task: metrics, stderrs and per-sample scores."""
+    offline_env()
+    from quantlab.quiet import quiet_libraries
+
+    quiet_libraries()
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=prepared.include_paths, include_defaults=False)
+    leaves = leaf_tasks(get_task_dict(prepared.names, manager))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
+    out = simple_evaluate(model=lm, tasks=list(leaves.values()), num_fewshot=settings.num_fewshot,
+                          limit=settings.limit, log_samples=True, bootstrap_iters=settings.bootstrap_iters,
+                          task_manager=manager, random_seed=LM_EVAL_SEEDS["random"],
+                          numpy_random_seed=LM_EVAL_SEEDS["numpy"], torch_random_seed=LM_EVAL_SEEDS["torch"],
+                          fewshot_random_seed=LM_EVAL_SEEDS["fewshot"])
+    order = {n: i for i, n in enumerate(prepared.names)}
+    tasks = {}
+    for name, task in sorted(leaves.items(), key=lambda kv: order.get(kv[0], len(order))):
+        res = out["results"][name]
+        tasks[name] = {
+            "metrics": {k.split(",")[0]: v for k, v in res.items() if "," in k and "_stderr" not in k},
+            "stderr": {k.split(",")[0].removesuffix("_stderr"): (v if isinstance(v, float) else None)
+                       for k, v in res.items() if "_stderr," in k},
+            "higher_is_better": out["higher_is_better"].get(name, {}),
+            "n": out["n-samples"][name]["effective"], "n_total": out["n-samples"][name]["original"],
+            "version": out["versions"].get(name), "num_fewshot": out["n-shot"].get(name),
+            "output_type": task.OUTPUT_TYPE, **prepared.data.get(name, {}),
+            "samples": compact_samples(task, out["samples"][name]),
+        }
+    return {"tasks": tasks, "lm_eval": {"version": out.get("lm_eval_version"), "max_length": out.get("max_length"),
+                                        "batch_size": settings.batch_size, "seeds": LM_EVAL_SEEDS,
+                                        "bootstrap_iters": settings.bootstrap_iters}}
+
+
+def leaf_tasks(task_dict: dict) -> dict:
+    """Task name -> Task object, groups flattened (quantlab reports per task)."""
+    from lm_eval.api.task import Task
+
+    out = {}
+    for key, value in task_dict.items():
+        if isinstance(value, Task):
+            out[value.config.task] = value
+        elif isinstance(value, dict):
+            out.update(leaf_tasks(value))
+    return out
+
+
+def compact_samples(task, samples: list[dict]) -> list[dict]:
+    """Per document, sorted by doc_id: scalar metric values, the model's log-likelihoods and the gold index.
+
+    multiple_choice: ``ll`` per choice (in choice order) and ``gold``; loglikelihood: ``ll`` of the target and
+    ``greedy``; loglikelihood_rolling: ``ll`` of the document plus the word/byte counts it is scored over.
+    """
+    out = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        row = {"doc_id": s["doc_id"]}
+        for metric in s["metrics"]:
+            value = s.get(metric)
+            if isinstance(value, (int, float)):
+                row[metric] = value
+        if task.OUTPUT_TYPE == "multiple_choice":
+            row["ll"] = [float(r[0]) for r in s["filtered_resps"]]
+            row["gold"] = gold_index(task, s["doc"])
+        elif task.OUTPUT_TYPE == "loglikelihood":
+            ll, greedy = s["filtered_resps"][0]
+            row.update(ll=float(ll), greedy=bool(greedy))
+        elif task.OUTPUT_TYPE == "loglikelihood_rolling":
+            row["ll"] = float(s["filtered_resps"][0])
+            for metric in ("word_perplexity", "byte_perplexity"):
+                if isinstance(s.get(metric), (list, tuple)):
+                    row["words" if metric.startswith("word") else "bytes"] = s[metric][1]
+        out.append(row)
+    return out
+
+
+def gold_index(task, doc: dict) -> int | None:
+    """The gold choice as lm-eval's multiple_choice scoring finds it (None for multi-target tasks)."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        choices = task.doc_to_choice(doc)
+        gold = choices.index(gold) if gold in choices else None
+    return gold if isinstance(gold, int) else None

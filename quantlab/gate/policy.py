@@ -1,0 +1,112 @@
+"""Gate policies are data: a YAML file listing metrics, their direction and how much loss each tolerates.
+
+    alpha: 0.05                       # significance level of every paired test
+    metrics:
+      - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/<kld_mean|ppl>
+        max_drop: 0.03                # absolute, in the metric's units
+        min_recovery: 0.95            # candidate/baseline (baseline/candidate when lower is better)
+      - metric: arc_easy/gold_logprob
+        max_drop: 0.05
+
+A metric fails only when its paired test says the candidate is worse (p < alpha) and the degradation is
+beyond a threshold; with no threshold, any significant degradation fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import UsageError
+
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl"}
+BINARY = {"acc", "acc_norm", "exact_match"}
+DERIVED = {"gold_logprob"}  # computed from multiple-choice log-likelihoods
+FIDELITY = {"kld_mean"}
+_METRIC_KEYS = {"metric", "direction", "max_drop", "min_recovery", "alpha"}
+_POLICY_KEYS = {"description", "alpha", "metrics"}
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    task: str
+    metric: str
+    higher_is_better: bool
+    max_drop: float | None = None
+    min_recovery: float | None = None
+    alpha: float = 0.05
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.metric}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    alpha: float
+    rules: tuple[MetricRule, ...]
+
+
+def default_policy(tasks: dict[str, dict], alpha: float = 0.05) -> Policy:
+    """Without --policy: every 0/1 accuracy and the gold log-probability of every multiple-choice task,
+    any significant degradation failing."""
+    rules = []
+    for task, info in sorted(tasks.items()):
+        for metric in info.get("metrics", {}):
+            if metric in BINARY or metric in LOWER_IS_BETTER:
+                rules.append(MetricRule(task, metric, metric not in LOWER_IS_BETTER, alpha=alpha))
+        if info.get("output_type") == "multiple_choice":
+            rules.append(MetricRule(task, "gold_logprob", True, alpha=alpha))
+    return Policy("default (any significant degradation)", alpha, tuple(rules))
+
+
+def load_policy(path: str | Path) -> Policy:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"Gate policy {path} does not exist — give a YAML like experiments/gates/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"Gate policy {path} is not valid YAML ({exc.__class__.__name__}) — fix its syntax") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), list) or not data["metrics"]:
+        raise UsageError(f"Gate policy {path} needs a non-empty 'metrics:' list")
+    _unknown(set(data) - _POLICY_KEYS, f"Gate policy {path}", _POLICY_KEYS)
+    alpha = _alpha(data.get("alpha", 0.05), path)
+    rules = tuple(_rule(entry, alpha, path, n) for n, entry in enumerate(data["metrics"], 1))
+    return Policy(str(path), alpha, rules)
+
+
+def _rule(entry, alpha: float, path: Path, n: int) -> MetricRule:
+    where = f"Gate policy {path} metric {n}"
+    if not isinstance(entry, dict) or "metric" not in entry:
+        raise UsageError(f"{where}: each entry needs 'metric: <task>/<metric>', e.g. metric: arc_easy/acc")
+    _unknown(set(entry) - _METRIC_KEYS, where, _METRIC_KEYS)
+    task, sep, metric = str(entry["metric"]).partition("/")
+    if not sep or not task or not metric:
+        raise UsageError(f"{where}: '{entry['metric']}' is not <task>/<metric> — e.g. arc_easy/acc or fidelity/kld_mean")
+    if task == "fidelity" and metric not in FIDELITY:
+        raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use fidelity/kld_mean")
+    direction = entry.get("direction", "lower" if metric in LOWER_IS_BETTER else "higher")
+    if direction not in ("higher", "lower"):
+        raise UsageError(f"{where}: direction must be 'higher' or 'lower' (got {direction!r})")
+    max_drop, min_rec = entry.get("max_drop"), entry.get("min_recovery")
+    for key, value in (("max_drop", max_drop), ("min_recovery", min_rec)):
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise UsageError(f"{where}: {key} must be a number ≥ 0 (got {value!r})")
+    if min_rec is not None and metric in DERIVED | FIDELITY:
+        raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use max_drop")
+    return MetricRule(task, metric, direction == "higher", max_drop, min_rec, _alpha(entry.get("alpha", alpha), path))
+
+
+def _alpha(value, path) -> float:
+    if not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UsageError(f"Gate policy {path}: alpha must be in (0, 1) (got {value!r})")
+    return float(value)
+
+
+def _unknown(keys: set, where: str, allowed: set) -> None:
+    if keys:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(keys))} — allowed: {', '.join(sorted(allowed))}")

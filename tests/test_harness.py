@@ -1,0 +1,126 @@
+"""lm-eval's own tasks, offline, on local files: converters, the override YAMLs, per-sample scores."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import pytest
+
+from quantlab.errors import DataError, UsageError
+from quantlab.evaluate.harness import HarnessSettings, check_tasks, prepare_tasks, run_tasks
+from quantlab.evaluate.tasks import TASKS, convert
+from suite_data import write_arc, write_hellaswag, write_piqa, write_winogrande
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_arc(root / "arc_challenge" / "ARC-Challenge-Test.jsonl", 12)
+    write_winogrande(root / "winogrande", 10)
+    write_piqa(root / "piqa", 10)
+    write_hellaswag(root / "hellaswag" / "hellaswag_val_full.txt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, tmp_path_factory):
+    from quantlab.models import load_causal_lm, load_tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the autouse per-test home is not set up yet
+        mp.setenv("QUANTLAB_HOME", str(tmp_path_factory.mktemp("home")))
+        return load_causal_lm(tiny_dir), load_tokenizer(tiny_dir)
+
+
+def test_arc_and_winogrande_public_layouts_convert(data_dir):
+    arc = convert.arc([data_dir / "arc_challenge" / "ARC-Challenge-Test.jsonl"])
+    assert len(arc) == 12 and set(arc[0]) == {"id", "question", "choices", "answerKey"}
+    assert arc[0]["choices"]["label"] == ["A", "B", "C", "D"] and isinstance(arc[0]["question"], str)
+    wino = convert.winogrande([data_dir / "winogrande" / "dev.jsonl", data_dir / "winogrande" / "dev-labels.lst"])
+    assert len(wino) == 10 and all(w["answer"] in ("1", "2") for w in wino)
+    labels = (data_dir / "winogrande" / "dev-labels.lst").read_text().split()
+    assert [w["answer"] for w in wino] == labels
+
+
+def test_hellaswag_text_gets_lm_eval_capitalisation(data_dir):
+    docs = convert.hellaswag([data_dir / "hellaswag" / "hellaswag_val_full.txt"])
+    assert docs[0]["ctx_a"] == "A man is sitting on a roof." and docs[0]["ctx_b"] == "he"
+    assert docs[1]["ctx_b"] == ""  # WikiHow context: complete sentences
+    from lm_eval.tasks.hellaswag.utils import process_docs  # lm-eval's own preprocessing, unchanged
+
+    import datasets
+
+    processed = process_docs(datasets.Dataset.from_list(docs))
+    assert processed[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert processed[0]["gold"] == 3
+
+
+def test_mismatched_label_file_is_named(tmp_path):
+    folder = write_winogrande(tmp_path / "winogrande", 4)
+    (folder / "dev-labels.lst").write_text("1\n2\n")
+    with pytest.raises(DataError, match="dev-labels.lst has 2 labels for 4 items"):
+        convert.winogrande([folder / "dev.jsonl", folder / "dev-labels.lst"])
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
+@pytest.mark.parametrize("name", [n for n in TASKS if n not in ("arc_challenge", "winogrande")])
+def test_shared_data_converts_to_the_full_sets(name):
+    task = TASKS[name]
+    records = task.convert([SHARED / rel for rel in task.files])
+    assert len(records) == task.items
+
+
+def test_unknown_task_suggests_the_closest():
+    with pytest.raises(UsageError, match="Unknown task 'helaswag'. Did you mean 'hellaswag'"):
+        check_tasks(HarnessSettings(tasks=("helaswag",)))
+
+
+def test_missing_file_names_file_and_data_dir(tmp_path):
+    with pytest.raises(DataError, match=f"needs {tmp_path}/boolq/val.jsonl.*data dir {tmp_path}"):
+        check_tasks(HarnessSettings(tasks=("boolq",), data_dir=str(tmp_path)))
+
+
+def test_run_offline_with_per_sample_scores(tiny, data_dir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    settings = HarnessSettings(tasks=("arc_challenge", "winogrande", "piqa"), data_dir=str(data_dir))
+    result = run_tasks(*tiny, settings, prepare_tasks(settings))
+    tasks = result["tasks"]
+    assert list(tasks) == ["arc_challenge", "winogrande", "piqa"]
+    for name, n in (("arc_challenge", 12), ("winogrande", 10), ("piqa", 10)):
+        t = tasks[name]
+        assert t["n"] == n and len(t["samples"]) == n and t["converted_items"] == n
+        for row in t["samples"]:  # lm-eval's acc is the argmax of the stored log-likelihoods hitting the gold
+            assert row["acc"] == float(max(range(len(row["ll"])), key=row["ll"].__getitem__) == row["gold"])
+        assert t["metrics"]["acc"] == pytest.approx(sum(r["acc"] for r in t["samples"]) / n)
+        assert t["stderr"]["acc"] == pytest.approx(math.sqrt(t["metrics"]["acc"] * (1 - t["metrics"]["acc"]) / (n - 1)))
+    wino = json.loads((Path(prepare_tasks(settings).include_paths[1]).parent / "data" / "winogrande.jsonl")
+                      .read_text().splitlines()[0])
+    assert tasks["winogrande"]["samples"][0]["gold"] == int(wino["answer"]) - 1
+
+
+def test_reruns_are_bit_identical_and_limit_takes_the_first_documents(tiny, data_dir):
+    settings = HarnessSettings(tasks=("arc_challenge",), data_dir=str(data_dir), limit=5)
+    first = run_tasks(*tiny, settings, prepare_tasks(settings))["tasks"]["arc_challenge"]["samples"]
+    second = run_tasks(*tiny, settings, prepare_tasks(settings))["tasks"]["arc_challenge"]["samples"]
+    assert first == second and [r["doc_id"] for r in first] == [0, 1, 2, 3, 4]
+
+
+def test_user_task_yaml_via_include_path(tiny, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"q": f"the city of {w}", "a": 0}) + "\n" for w in ("one", "two", "three")))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text(
+        "task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: " + str(docs) + "\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_target: a\n"
+        "doc_to_choice: ['film', 'game']\nmetric_list:\n  - metric: acc\n")
+    settings = HarnessSettings(tasks=("my_task",), include_path=str(tmp_path / "tasks"))
+    result = run_tasks(*tiny, settings, prepare_tasks(settings))["tasks"]["my_task"]
+    assert result["n"] == 3 and [r["gold"] for r in result["samples"]] == [0, 0, 0]
+    assert result["note"] == "user task YAML"
