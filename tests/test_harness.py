@@ -124,3 +124,34 @@ def test_user_task_yaml_via_include_path(tiny, tmp_path):
     result = run_tasks(*tiny, settings, prepare_tasks(settings))["tasks"]["my_task"]
     assert result["n"] == 3 and [r["gold"] for r in result["samples"]] == [0, 0, 0]
     assert result["note"] == "user task YAML"
+
+
+def test_suites_file_and_its_errors(tmp_path):
+    from quantlab.evaluate.suites import load_suite, task_settings
+
+    quick = load_suite("quick")
+    assert quick.tasks == ("arc_easy", "hellaswag", "piqa") and quick.limit == 100
+    assert load_suite("standard").limit is None and load_suite("quick", limit=5).limit == 5
+    with pytest.raises(UsageError, match="Unknown suite 'quik'. Did you mean 'quick'"):
+        load_suite("quik")
+    bad = tmp_path / "s.yaml"
+    bad.write_text("tasks: [piqa]\nlimt: 3\n")
+    with pytest.raises(UsageError, match="unknown key\\(s\\) limt"):
+        load_suite(str(bad))
+    with pytest.raises(UsageError, match="not both"):
+        task_settings("piqa", "quick")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "piqa", "--suite", "quick"], "Give --tasks or --suite, not both"),
+    ([], "Nothing to evaluate"),
+    (["--tasks", "arc_easyy"], "Did you mean 'arc_easy'"),
+    (["--tasks", "piqa", "--limit", "0"], "Invalid value for '--limit'"),
+])
+def test_eval_bad_input_is_one_line(tiny_dir, args, message):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    res = CliRunner().invoke(cli, ["eval", str(tiny_dir), *args], obj={})
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
