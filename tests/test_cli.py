@@ -186,3 +186,15 @@ def test_debug_shows_the_traceback(tmp_path):
     res = _invoke("--debug", "quantize-and-compare", "--model", str(tmp_path / "nope"))
     assert res.exit_code != 0
     assert res.exception is not None and "does not exist" in str(res.exception)
+
+
+@pytest.mark.parametrize("max_drop, code", [(10.0, 0), (0.0, 3)])
+def test_gate_on_fidelity_kld_pairs_text_windows(compared, tmp_path, max_drop, code):
+    results = compared["out"] / "results.json"
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"metrics:\n  - metric: fidelity/kld_mean\n    max_drop: {max_drop}\n")
+    res = _invoke("gate", "--baseline", f"{results}@fp", "--candidate", f"{results}@bnb-nf4", "--policy", str(policy),
+                  "--json-out", str(tmp_path / "v.json"))
+    assert res.exit_code == code, res.output
+    kld = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"][0]
+    assert kld["n"] == 8 and kld["baseline"] == pytest.approx(0.0, abs=1e-6) and kld["drop"] > 0  # 8 windows

@@ -26,6 +26,8 @@ def test_mcnemar_is_exact():
     assert res.p_value < 0.001 and res.ci95[0] > 0
     even = stats.paired_binary([1, 0] * 10, [0, 1] * 10, alpha=0.05)
     assert even.drop == 0 and even.p_value > 0.5
+    same = stats.paired_binary([1, 0] * 50, [1, 0] * 50, alpha=0.05)
+    assert same.detectable == pytest.approx(5 / 100)  # 0.5**5 < 0.05: five lost documents at the least
 
 
 def test_perplexity_test_sees_a_small_consistent_shift():
@@ -109,6 +111,8 @@ def test_rerun_of_the_same_model_passes(evaluated, tmp_path):
     assert res.exit_code == 0, res.output
     verdict = json.loads((tmp_path / "v.json").read_text())
     assert verdict["verdict"] == "pass" and all(m["drop"] == 0 for m in verdict["comparisons"][0]["metrics"])
+    assert {m["metric"]: m["detectable"] for m in verdict["comparisons"][0]["metrics"]}["arc_challenge/acc"] == \
+        pytest.approx(5 / ITEMS)
     assert (tmp_path / "s.md").read_text().startswith("## quantlab gate: PASS")
 
 

@@ -12,6 +12,11 @@ import time
 
 def accuracy_job(payload: dict) -> dict:
     """Worker entry: ``{settings, prepared, device, candidates: [{recipe, artifact}], trust_remote_code}``."""
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; quantize-and-compare shows its own
+    from tqdm import tqdm
+
     from quantlab.evaluate.harness import HarnessSettings, PreparedTasks
     from quantlab.recipe import Recipe
 
@@ -19,7 +24,8 @@ def accuracy_job(payload: dict) -> dict:
     prepared = PreparedTasks(**payload["prepared"])
     return {"results": [evaluate_candidate(c["artifact"], Recipe.from_dict(c["recipe"]), payload["device"], settings,
                                            prepared, payload.get("trust_remote_code", False))
-                        for c in payload["candidates"]]}
+                        for c in tqdm(payload["candidates"], desc="accuracy", unit="model", leave=False,
+                                      disable=False)]}
 
 
 def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust_remote_code: bool = False) -> dict:

@@ -23,6 +23,7 @@ class Paired:
     p_value: float  # one-sided: P(a drop this large | no true change)
     test: str
     detectable: float | None  # drop detectable at this alpha with 80 % power, from the observed spread
+    # (None when both sides are identical and the spread is zero)
     n: int
     detail: dict
 
@@ -66,10 +67,12 @@ def paired_binary(base, cand, alpha: float, seed: int = 0) -> Paired:
     n = len(b)
     ci, _ = _bootstrap((b, c), lambda x, y: x.mean() - y.mean(), seed)
     discordant = (lost + gained) / n if n else 0.0
+    # McNemar needs at least k lost documents (and none gained) with 0.5**k < alpha, whatever the spread
+    floor = math.ceil(math.log2(1 / alpha)) / n if n else None
+    detectable = max((_z(alpha) + Z_POWER) * math.sqrt(discordant / n), floor) if n else None
     return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=float(b.mean() - c.mean()), ci95=ci,
                   p_value=binomial_tail(lost, lost + gained), test="McNemar exact, one-sided",
-                  detectable=(_z(alpha) + Z_POWER) * math.sqrt(discordant / n) if n else None, n=n,
-                  detail={"lost": lost, "gained": gained})
+                  detectable=detectable, n=n, detail={"lost": lost, "gained": gained})
 
 
 def paired_mean(base, cand, alpha: float, higher_is_better: bool = True, seed: int = 0) -> Paired:
@@ -85,6 +88,7 @@ def paired_mean(base, cand, alpha: float, higher_is_better: bool = True, seed: i
     ci, reps = _bootstrap((d,), lambda x: x.mean(), seed)
     n = len(d)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else None
+    se = se or None  # identical sides: no spread to size a detectable drop from
     return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=float(d.mean()), ci95=ci,
                   p_value=float(((reps <= 0).sum() + 1) / (len(reps) + 1)), test="paired bootstrap of the mean",
                   detectable=(_z(alpha) + Z_POWER) * se if se is not None else None, n=n, detail={})
@@ -104,7 +108,7 @@ def paired_perplexity(ll_base, ll_cand, counts, alpha: float, seed: int = 0, bit
     se = float(reps.std(ddof=1))
     return Paired(baseline=ppl(b, w), candidate=ppl(c, w), drop=ppl(c, w) - ppl(b, w), ci95=ci,
                   p_value=float(((reps <= 0).sum() + 1) / (len(reps) + 1)), test="paired document bootstrap",
-                  detectable=(_z(alpha) + Z_POWER) * se, n=len(b), detail={})
+                  detectable=(_z(alpha) + Z_POWER) * se if se else None, n=len(b), detail={})
 
 
 def gold_logprob(ll: list[float], gold: int) -> float:
