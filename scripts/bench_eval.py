@@ -70,7 +70,7 @@ def main() -> None:
             "lm-eval": [str(BIN / "lm-eval"), "run", "--model", "hf", "--model_args",
                         f"pretrained={source.path},dtype=float32", "--tasks", args.tasks, "--include_path",
                         str(include), "--limit", str(args.limit), "--batch_size", str(args.batch_size),
-                        "--device", "cpu", "--bootstrap_iters", "1000", "--log_samples", "--output_path",
+                        "--device", "cpu", "--log_samples", "--output_path",
                         f"{tmp}/lm_eval"],
         }
         runs = {name: [] for name in commands}
