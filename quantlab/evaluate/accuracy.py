@@ -12,9 +12,6 @@ import time
 
 def accuracy_job(payload: dict) -> dict:
     """Worker entry: ``{settings, prepared, device, candidates: [{recipe, artifact}], trust_remote_code}``."""
-    import os
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars; quantize-and-compare shows its own
     from tqdm import tqdm
 
     from quantlab.evaluate.harness import HarnessSettings, PreparedTasks
