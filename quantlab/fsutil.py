@@ -91,3 +91,18 @@ def check_writable_dir(path: str | Path) -> Path:
 def dir_bytes(path: str | Path, suffixes=(".safetensors", ".bin", ".pt", ".gguf")) -> int:
     """Bytes of the weight files in a model directory."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.suffix in suffixes)
+
+
+def load_yaml(path: str | Path, what: str, missing_hint: str, error=UsageError):
+    """A YAML file's data (safe loader), or ``error`` naming the file, the problem's line and the fix."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist — {missing_hint}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise error(f"{what} {path}{line}: invalid YAML — fix the syntax") from None

@@ -90,17 +90,10 @@ def recipe_from_mapping(data: dict, where: str) -> Recipe:
 
 def load_recipes_yaml(path: str | Path) -> list[Recipe]:
     """Read ``recipes:`` from an experiment YAML: a list of short names or mappings."""
-    import yaml
+    from quantlab.fsutil import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Experiment file {path} does not exist — check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{line}: invalid YAML — fix the syntax") from None
+    data = load_yaml(path, "Experiment file", "check the path", RecipeError)
     if not isinstance(data, dict) or not isinstance(data.get("recipes"), list):
         raise RecipeError(f"{path}: expected a mapping with a 'recipes:' list — see experiments/default.yaml")
     unknown = sorted(set(data) - {"recipes", "model", "text", "description"})

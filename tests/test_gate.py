@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -141,3 +140,10 @@ def test_missing_task_fails_closed(evaluated, tmp_path):
 def test_bad_reference_is_exit_1_one_line(tmp_path):
     res = _gate("--baseline", tmp_path / "nope.json", "--candidate", tmp_path / "nope.json")
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "does not exist" in res.output
+
+
+def test_a_default_gate_with_nothing_to_test_fails_closed(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"runs": [{"recipe": "fp", "fidelity": {"kld_mean": 0.0}}]}))
+    res = _gate("--baseline", results, "--candidate", results)
+    assert res.exit_code == 1 and "no suite accuracy" in res.output

@@ -13,12 +13,10 @@ _SUITE_KEYS = {"description", "tasks", "limit", "batch_size", "max_length"}
 
 def load_suite(name: str, **overrides) -> HarnessSettings:
     """A suite by name from experiments/suites.yaml, or from a YAML file path; keyword overrides win if not None."""
-    import yaml
+    from quantlab.fsutil import load_yaml
 
     path = Path(name) if name.endswith((".yaml", ".yml")) else SUITES_FILE
-    if not path.is_file():
-        raise UsageError(f"Suite file {path} does not exist — give a suite name from experiments/suites.yaml or a YAML path")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, "Suite file", "give a suite name from experiments/suites.yaml or a YAML path") or {}
     suite = data if path != SUITES_FILE else data.get(name)
     if not isinstance(suite, dict):
         import difflib

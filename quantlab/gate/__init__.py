@@ -23,6 +23,11 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
     pairs = pair_runs(base_runs, cand_runs)
     first = base_runs[0].get("accuracy") or {}
     policy = load_policy(policy_path) if policy_path else default_policy(first.get("tasks", {}))
+    if not policy.rules:  # fail closed: a gate that tests nothing must not pass
+        from quantlab.errors import UsageError
+
+        raise UsageError(f"{baseline} has no suite accuracy for the default policy to test — evaluate with "
+                         "--tasks/--suite, or give --policy (e.g. metric: fidelity/kld_mean)")
     comparisons = [compare(b, c, policy, seed) for b, c in pairs]
     verdicts = {c["verdict"] for c in comparisons}
     verdict = "error" if "error" in verdicts else "regression" if "regression" in verdicts else "pass"

@@ -62,15 +62,10 @@ def default_policy(tasks: dict[str, dict], alpha: float = 0.05) -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    import yaml
+    from quantlab.fsutil import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"Gate policy {path} does not exist — give a YAML like experiments/gates/default.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"Gate policy {path} is not valid YAML ({exc.__class__.__name__}) — fix its syntax") from None
+    data = load_yaml(path, "Gate policy", "give a YAML like experiments/gates/default.yaml")
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), list) or not data["metrics"]:
         raise UsageError(f"Gate policy {path} needs a non-empty 'metrics:' list")
     _unknown(set(data) - _POLICY_KEYS, f"Gate policy {path}", _POLICY_KEYS)
