@@ -157,8 +157,12 @@ def _write_override(task, base: Path) -> tuple[Path, dict]:
     from quantlab.models import quantlab_home
     from quantlab.provenance import library_version
 
+    from quantlab.evaluate.tasks import convert
+
     files = {str((base / rel).resolve()): _sha(base / rel) for rel in task.files}
-    key = json.dumps([task.name, task.builtin, task.converter, library_version("lm_eval"), sorted(files.values())])
+    # the converters' own source is in the key: a changed converter rebuilds the cached data
+    key = json.dumps([task.name, task.builtin, task.converter, library_version("lm_eval"), sorted(files.values()),
+                      hashlib.sha256(Path(convert.__file__).read_bytes()).hexdigest()])
     folder = quantlab_home() / "lmeval" / f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     with file_lock(folder.with_name(f".{folder.name}.lock")):
         if not (folder / "meta.json").is_file():
