@@ -7,6 +7,7 @@ then one store transaction per run, then results.json written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import date
@@ -34,6 +35,19 @@ class CompareOptions:
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
     suite: "HarnessSettings | None" = None  # lm-eval tasks run on every recipe (--suite)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set for a block run in this process, then restored."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(device: str) -> str:
@@ -147,6 +161,7 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     from quantlab.artifacts import ensure_artifact
     from quantlab.models import count_params, load_config, quantlab_home
     from quantlab.provenance import provenance
+    from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
     from quantlab.evaluate.text import SELF_SEED
 
     source, text, recipes, out = prepare(opts)
@@ -186,7 +201,8 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
         runs.append(record)
     warnings = list(overlaps.values()) + guard_warnings
     results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
-               "definitions": DEFINITIONS, "warnings": warnings, "runs": runs}
+               "definitions": {**DEFINITIONS, **(SUITE_DEFINITIONS if opts.suite else {})}, "warnings": warnings,
+               "runs": runs}
     publish(staging, out, results)
     results["results_path"] = str(out / "results.json")
     return results
@@ -268,8 +284,6 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     One fidelity evaluation measures no memory or time, so it runs in this process; quantize-and-compare
     runs all of its candidates in one fresh process instead, to keep its own memory flat.
     """
-    import torch
-
     from quantlab.evaluate import guard
     from quantlab.evaluate.fidelity_job import fidelity_job
     from quantlab.evaluate.text import resolve_text
@@ -281,15 +295,11 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     device = resolve_device(device)
     if text_source is None:
         text_source = resolve_text("self", data_dir, model=base, device=device)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         result = fidelity_job({"baseline": base.to_dict(), "text": text_source.to_dict(), "device": device,
                                "settings": (settings or FidelitySettings()).to_dict(),
                                "candidates": [{"recipe": recipe.to_dict(), "artifact": path,
                                                "per_token_path": per_token_path}]})["results"][0]
-    finally:
-        torch.set_num_threads(previous)
     reasons = result["guard_reasons"] + guard.fidelity_reasons(
         {"method": recipe.method, "bits": recipe.bits, "fidelity": result}, [])
     result["guard"] = {"ok": not reasons, "reasons": reasons}

@@ -71,6 +71,7 @@ def test_results_have_every_field(compared):
     from quantlab.table import render_table
 
     assert "arc_challenge acc_norm" in render_table(data) and "± = 1.96 x lm-eval stderr" in render_table(data)
+    assert {"acc", "acc_norm", "gold_logprob"} <= set(data["definitions"])
 
 
 def test_gate_passes_a_rerun_and_reads_the_store(compared):

@@ -21,8 +21,7 @@ def accuracy_job(payload: dict) -> dict:
     prepared = PreparedTasks(**payload["prepared"])
     return {"results": [evaluate_candidate(c["artifact"], Recipe.from_dict(c["recipe"]), payload["device"], settings,
                                            prepared, payload.get("trust_remote_code", False))
-                        for c in tqdm(payload["candidates"], desc="accuracy", unit="model", leave=False,
-                                      disable=False)]}
+                        for c in tqdm(payload["candidates"], desc="accuracy", unit="model", leave=False)]}
 
 
 def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust_remote_code: bool = False) -> dict:

@@ -50,22 +50,16 @@ def evaluate_tasks(model: str, settings: HarnessSettings, device: str = "auto", 
                    trust_remote_code: bool = False) -> dict:
     """Suite accuracy of ``model`` (artifact dir or model ref) in this process; results.json-shaped, with
     per-sample scores inline, so the output file is a gate reference."""
-    import torch
-
     from quantlab.evaluate.accuracy import SUITE_DEFINITIONS, evaluate_candidate, split_samples
     from quantlab.evaluate.harness import prepare_tasks
-    from quantlab.pipeline import _target, resolve_device
+    from quantlab.pipeline import _target, resolve_device, torch_threads
     from quantlab.provenance import provenance
 
     prepared = prepare_tasks(settings)
     path, recipe = _target(model, trust_remote_code)
     device = resolve_device(device)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         result = evaluate_candidate(path, recipe, device, settings, prepared, trust_remote_code)
-    finally:
-        torch.set_num_threads(previous)
     samples = split_samples(result)
     prov = provenance(device, data={f: sha for t in prepared.data.values() for f, sha in t["files"].items()})
     prov["device"]["torch_threads"] = threads

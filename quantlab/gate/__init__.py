@@ -50,17 +50,14 @@ def pair_runs(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def compare(base: dict, cand: dict, policy: Policy, seed: int) -> dict:
-    results, problems = [], []
+    results = []
     for rule in policy.rules:
         try:
-            test = test_metric(base, cand, rule, seed)
+            results.append(judge(rule, test_metric(base, cand, rule, seed)))
         except MissingData as exc:
-            problems.append(str(exc))
             results.append({"metric": rule.name, "verdict": "error", "reason": str(exc)})
-            continue
-        results.append(judge(rule, test))
-    verdict = ("error" if problems else
-               "regression" if any(r["verdict"] == "regression" for r in results) else "pass")
+    verdicts = {r["verdict"] for r in results}
+    verdict = "error" if "error" in verdicts else "regression" if "regression" in verdicts else "pass"
     return {"baseline": base["label"], "candidate": cand["label"], "verdict": verdict, "metrics": results}
 
 
