@@ -171,6 +171,28 @@ def bench_cmd(model, device, threads, trust_remote_code):
     click.echo(json.dumps(result, indent=2, default=str))
 
 
+@cli.command("plan")
+@click.argument("model")
+@click.option("--gpu-mem", default="32GB", show_default=True, help="Memory budget: 32GB (10^9 bytes), 24GiB, 80.")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="Tokens of context (KV cache, prefill).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Sequences at once.")
+@click.option("--recipes", default=None, help="Comma-separated recipes (default: fp, bnb, GPTQ and RTN at 8 and 4 bits).")
+@click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]),
+              help="Where the model would run: unquantized parts bf16 on cuda, fp32 on cpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repo.")
+def plan_cmd(model, gpu_mem, context, batch, recipes, device, as_json, trust_remote_code):
+    """Predicted memory per recipe from MODEL's config alone (no weights), and whether it fits."""
+    from quantlab.plan import PlanSettings, parse_size, plan_model
+    from quantlab.plan.render import render_plan
+    from quantlab.recipe import parse_recipe_list
+
+    settings = PlanSettings(gpu_mem=parse_size(gpu_mem), context=context, batch=batch, device=device,
+                            recipes=tuple(parse_recipe_list(recipes)) if recipes else ())
+    plan = _call(plan_model, model, settings, trust_remote_code)
+    click.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
+
+
 @cli.command("runs")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--run-set", default=None, help="Only runs of this run set.")

@@ -316,6 +316,20 @@ def bench_model(model: str, device: str = "auto", threads: int = 1, latency: Lat
             **bench_artifact(recipe, path, opts, resolve_device(device), trust_remote_code)}
 
 
+def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),
+                threads: int = 1, trust_remote_code: bool = False) -> dict:
+    """Quantize (cached), then load the artifact in a fresh process: its weight bytes as loaded and the peak
+    memory prefills over ``contexts`` tokens add (see ``quantlab.measure.bench.weights_job``)."""
+    from quantlab.measure.runner import run_isolated
+
+    device = resolve_device(device)
+    art = quantize_model(model, recipe, device, threads, trust_remote_code)
+    result = run_isolated("weights", {"artifact": art["artifact"], "recipe": recipe.to_dict(), "device": device,
+                                      "contexts": list(contexts), "threads": threads,
+                                      "trust_remote_code": trust_remote_code})
+    return {**result, "artifact": art["artifact"]}
+
+
 def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", threads: int | None = None,
                    trust_remote_code: bool = False) -> dict:
     """Quantize one model with one recipe (cached); returns artifact path and cost."""

@@ -49,3 +49,48 @@ def bench_job(payload: dict) -> dict:
         if rate:
             lat["roofline_b1"] = latency.roofline(name, per_step, rate)
     return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}
+
+
+def weights_job(payload: dict) -> dict:
+    """Load an artifact in a fresh process: its weight bytes, and the peak memory of prefills over
+    ``contexts`` tokens at batch 1 above the loaded model (max reserved on CUDA; peak RSS on CPU, with
+    the kernel's high-water mark reset before each prefill)."""
+    import torch
+
+    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.measure import memory
+    from quantlab.recipe import Recipe
+
+    recipe = Recipe.from_dict(payload["recipe"])
+    device = payload["device"]
+    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    out = {**memory.weight_bytes(model), "footprint_hf_bytes": model.get_memory_footprint(), "prefill": {}}
+    for context in payload.get("contexts", []):
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        out["prefill"][str(context)] = _prefill_peak(model, ids.to(device), device)
+    return out
+
+
+def _prefill_peak(model, ids, device: str) -> dict:
+    """Bytes a prefill forward (KV cache kept, last position's logits only) adds above the loaded model."""
+    import torch
+
+    from quantlab.measure import memory
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_reserved()
+    else:
+        memory.reset_peak_rss()
+        base = memory.current_rss_bytes()
+    with torch.inference_mode():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak, kind = torch.cuda.max_memory_reserved(), "max reserved above the loaded model"
+    else:
+        peak, kind = memory.peak_rss_bytes(), "peak RSS above the loaded model"
+    del out
+    return {"bytes": peak - base, "kind": kind}

@@ -14,6 +14,7 @@ TASKS = {
     "quantize": "quantlab.artifacts:build_artifact",
     "fidelity": "quantlab.evaluate.fidelity_job:fidelity_job",
     "bench": "quantlab.measure.bench:bench_job",
+    "weights": "quantlab.measure.bench:weights_job",
     "accuracy": "quantlab.evaluate.accuracy:accuracy_job",
 }
 

@@ -11,6 +11,8 @@ from quantlab.methods.base import Method
 
 _TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
 _COMPUTE = ("auto", "float32", "bfloat16", "float16")
+_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize, CPU and CUDA
+_NESTED_BLOCKSIZE = 256  # double quant: blocks of absmax values
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,34 @@ class BnbMethod(Method):
         save_with_tokenizer(model, source_dir, out_dir)
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
 
+    def unquantized_dtype_bytes(self, config, device):
+        return {"float32": 4}.get(self.load_kwargs_name(config, device), 2)
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        """int8: int8 values + one fp32 row scale (SCB) per output row. 4-bit: two values per byte, one
+        absmax per block of 64 (fp32; with double quant uint8, plus an fp32 absmax per 256 blocks, a
+        256-entry fp32 code and an fp32 offset) and the 16-entry fp32 code of nf4/fp4."""
+        n = out_features * in_features
+        if config.quant_type == "int8":
+            return {"data": n, "scales": out_features * 4}
+        blocks = -(-n // _BLOCKSIZE)
+        absmax = blocks + -(-blocks // _NESTED_BLOCKSIZE) * 4 + 256 * 4 + 4 if config.double_quant else blocks * 4
+        return {"data": -(-n // 2), "scales": absmax + 16 * 4}
+
+    def layout_note(self, config):
+        if config.quant_type == "int8":
+            return "int8 values + fp32 row scale (SCB) per output row"
+        dq = ("uint8 absmax per 64 weights + fp32 absmax per 256 blocks + 1 KiB code" if config.double_quant
+              else "fp32 absmax per 64 weights")
+        return f"{config.quant_type}: 2 values per byte + {dq} + 64 B code per layer"
+
+    def load_kwargs_name(self, config, device) -> str:
+        if config.compute_dtype != "auto":
+            return config.compute_dtype
+        return "float32" if device == "cpu" else "bfloat16"
+
     def load_kwargs(self, config, device):
         """Unquantized parts (embeddings, norms) in fp32 on CPU, bf16 on CUDA unless a compute dtype is named."""
         import torch
 
-        compute = config.compute_dtype
-        if compute == "auto":
-            compute = "float32" if device == "cpu" else "bfloat16"
-        return {"dtype": getattr(torch, compute)}
+        return {"dtype": getattr(torch, self.load_kwargs_name(config, device))}

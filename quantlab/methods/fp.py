@@ -38,6 +38,16 @@ class FpMethod(Method):
     def short_name(self, config):
         return {v: k for k, v in _SHORT.items()}[config.dtype]
 
+    def unquantized_dtype_bytes(self, config, device):
+        bits = config.bits if config.dtype != "auto" else (32 if device == "cpu" else 16)
+        return bits // 8
+
+    def layout_note(self, config):
+        return "weights at the unquantized dtype"
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        return {"data": out_features * in_features * self.unquantized_dtype_bytes(config, device), "scales": 0}
+
     def load_kwargs(self, config, device):
         import torch
 

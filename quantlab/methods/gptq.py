@@ -60,6 +60,23 @@ class GptqConfig:
             raise RecipeError("gptq calibration needs samples ≥ 1 and tokens ≥ 8 — e.g. samples: 64, tokens: 256")
 
 
+GPTQ_LAYOUT = ("GPTQ packed: 32/bits values per int32 + fp16 scale and packed zero per group + int32 g_idx per "
+               "input feature")
+
+
+def gptq_linear_bytes(bits: int, group_size: int, out_features: int, in_features: int) -> dict:
+    """The GPTQ checkpoint layout as GPTQModel's torch kernels hold it: qweight packs 32/bits values per
+    int32, fp16 scales and int32-packed zeros per group, an int32 group index per input feature, and two
+    (1, 32/bits) int32 shift tables. CUDA kernels (Marlin, ExLlama) may repack; predicted as loaded."""
+    from quantlab.methods.base import groups_of
+
+    groups = groups_of(group_size, in_features)
+    per_int32 = 32 // bits
+    data = in_features * out_features * bits // 8
+    scales = groups * out_features * 2 + groups * out_features * bits // 8 + in_features * 4 + 2 * per_int32 * 4
+    return {"data": data, "scales": scales}
+
+
 class GptqMethod(Method):
     name = "gptq"
     config_cls = GptqConfig
@@ -79,6 +96,12 @@ class GptqMethod(Method):
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
+
+    def layout_note(self, config):
+        return GPTQ_LAYOUT
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
 
     def cache_inputs(self, config, source_dir):
         from quantlab.methods.calibration import resolve_calibration

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
-from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
 from quantlab.methods.torchao_ptq import check_scheme, scheme_name
 
 QAT_TEXT_SEED = 4321  # self-generated training text: a different seed from the evaluation `self` text
@@ -77,6 +77,13 @@ class QatMethod(Method):
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
+
+    def layout_note(self, config):
+        return INTX_LAYOUT
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        return intx_linear_bytes(4, config.group_size, out_features, in_features,
+                                 self.unquantized_dtype_bytes(config, device))
 
     def ptq_twin(self, config):
         return scheme_name("torchao", config.scheme, config.group_size)

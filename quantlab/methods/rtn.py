@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
 
 _BITS = (8, 4)
 _FORMATS = ("torchao", "gptq")
@@ -74,6 +74,21 @@ class RtnMethod(Method):
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        if config.format == "gptq":
+            from quantlab.methods.gptq import gptq_linear_bytes
+
+            return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
+        return intx_linear_bytes(config.bits, config.group_size, out_features, in_features,
+                                 self.unquantized_dtype_bytes(config, device))
+
+    def layout_note(self, config):
+        if config.format == "gptq":
+            from quantlab.methods.gptq import GPTQ_LAYOUT
+
+            return GPTQ_LAYOUT
+        return INTX_LAYOUT
 
     def torchao_config(self, config):
         import torch

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
 
 SCHEMES = ("w4", "a8w4")
 
@@ -86,6 +86,13 @@ class TorchaoMethod(Method):
 
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
+
+    def layout_note(self, config):
+        return INTX_LAYOUT
+
+    def linear_bytes(self, config, out_features, in_features, device):
+        return intx_linear_bytes(4, config.group_size, out_features, in_features,
+                                 self.unquantized_dtype_bytes(config, device))
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
         # Quantized on CPU, like RTN: cheap, and the saved layout is device-independent.
