@@ -96,6 +96,8 @@ def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, st
     for warning in results.get("warnings", []):
         click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(results, indent=2, default=str) if as_json else render_table(results))
+    if results.get("report_path"):
+        click.echo(f"report: {results['report_path']}", err=as_json)
 
 
 @cli.command("quantize")
@@ -191,6 +193,24 @@ def plan_cmd(model, gpu_mem, context, batch, recipes, device, as_json, trust_rem
                             recipes=tuple(parse_recipe_list(recipes)) if recipes else ())
     plan = _call(plan_model, model, settings, trust_remote_code)
     click.echo(json.dumps(plan, indent=2) if as_json else render_plan(plan))
+
+
+@cli.command("report")
+@click.option("--results", default=None, help="quantize-and-compare's results.json (or its directory).")
+@click.option("--run-set", default=None, help="A run set in the store (see quantlab runs).")
+@click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write, e.g. reports/x.html.")
+@click.option("--gpu-mem", default="32GB", show_default=True, help="GPU memory the verdict and fit table plan for.")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="Context for the fit table.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Batch for the fit table.")
+@click.option("--max-kld", default=0.05, show_default=True, type=float, help="Quality tolerance of the verdict (nats/token).")
+def report_cmd(results, run_set, store, out, gpu_mem, context, batch, max_kld):
+    """One self-contained HTML page: verdict, Pareto plots, memory predicted vs measured, fit, metrics."""
+    from quantlab.plan import parse_size
+    from quantlab.report import ReportSettings, load_results, write_report
+
+    settings = ReportSettings(gpu_mem=parse_size(gpu_mem), context=context, batch=batch, max_kld=max_kld)
+    click.echo(_call(write_report, load_results(results, run_set, store), out, settings))
 
 
 @cli.command("runs")

@@ -205,7 +205,21 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
                "runs": runs}
     publish(staging, out, results)
     results["results_path"] = str(out / "results.json")
+    results["report_path"] = write_html_report(results, out)
     return results
+
+
+def write_html_report(results: dict, out: Path) -> str | None:
+    """``DIR/report.html`` for the default GPU (32 GB, context 4096); a failure is a warning, not a lost run."""
+    from quantlab.errors import QuantlabError
+    from quantlab.report import ReportSettings, write_report
+
+    try:
+        return str(write_report({**results, "source": str(out / "results.json")}, out / "report.html",
+                                ReportSettings()))
+    except QuantlabError as exc:
+        results["warnings"].append(f"report not written: {exc}")
+        return None
 
 
 def apply_guard(recipes: list[Recipe], fids: list[dict]) -> list[str]:

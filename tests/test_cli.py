@@ -64,6 +64,11 @@ def test_results_have_every_field(compared):
     assert nf4["cost"]["quantize_wall_s"] > 0
     assert (compared["out"] / "results.json").is_file()
     assert (compared["out"] / "per_token" / "bnb-nf4.npz").is_file()
+    report = compared["out"] / "report.html"
+    assert data["report_path"] == str(report) and f"report: {report}" in res.stderr
+    page = report.read_text()
+    for run in data["runs"]:  # every recipe's measured weights and KLD, as results.json has them
+        assert f"{run['memory']['weights_bytes'] / 2**20:.2f}" in page and f"{run['fidelity']['kld_mean']:.4f}" in page
     for run in data["runs"]:
         task = run["accuracy"]["tasks"]["arc_challenge"]
         assert task["n"] == 12 and task["metrics"]["acc"] is not None and "samples" not in task
@@ -95,6 +100,18 @@ def test_second_run_reuses_artifacts_and_baseline(compared):
     for a, b in zip(first["runs"], data["runs"]):
         assert a["fidelity"]["kld_mean"] == pytest.approx(b["fidelity"]["kld_mean"], rel=1e-9, abs=1e-12)
         assert a["artifact"] == b["artifact"]
+
+
+def test_report_from_the_stored_run_set(compared, tmp_path):
+    data = json.loads(compared["first"].stdout)
+    out = tmp_path / "set.html"
+    res = _invoke("report", "--run-set", data["run_set"], "--store", str(compared["db"]), "--out", str(out),
+                  "--gpu-mem", "24GiB", "--context", "2048")
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    assert "Fit on a 25.7698 GB GPU at context 2048" in page and page.count("<svg") >= 5
+    res = _invoke("report", "--run-set", "nope", "--store", str(compared["db"]), "--out", str(out))
+    assert res.exit_code == 2 and "No runs in run set 'nope'" in res.output
 
 
 def test_runs_lists_stored_runs(compared):

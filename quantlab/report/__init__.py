@@ -1,0 +1,91 @@
+"""The trade-off report: one self-contained HTML page from a results.json or a stored run set.
+
+``write_report(load_results(results="DIR/results.json"), "reports/x.html", ReportSettings())`` builds a
+view of every run (quality with intervals, memory predicted beside measured, latency, cost, accuracy),
+asks the planner whether each recipe fits the chosen GPU, picks the verdict and renders ``html.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import UsageError
+from quantlab.plan import GB
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    gpu_mem: int = 32 * GB
+    context: int = 4096
+    batch: int = 1
+    max_kld: float = 0.05  # nats/token: the quality tolerance of the verdict
+
+    def __post_init__(self):
+        if self.max_kld <= 0:
+            raise UsageError(f"--max-kld must be positive (got {self.max_kld}) — e.g. 0.05 nats/token")
+
+
+def load_results(results: str | None = None, run_set: str | None = None, store: str | None = None) -> dict:
+    """A results.json's data, or a stored run set shaped like one."""
+    if bool(results) == bool(run_set):
+        raise UsageError("Give exactly one of --results results.json and --run-set ID — list run sets with: quantlab runs")
+    if results:
+        path = Path(results)
+        path = path / "results.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist — give quantize-and-compare's results.json")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{path} is not readable JSON ({exc.__class__.__name__}) — regenerate it") from None
+        if not isinstance(data, dict) or not data.get("runs") or "fidelity" not in data["runs"][0]:
+            raise UsageError(f"{path} is not a quantize-and-compare results.json — `quantlab eval` output has no "
+                             "memory or latency to report")
+        return {**data, "source": str(path)}
+    return _from_store(run_set, store)
+
+
+def _from_store(run_set: str, store: str | None) -> dict:
+    from quantlab import store as store_mod
+
+    runs = store_mod.find_runs(store, run_set)
+    if not runs:
+        raise UsageError(f"No runs in run set '{run_set}' of {store or store_mod.default_store_path()} — "
+                         "list run sets with: quantlab runs")
+    first, prov = runs[0], runs[0]["provenance"] or {}
+    fp = next((r for r in runs if r["method"] == "fp"), None)
+    return {
+        "model": {"ref": first["model_ref"], "fingerprint": first["model_fingerprint"],
+                  "path": fp["artifact"] if fp else None, "note": "", "params": None},
+        "run_set": run_set, "device": (prov.get("device") or {}).get("device", "cpu"),
+        "text": prov.get("text") or {}, "definitions": {}, "source": f"store run set {run_set}",
+        "runs": [{**r, "params": r["params"], "guard": (r["fidelity"] or {}).get("guard")} for r in runs],
+    }
+
+
+def build_view(data: dict, settings: ReportSettings) -> dict:
+    """Everything the page shows, computed once, so the HTML only formats."""
+    from quantlab.report import view
+
+    return view.build(data, settings)
+
+
+def render_report(data: dict, settings: ReportSettings) -> str:
+    from quantlab.report.html import render
+
+    return render(build_view(data, settings))
+
+
+def write_report(data: dict, out: str | Path, settings: ReportSettings | None = None) -> Path:
+    """Render and write atomically; returns the path."""
+    from quantlab.fsutil import atomic_write_bytes
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {out} must be an .html file — e.g. reports/smollm2.html")
+    page = render_report(data, settings or ReportSettings())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, page.encode())
+    return out

@@ -1,0 +1,148 @@
+"""The trade-off report: Pareto frontiers, the page built from fixed records (structure and numbers),
+the CLI, and the page opened in headless Chromium."""
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+from click.testing import CliRunner
+
+from quantlab.cli import cli
+from quantlab.report import ReportSettings, load_results, render_report, write_report
+from quantlab.report.pareto import pareto_front
+
+
+def test_pareto_front_lower_and_higher_is_better():
+    pts = [(100, 0.0), (50, 0.3), (50, 0.1), (60, 0.05), (70, 0.2), (None, 0.0), (20, None)]
+    assert pareto_front(pts, higher_is_better=False) == [2, 3, 0]  # (50,0.3) and (70,0.2) dominated
+    acc = [(100, 0.9), (50, 0.8), (60, 0.8), (40, 0.5)]
+    assert pareto_front(acc, higher_is_better=True) == [3, 1, 0]
+    assert pareto_front([(1, 1), (1, 1)], higher_is_better=True) == [0, 1]  # ties dominate neither
+
+
+def _run(recipe, method, bits, params, kld, top1, weights, tok_s, quant_s, acc):
+    return {
+        "recipe": recipe, "method": method, "bits": bits, "params": params, "artifact": "x",
+        "fidelity": {"kld_mean": kld, "top1_agreement": top1, "ppl": 40 + 100 * kld, "ppl_baseline": 40.0,
+                     "ci95": {"kld_mean": [kld * 0.9, kld * 1.1], "top1_agreement": [top1 - 0.01, min(top1 + 0.01, 1)],
+                              "ppl": [39.0, 41.0 + 100 * kld]}},
+        "guard": {"ok": True, "reasons": []},
+        "memory": {"weights_bytes": weights, "disk_bytes": weights + 1000, "peak_bytes": weights * 3},
+        "latency": {"prefill_ms": 12.5, "decode_tok_s": {"1": tok_s, "8": tok_s * 5}, "skipped": None,
+                    "detail": {"prefill_ms": {"iqr": 1.0}, "decode_tok_s": {"1": {"iqr": 0.5}, "8": {"iqr": 2.0}}}},
+        "cost": {"quantize_wall_s": quant_s, "quantize_cpu_s": quant_s},
+        "accuracy": {"tasks": {"arc_easy": {"metrics": {"acc": acc, "acc_norm": acc - 0.01},
+                                            "stderr": {"acc": 0.05, "acc_norm": 0.05}, "n": 100, "n_total": 2376}}},
+        "provenance": {"git_sha": "abc123", "versions": {"torch": "2.13.0"}, "device": {"device": "cpu"}},
+    }
+
+
+@pytest.fixture()
+def results(tiny_dir):
+    return {
+        "model": {"ref": "tiny", "fingerprint": "f" * 64, "path": str(tiny_dir), "note": "random init", "params": 1},
+        "run_set": "20260101T000000-abcdef", "device": "cpu", "text": {"name": "ref.txt"},
+        "definitions": {"kld_mean": "mean KL"},
+        "runs": [
+            _run("fp", "fp", 32, {"dtype": "auto"}, 0.0, 1.0, 300_000, 50.0, 0.0, 0.6),
+            _run("bnb-int8", "bnb", 8, {"quant_type": "int8", "double_quant": False, "compute_dtype": "auto"},
+                 0.0123, 0.97, 120_000, 20.0, 1.5, 0.59),
+            _run("rtn-w4-g32", "rtn", 4, {"bits": 4, "group_size": 32, "symmetric": True, "format": "torchao"},
+                 0.2468, 0.71, 130_000, 30.0, 0.5, 0.41),
+        ],
+    }
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.titles_in_svg, self.h2, self.attrs = [], 0, [], []
+        self._svg = 0
+        self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += attrs
+        self._svg += tag == "svg"
+        self._in = tag
+
+    def handle_endtag(self, tag):
+        self._svg -= tag == "svg"
+
+    def handle_data(self, data):
+        if self._in == "h2":
+            self.h2.append(data)
+        if self._in == "title" and self._svg:
+            self.titles_in_svg += 1
+
+
+def test_report_structure_and_numbers(results):
+    page = render_report(results, ReportSettings(max_kld=0.05))
+    p = _Page()
+    p.feed(page)
+    assert "script" not in p.tags and "link" not in p.tags and "img" not in p.tags
+    assert not [v for k, v in p.attrs if k in ("src", "href") and v and not v.startswith("#")]
+    assert p.tags.count("svg") == 6  # 5 Pareto plots (KLD, top-1, accuracy, latency, cost) + memory bars
+    assert p.titles_in_svg >= 5 * 3 + 3 * 2  # a tooltip per point and per bar
+    assert p.h2[:3] == ["Quality against cost", "Memory: predicted beside measured", "Fit on a 32 GB GPU at context 4096, batch 1"]
+    # Verdict: bnb-int8 is within tolerance and smaller than fp on the GPU; rtn-w4-g32 is out of tolerance.
+    verdict = re.search(r"<div class='verdict'>(.*?)</div>", page).group(1)
+    assert "<b>bnb-int8</b>" in verdict and "KLD 0.0123" in verdict
+    # Numbers as results.json has them, formatted once.
+    for text in ("0.0123 [0.0111, 0.0135]", "0.2468 [0.2221, 0.2715]", "0.970 [0.960, 0.980]", "20.0 ± 0.2",
+                 "0.5900 ± 0.0980", "abc123", "random init"):
+        assert text in page, text
+    # Measured bytes beside the planner's prediction for the tiny model.
+    assert f"{300_000 / 2**20:.2f}" in page
+
+
+def test_report_writes_atomically_and_rejects_bad_input(results, tmp_path):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    out = write_report(load_results(results=str(src)), tmp_path / "r" / "report.html")
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert [f.name for f in out.parent.iterdir()] == ["report.html"]
+    res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(tmp_path / "x.txt")], obj={})
+    assert res.exit_code == 2 and "must be an .html file" in res.output and not (tmp_path / "x.txt").exists()
+    res = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "y.html")], obj={})
+    assert res.exit_code == 2 and "exactly one of --results" in res.output
+    bad = copy.deepcopy(results)
+    for run in bad["runs"]:
+        del run["fidelity"]
+    src.write_text(json.dumps(bad))
+    res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(tmp_path / "z.html")], obj={})
+    assert res.exit_code == 2 and "not a quantize-and-compare results.json" in res.output
+
+
+def test_no_recipe_within_tolerance_says_so(results):
+    page = render_report(results, ReportSettings(max_kld=0.05, gpu_mem=1000))
+    assert "<div class='verdict none'>No recipe both fits" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = ("<script>(()=>{const r=[...document.querySelectorAll('svg')].map(s=>{const b=s.getBoundingClientRect();"
+         "return [b.width,b.height]});const p=document.createElement('pre');p.id='probe';"
+         "p.textContent=JSON.stringify(r);document.body.appendChild(p);})();</script>")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(results, tmp_path):
+    page = write_report(results, tmp_path / "report.html")
+    probe = tmp_path / "probe.html"  # the report plus a measuring script; the report itself has none
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+             "--window-size=1280,2400"]
+    dom = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    sizes = json.loads(re.search(r"<pre id=\"probe\">(.*?)</pre>", dom.stdout).group(1))
+    assert len(sizes) == 6 and all(w > 100 and h > 100 for w, h in sizes), sizes
+    console = [ln for ln in dom.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln or "Failed to load" in ln]
+    assert not console, console
+    shot = tmp_path / "report.png"
+    subprocess.run(flags + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
