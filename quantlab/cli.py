@@ -126,16 +126,31 @@ def quantize_cmd(recipe, model, device, threads, trust_remote_code):
 @click.option("--text", default=None, help="Fidelity text: FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
 @click.option("--per-token", default=None, type=click.Path(dir_okay=False), help="Write per-token fidelity values (.npz).")
+@click.option("--shard", default=None, help="I/N: only documents I, I+N, ... of each task (merge with merge-shards).")
 @_common
 def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, baseline, text, data_dir, per_token,
-             device, threads, trust_remote_code):
+             shard, device, threads, trust_remote_code):
     """Suite accuracy (--tasks/--suite, lm-eval) and/or fidelity against --baseline of MODEL."""
     from quantlab.evaluate import suites
 
     result = _call(suites.evaluate_all, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
                    include_path=include_path, output=output, baseline=baseline, text=text, data_dir=data_dir,
-                   per_token=per_token, device=device, threads=threads, trust_remote_code=trust_remote_code)
+                   per_token=per_token, device=device, threads=threads, trust_remote_code=trust_remote_code,
+                   shard=shard)
     click.echo(json.dumps(result, indent=2, default=str))
+
+
+@cli.command("merge-shards")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="The merged eval output to write.")
+def merge_shards_cmd(shards, output):
+    """Merge `quantlab eval --shard I/N --output` files into one output, as if run unsharded."""
+    from quantlab.evaluate.shards import merge_shard_files
+
+    merged = _call(merge_shard_files, list(shards), output)
+    tasks = merged["runs"][0]["accuracy"]["tasks"]
+    click.echo(json.dumps({t: {"n": i["n"], "metrics": i["metrics"], "stderr": i["stderr"]} for t, i in tasks.items()},
+                          indent=2))
 
 
 @cli.command("gate")

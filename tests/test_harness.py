@@ -112,6 +112,37 @@ def test_reruns_are_bit_identical_and_limit_takes_the_first_documents(tiny, data
     assert first == second and [r["doc_id"] for r in first] == [0, 1, 2, 3, 4]
 
 
+def test_shards_merge_into_the_unsharded_run(tiny, data_dir):
+    from quantlab.evaluate.shards import merge_shards
+
+    def output(settings):
+        result = run_tasks(*tiny, settings, prepare_tasks(settings))
+        samples = {t: info.pop("samples") for t, info in result["tasks"].items()}
+        return {"model": "tiny", "runs": [{"recipe": "fp", "artifact": "x",
+                                           "accuracy": {**result, "settings": settings.to_dict(), "samples": samples}}]}
+
+    tasks = ("arc_challenge", "piqa")
+    full = output(HarnessSettings(tasks=tasks, data_dir=str(data_dir)))
+    shards = [output(HarnessSettings(tasks=tasks, data_dir=str(data_dir), shard=(i, 3))) for i in (2, 0, 1)]
+    assert [r["doc_id"] for r in shards[1]["runs"][0]["accuracy"]["samples"]["piqa"]] == [0, 3, 6, 9]
+    merged = merge_shards(shards, ["a", "b", "c"])["runs"][0]["accuracy"]
+    want = full["runs"][0]["accuracy"]
+    for task in tasks:  # log-likelihoods move ~1e-6 with the batch's other documents (padding)
+        got, ref = merged["samples"][task], want["samples"][task]
+        assert [(r["doc_id"], r["gold"]) for r in got] == [(r["doc_id"], r["gold"]) for r in ref]
+        assert [r["ll"] for r in got] == [pytest.approx(r["ll"], abs=1e-4) for r in ref]
+        for metric, value in want["tasks"][task]["metrics"].items():
+            assert merged["tasks"][task]["metrics"][metric] == pytest.approx(value)
+            assert merged["tasks"][task]["stderr"][metric] == pytest.approx(want["tasks"][task]["stderr"][metric])
+        assert merged["tasks"][task]["n"] == want["tasks"][task]["n"]
+    with pytest.raises(UsageError, match="do not cover"):
+        merge_shards(shards[:2], ["a", "b"])
+    with pytest.raises(UsageError, match="--shard and --limit"):
+        HarnessSettings(tasks=tasks, limit=3, shard=(0, 2))
+    with pytest.raises(UsageError, match="is not a shard"):
+        HarnessSettings(tasks=tasks, shard=(2, 2))
+
+
 def test_user_task_yaml_via_include_path(tiny, tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"q": f"the city of {w}", "a": 0}) + "\n" for w in ("one", "two", "three")))
@@ -147,6 +178,7 @@ def test_suites_file_and_its_errors(tmp_path):
     ([], "Nothing to evaluate"),
     (["--tasks", "arc_easyy"], "Did you mean 'arc_easy'"),
     (["--tasks", "piqa", "--limit", "0"], "Invalid value for '--limit'"),
+    (["--tasks", "piqa", "--shard", "1of2"], "is not I/N"),
 ])
 def test_eval_bad_input_is_one_line(tiny_dir, args, message):
     from click.testing import CliRunner

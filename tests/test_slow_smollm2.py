@@ -26,3 +26,12 @@ def test_smollm2_int8_is_closer_than_4bit(tmp_path):
     assert all(r["guard"]["ok"] for r in data["runs"]), [r["guard"] for r in data["runs"]]
     weights = {r["recipe"]: r["memory"]["weights_bytes"] for r in data["runs"]}
     assert weights["bnb-nf4"] < weights["bnb-int8"] < weights["fp"]
+    # The report beside it: the planner predicts every recipe's measured weight bytes within 1 %.
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Baseline:" in page and "Q4_1" in page
+    from quantlab.plan import PlanSettings, plan_model
+    from quantlab.recipe import parse_recipe_list
+
+    plan = plan_model("smollm2-135m", PlanSettings(device="cpu", recipes=tuple(parse_recipe_list(",".join(weights)))))
+    for row in plan["recipes"]:
+        assert abs(row["weights_bytes"] - weights[row["recipe"]]) <= 0.01 * weights[row["recipe"]], row["recipe"]

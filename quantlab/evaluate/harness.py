@@ -31,6 +31,7 @@ class HarnessSettings:
     bootstrap_iters: int = 1000  # lm-eval's stderr: closed form for means, bootstrap for perplexity
     data_dir: str | None = None
     include_path: str | None = None
+    shard: tuple[int, int] | None = None  # (i, n): documents i, i+n, i+2n, ... of each task (lm-eval's samples=)
 
     def __post_init__(self):
         if not self.tasks:
@@ -39,13 +40,20 @@ class HarnessSettings:
             raise UsageError(f"--limit must be ≥ 1 (got {self.limit})")
         if self.batch_size < 1 or self.max_length < 16 or (self.num_fewshot or 0) < 0:
             raise UsageError("batch size must be ≥ 1, max length ≥ 16 and num_fewshot ≥ 0")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (n >= 2 and 0 <= i < n):
+                raise UsageError(f"--shard {i}/{n} is not a shard — give I/N with 0 ≤ I < N and N ≥ 2, e.g. 0/2")
+            if self.limit is not None:
+                raise UsageError("--shard and --limit exclude each other — shard the full task or limit it")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "HarnessSettings":
-        return cls(**{**data, "tasks": tuple(data["tasks"])})
+        shard = data.get("shard")
+        return cls(**{**data, "tasks": tuple(data["tasks"]), "shard": tuple(shard) if shard else None})
 
 
 @dataclass
@@ -211,8 +219,9 @@ def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTas
     manager = TaskManager(include_path=prepared.include_paths, include_defaults=False)
     leaves = leaf_tasks(get_task_dict(prepared.names, manager))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
+    picked = shard_indices(leaves, settings.shard)
     out = simple_evaluate(model=lm, tasks=list(leaves.values()), num_fewshot=settings.num_fewshot,
-                          limit=settings.limit, log_samples=True, bootstrap_iters=settings.bootstrap_iters,
+                          limit=settings.limit, samples=picked, log_samples=True, bootstrap_iters=settings.bootstrap_iters,
                           task_manager=manager, random_seed=LM_EVAL_SEEDS["random"],
                           numpy_random_seed=LM_EVAL_SEEDS["numpy"], torch_random_seed=LM_EVAL_SEEDS["torch"],
                           fewshot_random_seed=LM_EVAL_SEEDS["fewshot"])
@@ -248,8 +257,18 @@ def leaf_tasks(task_dict: dict) -> dict:
     return out
 
 
+def shard_indices(leaves: dict, shard: tuple[int, int] | None) -> dict[str, list[int]] | None:
+    """Task -> document indices i, i+n, ... of shard (i, n), ascending (lm-eval maps its own numbering of the
+    selected documents back through this list); None without a shard."""
+    if shard is None:
+        return None
+    i, n = shard
+    return {name: list(range(i, len(task.eval_docs), n)) for name, task in leaves.items()}
+
+
 def compact_samples(task, samples: list[dict]) -> list[dict]:
     """Per document, sorted by doc_id: scalar metric values, the model's log-likelihoods and the gold index.
+    (With a shard lm-eval logs each document's index in the full task, so shards merge and pair.)
 
     multiple_choice: ``ll`` per choice (in choice order) and ``gold``; loglikelihood: ``ll`` of the target and
     ``greedy``; loglikelihood_rolling: ``ll`` of the document plus the word/byte counts it is scored over.

@@ -46,6 +46,16 @@ def task_settings(tasks: str | None, suite: str | None, **overrides) -> HarnessS
     return None
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'0/2' -> (0, 2)."""
+    if not text:
+        return None
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--shard '{text}' is not I/N — e.g. --shard 0/2 and --shard 1/2, then quantlab merge-shards")
+    return int(parts[0]), int(parts[1])
+
+
 def evaluate_tasks(model: str, settings: HarnessSettings, device: str = "auto", threads: int = 1,
                    trust_remote_code: bool = False) -> dict:
     """Suite accuracy of ``model`` (artifact dir or model ref) in this process; results.json-shaped, with
@@ -73,7 +83,7 @@ def evaluate_all(model: str, tasks: str | None = None, suite: str | None = None,
                  batch_size: int | None = None, include_path: str | None = None, output: str | None = None,
                  baseline: str | None = None, text: str | None = None, data_dir: str | None = None,
                  per_token: str | None = None, device: str = "auto", threads: int = 1,
-                 trust_remote_code: bool = False) -> dict:
+                 trust_remote_code: bool = False, shard: str | None = None) -> dict:
     """``quantlab eval``: accuracy tasks and/or fidelity; everything validated before a model loads.
 
     With ``output``, the full result (per-sample scores included) is written there atomically; the return
@@ -86,7 +96,7 @@ def evaluate_all(model: str, tasks: str | None = None, suite: str | None = None,
     from quantlab.pipeline import evaluate_model
 
     settings = task_settings(tasks, suite, limit=limit, batch_size=batch_size, data_dir=data_dir,
-                             include_path=include_path)
+                             include_path=include_path, shard=parse_shard(shard))
     if settings is None and baseline is None:
         raise UsageError("Nothing to evaluate — give --tasks/--suite for accuracy and/or --baseline for fidelity")
     if settings is not None:

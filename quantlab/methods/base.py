@@ -93,6 +93,10 @@ class Method:
         """Bytes per element of the parts a method leaves alone (embeddings, norms, biases, lm_head)."""
         return 4 if device == "cpu" else 2
 
+    def bias_dtype_bytes(self, config: Any, device: str) -> int:
+        """Bytes per element of a quantized layer's bias (most methods keep it at the unquantized dtype)."""
+        return self.unquantized_dtype_bytes(config, device)
+
     def load_kwargs(self, config: Any, device: str) -> dict:
         """Extra ``from_pretrained`` kwargs for loading this method's artifact."""
         import torch

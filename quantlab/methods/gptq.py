@@ -100,6 +100,9 @@ class GptqMethod(Method):
     def layout_note(self, config):
         return GPTQ_LAYOUT
 
+    def bias_dtype_bytes(self, config, device):
+        return 2  # GPTQ checkpoints keep biases in fp16
+
     def linear_bytes(self, config, out_features, in_features, device):
         return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
 

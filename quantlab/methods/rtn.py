@@ -90,6 +90,9 @@ class RtnMethod(Method):
             return GPTQ_LAYOUT
         return INTX_LAYOUT
 
+    def bias_dtype_bytes(self, config, device):
+        return 2 if config.format == "gptq" else self.unquantized_dtype_bytes(config, device)
+
     def torchao_config(self, config):
         import torch
         from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup

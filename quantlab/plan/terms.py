@@ -4,7 +4,8 @@ Units are bytes. Definitions:
 
 - linear data / scales: ``Method.linear_bytes`` of every quantized linear weight (see each method file);
 - unquantized: embeddings, lm_head (unless tied: counted once), norms, biases and routers at the dtype the
-  method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one); buffers at their own dtype;
+  method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one; GPTQ biases fp16); buffers
+  at their own dtype;
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes, where a sliding-window
   layer holds at most ``sliding_window`` tokens (GQA through kv_heads);
 - prefill activations: the transient peak of one forward over the prompt; see ``activation_bytes``;
@@ -34,7 +35,8 @@ def weight_terms(method, config, shapes: ModelShapes, device: str) -> dict[str, 
         "linear_scales": scales,
         "embeddings": parts["embeddings"] * elem,
         "lm_head": parts["lm_head"] * elem,
-        "norms_biases_other": (parts["norms"] + parts["biases"] + parts["other"]) * elem,
+        "norms_biases_other": (parts["norms"] + parts["other"]) * elem
+                              + parts["biases"] * method.bias_dtype_bytes(config, device),
         "buffers": shapes.buffer_bytes,
     }
 
