@@ -101,6 +101,8 @@ def main() -> None:
                     prefill.append({"model": model, "recipe": recipe.name, "context": context,
                                     "pred": p["kv_cache"] + p["activations"], "kv": p["kv_cache"],
                                     "meas": got["prefill"][str(context)]["bytes"],
+                                    "pred_total": pred["weights_bytes"] + p["kv_cache"] + p["activations"],
+                                    "meas_total": got["prefill"][str(context)]["peak_total_bytes"],
                                     "kind": got["prefill"][str(context)]["kind"]})
         ref8b = plan_model("meta-llama/Llama-3.1-8B", PlanSettings(device="cuda", context=4096))
     report(args, rows, prefill, ref8b, prov, device)
@@ -131,6 +133,12 @@ def report(args, rows, prefill, ref8b, prov, device) -> None:
         for p in prefill:
             print(f"{p['model']:13s} {p['recipe']:10s} {p['context']:7d} {p['pred'] / MIB:14.1f} {p['kv'] / MIB:9.1f} "
                   f"{p['meas'] / MIB:13.1f} {p['meas'] / p['pred']:6.2f}")
+        if device == "cuda":
+            print("\npeak reserved in all (weights + prefill) vs predicted weights + KV + activations (goal within 5 %):")
+            for p in prefill:
+                diff = 100 * (p["pred_total"] - p["meas_total"]) / p["meas_total"]
+                print(f"{p['model']:13s} {p['recipe']:10s} {p['context']:7d} predicted {p['pred_total'] / MIB:10.1f} MiB "
+                      f"measured {p['meas_total'] / MIB:10.1f} MiB  {diff:+.2f} %  {'yes' if abs(diff) <= 5 else 'NO'}")
     print("\nLlama-3.1-8B (quantlab's table), predicted here vs measured on an H200 (issue 6's reference points):")
     plans = {r["recipe"]: r for r in ref8b["recipes"]}
     for name, (what, ref) in H200_REFERENCE.items():

@@ -93,4 +93,4 @@ def _prefill_peak(model, ids, device: str) -> dict:
     else:
         peak, kind = memory.peak_rss_bytes(), "peak RSS above the loaded model"
     del out
-    return {"bytes": peak - base, "kind": kind}
+    return {"bytes": peak - base, "kind": kind, "peak_total_bytes": peak}
