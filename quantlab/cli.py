@@ -228,6 +228,34 @@ def report_cmd(results, run_set, store, out, gpu_mem, context, batch, max_kld):
     click.echo(_call(write_report, load_results(results, run_set, store), out, settings))
 
 
+@cli.command("sweep")
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: fresh worker processes from this machine; ray: one Ray task per job.")
+@click.option("--address", default=None, help="Join this Ray cluster (default: start a local one).")
+@click.option("--max-parallel", default=1, show_default=True, type=click.IntRange(1), help="Jobs at once.")
+@click.option("--force", is_flag=True, help="Recompute every job (a new run set) instead of reusing finished ones.")
+@click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, as_json):
+    """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
+    from quantlab.sweep import SweepOptions, run_sweep
+
+    def progress(job, record, cached):
+        f = record["fidelity"]
+        click.echo(f"{job.label}: {'from the job cache' if cached else 'done'} — KLD {f['kld_mean']:.4f}, "
+                   f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB", err=True)
+
+    opts = SweepOptions(path=sweep_file, executor=executor, address=address, max_parallel=max_parallel, force=force,
+                        store=store)
+    summary = _call(run_sweep, opts, progress)
+    for warning in summary["warnings"]:
+        click.echo(f"Warning: {warning}", err=True)
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"run set {summary['run_set']}: {summary['jobs']} jobs — {summary['already_stored']} already stored, "
+               f"{summary['from_cache']} from the job cache, {summary['computed']} computed; {summary['stored']} stored")
+
+
 @cli.command("runs")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--run-set", default=None, help="Only runs of this run set.")

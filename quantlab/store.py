@@ -49,6 +49,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, task)
     );
     """,
+    # 3: sweep jobs: the content key of the job a run came from; one row per (run set, job)
+    """
+    ALTER TABLE runs ADD COLUMN job_key TEXT;
+    CREATE UNIQUE INDEX runs_run_set_job ON runs (run_set, job_key) WHERE job_key IS NOT NULL;
+    """,
 ]
 
 _JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy")
@@ -100,15 +105,18 @@ def new_run_set() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def insert_run(path: str | Path | None, record: dict, samples: dict | None = None) -> str:
-    """Insert one run and its per-sample scores (task -> rows) in one transaction; returns its id."""
+def insert_run(path: str | Path | None, record: dict, samples: dict | None = None,
+               unique_job: bool = False) -> str | None:
+    """Insert one run and its per-sample scores (task -> rows) in one transaction; returns its id.
+
+    With ``unique_job``, a run whose (run set, job key) is already stored is not stored again: None."""
     run_id = record.get("id") or uuid.uuid4().hex
     row = {
         "id": run_id, "run_set": record["run_set"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_ref": record["model"]["ref"], "model_fingerprint": record["model"]["fingerprint"],
         "recipe": record["recipe"], "method": record["method"], "bits": record["bits"],
-        "artifact": record["artifact"],
+        "artifact": record["artifact"], "job_key": record.get("job_key"),
     }
     row.update({c: json.dumps(record.get(c), default=str) for c in _JSON_COLUMNS})
     cols = ", ".join(row)
@@ -121,6 +129,11 @@ def insert_run(path: str | Path | None, record: dict, samples: dict | None = Non
                 blob = gzip.compress(json.dumps(rows, separators=(",", ":")).encode(), mtime=0)
                 conn.execute("INSERT INTO samples (run_id, task, data) VALUES (?, ?, ?)", (run_id, task, blob))
             conn.execute("COMMIT")
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK")
+            if unique_job and record.get("job_key"):
+                return None
+            raise
         except BaseException:
             conn.execute("ROLLBACK")
             raise

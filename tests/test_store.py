@@ -16,11 +16,20 @@ def test_schema_after_migrations(tmp_path):
     assert store.schema_version(conn) == len(store.MIGRATIONS)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
     assert cols == ["id", "run_set", "created_at", "model_ref", "model_fingerprint", "recipe", "method", "bits",
-                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy"]
+                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "job_key"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(samples)")] == ["run_id", "task", "data"]
+    assert "runs_run_set_job" in [r[1] for r in conn.execute("PRAGMA index_list(runs)")]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.migrate(conn)  # idempotent
     assert store.schema_version(conn) == len(store.MIGRATIONS)
+
+
+def test_a_job_is_stored_once_per_run_set(tmp_path):
+    db = tmp_path / "q.db"
+    first = store.insert_run(db, {**_record(), "job_key": "k1"}, unique_job=True)
+    assert first and store.insert_run(db, {**_record(), "job_key": "k1"}, unique_job=True) is None
+    assert store.insert_run(db, {**_record(run_set="other"), "job_key": "k1"}, unique_job=True)
+    assert len(store.list_runs(db)) == 2
 
 
 def test_insert_and_list_round_trip(tmp_path):

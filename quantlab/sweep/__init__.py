@@ -1,0 +1,100 @@
+"""``quantlab sweep``: every job of a sweep file, cached by content, resumable, locally or on Ray.
+
+The sweep's run set is named after the file and its job keys, so running the same sweep again continues
+it: jobs already stored are skipped, jobs finished but not stored (killed between the two) are stored
+from their cache, and only the rest run. Each finished job is one store transaction; a unique
+(run set, job key) index keeps two drivers of one sweep from storing a job twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import UsageError
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    path: str
+    executor: str = "local"
+    address: str | None = None
+    max_parallel: int = 1
+    force: bool = False
+    store: str | None = None
+
+    def __post_init__(self):
+        if self.executor not in EXECUTORS:
+            raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)} (got {self.executor!r})")
+        if self.max_parallel < 1:
+            raise UsageError("--max-parallel must be ≥ 1")
+        if self.address and self.executor != "ray":
+            raise UsageError("--address joins a Ray cluster — add --executor ray")
+
+
+def run_set_of(path: str, jobs: list, force: bool) -> str:
+    from datetime import datetime, timezone
+
+    digest = hashlib.sha256("".join(sorted(j.key for j in jobs)).encode()).hexdigest()[:12]
+    name = f"sweep-{Path(path).stem}-{digest}"
+    return name + datetime.now(timezone.utc).strftime("-forced-%Y%m%dT%H%M%S") if force else name
+
+
+def run_sweep(opts: SweepOptions, progress=None) -> dict:
+    """Plan, skip what is stored, run the rest, store each as it finishes. Returns a summary."""
+    from quantlab import store
+    from quantlab.sweep.executors import execute
+    from quantlab.sweep.jobs import plan_jobs
+    from quantlab.sweep.spec import load_sweep
+
+    spec = load_sweep(opts.path)
+    jobs = plan_jobs(spec)
+    run_set = run_set_of(opts.path, jobs, opts.force)
+    stored = {r["job_key"] for r in store.list_runs(opts.store, run_set) if r.get("job_key")}
+    pending = [j for j in jobs if j.key not in stored]
+    counts = {"jobs": len(jobs), "already_stored": len(jobs) - len(pending), "from_cache": 0, "computed": 0,
+              "stored": 0}
+    for job, record in execute(pending, opts):
+        cached = record.pop("job_cached")
+        counts["from_cache" if cached else "computed"] += 1
+        counts["stored"] += store_job(opts.store, run_set, job, record)
+        if progress:
+            progress(job, record, cached)
+    warnings = guard_warnings(store.list_runs(opts.store, run_set))
+    return {"run_set": run_set, "sweep": opts.path, "description": spec.description, **counts, "warnings": warnings}
+
+
+def guard_warnings(rows: list[dict]) -> list[str]:
+    """The garbage guard's checks that need the other jobs (KLD against RTN's at the same bits), per model,
+    beside each job's own failed checks."""
+    from quantlab.evaluate import guard
+
+    out = []
+    for row in rows:
+        peers = [r for r in rows if r["model_fingerprint"] == row["model_fingerprint"]]
+        run = {"method": row["method"], "bits": row["bits"], "fidelity": row["fidelity"]}
+        reasons = (row["fidelity"].get("guard") or {}).get("reasons", []) + [
+            r for r in guard.fidelity_reasons(run, peers) if r not in (row["fidelity"].get("guard") or {}).get("reasons", [])]
+        if reasons:
+            out.append(f"{row['model_ref']}@{row['recipe']} looks broken (garbage guard): {'; '.join(reasons)}")
+    return out
+
+
+def store_job(path: str | None, run_set: str, job, record: dict) -> int:
+    """One transaction: the job's run row and its per-sample scores. 1 if stored, 0 if another driver did."""
+    from quantlab import store
+    from quantlab.gate.refs import read_samples
+    from quantlab.provenance import provenance
+    from quantlab.sweep.jobs import job_dir
+
+    prov = provenance(job.device, data={job.text["name"]: job.text["sha256"]})
+    prov["device"]["torch_threads"] = job.threads
+    prov.update(text=job.text, fidelity_settings=job.fidelity, latency_settings=job.latency, run_set=run_set)
+    samples = None
+    if record.get("accuracy"):
+        samples = read_samples(job_dir(job.key) / record["accuracy"]["samples_path"])
+    row = {**record, "run_set": run_set, "provenance": prov}
+    return 1 if store.insert_run(path, row, samples, unique_job=True) else 0
