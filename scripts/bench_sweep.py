@@ -90,8 +90,8 @@ def report(v: dict, prov: dict) -> None:
     print(f"   rerun / first = {v['rerun'] / v['first']:.3f} (goal ≤ 0.05): "
           f"{'met' if v['rerun'] / v['first'] <= 0.05 else 'NOT met'}")
     own = v["alone"] - v["fp_only"]
-    print(f"\n2. the sweep plus {ADDED}: {v['added']:.1f} s ({v['s3']['computed']} computed, "
-          f"{v['s3']['already_stored']} already stored)")
+    print(f"\n2. the sweep plus {ADDED} (a new run set): {v['added']:.1f} s ({v['s3']['computed']} computed, "
+          f"{v['s3']['from_cache']} from the job cache)")
     print(f"   {ADDED} alone = sweep [fp, {ADDED}] {v['alone']:.1f} s - sweep [fp] {v['fp_only']:.1f} s = {own:.1f} s; "
           f"added / alone = {v['added'] / own:.2f} (goal about 1)")
     speed = v["serial"] / v["ray"]
