@@ -236,8 +236,9 @@ def report_cmd(results, run_set, store, out, gpu_mem, context, batch, max_kld):
 @click.option("--max-parallel", default=1, show_default=True, type=click.IntRange(1), help="Jobs at once.")
 @click.option("--force", is_flag=True, help="Recompute every job (a new run set) instead of reusing finished ones.")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--out", default=None, help="Output dir for results.json and report.html (default reports/<file>-<date>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, as_json):
+def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json):
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
     from quantlab.sweep import SweepOptions, run_sweep
 
@@ -247,13 +248,14 @@ def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, as_json
                    f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB", err=True)
 
     opts = SweepOptions(path=sweep_file, executor=executor, address=address, max_parallel=max_parallel, force=force,
-                        store=store)
+                        store=store, out=out)
     summary = _call(run_sweep, opts, progress)
     for warning in summary["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"run set {summary['run_set']}: {summary['jobs']} jobs — {summary['already_stored']} already stored, "
-               f"{summary['from_cache']} from the job cache, {summary['computed']} computed; {summary['stored']} stored")
+               f"{summary['from_cache']} from the job cache, {summary['computed']} computed; {summary['stored']} stored"
+               + "".join(f"\nresults: {p}" for p in summary["results"]))
 
 
 @cli.command("runs")

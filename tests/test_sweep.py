@@ -70,7 +70,8 @@ def _rows(db):
 
 def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp_path, quantlab_home):
     db = tmp_path / "runs.db"
-    cmd = [sys.executable, "-m", "quantlab.cli", "sweep", str(tiny_sweep), "--store", str(db), "--json"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "quantlab.cli", "sweep", str(tiny_sweep), "--store", str(db), "--json", "--out", str(out)]
     env = {**os.environ, "QUANTLAB_HOME": str(quantlab_home)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -94,6 +95,9 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     assert all((d / "quantlab.json").is_file() for d in (quantlab_home / "artifacts").glob("*/*"))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["already_stored"] == 2 and len(_rows(db)) == 2
+    results = json.loads((out / "results.json").read_text())  # a results.json like quantize-and-compare's
+    assert [r["recipe"] for r in results["runs"]] == ["fp", "rtn-w4-g32"] and results["run_set"] == rows[0][0]
+    assert (out / "per_token" / "rtn-w4-g32.npz").is_file() and (out / "report.html").is_file()
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="needs ray (setup installs it)")
@@ -101,11 +105,12 @@ def test_ray_executor_stores_into_the_one_store(tiny_sweep, tmp_path):
     from quantlab.sweep import SweepOptions, run_sweep
 
     db = str(tmp_path / "runs.db")
-    summary = run_sweep(SweepOptions(path=str(tiny_sweep), executor="ray", max_parallel=2, store=db))
+    summary = run_sweep(SweepOptions(path=str(tiny_sweep), executor="ray", max_parallel=2, store=db,
+                                     out=str(tmp_path / "out")))
     assert summary["computed"] == 2 and summary["stored"] == 2
     rows = _rows(db)
     assert {r[1] for r in rows} == {"fp", "rtn-w4-g32"} and {r[0] for r in rows} == {summary["run_set"]}
-    local = run_sweep(SweepOptions(path=str(tiny_sweep), store=db))  # the same jobs, the same run set
+    local = run_sweep(SweepOptions(path=str(tiny_sweep), store=db, out=str(tmp_path / "out")))  # same jobs, same set
     assert local["run_set"] == summary["run_set"] and local["already_stored"] == 2 and len(_rows(db)) == 2
 
 

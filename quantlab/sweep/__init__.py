@@ -25,6 +25,7 @@ class SweepOptions:
     max_parallel: int = 1
     force: bool = False
     store: str | None = None
+    out: str | None = None  # default reports/<sweep file>-<date>/
 
     def __post_init__(self):
         if self.executor not in EXECUTORS:
@@ -45,26 +46,35 @@ def run_set_of(path: str, jobs: list, force: bool) -> str:
 
 def run_sweep(opts: SweepOptions, progress=None) -> dict:
     """Plan, skip what is stored, run the rest, store each as it finishes. Returns a summary."""
+    from datetime import date
+
     from quantlab import store
+    from quantlab.fsutil import check_writable_dir
     from quantlab.sweep.executors import execute
+    from quantlab.sweep.publish import publish_sweep
     from quantlab.sweep.jobs import plan_jobs
     from quantlab.sweep.spec import load_sweep
 
     spec = load_sweep(opts.path)
+    out = Path(opts.out) if opts.out else Path("reports") / f"{Path(opts.path).stem}-{date.today():%Y%m%d}"
+    check_writable_dir(out)
     jobs = plan_jobs(spec)
     run_set = run_set_of(opts.path, jobs, opts.force)
     stored = {r["job_key"] for r in store.list_runs(opts.store, run_set) if r.get("job_key")}
     pending = [j for j in jobs if j.key not in stored]
     counts = {"jobs": len(jobs), "already_stored": len(jobs) - len(pending), "from_cache": 0, "computed": 0,
               "stored": 0}
+    provenances: dict = {}
     for job, record in execute(pending, opts):
         cached = record.pop("job_cached")
         counts["from_cache" if cached else "computed"] += 1
-        counts["stored"] += store_job(opts.store, run_set, job, record)
+        counts["stored"] += store_job(opts.store, run_set, job, record, provenances)
         if progress:
             progress(job, record, cached)
     warnings = guard_warnings(store.list_runs(opts.store, run_set))
-    return {"run_set": run_set, "sweep": opts.path, "description": spec.description, **counts, "warnings": warnings}
+    results = publish_sweep(run_set, opts.store, jobs, out, warnings)
+    return {"run_set": run_set, "sweep": opts.path, "description": spec.description, **counts, "warnings": warnings,
+            "results": results}
 
 
 def guard_warnings(rows: list[dict]) -> list[str]:
@@ -83,16 +93,23 @@ def guard_warnings(rows: list[dict]) -> list[str]:
     return out
 
 
-def store_job(path: str | None, run_set: str, job, record: dict) -> int:
-    """One transaction: the job's run row and its per-sample scores. 1 if stored, 0 if another driver did."""
+def store_job(path: str | None, run_set: str, job, record: dict, provenances: dict) -> int:
+    """One transaction: the job's run row and its per-sample scores. 1 if stored, 0 if another driver did.
+    ``provenances`` caches the (identical) provenance of jobs sharing device, text and threads."""
     from quantlab import store
     from quantlab.gate.refs import read_samples
     from quantlab.provenance import provenance
     from quantlab.sweep.jobs import job_dir
 
-    prov = provenance(job.device, data={job.text["name"]: job.text["sha256"]})
-    prov["device"]["torch_threads"] = job.threads
-    prov.update(text=job.text, fidelity_settings=job.fidelity, latency_settings=job.latency, run_set=run_set)
+    key = (job.device, job.text["sha256"], job.threads)
+    if key not in provenances:
+        data = {job.text["name"]: job.text["sha256"]}
+        data.update({f: sha for t in ((job.prepared or {}).get("data") or {}).values() for f, sha in t["files"].items()})
+        prov = provenance(job.device, data=data)
+        prov["device"]["torch_threads"] = job.threads
+        prov.update(text=job.text, fidelity_settings=job.fidelity, latency_settings=job.latency, run_set=run_set)
+        provenances[key] = prov
+    prov = provenances[key]
     samples = None
     if record.get("accuracy"):
         samples = read_samples(job_dir(job.key) / record["accuracy"]["samples_path"])
