@@ -42,8 +42,9 @@ def read_manifest(path: str | Path) -> dict | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
-def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None) -> dict:
-    """Return ``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached."""
+def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
+                    force: bool = False) -> dict:
+    """Return ``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached (or ``force``)."""
     from quantlab.methods import get_method
     from quantlab.measure.runner import run_isolated
 
@@ -52,7 +53,7 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
         return {"artifact": source.path, "cost": {"quantize_wall_s": 0.0, "quantize_cpu_s": 0.0,
                                                    "quantize_peak_rss_bytes": None}, "cached": True}
     target = artifact_path(source, recipe, device)
-    manifest = read_manifest(target)
+    manifest = None if force else read_manifest(target)
     if manifest is None:
         run_isolated("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
                                   "target": str(target), "threads": threads})

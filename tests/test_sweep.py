@@ -95,6 +95,15 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     assert all((d / "quantlab.json").is_file() for d in (quantlab_home / "artifacts").glob("*/*"))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["already_stored"] == 2 and len(_rows(db)) == 2
+    manifest = next((quantlab_home / "artifacts").glob("*/rtn-w4-g32-*")) / "quantlab.json"
+    built = manifest.read_text()
+    forced = subprocess.run(cmd + ["--force"], env=env, capture_output=True, text=True, timeout=300)
+    summary = json.loads(forced.stdout)
+    assert summary["computed"] == 2 and summary["run_set"] != rows[0][0] and manifest.read_text() != built
+    assert len(_rows(db)) == 4
+    out.joinpath("results.json").unlink()  # the forced run set was published last; republish the first below
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout)["already_stored"] == 2
     results = json.loads((out / "results.json").read_text())  # a results.json like quantize-and-compare's
     assert [r["recipe"] for r in results["runs"]] == ["fp", "rtn-w4-g32"] and results["run_set"] == rows[0][0]
     assert (out / "per_token" / "rtn-w4-g32.npz").is_file() and (out / "report.html").is_file()

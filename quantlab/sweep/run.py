@@ -20,11 +20,11 @@ def run_job(payload: dict, force: bool = False) -> dict:
     if not force and (final / "result.json").is_file():
         record = json.loads((final / "result.json").read_text())
         return {**record, "job_cached": True}
-    record = _compute(payload, final)
+    record = _compute(payload, final, force)
     return {**record, "job_cached": False}
 
 
-def _compute(payload: dict, final: Path) -> dict:
+def _compute(payload: dict, final: Path, force: bool) -> dict:
     from quantlab.artifacts import ensure_artifact
     from quantlab.fsutil import atomic_dir, atomic_write_json
     from quantlab.models import ModelSource
@@ -34,7 +34,7 @@ def _compute(payload: dict, final: Path) -> dict:
     source = ModelSource.from_dict(payload["model"])
     recipe = Recipe.from_dict(payload["recipe"])
     device, threads = payload["device"], payload["threads"]
-    art = ensure_artifact(source, recipe, device, threads)
+    art = ensure_artifact(source, recipe, device, threads, force=force)
     with atomic_dir(final) as tmp:
         fidelity = _fidelity(payload, source, recipe, art["artifact"], tmp / "per_token.npz")
         accuracy = _accuracy(payload, recipe, art["artifact"], tmp)
