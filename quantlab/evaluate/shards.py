@@ -37,10 +37,13 @@ def merge_shards(outputs: list[dict], names: list[str]) -> dict:
     runs = [o["runs"][0] for o in outputs]
     settings = [r["accuracy"]["settings"] for r in runs]
     shards = sorted(tuple(s.get("shard") or ()) for s in settings)
-    n = len(runs)
+    n = shards[0][1] if shards and shards[0] else len(runs)
     if shards != [(i, n) for i in range(n)]:
-        raise UsageError(f"Shards {[f'{a}/{b}' for a, b in shards if b]} of {', '.join(names)} do not cover 0/{n}..{n - 1}/{n} "
-                         "exactly once — give every shard's output once")
+        have = [f"{a}/{b}" for a, b in (s for s in shards if s)]
+        missing = [f"{i}/{n}" for i in range(n) if (i, n) not in shards]
+        raise UsageError(f"The outputs {', '.join(names)} are shards {', '.join(have) or 'none'}, which do not cover "
+                         f"0/{n}..{n - 1}/{n} exactly once (missing: {', '.join(missing) or 'none'}) — give every "
+                         "shard's output once")
     for key in ("artifact", "recipe"):
         if len({r[key] for r in runs}) > 1:
             raise UsageError(f"The shards disagree on {key} — merge outputs of one model only")
