@@ -133,13 +133,13 @@ def fidelity_all(source, text, candidates: list[dict], opts: "CompareOptions", d
     return result["results"]
 
 
-def bench_artifact(recipe: Recipe, artifact: str, opts: "CompareOptions", device: str, trust_remote_code: bool) -> dict:
-    """Memory and latency of one artifact, in its own fresh process."""
+def bench_artifact(recipe: Recipe, artifact: str, threads: int, latency: dict, device: str,
+                   trust_remote_code: bool) -> dict:
+    """Memory and latency of one artifact, in its own fresh process (``latency``: LatencySettings as a dict)."""
     from quantlab.measure.runner import run_isolated
 
     return run_isolated("bench", {"recipe": recipe.to_dict(), "artifact": artifact, "device": device,
-                                  "threads": opts.threads, "latency": opts.latency.to_dict(),
-                                  "trust_remote_code": trust_remote_code})
+                                  "threads": threads, "latency": latency, "trust_remote_code": trust_remote_code})
 
 
 def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
@@ -194,7 +194,8 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
     runs = []
     steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
     for (recipe, art, fid), acc, rows in zip(steps, accs, samples):
-        bench = bench_artifact(recipe, art["artifact"], opts, device, source.trust_remote_code)
+        bench = bench_artifact(recipe, art["artifact"], opts.threads, opts.latency.to_dict(), device,
+                               source.trust_remote_code)
         record = {**make_record(recipe, art, fid, bench), "accuracy": acc, "provenance": prov,
                   "warnings": [overlaps[recipe.name]] if recipe.name in overlaps else []}
         record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info}, rows)
@@ -325,9 +326,9 @@ def bench_model(model: str, device: str = "auto", threads: int = 1, latency: Lat
                 trust_remote_code: bool = False) -> dict:
     """Memory and latency of ``model`` (an artifact dir or model ref), measured in a fresh process."""
     path, recipe = _target(model, trust_remote_code)
-    opts = CompareOptions(recipes=[recipe], threads=threads, latency=latency or LatencySettings())
     return {"model": model, "recipe": recipe.name,
-            **bench_artifact(recipe, path, opts, resolve_device(device), trust_remote_code)}
+            **bench_artifact(recipe, path, threads, (latency or LatencySettings()).to_dict(), resolve_device(device),
+                             trust_remote_code)}
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),

@@ -28,15 +28,21 @@ def load_ref(ref: str, store: str | None = None) -> list[dict]:
     return runs
 
 
-def _from_results(path: Path) -> list[dict]:
+def read_results_json(path: Path, what: str = "a results.json, a run id or a run set") -> dict:
+    """A results.json (or eval --output file) with at least one run, or a one-line UsageError."""
     if not path.is_file():
-        raise UsageError(f"{path} does not exist — give a results.json, a run id or a run set")
+        raise UsageError(f"{path} does not exist — give {what}")
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path} is not a readable results.json ({exc.__class__.__name__}) — regenerate it") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
         raise UsageError(f"{path} holds no runs — give quantize-and-compare's results.json or eval --output's file")
+    return data
+
+
+def _from_results(path: Path) -> list[dict]:
+    data = read_results_json(path)
     out = []
     for run in data["runs"]:
         acc = run.get("accuracy") or {}

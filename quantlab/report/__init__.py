@@ -7,7 +7,6 @@ asks the planner whether each recipe fits the chosen GPU, picks the verdict and 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,15 +31,12 @@ def load_results(results: str | None = None, run_set: str | None = None, store: 
     if bool(results) == bool(run_set):
         raise UsageError("Give exactly one of --results results.json and --run-set ID — list run sets with: quantlab runs")
     if results:
+        from quantlab.gate.refs import read_results_json
+
         path = Path(results)
         path = path / "results.json" if path.is_dir() else path
-        if not path.is_file():
-            raise UsageError(f"{path} does not exist — give quantize-and-compare's results.json")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{path} is not readable JSON ({exc.__class__.__name__}) — regenerate it") from None
-        if not isinstance(data, dict) or not data.get("runs") or "fidelity" not in data["runs"][0]:
+        data = read_results_json(path, "quantize-and-compare's results.json")
+        if "fidelity" not in data["runs"][0]:
             raise UsageError(f"{path} is not a quantize-and-compare results.json — `quantlab eval` output has no "
                              "memory or latency to report")
         return {**data, "source": str(path)}

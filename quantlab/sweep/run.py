@@ -28,7 +28,7 @@ def _compute(payload: dict, final: Path, force: bool) -> dict:
     from quantlab.artifacts import ensure_artifact
     from quantlab.fsutil import atomic_dir, atomic_write_json
     from quantlab.models import ModelSource
-    from quantlab.pipeline import make_record
+    from quantlab.pipeline import bench_artifact, make_record
     from quantlab.recipe import Recipe
 
     source = ModelSource.from_dict(payload["model"])
@@ -38,7 +38,7 @@ def _compute(payload: dict, final: Path, force: bool) -> dict:
     with atomic_dir(final) as tmp:
         fidelity = _fidelity(payload, source, recipe, art["artifact"], tmp / "per_token.npz")
         accuracy = _accuracy(payload, recipe, art["artifact"], tmp)
-        bench = _bench(payload, recipe, art["artifact"], source.trust_remote_code)
+        bench = bench_artifact(recipe, art["artifact"], threads, payload["latency"], device, source.trust_remote_code)
         record = {**make_record(recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": payload["key"],
                   "model": {k: source.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")}}
         record["fidelity"]["per_token"] = str(final / "per_token.npz")
@@ -76,11 +76,3 @@ def _accuracy(payload: dict, recipe, artifact: str, tmp: Path) -> dict | None:
     write_samples(tmp / "samples.json.gz", split_samples(result))
     result.update(settings=payload["suite"], samples_path="samples.json.gz")
     return result
-
-
-def _bench(payload: dict, recipe, artifact: str, trust_remote_code: bool) -> dict:
-    from quantlab.measure.runner import run_isolated
-
-    return run_isolated("bench", {"recipe": recipe.to_dict(), "artifact": artifact, "device": payload["device"],
-                                  "threads": payload["threads"], "latency": payload["latency"],
-                                  "trust_remote_code": trust_remote_code})
