@@ -78,10 +78,12 @@ def _common(f):
 @click.option("--repetitions", default=None, type=click.IntRange(1), help="Timed repetitions (default 5).")
 @click.option("--decode-tokens", default=None, type=click.IntRange(1), help="Decode steps timed (default 32).")
 @click.option("--suite", default=None, help="Add lm-eval suite accuracy to every run: quick, standard or a suite YAML.")
+@click.option("--force", is_flag=True, help="Recompute every recipe (artifacts too) into a new run set instead of "
+              "reusing finished ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
 @_common
 def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, store, chunks, chunk_tokens,
-                             batch_sizes, repetitions, decode_tokens, suite, as_json, device, threads,
+                             batch_sizes, repetitions, decode_tokens, suite, force, as_json, device, threads,
                              trust_remote_code):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
     from quantlab import pipeline
@@ -90,11 +92,14 @@ def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, st
     opts = pipeline.build_options(model=model, recipes=recipes, experiment=experiment, text=text,
                                   data_dir=data_dir, out=out, store=store, chunks=chunks, chunk_tokens=chunk_tokens,
                                   batch_sizes=batch_sizes, repetitions=repetitions, decode_tokens=decode_tokens,
-                                  suite=suite, device=device, threads=threads, trust_remote_code=trust_remote_code,
-                                  progress=not as_json)
+                                  suite=suite, force=force, device=device, threads=threads,
+                                  trust_remote_code=trust_remote_code, progress=not as_json)
     results = _call(pipeline.quantize_and_compare, opts)
     for warning in results.get("warnings", []):
         click.echo(f"Warning: {warning}", err=True)
+    jobs = results["jobs"]
+    click.echo(f"run set {results['run_set']}: {jobs['already_stored']} of {jobs['jobs']} recipes already stored, "
+               f"{jobs['from_cache']} from the job cache, {jobs['computed']} computed", err=True)
     click.echo(json.dumps(results, indent=2, default=str) if as_json else render_table(results))
     if results.get("report_path"):
         click.echo(f"report: {results['report_path']}", err=as_json)

@@ -1,8 +1,10 @@
 """quantize-and-compare: the one place that strings the steps together.
 
-Validate everything first (recipes, libraries, model, group sizes, text, output dir), then for the
-baseline and each recipe: quantize (cached artifact) -> fidelity -> bench, each in a fresh process,
-then one store transaction per run, then results.json written atomically.
+Validate everything first (recipes, libraries, model, group sizes, text, output dir), then run the
+comparison as a one-model sweep: each recipe (the fp baseline first) is one content-addressed job —
+quantize (cached artifact) -> fidelity -> suite accuracy -> bench, each step in a fresh process — stored
+in one transaction as it finishes; then the jobs' mutual checks and results.json, written atomically.
+The same command again reuses every finished job; ``force`` recomputes them into a new run set.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.harness import HarnessSettings
 from quantlab.measure.latency import LatencySettings
 from quantlab.recipe import DEFAULT_RECIPES, Recipe, parse_recipe_list
-from quantlab.twins import add_accuracy_recoveries, add_recoveries, with_twins
+from quantlab.twins import with_twins
 
 
 @dataclass
@@ -35,6 +37,7 @@ class CompareOptions:
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
     suite: "HarnessSettings | None" = None  # lm-eval tasks run on every recipe (--suite)
+    force: bool = False  # recompute every job, artifacts included, into a new run set
 
 
 @contextlib.contextmanager
@@ -87,52 +90,6 @@ def prepare(opts: CompareOptions):
     return source, text, recipes, out
 
 
-def calibration_overlaps(source, text, recipes: list[Recipe]) -> dict[str, str]:
-    """Recipe name -> warning, for calibrated recipes whose calibration text is the evaluation text."""
-    from quantlab.methods import get_method
-
-    found = {}
-    for r in recipes:
-        inputs = get_method(r.method).cache_inputs(r.config, Path(source.path))
-        if inputs.get("calibration_sha256") == text.sha256:
-            found[r.name] = (f"{r.name} is calibrated on the evaluation text ({text.name}): its fidelity is "
-                             "optimistic — evaluate on other text or calibrate on c4_calibration")
-    return found
-
-
-def accuracy_all(recipes: list[Recipe], candidates: list[dict], opts: "CompareOptions", device: str, staging: Path,
-                 trust_remote_code: bool) -> tuple[list, list]:
-    """Suite accuracy of every candidate in one fresh process; per-sample rows staged as samples/<recipe>.json.gz.
-
-    Returns (accuracy record or None, samples or None) per recipe."""
-    if not opts.suite:
-        return [None] * len(recipes), [None] * len(recipes)
-    from quantlab.evaluate.accuracy import split_samples
-    from quantlab.evaluate.harness import prepare_tasks
-    from quantlab.gate.refs import write_samples
-    from quantlab.measure.runner import run_isolated
-
-    prepared = prepare_tasks(opts.suite)
-    results = run_isolated("accuracy", {"settings": opts.suite.to_dict(), "prepared": dataclasses.asdict(prepared),
-                                        "device": device, "threads": opts.threads, "candidates": candidates,
-                                        "trust_remote_code": trust_remote_code})["results"]
-    samples = [split_samples(r) for r in results]
-    for recipe, result, rows in zip(recipes, results, samples):
-        write_samples(staging / "samples" / f"{recipe.name}.json.gz", rows)
-        result.update(settings=opts.suite.to_dict(), samples_path=f"samples/{recipe.name}.json.gz")
-    return results, samples
-
-
-def fidelity_all(source, text, candidates: list[dict], opts: "CompareOptions", device: str) -> list[dict]:
-    """Fidelity of every candidate ``{recipe, artifact, per_token_path}`` in one fresh process."""
-    from quantlab.measure.runner import run_isolated
-
-    result = run_isolated("fidelity", {"baseline": source.to_dict(), "text": text.to_dict(), "device": device,
-                                       "threads": opts.threads, "settings": opts.fidelity.to_dict(),
-                                       "candidates": candidates})
-    return result["results"]
-
-
 def bench_artifact(recipe: Recipe, artifact: str, threads: int, latency: dict, device: str,
                    trust_remote_code: bool) -> dict:
     """Memory and latency of one artifact, in its own fresh process (``latency``: LatencySettings as a dict)."""
@@ -155,59 +112,42 @@ def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
 
 
 def quantize_and_compare(opts: CompareOptions) -> dict:
-    from tqdm import tqdm
-
-    from quantlab import store
-    from quantlab.artifacts import ensure_artifact
-    from quantlab.models import count_params, load_config, quantlab_home
-    from quantlab.provenance import provenance
-    from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
-    from quantlab.evaluate.text import SELF_SEED
+    """The comparison's results (results.json's content, plus ``jobs`` counts and the output paths)."""
+    from quantlab.models import slug
+    from quantlab.sweep import SweepOptions, run_jobs, run_set_of
+    from quantlab.sweep.publish import publish_run_set
 
     source, text, recipes, out = prepare(opts)
-    overlaps = calibration_overlaps(source, text, recipes)
-    device = resolve_device(opts.device)
-    model_info = {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path, "note": source.note,
-                  "params": count_params(load_config(source.path, opts.trust_remote_code))}
-    run_set = store.new_run_set()
-    prov = provenance(device, seeds={"bootstrap": opts.fidelity.seed, "latency_prompt": 0, "self_text": SELF_SEED},
-                      data={text.name: text.sha256})
-    prov["device"]["torch_threads"] = opts.threads
-    prov.update({"text": text.to_dict(), "fidelity_settings": opts.fidelity.to_dict(),
-                 "latency_settings": opts.latency.to_dict(), "run_set": run_set})
-    arts = [ensure_artifact(source, r, device, opts.threads)
-            for r in tqdm(recipes, desc="quantize", unit="recipe", disable=not opts.progress)]
-    # Per-token values are staged outside --out and moved there with results.json at the end,
-    # so a failed run leaves no half-written output directory.
-    staging = quantlab_home() / "staging" / run_set
-    candidates = [{"recipe": r.to_dict(), "artifact": a["artifact"],
-                   "per_token_path": str(staging / "per_token" / f"{r.name}.npz")} for r, a in zip(recipes, arts)]
-    fids = fidelity_all(source, text, candidates, opts, device)
-    add_recoveries(recipes, fids, {c["recipe"]["name"]: c["per_token_path"] for c in candidates}, opts.fidelity)
-    for fid, r in zip(fids, recipes):
-        fid["per_token"] = str(out / "per_token" / f"{r.name}.npz")
-    accs, samples = accuracy_all(recipes, candidates, opts, device, staging, source.trust_remote_code)
-    add_accuracy_recoveries(recipes, accs, samples)
+    jobs = compare_jobs(source, text, recipes, opts)
+    run_set = run_set_of(f"compare-{slug(source.ref)}", jobs, opts.force)
+    with _job_bar(len(jobs), opts.progress) as progress:
+        counts = run_jobs(jobs, run_set, SweepOptions(force=opts.force, store=opts.store), progress)
+    (results,) = publish_run_set(run_set, opts.store, jobs, out)
+    return {**results, "jobs": counts}
+
+
+def compare_jobs(source, text, recipes: list[Recipe], opts: CompareOptions) -> list:
+    from quantlab.sweep.jobs import make_jobs
+
+    suite = prepared = None
     if opts.suite:
-        prov["data_sha256"].update({f: sha for acc in accs for t in acc["tasks"].values() for f, sha in t["files"].items()})
-    guard_warnings = apply_guard(recipes, fids)
-    runs = []
-    steps = tqdm(list(zip(recipes, arts, fids)), desc="bench", unit="recipe", disable=not opts.progress)
-    for (recipe, art, fid), acc, rows in zip(steps, accs, samples):
-        bench = bench_artifact(recipe, art["artifact"], opts.threads, opts.latency.to_dict(), device,
-                               source.trust_remote_code)
-        record = {**make_record(recipe, art, fid, bench), "accuracy": acc, "provenance": prov,
-                  "warnings": [overlaps[recipe.name]] if recipe.name in overlaps else []}
-        record["run_id"] = store.insert_run(opts.store, {**record, "run_set": run_set, "model": model_info}, rows)
-        runs.append(record)
-    warnings = list(overlaps.values()) + guard_warnings
-    results = {"model": model_info, "run_set": run_set, "text": text.to_dict(), "device": device,
-               "definitions": {**DEFINITIONS, **(SUITE_DEFINITIONS if opts.suite else {})}, "warnings": warnings,
-               "runs": runs}
-    publish(staging, out, results)
-    results["results_path"] = str(out / "results.json")
-    results["report_path"] = write_html_report(results, out)
-    return results
+        from quantlab.evaluate.harness import prepare_tasks
+
+        suite, prepared = opts.suite.to_dict(), dataclasses.asdict(prepare_tasks(opts.suite))
+    return make_jobs(source, text, recipes, opts.fidelity.to_dict(), opts.latency.to_dict(), suite, prepared,
+                     resolve_device(opts.device), opts.threads)
+
+
+@contextlib.contextmanager
+def _job_bar(total: int, enabled: bool):
+    """A progress bar over jobs; yields the sweep's progress callback."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="recipes", unit="recipe", disable=not enabled) as bar:
+        def progress(job, record, cached):
+            bar.set_postfix_str(f"{job.recipe.name}{' (job cache)' if cached else ''}")
+            bar.update()
+        yield progress
 
 
 def write_html_report(results: dict, out: Path) -> str | None:
@@ -221,37 +161,6 @@ def write_html_report(results: dict, out: Path) -> str | None:
     except QuantlabError as exc:
         results["warnings"].append(f"report not written: {exc}")
         return None
-
-
-def apply_guard(recipes: list[Recipe], fids: list[dict]) -> list[str]:
-    """Put each run's garbage-guard verdict into its fidelity record; one loud warning per failure."""
-    from quantlab.evaluate import guard
-
-    runs = [{"recipe": r.name, "method": r.method, "bits": r.bits, "fidelity": f} for r, f in zip(recipes, fids)]
-    warnings = []
-    for run in runs:
-        reasons = run["fidelity"].get("guard_reasons", []) + guard.fidelity_reasons(run, runs)
-        run["fidelity"]["guard"] = {"ok": not reasons, "reasons": reasons}
-        if reasons:
-            warnings.append(f"{run['recipe']} looks broken (garbage guard): {'; '.join(reasons)}")
-    return warnings
-
-
-def publish(staging: Path, out: Path, results: dict) -> None:
-    """Move staged per-token (and per-sample) files into ``out`` and write results.json atomically."""
-    import shutil
-
-    from quantlab.fsutil import atomic_write_json
-
-    out.mkdir(parents=True, exist_ok=True)
-    for part in ("per_token", "samples"):
-        final = out / part
-        if final.exists():
-            shutil.rmtree(final)
-        if (staging / part).exists():
-            shutil.move(str(staging / part), str(final))
-    shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_json(out / "results.json", results)
 
 
 DEFINITIONS = {

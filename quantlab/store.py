@@ -101,10 +101,6 @@ def migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def new_run_set() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
 def insert_run(path: str | Path | None, record: dict, samples: dict | None = None,
                unique_job: bool = False) -> str | None:
     """Insert one run and its per-sample scores (task -> rows) in one transaction; returns its id.
@@ -138,6 +134,25 @@ def insert_run(path: str | Path | None, record: dict, samples: dict | None = Non
             conn.execute("ROLLBACK")
             raise
     return run_id
+
+
+def update_runs(path: str | Path | None, updates: dict[str, dict]) -> None:
+    """Replace JSON columns of stored runs (run id -> {column: value}) in one transaction: the values a run
+    set's jobs only have once all of them are in (the garbage guard against its peers, recoveries)."""
+    with closing(connect(path)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for run_id, columns in updates.items():
+                bad = set(columns) - set(_JSON_COLUMNS)
+                if bad:
+                    raise StoreError(f"Cannot update column(s) {', '.join(sorted(bad))} of a stored run")
+                sets = ", ".join(f"{c} = ?" for c in columns)
+                conn.execute(f"UPDATE runs SET {sets} WHERE id = ?",
+                             [json.dumps(v, default=str) for v in columns.values()] + [run_id])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
 
 def list_runs(path: str | Path | None = None, run_set: str | None = None, limit: int | None = None) -> list[dict]:

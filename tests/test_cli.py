@@ -18,7 +18,7 @@ def _invoke(*args):
 
 @pytest.fixture(scope="module")
 def compared(tiny_dir, tiny_text, tmp_path_factory):
-    """Two identical runs sharing one QUANTLAB_HOME: the second must reuse everything."""
+    """Three runs sharing one QUANTLAB_HOME: the second must reuse everything, the third recomputes (--force)."""
     from suite_data import write_arc
 
     home = tmp_path_factory.mktemp("home")
@@ -35,7 +35,8 @@ def compared(tiny_dir, tiny_text, tmp_path_factory):
         mp.setenv("QUANTLAB_HOME", str(home))
         first = _invoke(*args)
         second = _invoke(*args)
-    return {"first": first, "second": second, "db": db, "out": out / "r", "home": home}
+        forced = _invoke(*args, "--force")
+    return {"first": first, "second": second, "forced": forced, "db": db, "out": out / "r", "home": home}
 
 
 def test_results_have_every_field(compared):
@@ -81,25 +82,36 @@ def test_results_have_every_field(compared):
 
 def test_gate_passes_a_rerun_and_reads_the_store(compared):
     first = json.loads(compared["first"].stdout)
-    second = json.loads(compared["second"].stdout)
-    res = _invoke("gate", "--baseline", str(compared["out"] / "results.json"), "--candidate", second["run_set"],
+    forced = json.loads(compared["forced"].stdout)
+    assert forced["run_set"] != first["run_set"]
+    res = _invoke("gate", "--baseline", first["run_set"], "--candidate", forced["run_set"],
                   "--store", str(compared["db"]))
     assert res.exit_code == 0, res.output
     assert res.output.count("PASS: within the policy") == 4 * 3  # 4 recipes x (acc, acc_norm, gold_logprob)
     rows = store.read_samples(compared["db"], first["runs"][1]["run_id"])
     assert len(rows["arc_challenge"]) == 12
+    stored = {r["id"]: r for r in store.list_runs(compared["db"], first["run_set"])}
+    assert all(stored[r["run_id"]]["fidelity"]["guard"] == r["guard"] for r in first["runs"])
 
 
-def test_second_run_reuses_artifacts_and_baseline(compared):
+def test_second_run_reuses_every_job_and_force_recomputes(compared):
+    first = json.loads(compared["first"].stdout)
+    assert first["jobs"] == {"jobs": 4, "already_stored": 0, "from_cache": 0, "computed": 4, "stored": 4}
     res = compared["second"]
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert all(r["artifact_cached"] for r in data["runs"])
-    assert all(r["fidelity"]["baseline_cached"] for r in data["runs"])
-    first = json.loads(compared["first"].stdout)
-    for a, b in zip(first["runs"], data["runs"]):
+    assert data["jobs"] == {"jobs": 4, "already_stored": 4, "from_cache": 0, "computed": 0, "stored": 0}
+    assert "4 of 4 recipes already stored" in res.stderr
+    assert data["run_set"] == first["run_set"] and data["runs"] == first["runs"]
+    res = compared["forced"]
+    assert res.exit_code == 0, res.output
+    forced = json.loads(res.stdout)
+    assert forced["jobs"]["computed"] == 4
+    assert not any(r["artifact_cached"] for r in forced["runs"] if r["method"] != "fp")
+    assert all(r["fidelity"]["baseline_cached"] for r in forced["runs"])
+    for a, b in zip(first["runs"], forced["runs"]):
         assert a["fidelity"]["kld_mean"] == pytest.approx(b["fidelity"]["kld_mean"], rel=1e-9, abs=1e-12)
-        assert a["artifact"] == b["artifact"]
+        assert a["artifact"] == b["artifact"] and a["run_id"] != b["run_id"]
 
 
 def test_report_from_the_stored_run_set(compared, tmp_path):

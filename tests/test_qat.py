@@ -179,3 +179,30 @@ def test_a_trained_recipe_brings_its_ptq_twin():
 
     names = [r.name for r in with_twins(parse_recipe_list("fp,qat-w4-g32,qat-a8w4-g32,torchao-a8w4-g32"))]
     assert names == ["fp", "torchao-w4-g32", "qat-w4-g32", "qat-a8w4-g32", "torchao-a8w4-g32"]  # listed: kept
+
+
+def test_compare_adds_the_twin_and_the_recovered_fractions(peaked_dir, train_file, tmp_path, monkeypatch):
+    """quantize-and-compare with a trained recipe: its PTQ twin joins, and the recovered fraction over it is in
+    results.json and in the stored rows."""
+    from click.testing import CliRunner
+
+    from quantlab import store
+    from quantlab.cli import cli
+    from tiny import write_text
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"recipes:\n  - {{method: qat, scheme: w4, group_size: 32, steps: 30, lr: 0.001, seq_len: 32, "
+                   f"heldout_windows: 4, curve_points: 3, train_text: '{train_file}'}}\n")
+    text = write_text(tmp_path / "eval.txt", words=3000, seed=11)
+    res = CliRunner().invoke(cli, ["quantize-and-compare", "--model", str(peaked_dir), "--experiment", str(exp),
+                                   "--text", str(text), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "s.db"),
+                                   "--chunk-tokens", "32", "--chunks", "8", "--repetitions", "1",
+                                   "--decode-tokens", "2", "--batch-sizes", "1", "--json"], obj={})
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [r["recipe"] for r in data["runs"]] == ["fp", "torchao-w4-g32", "qat-w4-g32"]
+    rec = data["runs"][2]["fidelity"]["recovery"]
+    assert rec["twin"] == "torchao-w4-g32" and rec["kld"] is not None and rec["ci95"]["kld"]
+    stored = {r["recipe"]: r for r in store.list_runs(tmp_path / "s.db", data["run_set"])}
+    assert stored["qat-w4-g32"]["fidelity"]["recovery"] == rec
+    assert all(stored[r["recipe"]]["fidelity"]["guard"] == r["guard"] for r in data["runs"])

@@ -86,3 +86,17 @@ def test_samples_round_trip_in_the_run_transaction(tmp_path):
     with pytest.raises(TypeError):
         store.insert_run(db, {**_record(run_set="rs9"), "id": "half"}, bad)
     assert store.find_runs(db, "rs9") == [] and store.read_samples(db, "half") == {}
+
+
+def test_update_runs_replaces_json_columns_in_one_transaction(tmp_path):
+    from quantlab.errors import StoreError
+
+    db = tmp_path / "q.db"
+    a, b = store.insert_run(db, _record()), store.insert_run(db, _record(recipe="rtn-w8"))
+    guard = {"ok": False, "reasons": ["top-1 agreement 0.1 is below 0.25"]}
+    store.update_runs(db, {a: {"fidelity": {"kld_mean": 0.1, "guard": guard}}})
+    rows = {r["id"]: r for r in store.list_runs(db)}
+    assert rows[a]["fidelity"]["guard"] == guard and rows[b]["fidelity"] == {"kld_mean": 0.1}
+    with pytest.raises(StoreError, match="Cannot update column"):  # a bad column rolls back the whole update
+        store.update_runs(db, {b: {"fidelity": {"kld_mean": 9.0}}, a: {"recipe": "x"}})
+    assert {r["id"]: r for r in store.list_runs(db)}[b]["fidelity"] == {"kld_mean": 0.1}

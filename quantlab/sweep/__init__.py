@@ -19,7 +19,7 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class SweepOptions:
-    path: str
+    path: str = ""  # the sweep file; empty for quantize-and-compare's one-model sweep
     executor: str = "local"
     address: str | None = None
     max_parallel: int = 1
@@ -36,30 +36,43 @@ class SweepOptions:
             raise UsageError("--address joins a Ray cluster — add --executor ray")
 
 
-def run_set_of(path: str, jobs: list, force: bool) -> str:
+def run_set_of(prefix: str, jobs: list, force: bool) -> str:
+    """``<prefix>-<hash of the job keys>``: the same jobs give the same run set, so rerunning continues it.
+    ``force`` names a new one (``-forced-<time>``)."""
     from datetime import datetime, timezone
 
     digest = hashlib.sha256("".join(sorted(j.key for j in jobs)).encode()).hexdigest()[:12]
-    name = f"sweep-{Path(path).stem}-{digest}"
+    name = f"{prefix}-{digest}"
     return name + datetime.now(timezone.utc).strftime("-forced-%Y%m%dT%H%M%S") if force else name
 
 
 def run_sweep(opts: SweepOptions, progress=None) -> dict:
-    """Plan, skip what is stored, run the rest, store each as it finishes. Returns a summary."""
+    """Plan, skip what is stored, run the rest, store each as it finishes, publish. Returns a summary."""
     from datetime import date
 
-    from quantlab import store
     from quantlab.fsutil import check_writable_dir
-    from quantlab.sweep.executors import execute
-    from quantlab.sweep.publish import publish_sweep
     from quantlab.sweep.jobs import plan_jobs
+    from quantlab.sweep.publish import publish_run_set
     from quantlab.sweep.spec import load_sweep
 
     spec = load_sweep(opts.path)
     out = Path(opts.out) if opts.out else Path("reports") / f"{Path(opts.path).stem}-{date.today():%Y%m%d}"
     check_writable_dir(out)
     jobs = plan_jobs(spec)
-    run_set = run_set_of(opts.path, jobs, opts.force)
+    run_set = run_set_of(f"sweep-{Path(opts.path).stem}", jobs, opts.force)
+    counts = run_jobs(jobs, run_set, opts, progress)
+    published = publish_run_set(run_set, opts.store, jobs, out)
+    warnings = [f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]]
+    return {"run_set": run_set, "sweep": opts.path, "description": spec.description, **counts, "warnings": warnings,
+            "results": [r["results_path"] for r in published]}
+
+
+def run_jobs(jobs: list, run_set: str, opts: SweepOptions, progress=None) -> dict:
+    """Run the jobs of ``run_set`` not stored yet with ``opts``' executor; store each as it finishes (one
+    transaction per job). Returns counts: jobs, already_stored, from_cache, computed, stored."""
+    from quantlab import store
+    from quantlab.sweep.executors import execute
+
     stored = {r["job_key"] for r in store.list_runs(opts.store, run_set) if r.get("job_key")}
     pending = [j for j in jobs if j.key not in stored]
     counts = {"jobs": len(jobs), "already_stored": len(jobs) - len(pending), "from_cache": 0, "computed": 0,
@@ -71,26 +84,7 @@ def run_sweep(opts: SweepOptions, progress=None) -> dict:
         counts["stored"] += store_job(opts.store, run_set, job, record, provenances)
         if progress:
             progress(job, record, cached)
-    warnings = guard_warnings(store.list_runs(opts.store, run_set))
-    results = publish_sweep(run_set, opts.store, jobs, out, warnings)
-    return {"run_set": run_set, "sweep": opts.path, "description": spec.description, **counts, "warnings": warnings,
-            "results": results}
-
-
-def guard_warnings(rows: list[dict]) -> list[str]:
-    """The garbage guard's checks that need the other jobs (KLD against RTN's at the same bits), per model,
-    beside each job's own failed checks."""
-    from quantlab.evaluate import guard
-
-    out = []
-    for row in rows:
-        peers = [r for r in rows if r["model_fingerprint"] == row["model_fingerprint"]]
-        run = {"method": row["method"], "bits": row["bits"], "fidelity": row["fidelity"]}
-        reasons = (row["fidelity"].get("guard") or {}).get("reasons", []) + [
-            r for r in guard.fidelity_reasons(run, peers) if r not in (row["fidelity"].get("guard") or {}).get("reasons", [])]
-        if reasons:
-            out.append(f"{row['model_ref']}@{row['recipe']} looks broken (garbage guard): {'; '.join(reasons)}")
-    return out
+    return counts
 
 
 def store_job(path: str | None, run_set: str, job, record: dict, provenances: dict) -> int:
@@ -98,6 +92,7 @@ def store_job(path: str | None, run_set: str, job, record: dict, provenances: di
     ``provenances`` caches the (identical) provenance of jobs sharing device, text and threads."""
     from quantlab import store
     from quantlab.gate.refs import read_samples
+    from quantlab.evaluate.text import SELF_SEED
     from quantlab.provenance import provenance
     from quantlab.sweep.jobs import job_dir
 
@@ -105,7 +100,8 @@ def store_job(path: str | None, run_set: str, job, record: dict, provenances: di
     if key not in provenances:
         data = {job.text["name"]: job.text["sha256"]}
         data.update({f: sha for t in ((job.prepared or {}).get("data") or {}).values() for f, sha in t["files"].items()})
-        prov = provenance(job.device, data=data)
+        seeds = {"bootstrap": job.fidelity["seed"], "latency_prompt": 0, "self_text": SELF_SEED}
+        prov = provenance(job.device, seeds=seeds, data=data)
         prov["device"]["torch_threads"] = job.threads
         prov.update(text=job.text, fidelity_settings=job.fidelity, latency_settings=job.latency, run_set=run_set)
         provenances[key] = prov

@@ -86,13 +86,17 @@ def plan_jobs(spec) -> list[Job]:
     jobs = []
     for ref in spec.models:
         source, text = _model_and_text(ref, recipes, ev.get("text"), spec.data_dir, device)
-        for recipe in recipes:
-            key = job_key(source, recipe, text, fidelity.to_dict(), latency.to_dict(), suite, prepared, device,
+        jobs += make_jobs(source, text, recipes, fidelity.to_dict(), latency.to_dict(), suite, prepared, device,
                           spec.threads)
-            jobs.append(Job(key=key, model=source.to_dict(), recipe=recipe, text=text.to_dict(),
-                            fidelity=fidelity.to_dict(), latency=latency.to_dict(), suite=suite, prepared=prepared,
-                            device=device, threads=spec.threads))
     return jobs
+
+
+def make_jobs(source, text, recipes: list[Recipe], fidelity: dict, latency: dict, suite: dict | None,
+              prepared: dict | None, device: str, threads: int) -> list[Job]:
+    """One model's jobs, in recipe order (the model, text and recipes already resolved and validated)."""
+    return [Job(key=job_key(source, recipe, text, fidelity, latency, suite, prepared, device, threads),
+                model=source.to_dict(), recipe=recipe, text=text.to_dict(), fidelity=fidelity, latency=latency,
+                suite=suite, prepared=prepared, device=device, threads=threads) for recipe in recipes]
 
 
 def _suite(name: str | None, data_dir: str | None) -> tuple[dict | None, dict | None]:

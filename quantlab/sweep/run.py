@@ -72,7 +72,7 @@ def _accuracy(payload: dict, recipe, artifact: str, tmp: Path) -> dict | None:
     result = run_isolated("accuracy", {"settings": payload["suite"], "prepared": payload["prepared"],
                                        "device": payload["device"], "threads": payload["threads"],
                                        "candidates": [{"recipe": recipe.to_dict(), "artifact": artifact}],
-                                       "trust_remote_code": False})["results"][0]
+                                       "trust_remote_code": payload["model"].get("trust_remote_code", False)})["results"][0]
     write_samples(tmp / "samples.json.gz", split_samples(result))
     result.update(settings=payload["suite"], samples_path="samples.json.gz")
     return result
