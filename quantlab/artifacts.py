@@ -45,6 +45,7 @@ def read_manifest(path: str | Path) -> dict | None:
 def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
                     force: bool = False) -> dict:
     """Return ``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached (or ``force``)."""
+    from quantlab.fsutil import file_lock
     from quantlab.methods import get_method
     from quantlab.measure.runner import run_isolated
 
@@ -53,14 +54,13 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
         return {"artifact": source.path, "cost": {"quantize_wall_s": 0.0, "quantize_cpu_s": 0.0,
                                                    "quantize_peak_rss_bytes": None}, "cached": True}
     target = artifact_path(source, recipe, device)
-    manifest = None if force else read_manifest(target)
-    if manifest is None:
-        run_isolated("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
-                                  "target": str(target), "threads": threads})
-        manifest = read_manifest(target)
-        cached = False
-    else:
-        cached = True
+    with file_lock(target.with_name(f".{target.name}.lock")):  # two sweeps never build one artifact twice
+        manifest = None if force else read_manifest(target)
+        cached = manifest is not None
+        if manifest is None:
+            run_isolated("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
+                                      "target": str(target), "threads": threads})
+            manifest = read_manifest(target)
     return {"artifact": str(target), "cost": manifest["cost"], "cached": cached}
 
 

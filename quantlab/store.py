@@ -92,6 +92,9 @@ def migrate(conn: sqlite3.Connection) -> None:
     for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if schema_version(conn) >= number:  # another process migrated it while this one waited for the lock
+                conn.execute("COMMIT")
+                continue
             for statement in filter(str.strip, sql.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")

@@ -100,3 +100,16 @@ def test_update_runs_replaces_json_columns_in_one_transaction(tmp_path):
     with pytest.raises(StoreError, match="Cannot update column"):  # a bad column rolls back the whole update
         store.update_runs(db, {b: {"fidelity": {"kld_mean": 9.0}}, a: {"recipe": "x"}})
     assert {r["id"]: r for r in store.list_runs(db)}[b]["fidelity"] == {"kld_mean": 0.1}
+
+
+def test_processes_opening_a_new_store_at_once_migrate_it_once(tmp_path):
+    """Sweeps started together all open (and migrate) the same fresh store."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "q.db"
+    code = "import sys; from quantlab import store; store.connect(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert store.schema_version(store.connect(db)) == len(store.MIGRATIONS)

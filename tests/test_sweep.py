@@ -92,7 +92,7 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     assert len(rows) == 2 and len({r[2] for r in rows}) == 2 and {r[1] for r in rows} == {"fp", "rtn-w4-g32"}
     leftovers = [p for p in quantlab_home.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
-    assert all((d / "quantlab.json").is_file() for d in (quantlab_home / "artifacts").glob("*/*"))
+    assert all((d / "quantlab.json").is_file() for d in (quantlab_home / "artifacts").glob("*/*") if d.is_dir())
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["already_stored"] == 2 and len(_rows(db)) == 2
     manifest = next((quantlab_home / "artifacts").glob("*/rtn-w4-g32-*")) / "quantlab.json"
@@ -142,3 +142,32 @@ def test_shipped_sweep_files_load(name):
         assert [r.name for r in spec.recipes][2:] == [
             "gptq-w4-g64 calibration=self", "gptq-w4-g64 calibration=c4_calibration",
             "gptq-w4-g64 calibration=wikitext2_raw"]
+
+
+def test_sweeps_running_at_once_share_jobs_and_lose_nothing(tiny_sweep, tmp_path, quantlab_home):
+    """Two drivers of one sweep and a third sweep sharing its artifacts, all at once into one store: each job
+    is computed once (the other driver waits and reuses it), each run set holds each job once, and every
+    results.json is whole."""
+    other = _write(tmp_path / "other.yaml", tiny_sweep.read_text().replace("chunks: 4", "chunks: 3"))
+    assert other.read_text() != tiny_sweep.read_text()
+    db = tmp_path / "runs.db"
+    env = {**os.environ, "QUANTLAB_HOME": str(quantlab_home)}
+    cmds = [[sys.executable, "-m", "quantlab.cli", "sweep", str(path), "--store", str(db), "--json", "--out",
+             str(tmp_path / out)] for path, out in ((tiny_sweep, "a"), (tiny_sweep, "a"), (other, "b"))]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    same = [json.loads(out) for out, _ in outputs[:2]]
+    assert same[0]["run_set"] == same[1]["run_set"]
+    assert sum(s["computed"] for s in same) == 2 and sum(s["stored"] for s in same) == 2
+    rows = _rows(db)
+    by_set = {}
+    for run_set, recipe, _ in rows:
+        by_set.setdefault(run_set, []).append(recipe)
+    assert len(by_set) == 2 and all(sorted(v) == ["fp", "rtn-w4-g32"] for v in by_set.values()), by_set
+    artifacts = list((quantlab_home / "artifacts").glob("*/rtn-w4-g32-*"))
+    assert len(artifacts) == 1 and (artifacts[0] / "quantlab.json").is_file()
+    for out in ("a", "b"):
+        assert [r["recipe"] for r in json.loads((tmp_path / out / "results.json").read_text())["runs"]] == \
+            ["fp", "rtn-w4-g32"]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".publish-")]

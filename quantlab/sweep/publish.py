@@ -27,6 +27,20 @@ def publish_run_set(run_set: str, store: str | None, jobs: list, out: Path) -> l
 
 
 def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
+    import hashlib
+
+    from quantlab.fsutil import file_lock
+    from quantlab.models import quantlab_home
+
+    lock = quantlab_home() / "locks" / f"publish-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    with file_lock(lock):  # two drivers publishing into one dir take turns
+        done = _up_to_date(out / "results.json", run_set, [j.key for j in jobs])
+        if done:
+            return {**done, "results_path": str(out / "results.json"), "report_path": str(out / "report.html")}
+        return _write_model(run_set, store, jobs, rows, out)
+
+
+def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
     import os
     import tempfile
 
@@ -36,9 +50,6 @@ def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out:
     from quantlab.pipeline import DEFINITIONS, write_html_report
     from quantlab.sweep.annotate import annotate, store_annotations
 
-    done = _up_to_date(out / "results.json", run_set, [j.key for j in jobs])
-    if done:
-        return {**done, "results_path": str(out / "results.json"), "report_path": str(out / "report.html")}
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
     try:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 def run_job(payload: dict, force: bool = False) -> dict:
     """The job's record (cached when its key was finished before, unless ``force``)."""
+    from quantlab.fsutil import file_lock
     from quantlab.sweep.jobs import job_dir
 
     final = job_dir(payload["key"])
-    if not force and (final / "result.json").is_file():
-        record = json.loads((final / "result.json").read_text())
-        return {**record, "job_cached": True}
-    record = _compute(payload, final, force)
+    with file_lock(final.with_name(f".{final.name}.lock")):  # a second driver of the job waits, then reuses it
+        if not force and (final / "result.json").is_file():
+            record = json.loads((final / "result.json").read_text())
+            return {**record, "job_cached": True}
+        record = _compute(payload, final, force)
     return {**record, "job_cached": False}
 
 
