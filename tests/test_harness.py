@@ -118,15 +118,17 @@ def test_shards_merge_into_the_unsharded_run(tiny, data_dir):
     def output(settings):
         result = run_tasks(*tiny, settings, prepare_tasks(settings))
         samples = {t: info.pop("samples") for t, info in result["tasks"].items()}
-        return {"model": "tiny", "runs": [{"recipe": "fp", "artifact": "x",
+        return {"model": "tiny", "runs": [{"recipe": "fp", "artifact": "x", "provenance": {"git_sha": str(settings.shard)},
                                            "accuracy": {**result, "settings": settings.to_dict(), "samples": samples}}]}
 
     tasks = ("arc_challenge", "piqa")
     full = output(HarnessSettings(tasks=tasks, data_dir=str(data_dir)))
     shards = [output(HarnessSettings(tasks=tasks, data_dir=str(data_dir), shard=(i, 3))) for i in (2, 0, 1)]
     assert [r["doc_id"] for r in shards[1]["runs"][0]["accuracy"]["samples"]["piqa"]] == [0, 3, 6, 9]
-    merged = merge_shards(shards, ["a", "b", "c"])["runs"][0]["accuracy"]
-    want = full["runs"][0]["accuracy"]
+    merged_run = merge_shards(shards, ["a", "b", "c"])["runs"][0]
+    merged, want = merged_run["accuracy"], full["runs"][0]["accuracy"]
+    assert [(s["output"], s["shard"], s["git_sha"]) for s in merged_run["provenance"]["shards"]] == \
+        [("a", "2/3", "(2, 3)"), ("b", "0/3", "(0, 3)"), ("c", "1/3", "(1, 3)")]
     for task in tasks:  # log-likelihoods move ~1e-6 with the batch's other documents (padding)
         got, ref = merged["samples"][task], want["samples"][task]
         assert [(r["doc_id"], r["gold"]) for r in got] == [(r["doc_id"], r["gold"]) for r in ref]

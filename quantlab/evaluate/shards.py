@@ -58,7 +58,13 @@ def merge_shards(outputs: list[dict], names: list[str]) -> dict:
         rows = sorted((row for r in runs for row in r["accuracy"]["samples"][task]), key=lambda row: row["doc_id"])
         acc["samples"][task] = rows
         acc["tasks"][task] = _merged_task(task, info, rows)
-    return {**outputs[0], "runs": [{**runs[0], "accuracy": acc}], "merged_from": names}
+    # Each shard's own provenance (they may have run from different checkouts or machines).
+    provs = [r.get("provenance") or {} for r in runs]
+    prov = {**provs[0], "shards": [
+        {"output": name, "shard": f"{s['shard'][0]}/{s['shard'][1]}", "git_sha": pr.get("git_sha"),
+         "versions": pr.get("versions"), "device": pr.get("device"), "wall_s": r["accuracy"].get("wall_s")}
+        for name, s, r, pr in zip(names, settings, runs, provs)]}
+    return {**outputs[0], "runs": [{**runs[0], "accuracy": acc, "provenance": prov}], "merged_from": names}
 
 
 def _merged_task(task: str, info: dict, rows: list[dict]) -> dict:
