@@ -45,6 +45,9 @@ def main() -> None:
         print(f"\n{path.name}{f' (merged from {merged} shards)' if merged else ''}: versions {prov['versions']}; device "
               f"{prov['device']}; git {prov['git_sha']}; data sha256 "
               f"{ {Path(k).name: v[:12] for k, v in prov['data_sha256'].items()} }")
+        if prov.get("shards"):
+            print("shards (git sha, wall s): " + ", ".join(f"{s['shard']} {(s['git_sha'] or '?')[:8]} "
+                                                         f"{s['wall_s']:.0f}" for s in prov["shards"]))
 
 
 def _cell(info: dict, metric: str) -> str:
