@@ -18,7 +18,8 @@ def _invoke(*args):
 
 @pytest.fixture(scope="module")
 def compared(tiny_dir, tiny_text, tmp_path_factory):
-    """Three runs sharing one QUANTLAB_HOME: the second must reuse everything, the third recomputes (--force)."""
+    """Three runs sharing one QUANTLAB_HOME: the second must reuse everything; the third recomputes two of the
+    recipes (--force)."""
     from suite_data import write_arc
 
     home = tmp_path_factory.mktemp("home")
@@ -35,7 +36,8 @@ def compared(tiny_dir, tiny_text, tmp_path_factory):
         mp.setenv("QUANTLAB_HOME", str(home))
         first = _invoke(*args)
         second = _invoke(*args)
-        forced = _invoke(*args, "--force")
+        swap = {"bnb-int8,bnb-nf4,rtn-w4-g32": "rtn-w4-g32", str(out / "r"): str(out / "forced")}
+        forced = _invoke(*[swap.get(a, a) for a in args], "--force")
     return {"first": first, "second": second, "forced": forced, "db": db, "out": out / "r", "home": home}
 
 
@@ -84,10 +86,14 @@ def test_gate_passes_a_rerun_and_reads_the_store(compared):
     first = json.loads(compared["first"].stdout)
     forced = json.loads(compared["forced"].stdout)
     assert forced["run_set"] != first["run_set"]
-    res = _invoke("gate", "--baseline", first["run_set"], "--candidate", forced["run_set"],
+    res = _invoke("gate", "--baseline", str(compared["out"] / "results.json"), "--candidate", first["run_set"],
                   "--store", str(compared["db"]))
     assert res.exit_code == 0, res.output
     assert res.output.count("PASS: within the policy") == 4 * 3  # 4 recipes x (acc, acc_norm, gold_logprob)
+    res = _invoke("gate", "--baseline", f"{first['run_set']}@rtn-w4-g32", "--candidate",
+                  f"{forced['run_set']}@rtn-w4-g32", "--store", str(compared["db"]))  # recomputed: passes too
+    assert res.exit_code == 0, res.output
+    assert res.output.count("PASS: within the policy") == 3
     rows = store.read_samples(compared["db"], first["runs"][1]["run_id"])
     assert len(rows["arc_challenge"]) == 12
     stored = {r["id"]: r for r in store.list_runs(compared["db"], first["run_set"])}
@@ -106,10 +112,10 @@ def test_second_run_reuses_every_job_and_force_recomputes(compared):
     res = compared["forced"]
     assert res.exit_code == 0, res.output
     forced = json.loads(res.stdout)
-    assert forced["jobs"]["computed"] == 4
-    assert not any(r["artifact_cached"] for r in forced["runs"] if r["method"] != "fp")
+    assert forced["jobs"]["computed"] == 2 and [r["recipe"] for r in forced["runs"]] == ["fp", "rtn-w4-g32"]
+    assert not forced["runs"][1]["artifact_cached"]
     assert all(r["fidelity"]["baseline_cached"] for r in forced["runs"])
-    for a, b in zip(first["runs"], forced["runs"]):
+    for a, b in zip([first["runs"][0], first["runs"][3]], forced["runs"]):
         assert a["fidelity"]["kld_mean"] == pytest.approx(b["fidelity"]["kld_mean"], rel=1e-9, abs=1e-12)
         assert a["artifact"] == b["artifact"] and a["run_id"] != b["run_id"]
 
@@ -130,7 +136,7 @@ def test_runs_lists_stored_runs(compared):
     res = _invoke("runs", "--store", str(compared["db"]), "--json")
     assert res.exit_code == 0
     rows = json.loads(res.stdout)
-    assert len(rows) == 8 and {r["recipe"] for r in rows} == {"fp", "bnb-int8", "bnb-nf4", "rtn-w4-g32"}
+    assert len(rows) == 6 and {r["recipe"] for r in rows} == {"fp", "bnb-int8", "bnb-nf4", "rtn-w4-g32"}
     table = _invoke("runs", "--store", str(compared["db"]))
     assert "bnb-nf4" in table.stdout
 

@@ -191,7 +191,7 @@ def test_compare_adds_the_twin_and_the_recovered_fractions(peaked_dir, train_fil
     from tiny import write_text
 
     exp = tmp_path / "exp.yaml"
-    exp.write_text(f"recipes:\n  - {{method: qat, scheme: w4, group_size: 32, steps: 30, lr: 0.001, seq_len: 32, "
+    exp.write_text(f"recipes:\n  - {{method: qat, scheme: w4, group_size: 32, steps: 10, lr: 0.001, seq_len: 32, "
                    f"heldout_windows: 4, curve_points: 3, train_text: '{train_file}'}}\n")
     text = write_text(tmp_path / "eval.txt", words=3000, seed=11)
     res = CliRunner().invoke(cli, ["quantize-and-compare", "--model", str(peaked_dir), "--experiment", str(exp),

@@ -1,7 +1,7 @@
 """The isolated fidelity step: baseline log-probs (cached) against one or more candidates' log-probs.
 
-Fidelity measures no memory or time, so one process evaluates every candidate of a comparison:
-the tokenized text and cached baseline are loaded once.
+Fidelity measures no memory or time, so one process may evaluate several candidates (``quantlab eval``
+of many artifacts), loading the tokenized text and cached baseline once; a sweep job passes its one.
 """
 
 from __future__ import annotations
