@@ -127,13 +127,9 @@ def quantize_and_compare(opts: CompareOptions) -> dict:
 
 
 def compare_jobs(source, text, recipes: list[Recipe], opts: CompareOptions) -> list:
-    from quantlab.sweep.jobs import make_jobs
+    from quantlab.sweep.jobs import make_jobs, suite_payload
 
-    suite = prepared = None
-    if opts.suite:
-        from quantlab.evaluate.harness import prepare_tasks
-
-        suite, prepared = opts.suite.to_dict(), dataclasses.asdict(prepare_tasks(opts.suite))
+    suite, prepared = suite_payload(opts.suite) if opts.suite else (None, None)
     return make_jobs(source, text, recipes, opts.fidelity.to_dict(), opts.latency.to_dict(), suite, prepared,
                      resolve_device(opts.device), opts.threads)
 

@@ -102,13 +102,20 @@ def make_jobs(source, text, recipes: list[Recipe], fidelity: dict, latency: dict
 def _suite(name: str | None, data_dir: str | None) -> tuple[dict | None, dict | None]:
     if not name:
         return None, None
-    import dataclasses
-
-    from quantlab.evaluate.harness import check_tasks, prepare_tasks
+    from quantlab.evaluate.harness import check_tasks
     from quantlab.evaluate.suites import load_suite
 
     settings = load_suite(name, data_dir=data_dir)
     check_tasks(settings)
+    return suite_payload(settings)
+
+
+def suite_payload(settings) -> tuple[dict, dict]:
+    """A suite's (HarnessSettings) settings and prepared local tasks, as a job carries them."""
+    import dataclasses
+
+    from quantlab.evaluate.harness import prepare_tasks
+
     return settings.to_dict(), dataclasses.asdict(prepare_tasks(settings))
 
 
