@@ -56,9 +56,9 @@ def _int_list(value: str) -> list[int]:
 
 
 def _common(f):
-    f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")(f)
-    f = click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
-                     help="torch threads in each measured process (1 is fastest on a busy 2-core CPU).")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default auto).")(f)
+    f = click.option("--threads", default=None, type=click.IntRange(1),
+                     help="torch threads in each measured process (default 1: fastest on a busy 2-core CPU).")(f)
     f = click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repo.")(f)
     return f
 
@@ -66,15 +66,16 @@ def _common(f):
 @cli.command("quantize-and-compare")
 @click.option("--model", default=None, help="Hub id, local HF dir, .gguf file or smollm2-135m (default).")
 @click.option("--recipes", default=None, help=f"Comma-separated recipes (default: {DEFAULT_RECIPES}).")
-@click.option("--experiment", type=click.Path(dir_okay=False), default=None, help="Experiment YAML with recipes.")
+@click.option("--experiment", type=click.Path(dir_okay=False), default=None,
+              help="Experiment (sweep) YAML: recipes, and optionally model, evaluation, measure, device, threads.")
 @click.option("--text", default=None, help="Reference text: FILE, a data-dir dataset (wikitext2_raw) or 'self'.")
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
 @click.option("--out", default=None, help="Output dir (default reports/<model>-<date>/).")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--chunks", default=None, type=click.IntRange(1), help="Reference-text windows (default 16).")
 @click.option("--chunk-tokens", default=None, type=click.IntRange(8), help="Tokens per window (default 256).")
-@click.option("--batch-sizes", default="1,8", show_default=True, callback=lambda c, p, v: _int_list(v),
-              help="Decode batch sizes.")
+@click.option("--batch-sizes", default=None, callback=lambda c, p, v: v and _int_list(v),
+              help="Decode batch sizes (default 1,8).")
 @click.option("--repetitions", default=None, type=click.IntRange(1), help="Timed repetitions (default 5).")
 @click.option("--decode-tokens", default=None, type=click.IntRange(1), help="Decode steps timed (default 32).")
 @click.option("--suite", default=None, help="Add lm-eval suite accuracy to every run: quick, standard or a suite YAML.")
@@ -82,19 +83,15 @@ def _common(f):
               "reusing finished ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
 @_common
-def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, store, chunks, chunk_tokens,
-                             batch_sizes, repetitions, decode_tokens, suite, force, as_json, device, threads,
-                             trust_remote_code):
+def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_json, **flags):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
-    from quantlab import pipeline
+    from quantlab.sweep.commands import quantize_and_compare
+    from quantlab.sweep.driver import RunOptions
+    from quantlab.sweep.spec import compare_spec
     from quantlab.table import render_table
 
-    opts = pipeline.build_options(model=model, recipes=recipes, experiment=experiment, text=text,
-                                  data_dir=data_dir, out=out, store=store, chunks=chunks, chunk_tokens=chunk_tokens,
-                                  batch_sizes=batch_sizes, repetitions=repetitions, decode_tokens=decode_tokens,
-                                  suite=suite, force=force, device=device, threads=threads,
-                                  trust_remote_code=trust_remote_code, progress=not as_json)
-    results = _call(pipeline.quantize_and_compare, opts)
+    spec = _call(compare_spec, model, recipes, experiment, **flags)
+    results = _call(quantize_and_compare, spec, RunOptions(force=force, store=store, out=out, bar=not as_json))
     for warning in results.get("warnings", []):
         click.echo(f"Warning: {warning}", err=True)
     jobs = results["jobs"]
@@ -108,13 +105,15 @@ def quantize_and_compare_cmd(model, recipes, experiment, text, data_dir, out, st
 @cli.command("quantize")
 @click.argument("recipe")
 @click.option("--model", default=None, help="Model reference (default smollm2-135m).")
+@click.option("--data-dir", default=None, help="Where calibration or training datasets are read (default ../shared/data).")
 @_common
-def quantize_cmd(recipe, model, device, threads, trust_remote_code):
+def quantize_cmd(recipe, model, data_dir, device, threads, trust_remote_code):
     """Quantize MODEL with RECIPE into the artifact cache; prints the artifact directory."""
-    from quantlab import pipeline
     from quantlab.recipe import parse_recipe
+    from quantlab.sweep.commands import quantize_model
 
-    result = _call(pipeline.quantize_model, model, parse_recipe(recipe), device, threads, trust_remote_code)
+    result = _call(quantize_model, model, parse_recipe(recipe), device or "auto", threads or 1, trust_remote_code,
+                   data_dir)
     click.echo(result["artifact"])
 
 
@@ -136,12 +135,12 @@ def quantize_cmd(recipe, model, device, threads, trust_remote_code):
 def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, baseline, text, data_dir, per_token,
              shard, device, threads, trust_remote_code):
     """Suite accuracy (--tasks/--suite, lm-eval) and/or fidelity against --baseline of MODEL."""
-    from quantlab.evaluate import suites
+    from quantlab.sweep.commands import evaluate
 
-    result = _call(suites.evaluate_all, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
+    result = _call(evaluate, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
                    include_path=include_path, output=output, baseline=baseline, text=text, data_dir=data_dir,
-                   per_token=per_token, device=device, threads=threads, trust_remote_code=trust_remote_code,
-                   shard=shard)
+                   per_token=per_token, device=device or "auto", threads=threads or 1,
+                   trust_remote_code=trust_remote_code, shard=shard)
     click.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -187,9 +186,9 @@ def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store):
 @_common
 def bench_cmd(model, device, threads, trust_remote_code):
     """Memory and latency of MODEL (artifact dir or model ref), in a fresh process."""
-    from quantlab import pipeline
+    from quantlab.sweep.commands import bench_model
 
-    result = _call(pipeline.bench_model, model, device, threads, trust_remote_code=trust_remote_code)
+    result = _call(bench_model, model, device or "auto", threads or 1, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -219,18 +218,19 @@ def plan_cmd(model, gpu_mem, context, batch, recipes, device, as_json, trust_rem
 @click.option("--results", default=None, help="quantize-and-compare's results.json (or its directory).")
 @click.option("--run-set", default=None, help="A run set in the store (see quantlab runs).")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--model", default=None, help="With --run-set of several models: the model to draw.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write, e.g. reports/x.html.")
 @click.option("--gpu-mem", default="32GB", show_default=True, help="GPU memory the verdict and fit table plan for.")
 @click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="Context for the fit table.")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Batch for the fit table.")
 @click.option("--max-kld", default=0.05, show_default=True, type=float, help="Quality tolerance of the verdict (nats/token).")
-def report_cmd(results, run_set, store, out, gpu_mem, context, batch, max_kld):
+def report_cmd(results, run_set, store, model, out, gpu_mem, context, batch, max_kld):
     """One self-contained HTML page: verdict, Pareto plots, memory predicted vs measured, fit, metrics."""
     from quantlab.plan import parse_size
     from quantlab.report import ReportSettings, load_results, write_report
 
     settings = ReportSettings(gpu_mem=parse_size(gpu_mem), context=context, batch=batch, max_kld=max_kld)
-    click.echo(_call(write_report, load_results(results, run_set, store), out, settings))
+    click.echo(_call(write_report, _call(load_results, results, run_set, store, model), out, settings))
 
 
 @cli.command("sweep")
@@ -245,22 +245,34 @@ def report_cmd(results, run_set, store, out, gpu_mem, context, batch, max_kld):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json):
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
-    from quantlab.sweep import SweepOptions, run_sweep
+    from quantlab.sweep.commands import run_sweep
+    from quantlab.sweep.driver import RunOptions
 
     def progress(job, record, cached):
         f = record["fidelity"]
         click.echo(f"{job.label}: {'from the job cache' if cached else 'done'} — KLD {f['kld_mean']:.4f}, "
                    f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB", err=True)
 
-    opts = SweepOptions(path=sweep_file, executor=executor, address=address, max_parallel=max_parallel, force=force,
-                        store=store, out=out)
-    summary = _call(run_sweep, opts, progress)
+    opts = RunOptions(executor=executor, address=address, max_parallel=max_parallel, force=force, store=store, out=out)
+    summary = _call(run_sweep, sweep_file, opts, progress)
     for warning in summary["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"run set {summary['run_set']}: {summary['jobs']} jobs — {summary['already_stored']} already stored, "
                f"{summary['from_cache']} from the job cache, {summary['computed']} computed; {summary['stored']} stored"
                + "".join(f"\nresults: {p}" for p in summary["results"]))
+
+
+@cli.command("methods")
+@click.option("--json", "as_json", is_flag=True)
+def methods_cmd(as_json):
+    """The registered quantization methods (built-in and from installed plugins), with example recipes."""
+    from quantlab.methods import all_methods, get_method, method_target
+
+    rows = [{"method": m, "examples": list(get_method(m).example_names), "libraries": list(get_method(m).libraries),
+             "target": method_target(m)} for m in _call(all_methods)]
+    click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(
+        f"{r['method']:<10} {', '.join(r['examples']):<60} {r['target']}" for r in rows))
 
 
 @cli.command("runs")

@@ -14,6 +14,19 @@ from pathlib import Path
 from quantlab.errors import UsageError
 
 
+def safe_name(name: str) -> str:
+    """``name`` as one file name: characters outside [A-Za-z0-9_.=+-] (path separators, spaces) become ``-``, a
+    leading dot is dropped, and a name that had to change gets a short hash of the original so two names never
+    share a file."""
+    import hashlib
+    import re
+
+    clean = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", name).lstrip(".") or "-"
+    if clean == name:
+        return name
+    return f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

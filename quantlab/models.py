@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
-from quantlab.fsutil import atomic_dir, file_lock
-from quantlab.provenance import sha256_file
+from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.provenance import require_library, sha256_file
+from quantlab.quiet import quiet_libraries
 
 DEFAULT_MODEL = "smollm2-135m"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -45,8 +46,6 @@ class ModelSource:
 
 
 def resolve_model(ref: str | None = None, trust_remote_code: bool = False) -> ModelSource:
-    from quantlab.quiet import quiet_libraries
-
     quiet_libraries()
     ref = ref or DEFAULT_MODEL
     if ref == DEFAULT_MODEL:
@@ -105,8 +104,6 @@ def gguf_weight_type(path: Path) -> str:
 
 def convert_gguf(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF into a cached HF directory once (parsing takes ~20-50 s); later calls reuse it."""
-    from quantlab.provenance import require_library
-
     require_library("gguf", "gguf conversion")
     digest = cached_sha256(gguf)
     target = quantlab_home() / "models" / f"{gguf.stem}-{digest[:12]}"
@@ -121,8 +118,6 @@ def convert_gguf(gguf: Path) -> tuple[Path, str]:
 def _convert_into(gguf: Path, digest: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from quantlab.fsutil import atomic_write_json
 
     wtype = gguf_weight_type(gguf)
     note = f"weights dequantized from GGUF {wtype} ({gguf.name}); the fp baseline is dequantized {wtype}"
@@ -145,7 +140,7 @@ def _resolve_hub(ref: str, trust_remote_code: bool) -> ModelSource:
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        path = Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
     except Exception as exc:
         raise ModelLoadError(
             f"Could not get '{ref}' from the Hugging Face hub ({_first_line(exc)}) — "
@@ -189,6 +184,9 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
+        if not trust_remote_code and _names_own_code(Path(path)):
+            raise ModelLoadError(f"{path} needs its own model code (auto_map in config.json), which quantlab does not "
+                                 "run unless asked — pass --trust-remote-code if you trust that code") from None
         raise ModelLoadError(f"Unreadable config.json in {path}: {_first_line(exc)} — fix or re-save it") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise ModelLoadError(
@@ -198,13 +196,27 @@ def load_config(path: str | Path, trust_remote_code: bool = False):
     return config
 
 
-def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear a method would quantize, built on the meta device (no weights)."""
+def meta_model(config, trust_remote_code: bool = False):
+    """The config's model class built on the meta device: every module and shape, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _names_own_code(path: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def linear_shapes(config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """(out, in) of every nn.Linear a method would quantize, built on the meta device (no weights)."""
+    import torch
+
+    model = meta_model(config, trust_remote_code)
     out_embed = model.get_output_embeddings()
     return {
         name: (m.out_features, m.in_features)
@@ -213,13 +225,8 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     }
 
 
-def count_params(config) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+def count_params(config, trust_remote_code: bool = False) -> int:
+    return sum(p.numel() for p in meta_model(config, trust_remote_code).parameters())
 
 
 def fingerprint_dir(path: str | Path) -> str:
@@ -241,8 +248,6 @@ def cached_sha256(path: Path) -> str:
 
     Hashing SmolLM2's 540 MB of weights takes ~2 s; every command resolves its model, so it is done once.
     """
-    from quantlab.fsutil import atomic_write_json
-
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = quantlab_home() / "sha256-cache.json"
@@ -281,11 +286,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def save_with_tokenizer(model, source_dir: str | Path, out_dir: str | Path) -> None:
+def save_with_tokenizer(model, source_dir: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> None:
     """Save a model plus the source's tokenizer, so the artifact loads on its own."""
     model.save_pretrained(str(out_dir))
     try:
-        load_tokenizer(source_dir).save_pretrained(str(out_dir))
+        load_tokenizer(source_dir, trust_remote_code).save_pretrained(str(out_dir))
     except ModelLoadError:
         pass  # a model without a tokenizer stays usable for its weights; evaluation will say so
 

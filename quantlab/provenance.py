@@ -10,6 +10,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from quantlab import __version__
 from quantlab.errors import MissingExtraError
 
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum", "lm_eval",
@@ -41,8 +42,6 @@ def require_library(name: str, method: str) -> None:
 
 
 def versions() -> dict:
-    from quantlab import __version__
-
     out = {"python": platform.python_version(), "quantlab": __version__}
     out.update({name: library_version(name) for name in LIBRARIES})
     return out
@@ -96,6 +95,7 @@ def provenance(device: str, seeds: dict | None = None, data: dict | None = None)
         "seeds": seeds or {},
         "data_sha256": data or {},
         "git_sha": git_sha(),
+        "host": platform.node(),
     }
 
 

@@ -1,17 +1,19 @@
 """Recipes: a quantization method plus its parameters, named on the command line or in YAML.
 
 A recipe is written as a short name (``bnb-nf4``, ``rtn-w4-g64``) or as a YAML mapping with
-``method:`` and the method's parameters. Unknown keys are errors that name the allowed keys.
+``method:`` and the method's parameters (list values make a grid, see ``expand_recipes``). Unknown keys are
+errors that name the allowed keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from quantlab.errors import RecipeError
+from quantlab.methods import all_methods, get_method
 
 #: What ``quantize-and-compare`` runs when no recipes are given.
 DEFAULT_RECIPES = "fp,bnb-int8,bnb-nf4,rtn-w8,rtn-w4-g64,gptq-w8,gptq-w4-g64"
@@ -36,16 +38,12 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        from quantlab.methods import get_method
-
         method = get_method(data["method"])
         return cls(name=data["name"], method=data["method"], config=method.config_cls(**data["params"]))
 
 
 def parse_recipe(name: str) -> Recipe:
     """Turn a short name such as ``bnb-nf4`` into a Recipe, or explain what would have been valid."""
-    from quantlab.methods import all_methods, get_method
-
     text = name.strip()
     for method_name in all_methods():
         method = get_method(method_name)
@@ -67,8 +65,6 @@ def parse_recipe_list(text: str) -> list[Recipe]:
 
 def recipe_from_mapping(data: dict, where: str) -> Recipe:
     """Build a recipe from a YAML mapping ``{method: rtn, bits: 4, group_size: 64, name: ...}``."""
-    from quantlab.methods import get_method
-
     if "method" not in data:
         raise RecipeError(f"{where}: recipe has no 'method' key — add e.g. 'method: rtn'")
     method = get_method(str(data["method"]))
@@ -88,38 +84,57 @@ def recipe_from_mapping(data: dict, where: str) -> Recipe:
     return Recipe(name=name, method=method.name, config=config)
 
 
-def load_recipes_yaml(path: str | Path) -> list[Recipe]:
-    """Read ``recipes:`` from an experiment YAML: a list of short names or mappings."""
-    from quantlab.fsutil import load_yaml
-
-    path = Path(path)
-    data = load_yaml(path, "Experiment file", "check the path", RecipeError)
-    if not isinstance(data, dict) or not isinstance(data.get("recipes"), list):
-        raise RecipeError(f"{path}: expected a mapping with a 'recipes:' list — see experiments/default.yaml")
-    unknown = sorted(set(data) - {"recipes", "model", "text", "description"})
-    if unknown:
-        raise RecipeError(
-            f"{path}: unknown top-level key(s) {', '.join(unknown)} — allowed: description, model, recipes, text"
-        )
-    recipes = []
-    for i, item in enumerate(data["recipes"]):
-        where = f"{path}: recipes[{i}]"
+def expand_recipes(items, where: str) -> list[Recipe]:
+    """A recipe file's ``recipes:`` list: short names and mappings; a mapping with list values becomes one recipe
+    per combination (a grid), named by the method's short name plus ``key=value`` for each varied parameter
+    the short name does not show (``gptq-w4-g64 calibration=self``), so every recipe has a distinct name."""
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: 'recipes' must be a non-empty list of names or mappings — e.g. [fp, bnb-nf4]")
+    out: list[Recipe] = []
+    for i, item in enumerate(items):
+        at = f"{where}: recipes[{i}]"
         if isinstance(item, str):
-            recipes.append(parse_recipe(item))
-        elif isinstance(item, dict):
-            recipes.append(recipe_from_mapping(item, where))
-        else:
-            raise RecipeError(f"{where}: expected a recipe name or mapping, got {type(item).__name__}")
-    _reject_duplicates(recipes)
-    return recipes
+            out.append(parse_recipe(item))
+            continue
+        if not isinstance(item, dict):
+            raise RecipeError(f"{at}: expected a recipe name or mapping, got {type(item).__name__}")
+        grid = {k: v for k, v in item.items() if isinstance(v, list)}
+        if "name" in item and grid:
+            raise RecipeError(f"{at}: a grid (list-valued {', '.join(grid)}) cannot carry one 'name' — drop it")
+        for values in itertools.product(*grid.values()):
+            recipe = recipe_from_mapping({**item, **dict(zip(grid, values))}, at)
+            out.append(_grid_name(recipe, dict(zip(grid, values))))
+    return _distinct(out, where)
 
 
-def load_experiment(path: str | Path) -> dict:
-    """The experiment file's optional model and text, beside its recipes."""
-    import yaml
+def _distinct(recipes: list[Recipe], where: str) -> list[Recipe]:
+    """One recipe per distinct (method, config): a grid point equal to a listed recipe is not run twice."""
+    by_name: dict[str, Recipe] = {}
+    by_config: set[tuple] = set()
+    for r in recipes:
+        if r.name in by_name and by_name[r.name].config != r.config:
+            raise RecipeError(f"{where}: two different recipes are both named '{r.name}' — name one of them")
+        if (r.method, r.config) not in by_config:
+            by_name.setdefault(r.name, r)
+            by_config.add((r.method, r.config))
+    return list(by_name.values())
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return {"model": data.get("model"), "text": data.get("text"), "recipes": load_recipes_yaml(path)}
+
+def _grid_name(recipe: Recipe, varied: dict) -> Recipe:
+    """Append ``key=value`` for each varied parameter the method's short name does not already show."""
+    method = get_method(recipe.method)
+    shown = method.short_name(recipe.config)
+    default = method.config_cls()
+    hidden = []
+    for key, value in varied.items():
+        probe = dataclasses.replace(recipe.config, **{key: getattr(default, key)})
+        if method.short_name(probe) == shown and value != getattr(default, key) or key in _ALWAYS_SHOWN:
+            hidden.append(f"{key}={value}")
+    name = recipe.name if recipe.name != shown else " ".join([shown, *hidden])
+    return dataclasses.replace(recipe, name=name)
+
+
+_ALWAYS_SHOWN = ("calibration", "train_text")  # data choices: shown even at their default, so a grid over them reads
 
 
 def _reject_duplicates(recipes: list[Recipe]) -> None:
@@ -132,8 +147,6 @@ def _reject_duplicates(recipes: list[Recipe]) -> None:
 
 def _unknown_recipe_message(text: str) -> str:
     import difflib
-
-    from quantlab.methods import all_methods, get_method
 
     examples: list[str] = []
     for method_name in all_methods():

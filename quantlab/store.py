@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantlab.errors import StoreError
+from quantlab.models import quantlab_home
 
 MIGRATIONS: list[str] = [
     # 1: runs, with the record of each (model, recipe) evaluation
@@ -60,8 +61,6 @@ _JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance"
 
 
 def default_store_path() -> Path:
-    from quantlab.models import quantlab_home
-
     return quantlab_home() / "quantlab.db"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from quantlab.evaluate.accuracy import primary_metric
+
 MB = 1024 * 1024
 
 
@@ -54,14 +56,6 @@ def render_table(results: dict) -> str:
     notes.append(f"results: {results.get('results_path', '')}")
     suite = render_accuracy(results["runs"])
     return _rows_table(header, rows) + ("\n\n" + suite if suite else "") + "\n\n" + "\n".join(notes)
-
-
-def primary_metric(task: dict) -> str | None:
-    """The metric a task is usually quoted by: acc_norm where lm-eval has it, else acc, else its perplexity."""
-    for name in ("acc_norm", "acc", "word_perplexity", "perplexity"):
-        if name in task["metrics"]:
-            return name
-    return next(iter(task["metrics"]), None)
 
 
 def render_accuracy(runs: list[dict]) -> str:

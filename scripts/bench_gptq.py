@@ -21,7 +21,7 @@ from pathlib import Path
 
 def measure(model: str, recipe) -> dict:
     from quantlab.artifacts import read_manifest
-    from quantlab.pipeline import evaluate_model, quantize_model
+    from quantlab.sweep.commands import evaluate_model, quantize_model
 
     art = quantize_model(model, recipe, "cpu")
     fid = evaluate_model(art["artifact"], model)["fidelity"]
@@ -52,7 +52,7 @@ def main() -> None:
 
     from quantlab.evaluate.text import resolve_text
     from quantlab.models import resolve_model
-    from quantlab.pipeline import bench_model
+    from quantlab.sweep.commands import bench_model
     from quantlab.provenance import provenance
     from quantlab.recipe import parse_recipe
 

@@ -79,7 +79,7 @@ def direct_eval_from_disk(fp_path, q_path, ids):
 
 
 def quantlab_eval(artifact, model_ref, settings):
-    from quantlab.pipeline import evaluate_model
+    from quantlab.sweep.commands import evaluate_model
 
     return evaluate_model(artifact, model_ref, settings=settings)
 
@@ -107,7 +107,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     direct_nf4(source.path, tmp / "nf4")  # warm-up: first loads pay for imports and page cache
     fp_model, q_model = quantlab_load(source.path), quantlab_load(tmp / "nf4")
-    from quantlab.pipeline import quantize_model
+    from quantlab.sweep.commands import quantize_model
     from quantlab.recipe import parse_recipe
 
     artifact = quantize_model(args.model, parse_recipe("bnb-nf4"), "cpu")["artifact"]

@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--prefill-recipes", default="fp,bnb-nf4")
     args = ap.parse_args()
 
-    from quantlab.pipeline import weigh_model
+    from quantlab.sweep.commands import weigh_model
     from quantlab.plan import PlanSettings, plan_model
     from quantlab.provenance import provenance
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def evaluate(model: str, recipe, per_token: Path, threads: int) -> dict:
     from quantlab.artifacts import read_manifest
-    from quantlab.pipeline import evaluate_model, quantize_model
+    from quantlab.sweep.commands import evaluate_model, quantize_model
 
     art = quantize_model(model, recipe, "cpu", threads)
     fid = evaluate_model(art["artifact"], model, per_token_path=str(per_token))["fidelity"]

@@ -53,11 +53,12 @@ def sweep_file(root: Path, name: str, model: Path, recipes: list[str]) -> Path:
 
 
 def timed(path: Path, home: Path, **kw) -> tuple[float, dict]:
-    from quantlab.sweep import SweepOptions, run_sweep
+    from quantlab.sweep.commands import run_sweep
+    from quantlab.sweep.driver import RunOptions
 
     os.environ["QUANTLAB_HOME"] = str(home)
     t0 = time.perf_counter()
-    summary = run_sweep(SweepOptions(path=str(path), store=str(home / "runs.db"), **kw))
+    summary = run_sweep(str(path), RunOptions(store=str(home / "runs.db"), **kw))
     return time.perf_counter() - t0, summary
 
 

@@ -196,7 +196,7 @@ BAD = {
                                "not both", 2),
     "unknown experiment key": (lambda t, d, x: ["--model", str(d), "--experiment",
                                                 str(_file(t / "e.yaml", "recipes: [fp]\nrecipies: [bnb-nf4]\n"))],
-                               "unknown top-level key(s) recipies", 2),
+                               "top-level: unknown key(s) recipies", 2),
 }
 
 

@@ -62,7 +62,7 @@ def test_gptq_error_is_below_rtn_on_calibration_inputs(tiny_dir, tiny_model, qua
 
     Checked on the first layer's q/k/v projections, whose inputs do not depend on earlier quantization.
     """
-    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.loading import load_recipe_model
     from quantlab.methods.calibration import calibration_windows
     from quantlab.methods.rtn import fake_quantize
 

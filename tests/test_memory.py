@@ -2,7 +2,7 @@ import pytest
 
 
 def _load(path, name):
-    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.loading import load_recipe_model
     from quantlab.recipe import parse_recipe
 
     return load_recipe_model(str(path), parse_recipe(name), "cpu")

@@ -1,4 +1,6 @@
-"""Contract suite: every quantizing method writes a directory plain transformers reloads."""
+"""Contract suite, generated from the method registry: every example recipe of every registered method that applies
+to the tiny model writes a directory plain transformers reloads in a fresh process without quantlab, holds
+the bytes the planner predicts, and round-trips its short name. A new method joins by registering."""
 
 import json
 import subprocess
@@ -7,11 +9,37 @@ import sys
 import pytest
 import torch
 
-from quantlab.methods import get_method
-from quantlab.recipe import parse_recipe
+from quantlab.errors import RecipeError
+from quantlab.methods import all_methods, get_method
+from quantlab.recipe import Recipe, parse_recipe
+from tiny import TINY_SHAPES
 
-CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq", "rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym",
-         "rtn-w4-g32-gptqfmt", "torchao-w4-g32", "torchao-a8w4-g32"]
+EXAMPLES = [name for m in all_methods() for name in get_method(m).example_names]
+
+
+def _applies(name: str) -> bool:
+    recipe = parse_recipe(name)
+    try:
+        get_method(recipe.method).check_model(recipe.config, TINY_SHAPES)
+    except RecipeError:
+        return False  # e.g. group 128 on in-features of 64
+    return get_method(recipe.method).writes_artifact
+
+
+CASES = [name for name in EXAMPLES if _applies(name)] + ["rtn-w4-g64-asym"]  # + a variant no example shows
+
+
+def test_the_contract_covers_every_method_that_writes_artifacts():
+    covered = {parse_recipe(n).method for n in CASES}
+    assert covered == {m for m in all_methods() if get_method(m).writes_artifact}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_short_names_round_trip(name):
+    recipe = parse_recipe(name)
+    assert recipe.name == name and get_method(recipe.method).short_name(recipe.config) == name
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
 
 RELOAD = r"""
 import json, sys, torch
@@ -38,7 +66,7 @@ def quantized(tiny_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("name", CASES)
 def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized):
-    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.loading import load_recipe_model
 
     proc = subprocess.run([sys.executable, "-c", RELOAD, str(quantized[name])], capture_output=True, text=True,
                           cwd="/")
@@ -49,6 +77,18 @@ def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized):
     with torch.no_grad():
         logits = model(torch.arange(2, 34).unsqueeze(0)).logits
     assert abs(logits.double().sum().item() - fresh["sum"]) <= 1e-3 * max(1.0, abs(fresh["sum"]))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_predicted_bytes_equal_the_loaded_artifact(name, quantized, tiny_dir):
+    from quantlab.measure.memory import weight_bytes
+    from quantlab.methods.loading import load_recipe_model
+    from quantlab.plan import PlanSettings, plan_model
+
+    recipe = parse_recipe(name)
+    (row,) = plan_model(str(tiny_dir), PlanSettings(device="cpu", recipes=(recipe,)))["recipes"]
+    loaded = weight_bytes(load_recipe_model(str(quantized[name]), recipe, "cpu"))["weights_bytes"]
+    assert row["weights_bytes"] == loaded
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -64,7 +104,7 @@ def test_quantized_layers_really_are_quantized(name, quantized):
 @pytest.mark.parametrize("name", ["rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym"])
 def test_rtn_artifact_equals_plain_torch_reference(name, quantized, tiny_model):
     """The torchao layout holds exactly the plain-torch RTN result."""
-    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.loading import load_recipe_model
     from quantlab.methods.rtn import fake_quantize
 
     recipe = parse_recipe(name)
@@ -92,7 +132,7 @@ def test_rtn_in_gptq_format_holds_the_same_grid(quantized, tiny_model):
     from quantlab.methods.rtn import fake_quantize
 
     layer = "model.layers.0.mlp.up_proj"
-    with safe_open(str(quantized["rtn-w4-g32-gptqfmt"] / "model.safetensors"), "pt") as fh:
+    with safe_open(str(quantized["rtn-w4-g64-gptqfmt"] / "model.safetensors"), "pt") as fh:
         qweight, qzeros, scales = (fh.get_tensor(f"{layer}.{k}") for k in ("qweight", "qzeros", "scales"))
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
     q = ((qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(-1, qweight.shape[1])  # (in, out)
@@ -103,7 +143,7 @@ def test_rtn_in_gptq_format_holds_the_same_grid(quantized, tiny_model):
     ref_scale = w.t().reshape(-1, group, w.shape[0]).abs().amax(dim=1) / 7.5
     torch.testing.assert_close(scales.float(), ref_scale, rtol=1e-3, atol=0)  # scales are stored in fp16
     scale_full = ref_scale.repeat_interleave(group, dim=0)
-    ref_int = torch.round(fake_quantize(w, 4, 32, True).t() / scale_full)
+    ref_int = torch.round(fake_quantize(w, 4, group, True).t() / scale_full)
     # The same integers everywhere except on the rounding tie: each group's negative extreme sits at
     # exactly -7.5 steps, which float arithmetic may round either way (-8 or -7).
     differ = q - 8 != ref_int

@@ -67,7 +67,7 @@ def test_distillation_lowers_the_heldout_kld(trained):
 
 def test_step_zero_is_the_ptq_twin(peaked_dir, train_file, tmp_path):
     """Before any training the fake-quant student is exactly the torchao PTQ recipe of the same scheme."""
-    from quantlab.evaluate.fidelity_job import load_recipe_model
+    from quantlab.methods.loading import load_recipe_model
     from quantlab.methods.qat import prepare
     from quantlab.models import load_causal_lm
 
@@ -174,10 +174,10 @@ def test_recovered_fraction_of_task_accuracy():
 
 
 def test_a_trained_recipe_brings_its_ptq_twin():
-    from quantlab.twins import with_twins
     from quantlab.recipe import parse_recipe_list
+    from quantlab.sweep.plan import with_baseline_and_twins
 
-    names = [r.name for r in with_twins(parse_recipe_list("fp,qat-w4-g32,qat-a8w4-g32,torchao-a8w4-g32"))]
+    names = [r.name for r in with_baseline_and_twins(parse_recipe_list("fp,qat-w4-g32,qat-a8w4-g32,torchao-a8w4-g32"))]
     assert names == ["fp", "torchao-w4-g32", "qat-w4-g32", "qat-a8w4-g32", "torchao-a8w4-g32"]  # listed: kept
 
 

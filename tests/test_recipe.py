@@ -1,7 +1,8 @@
 import pytest
 
-from quantlab.errors import RecipeError
-from quantlab.recipe import Recipe, load_recipes_yaml, parse_recipe, parse_recipe_list
+from quantlab.errors import RecipeError, UsageError
+from quantlab.recipe import Recipe, parse_recipe, parse_recipe_list
+from quantlab.sweep.spec import load_spec
 
 
 @pytest.mark.parametrize("name,method,params", [
@@ -53,7 +54,7 @@ def test_duplicate_recipe_rejected():
 def test_yaml_recipes_with_parameters(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("recipes:\n  - bnb-nf4\n  - {method: rtn, bits: 4, group_size: 32, symmetric: false, name: my-rtn}\n")
-    recipes = load_recipes_yaml(f)
+    recipes = load_spec(f).recipes
     assert [r.name for r in recipes] == ["bnb-nf4", "my-rtn"]
     assert recipes[1].config.symmetric is False
 
@@ -62,14 +63,14 @@ def test_yaml_unknown_key_names_allowed_keys(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("recipes:\n  - {method: rtn, bits: 4, group_sise: 64}\n")
     with pytest.raises(RecipeError, match="unknown key\\(s\\) group_sise.*allowed: .*group_size"):
-        load_recipes_yaml(f)
+        load_spec(f)
 
 
 def test_yaml_is_read_safely(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("recipes: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(RecipeError, match="invalid YAML"):
-        load_recipes_yaml(f)
+    with pytest.raises(UsageError, match="invalid YAML"):
+        load_spec(f)
 
 
 def test_group_size_checked_against_layers():
@@ -85,14 +86,14 @@ def test_rtn_format_is_checked(tmp_path):
     f = tmp_path / "e.yaml"
     f.write_text("recipes:\n  - {method: rtn, bits: 4, group_size: 64, format: awq}\n")
     with pytest.raises(RecipeError, match="rtn format must be one of torchao, gptq"):
-        load_recipes_yaml(f)
+        load_spec(f)
 
 
-def test_default_experiment_file_matches_the_default_recipes():
+def test_default_sweep_file_matches_the_default_recipes():
     from pathlib import Path
 
-    from quantlab.recipe import DEFAULT_RECIPES, load_experiment
+    from quantlab.recipe import DEFAULT_RECIPES
 
-    exp = load_experiment(Path(__file__).parent.parent / "experiments" / "default.yaml")
-    assert [r.name for r in exp["recipes"]] == DEFAULT_RECIPES.split(",")
-    assert exp["model"] == "smollm2-135m"
+    spec = load_spec(Path(__file__).parent.parent / "experiments" / "sweep-smollm2.yaml")
+    assert [r.name for r in spec.recipes] == DEFAULT_RECIPES.split(",")
+    assert spec.models == ("smollm2-135m",)

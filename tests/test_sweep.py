@@ -11,7 +11,7 @@ import time
 import pytest
 
 from quantlab.errors import RecipeError, UsageError
-from quantlab.sweep.spec import load_sweep
+from quantlab.sweep.spec import load_spec
 
 
 def _write(path, text):
@@ -20,7 +20,7 @@ def _write(path, text):
 
 
 def test_grid_expands_with_distinct_names(tmp_path):
-    spec = load_sweep(_write(tmp_path / "s.yaml", """
+    spec = load_spec(_write(tmp_path / "s.yaml", """
 models: [smollm2-135m]
 recipes:
   - fp
@@ -45,7 +45,7 @@ recipes:
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, text, message):
     with pytest.raises((UsageError, RecipeError)) as info:
-        load_sweep(_write(tmp_path / "s.yaml", text))
+        load_spec(_write(tmp_path / "s.yaml", text))
     assert message in str(info.value)
 
 
@@ -111,37 +111,34 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="needs ray (setup installs it)")
 def test_ray_executor_stores_into_the_one_store(tiny_sweep, tmp_path):
-    from quantlab.sweep import SweepOptions, run_sweep
+    from quantlab.sweep.commands import run_sweep
+    from quantlab.sweep.driver import RunOptions
 
     db = str(tmp_path / "runs.db")
-    summary = run_sweep(SweepOptions(path=str(tiny_sweep), executor="ray", max_parallel=2, store=db,
-                                     out=str(tmp_path / "out")))
+    summary = run_sweep(str(tiny_sweep), RunOptions(executor="ray", max_parallel=2, store=db, out=str(tmp_path / "out")))
     assert summary["computed"] == 2 and summary["stored"] == 2
     rows = _rows(db)
     assert {r[1] for r in rows} == {"fp", "rtn-w4-g32"} and {r[0] for r in rows} == {summary["run_set"]}
-    local = run_sweep(SweepOptions(path=str(tiny_sweep), store=db, out=str(tmp_path / "out")))  # same jobs, same set
+    local = run_sweep(str(tiny_sweep), RunOptions(store=db, out=str(tmp_path / "out")))  # same jobs, same set
     assert local["run_set"] == summary["run_set"] and local["already_stored"] == 2 and len(_rows(db)) == 2
 
 
 def test_sweep_options_are_checked():
-    from quantlab.sweep import SweepOptions
+    from quantlab.sweep.driver import RunOptions
 
     with pytest.raises(UsageError, match="--address joins a Ray cluster"):
-        SweepOptions(path="x.yaml", address="ray://head:10001")
+        RunOptions(address="ray://head:10001")
     with pytest.raises(UsageError, match="--max-parallel"):
-        SweepOptions(path="x.yaml", max_parallel=0)
+        RunOptions(max_parallel=0)
 
 
-@pytest.mark.parametrize("name", ["sweep-smollm2.yaml", "sweep-gptq-calibration.yaml", "sweep-llama-8b-gpu.yaml"])
-def test_shipped_sweep_files_load(name):
+def test_the_shipped_calibration_grid_names_each_point():
     from pathlib import Path
 
-    spec = load_sweep(Path(__file__).resolve().parents[1] / "experiments" / name)
-    assert spec.recipes and spec.models
-    if name == "sweep-gptq-calibration.yaml":
-        assert [r.name for r in spec.recipes][2:] == [
-            "gptq-w4-g64 calibration=self", "gptq-w4-g64 calibration=c4_calibration",
-            "gptq-w4-g64 calibration=wikitext2_raw"]
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "sweep-gptq-calibration.yaml")
+    assert [r.name for r in spec.recipes][2:] == [
+        "gptq-w4-g64 calibration=self", "gptq-w4-g64 calibration=c4_calibration",
+        "gptq-w4-g64 calibration=wikitext2_raw"]
 
 
 def test_sweeps_running_at_once_share_jobs_and_lose_nothing(tiny_sweep, tmp_path, quantlab_home):

@@ -10,6 +10,12 @@ WORDS = ("the of and to in is was for on that with as by at from his an were are
          "both under new world during season film game part three while made").split()
 
 
+#: (out, in) of the quantized linears of ``build_llama_dir``'s default model: in-features 64 and 128.
+TINY_SHAPES = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
+               "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
+               "mlp.down_proj": (64, 128)}
+
+
 def build_tokenizer():
     """A word-level tokenizer over a fixed vocabulary, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers

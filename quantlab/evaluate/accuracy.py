@@ -1,35 +1,17 @@
-"""Suite accuracy of one or more models: the lm-eval step of ``eval --tasks`` and ``quantize-and-compare --suite``.
-
-quantize-and-compare runs every candidate in one fresh process (``accuracy_job``), like fidelity: accuracy
-measures no memory or time, and lm-eval's imports and the converted data are then loaded once.
-"""
+"""Suite accuracy of one model through lm-eval, loaded the way its method says (``evaluate_candidate``)."""
 
 from __future__ import annotations
 
 import gc
 import time
 
-
-def accuracy_job(payload: dict) -> dict:
-    """Worker entry: ``{settings, prepared, device, candidates: [{recipe, artifact}], trust_remote_code}``."""
-    from tqdm import tqdm
-
-    from quantlab.evaluate.harness import HarnessSettings, PreparedTasks
-    from quantlab.recipe import Recipe
-
-    settings = HarnessSettings.from_dict(payload["settings"])
-    prepared = PreparedTasks(**payload["prepared"])
-    return {"results": [evaluate_candidate(c["artifact"], Recipe.from_dict(c["recipe"]), payload["device"], settings,
-                                           prepared, payload.get("trust_remote_code", False))
-                        for c in tqdm(payload["candidates"], desc="accuracy", unit="model", leave=False)]}
+from quantlab.evaluate.harness import run_tasks
+from quantlab.methods.loading import load_recipe_model
+from quantlab.models import load_tokenizer
 
 
 def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust_remote_code: bool = False) -> dict:
     """Load one model the way its method says and run the suite on it; adds wall/CPU seconds and dtype."""
-    from quantlab.evaluate.fidelity_job import load_recipe_model
-    from quantlab.evaluate.harness import run_tasks
-    from quantlab.models import load_tokenizer
-
     model = load_recipe_model(path, recipe, device, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code)
     started, cpu = time.perf_counter(), time.process_time()
@@ -39,6 +21,14 @@ def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust
     del model
     gc.collect()
     return result
+
+
+def primary_metric(task: dict) -> str | None:
+    """The metric a task is usually quoted by: acc_norm where lm-eval has it, else acc, else its perplexity."""
+    for name in ("acc_norm", "acc", "word_perplexity", "perplexity"):
+        if name in task["metrics"]:
+            return name
+    return next(iter(task["metrics"]), None)
 
 
 def split_samples(result: dict) -> dict:

@@ -16,6 +16,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError
+from quantlab.fsutil import atomic_dir
+from quantlab.provenance import library_version
+
+DEFINITIONS = {
+    "kld_mean": "mean over predicted tokens of KL(fp || quant) over the full vocabulary, nats/token",
+    "kld_p99": "99th percentile of per-token KL(fp || quant), nats",
+    "top1_agreement": "fraction of tokens where quant's argmax equals fp's argmax",
+    "ppl": "token-level perplexity exp(mean NLL) of the quantized model on the reference text",
+    "ppl_baseline": "token-level perplexity of the fp baseline on the same tokens",
+    "ci95": "bootstrap 95% interval resampling text chunks",
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,10 @@ class FidelitySettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FidelitySettings":
+        return cls(**data)
 
 
 def chunk_ids(tokenizer, text: str, settings: FidelitySettings):
@@ -56,8 +71,6 @@ def _log_probs(model, batch):
 def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings):
     """Write the baseline log-probs memmap (chunks, chunk_tokens - 1, vocab) atomically."""
     import numpy as np
-
-    from quantlab.fsutil import atomic_dir
 
     n, length = ids.shape
     with atomic_dir(cache_path) as tmp:
@@ -167,8 +180,6 @@ def save_per_token(path: Path, per_token: dict) -> None:
 
 def cache_key(model_fingerprint: str, text_sha: str, settings: FidelitySettings, dtype: str, device: str) -> str:
     import hashlib
-
-    from quantlab.provenance import library_version
 
     payload = {"model": model_fingerprint, "text": text_sha, "chunk_tokens": settings.chunk_tokens,
                "max_chunks": settings.max_chunks, "dtype": dtype, "device": device.split(":")[0],

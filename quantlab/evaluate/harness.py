@@ -16,7 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from quantlab.errors import DataError, UsageError
+from quantlab.errors import DataError, MissingExtraError, UsageError
+from quantlab.evaluate.tasks import TASKS, convert
+from quantlab.evaluate.text import data_dir
+from quantlab.fsutil import atomic_dir, file_lock
+from quantlab.models import cached_sha256, quantlab_home
+from quantlab.provenance import library_version
+from quantlab.quiet import quiet_libraries
 
 LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # lm-eval's own defaults
 
@@ -65,8 +71,6 @@ class PreparedTasks:
 
 def offline_env() -> None:
     """No hub access for datasets or models; the datasets cache under QUANTLAB_HOME. Before importing datasets."""
-    from quantlab.models import quantlab_home
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_CACHE", str(quantlab_home() / "hf_datasets"))
@@ -105,9 +109,6 @@ _IgnoreTags.add_multi_constructor("!", _ignore_tag)
 
 def check_tasks(settings: HarnessSettings) -> tuple[list[str], dict[str, Path]]:
     """Known task names and their local files exist — before any model is loaded. Returns (names, user YAMLs)."""
-    from quantlab.evaluate.tasks import TASKS
-    from quantlab.evaluate.text import data_dir
-
     lm_eval_tasks_dir()
     own = user_tasks(settings.include_path)
     known = sorted(set(TASKS) | set(own))
@@ -132,9 +133,6 @@ def check_tasks(settings: HarnessSettings) -> tuple[list[str], dict[str, Path]]:
 
 def prepare_tasks(settings: HarnessSettings) -> PreparedTasks:
     """Convert local data and write override YAMLs into the cache (once per data hash and lm-eval version)."""
-    from quantlab.evaluate.tasks import TASKS
-    from quantlab.evaluate.text import data_dir
-
     names, own = check_tasks(settings)
     local = [n for n in names if n not in own]
     prepared = PreparedTasks(include_paths=[], names=names)
@@ -151,8 +149,6 @@ def prepare_tasks(settings: HarnessSettings) -> PreparedTasks:
 
 
 def _sha(path: Path) -> str:
-    from quantlab.models import cached_sha256
-
     return cached_sha256(path)
 
 
@@ -160,12 +156,6 @@ def _write_override(task, base: Path) -> tuple[Path, dict]:
     """Convert one task's local files and write its override YAML, once per (files, lm-eval version)."""
     import hashlib
     import json
-
-    from quantlab.fsutil import atomic_dir, file_lock
-    from quantlab.models import quantlab_home
-    from quantlab.provenance import library_version
-
-    from quantlab.evaluate.tasks import convert
 
     files = {str((base / rel).resolve()): _sha(base / rel) for rel in task.files}
     # the converters' own source is in the key: a changed converter rebuilds the cached data
@@ -198,8 +188,6 @@ def _override(task, builtin: Path, jsonl: Path, cache: Path) -> dict:
 def lm_eval_tasks_dir() -> Path:
     from importlib.util import find_spec
 
-    from quantlab.errors import MissingExtraError
-
     if find_spec("lm_eval") is None:
         raise MissingExtraError("Accuracy tasks need lm-eval, which is not installed — "
                                 "pip install -c scripts/constraints.txt -e '.[eval]'")
@@ -209,8 +197,6 @@ def lm_eval_tasks_dir() -> Path:
 def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTasks) -> dict:
     """lm-eval's simple_evaluate on an in-memory model; per task: metrics, stderrs and per-sample scores."""
     offline_env()
-    from quantlab.quiet import quiet_libraries
-
     quiet_libraries()
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM

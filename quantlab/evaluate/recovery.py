@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantlab.evaluate.accuracy import primary_metric
+from quantlab.methods import get_method
+
 DEFINITION = ("recovered fraction = (PTQ - QAT) / (PTQ - fp) of the PTQ twin's degradation (same format, no "
               "training), for mean KLD (fp = 0) and token-level perplexity; 1 = all recovered, 0 = none, "
               "< 0 = worse than PTQ; 95 % interval from a paired bootstrap over text chunks")
@@ -64,3 +67,28 @@ def accuracy_recovery(fp_rows: list[dict], twin_rows: list[dict], trained_rows: 
     ci = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if point is not None and values else None
     return {"twin": twin, "metric": metric, "recovered": point, "ci95": ci, "documents": n,
             "definition": ACCURACY_DEFINITION}
+
+
+def add_recoveries(recipes: list, fids: list[dict], npz: dict[str, str], settings) -> None:
+    """Each trained recipe's recovered fraction over its PTQ twin, into its fidelity record."""
+    for recipe, fid in zip(recipes, fids):
+        twin = get_method(recipe.method).ptq_twin(recipe.config)
+        if twin and twin in npz:
+            fid["recovery"] = recovery(npz[recipe.name], npz[twin], twin, settings.bootstrap, settings.seed)
+
+
+def add_accuracy_recoveries(recipes: list, accs: list, samples: list) -> None:
+    """Each trained recipe's recovered fraction of its twin's lost task accuracy (primary metric per task)."""
+    index = {r.name: i for i, r in enumerate(recipes)}
+    fp = next((i for i, r in enumerate(recipes) if r.method == "fp"), None)
+    for i, recipe in enumerate(recipes):
+        twin = get_method(recipe.method).ptq_twin(recipe.config)
+        if fp is None or twin not in index or not accs[i]:
+            continue
+        out = {}
+        for task, info in accs[i]["tasks"].items():
+            metric = primary_metric(info)
+            if metric in ("acc", "acc_norm"):
+                out[task] = accuracy_recovery(samples[fp][task], samples[index[twin]][task], samples[i][task],
+                                              metric, twin)
+        accs[i]["recovery"] = out

@@ -13,13 +13,12 @@ import math
 from pathlib import Path
 
 from quantlab.errors import UsageError
+from quantlab.fsutil import atomic_write_json
 
 _SAME = ("tasks", "batch_size", "max_length", "num_fewshot", "bootstrap_iters", "data_dir", "include_path")
 
 
 def merge_shard_files(paths: list[str], output: str) -> dict:
-    from quantlab.fsutil import atomic_write_json
-
     merged = merge_shards([_read(p) for p in paths], paths)
     atomic_write_json(output, merged)
     return merged

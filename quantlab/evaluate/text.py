@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError
+from quantlab.fsutil import atomic_write_text, file_lock
+from quantlab.methods import get_method
+from quantlab.models import load_causal_lm, load_tokenizer, quantlab_home
 from quantlab.provenance import sha256_text
 
 DEFAULT_TEXT = "wikitext2_raw"
@@ -73,9 +76,6 @@ def self_text(model, device: str = "cpu", max_new_tokens: int = 320, rounds: int
     Each round samples one continuation per prompt (all prompts in one batch, with the KV cache);
     ``rounds`` > 1 gives more text, e.g. for data-free training.
     """
-    from quantlab.fsutil import atomic_write_text, file_lock
-    from quantlab.models import quantlab_home
-
     suffix = f"-r{rounds}" if rounds != 1 else ""
     target = quantlab_home() / "text" / f"self-{model.fingerprint[:16]}-s{seed}-n{max_new_tokens}{suffix}.txt"
     with file_lock(target.with_suffix(".lock")):
@@ -87,9 +87,6 @@ def self_text(model, device: str = "cpu", max_new_tokens: int = 320, rounds: int
 
 def _generate(model_source, device: str, max_new_tokens: int, rounds: int, seed: int) -> str:
     import torch
-
-    from quantlab.methods import get_method
-    from quantlab.models import load_causal_lm, load_tokenizer
 
     prompts = (Path(__file__).resolve().parent.parent / "prompts" / "self.txt").read_text().split("\n")
     prompts = [p for p in prompts if p.strip()]

@@ -8,6 +8,8 @@ a metric, task or sample the policy needs is missing).
 
 from __future__ import annotations
 
+from quantlab.errors import UsageError
+from quantlab.gate import stats
 from quantlab.gate.policy import BINARY, Policy, default_policy, load_policy
 from quantlab.gate.refs import load_ref
 
@@ -24,8 +26,6 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
     first = base_runs[0].get("accuracy") or {}
     policy = load_policy(policy_path) if policy_path else default_policy(first.get("tasks", {}))
     if not policy.rules:  # fail closed: a gate that tests nothing must not pass
-        from quantlab.errors import UsageError
-
         raise UsageError(f"{baseline} has no suite accuracy for the default policy to test — evaluate with "
                          "--tasks/--suite, or give --policy (e.g. metric: fidelity/kld_mean)")
     comparisons = [compare(b, c, policy, seed) for b, c in pairs]
@@ -36,9 +36,11 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
 
 
 def pair_runs(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]]:
-    """One baseline run gates every candidate run; otherwise runs pair by recipe name."""
-    from quantlab.errors import UsageError
-
+    """One baseline run gates every candidate run; otherwise runs pair by recipe name. When the baseline holds
+    several models (a sweep's run set), runs pair within a model, never across: by (model, recipe), or each
+    candidate with its model's one baseline run."""
+    if len({r.get("model") for r in base}) > 1:
+        return _pair_by_model(base, cand)
     if len(base) == 1:
         return [(base[0], c) for c in cand]
     by_recipe = {r["recipe"]: r for r in base}
@@ -47,6 +49,22 @@ def pair_runs(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]]:
         raise UsageError(f"Baseline has no run of {', '.join(missing)} — pick one baseline run with REF@recipe "
                          f"(recipes there: {', '.join(by_recipe)})")
     return [(by_recipe[c["recipe"]], c) for c in cand]
+
+
+def _pair_by_model(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]]:
+    per_model: dict = {}
+    for r in base:
+        per_model.setdefault(r.get("model"), []).append(r)
+    one_each = all(len(runs) == 1 for runs in per_model.values())
+    pairs = []
+    for c in cand:
+        runs = per_model.get(c.get("model"), [])
+        match = runs if one_each else [r for r in runs if r["recipe"] == c["recipe"]]
+        if not match:
+            raise UsageError(f"Baseline has no run of {c.get('model')}@{c['recipe']} — the baseline holds models "
+                             f"{', '.join(map(str, per_model))}; gate runs of the same models")
+        pairs.append((match[0], c))
+    return pairs
 
 
 def compare(base: dict, cand: dict, policy: Policy, seed: int) -> dict:
@@ -88,8 +106,6 @@ def judge(rule, test) -> dict:
 
 
 def test_metric(base: dict, cand: dict, rule, seed: int):
-    from quantlab.gate import stats
-
     if rule.task == "fidelity":
         return _fidelity_test(base, cand, rule, seed)
     b_rows, c_rows = _rows(base, rule.task), _rows(cand, rule.task)
@@ -129,8 +145,6 @@ def _rows(run: dict, task: str) -> dict:
 
 def _fidelity_test(base: dict, cand: dict, rule, seed: int):
     import numpy as np
-
-    from quantlab.gate import stats
 
     arrays = []
     for run in (base, cand):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import UsageError
+from quantlab.fsutil import load_yaml
 
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl"}
 BINARY = {"acc", "acc_norm", "exact_match"}
@@ -62,8 +63,6 @@ def default_policy(tasks: dict[str, dict], alpha: float = 0.05) -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    from quantlab.fsutil import load_yaml
-
     path = Path(path)
     data = load_yaml(path, "Gate policy", "give a YAML like experiments/gates/default.yaml")
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), list) or not data["metrics"]:

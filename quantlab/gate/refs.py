@@ -1,8 +1,8 @@
 """Resolve a gate reference to runs with their per-sample scores.
 
 REF is a results.json (quantize-and-compare's, or ``eval --output``'s), a run id or a run set in the store;
-``REF@recipe`` keeps only that recipe's run. Each run comes back as
-``{label, recipe, accuracy, samples: {task: [rows]}, per_chunk_kld}``.
+``REF@recipe`` keeps only that recipe's runs (one per model in a run set of several models). Each run comes
+back as ``{label, model, recipe, accuracy, samples: {task: [rows]}, per_chunk_kld}``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import gzip
 import json
 from pathlib import Path
 
+from quantlab import store as store_mod
 from quantlab.errors import UsageError
+from quantlab.fsutil import atomic_write_bytes, safe_name
 
 
 def load_ref(ref: str, store: str | None = None) -> list[dict]:
@@ -49,27 +51,25 @@ def _from_results(path: Path) -> list[dict]:
         samples = acc.get("samples")
         if samples is None and acc.get("samples_path"):
             samples = read_samples(path.parent / acc["samples_path"])
-        kld = _chunk_kld(path.parent / "per_token" / f"{run['recipe']}.npz")
-        out.append({"label": f"{path}@{run['recipe']}", "recipe": run["recipe"], "accuracy": acc,
+        kld = _chunk_kld(path.parent / "per_token" / f"{safe_name(run['recipe'])}.npz")
+        model = data["model"].get("ref") if isinstance(data.get("model"), dict) else data.get("model")
+        out.append({"label": f"{path}@{run['recipe']}", "model": model, "recipe": run["recipe"], "accuracy": acc,
                     "samples": samples or {}, "per_chunk_kld": kld})
     return out
 
 
 def _from_store(ref: str, store: str | None) -> list[dict]:
-    from quantlab import store as store_mod
-
     runs = store_mod.find_runs(store, ref)
     if not runs:
         raise UsageError(f"'{ref}' is not a file, run id or run set in the store {store or store_mod.default_store_path()}"
                          " — list runs with: quantlab runs")
-    return [{"label": f"run {r['id'][:12]}@{r['recipe']}", "recipe": r["recipe"], "accuracy": r.get("accuracy") or {},
+    return [{"label": f"run {r['id'][:12]} {r['model_ref']}@{r['recipe']}", "model": r["model_ref"],
+             "recipe": r["recipe"], "accuracy": r.get("accuracy") or {},
              "samples": store_mod.read_samples(store, r["id"]), "per_chunk_kld": None} for r in runs]
 
 
 def write_samples(path: Path, samples: dict) -> None:
     """Per-sample scores as gzip JSON, atomically."""
-    from quantlab.fsutil import atomic_write_bytes
-
     atomic_write_bytes(path, gzip.compress(json.dumps(samples, separators=(",", ":")).encode(), mtime=0))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from quantlab.fsutil import atomic_write_json, atomic_write_text
+
 ICON = {"pass": "PASS", "regression": "REGRESSION", "error": "ERROR"}
 
 
@@ -33,8 +35,6 @@ def render_markdown(verdict: dict) -> str:
 
 def publish_verdict(verdict: dict, summary: str | None, json_out: str | None) -> str:
     """Write the Markdown summary and JSON where asked (atomically); return the Markdown for stdout."""
-    from quantlab.fsutil import atomic_write_json, atomic_write_text
-
     text = render_markdown(verdict)
     if summary:
         atomic_write_text(summary, text + "\n")

@@ -23,6 +23,11 @@ DECODE_PATHS = {
     "static": "greedy single-token forwards, transformers StaticCache (preallocated), eager",
 }
 
+DEFINITIONS = {
+    "prefill_ms": "median latency of one forward over the prompt at batch 1",
+    "decode_tok_s": "median generated tokens/s (batch x steps / time) of a greedy KV-cache loop, per batch size",
+}
+
 
 @dataclass(frozen=True)
 class LatencySettings:
@@ -34,6 +39,10 @@ class LatencySettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatencySettings":
+        return cls(**{k: tuple(v) if k == "batch_sizes" else v for k, v in data.items()})
 
 
 @dataclass

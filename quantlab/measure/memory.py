@@ -12,6 +12,14 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 
+from quantlab.fsutil import dir_bytes
+
+DEFINITIONS = {
+    "weights_bytes": "bytes of all parameters and buffers as loaded, quantization statistics included, tied weights once",
+    "disk_bytes": "bytes of the artifact's weight files",
+    "peak_bytes": "peak RSS of the bench process on CPU; max reserved CUDA memory on GPU",
+}
+
 
 def tensor_bytes(t) -> int:
     """Bytes held by one tensor, expanding quantized tensor types into their components."""
@@ -96,6 +104,4 @@ def current_rss_bytes() -> int:
 
 
 def disk_bytes(path: str | Path) -> int:
-    from quantlab.fsutil import dir_bytes
-
     return dir_bytes(path)

@@ -6,6 +6,9 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
+from quantlab.errors import RecipeError
+from quantlab.provenance import require_library
+
 
 class Method:
     """A quantization method.
@@ -46,8 +49,6 @@ class Method:
 
     def require(self, config: Any | None = None) -> None:
         """Raise MissingExtraError when a library the method (or this config of it) needs is not importable."""
-        from quantlab.provenance import require_library
-
         for lib in self.libraries_for(config):
             require_library(lib, self.name)
 
@@ -61,15 +62,20 @@ class Method:
             for lib in self.libraries_for(config):
                 importlib.import_module(lib)
 
-    def quantize(self, config: Any, source_dir: Path, out_dir: Path, device: str) -> dict:
-        """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes."""
+    def quantize(self, config: Any, source_dir: Path, out_dir: Path, device: str, *, data_dir: str | None = None,
+                 trust_remote_code: bool = False) -> dict:
+        """Write the quantized model to ``out_dir`` (a fresh temp dir). Returns method-specific notes.
+
+        ``data_dir`` is where data-dir datasets (calibration, training text) are read from; ``trust_remote_code``
+        is the user's permission for the model's own code, passed to every load."""
         raise NotImplementedError
 
     def ptq_twin(self, config: Any) -> str | None:
         """Short name of the post-training recipe of the identical format, for a trained method."""
         return None
 
-    def cache_inputs(self, config: Any, source_dir: Path) -> dict:
+    def cache_inputs(self, config: Any, source_dir: Path, *, data_dir: str | None = None,
+                     trust_remote_code: bool = False) -> dict:
         """Inputs beyond the recipe that change the artifact (e.g. calibration text sha256)."""
         return {}
 
@@ -106,8 +112,6 @@ class Method:
 
 def check_group_size(group_size: int, linear_shapes: dict[str, tuple[int, int]]) -> None:
     """Every quantized layer's in-features must be a multiple of the group size (-1: per channel)."""
-    from quantlab.errors import RecipeError
-
     if group_size == -1:
         return
     bad = sorted({k for _, k in linear_shapes.values() if k % group_size})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantlab.errors import RecipeError
 from quantlab.methods.base import Method
+from quantlab.models import load_causal_lm, save_with_tokenizer
 
 _TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
 _COMPUTE = ("auto", "float32", "bfloat16", "float16")
@@ -65,13 +66,12 @@ class BnbMethod(Method):
             bnb_4bit_compute_dtype=self.load_kwargs(config, device)["dtype"],
         )
 
-    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
-        from quantlab.models import load_causal_lm, save_with_tokenizer
-
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
         # bitsandbytes quantizes as the weights move to the device: on CUDA, load straight onto it.
         model = load_causal_lm(source_dir, device=device, quantization_config=self.hf_config(config, device),
-                               **self.load_kwargs(config, device))
-        save_with_tokenizer(model, source_dir, out_dir)
+                               trust_remote_code=trust_remote_code, **self.load_kwargs(config, device))
+        save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
 
     def unquantized_dtype_bytes(self, config, device):

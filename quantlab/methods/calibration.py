@@ -5,28 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantlab.errors import DataError
+from quantlab.evaluate.text import resolve_text
+from quantlab.models import load_tokenizer, resolve_model
 
 
-def resolve_calibration(config, source_dir: Path):
-    """The TextSource behind ``config.calibration``; ``self`` is text the fp model writes (cached)."""
-    from quantlab.evaluate.text import resolve_text
-    from quantlab.models import resolve_model
-
-    model = resolve_model(str(source_dir)) if config.calibration == "self" else None
+def resolve_calibration(config, source_dir: Path, data_dir: str | None = None, trust_remote_code: bool = False):
+    """The TextSource behind ``config.calibration`` (a data-dir dataset read from ``data_dir``, a file, or ``self``:
+    text the fp model writes, cached)."""
+    model = resolve_model(str(source_dir), trust_remote_code) if config.calibration == "self" else None
     try:
-        return resolve_text(config.calibration, model=model)
+        return resolve_text(config.calibration, data_dir, model=model)
     except DataError as exc:
         raise DataError(f"Calibration: {exc}") from None
 
 
-def calibration_windows(config, source_dir: Path, device: str) -> tuple[list[list[int]], dict]:
+def calibration_windows(config, source_dir: Path, device: str, data_dir: str | None = None,
+                        trust_remote_code: bool = False) -> tuple[list[list[int]], dict]:
     """``config.samples`` windows of ``config.tokens`` token ids at seeded random offsets of the text."""
     import random
 
-    from quantlab.models import load_tokenizer
-
-    text = resolve_calibration(config, source_dir)
-    ids = load_tokenizer(source_dir)(text.read(), add_special_tokens=False)["input_ids"]
+    text = resolve_calibration(config, source_dir, data_dir, trust_remote_code)
+    ids = load_tokenizer(source_dir, trust_remote_code)(text.read(), add_special_tokens=False)["input_ids"]
     if len(ids) < 2 * config.tokens:
         raise DataError(
             f"Calibration text {text.name} has {len(ids)} tokens, fewer than two windows of {config.tokens} — "

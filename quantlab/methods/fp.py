@@ -57,5 +57,5 @@ class FpMethod(Method):
             dtype = getattr(torch, config.dtype)
         return {"dtype": dtype}
 
-    def quantize(self, config, source_dir, out_dir, device):
+    def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
         raise RecipeError("The fp baseline is not quantized — its artifact is the source model directory")

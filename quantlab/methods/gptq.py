@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import Method, check_group_size
+from quantlab.fsutil import atomic_write_text
+from quantlab.methods.base import Method, check_group_size, groups_of
+from quantlab.methods.calibration import calibration_windows, resolve_calibration
 
 _BITS = (8, 4)
 _GROUPS = (-1, 32, 64, 128)
@@ -68,8 +70,6 @@ def gptq_linear_bytes(bits: int, group_size: int, out_features: int, in_features
     """The GPTQ checkpoint layout as GPTQModel's torch kernels hold it: qweight packs 32/bits values per
     int32, fp16 scales and int32-packed zeros per group, an int32 group index per input feature, and two
     (1, 32/bits) int32 shift tables. CUDA kernels (Marlin, ExLlama) may repack; predicted as loaded."""
-    from quantlab.methods.base import groups_of
-
     groups = groups_of(group_size, in_features)
     per_int32 = 32 // bits
     data = in_features * out_features * bits // 8
@@ -106,27 +106,24 @@ class GptqMethod(Method):
     def linear_bytes(self, config, out_features, in_features, device):
         return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
 
-    def cache_inputs(self, config, source_dir):
-        from quantlab.methods.calibration import resolve_calibration
-
-        return {"calibration_sha256": resolve_calibration(config, Path(source_dir)).sha256}
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
+        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
 
     def measures_latency(self, config, device: str) -> str | None:
         if device == "cpu" and config.bits == 8:
             return "GPTQModel's 8-bit CPU kernel runs only in bf16 at ~1 token/s: accuracy-only on CPU"
         return None
 
-    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
-        from quantlab.methods.calibration import calibration_windows
-
-        windows, info = calibration_windows(config, Path(source_dir), device)
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
+        windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
         gptqmodel = import_gptqmodel()
         # act_group_aware (GPTQModel's group-aware reordering) needs groups and excludes desc_act.
         settings = dict(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
                         sym=config.symmetric, damp_percent=config.damp_percent, mse=config.mse,
                         act_group_aware=config.group_size > 0 and not config.desc_act)
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-        run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, calib)
+        run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, calib, trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info}
 
 
@@ -140,7 +137,7 @@ def import_gptqmodel():
 
 
 def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, device: str,
-                  calib: list[dict] | None) -> None:
+                  calib: list[dict] | None, trust_remote_code: bool = False) -> None:
     """Quantize ``source_dir`` with ``config_cls(**settings)`` and save the GPTQ directory to ``out_dir``.
 
     GPTQModel's offload mode keeps memory near one model's size: it reads source weights layer by layer
@@ -155,7 +152,7 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
     with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch:
         offload = str(Path(scratch) / "offload")
         qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
-        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device)
+        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
         with contextlib.chdir(scratch):
             if calib is None:
@@ -172,8 +169,6 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
 def _drop_path(path: Path, prefix: str) -> None:
     """Rewrite a saved JSON file with every string under ``prefix`` (a deleted scratch dir) set to null."""
     import json
-
-    from quantlab.fsutil import atomic_write_text
 
     if not path.exists():
         return

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
+from quantlab.evaluate.text import resolve_text, self_text
+from quantlab.methods import get_method
 from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
-from quantlab.methods.torchao_ptq import check_scheme, scheme_name
+from quantlab.methods.torchao_ptq import base_config, check_scheme, save_quantized, scheme_name
+from quantlab.models import load_causal_lm, load_tokenizer, resolve_model
 
 QAT_TEXT_SEED = 4321  # self-generated training text: a different seed from the evaluation `self` text
 
@@ -88,41 +91,38 @@ class QatMethod(Method):
     def ptq_twin(self, config):
         return scheme_name("torchao", config.scheme, config.group_size)
 
-    def cache_inputs(self, config, source_dir):
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
         if config.train_text == "self":
             return {"train_text": "self", "seed": QAT_TEXT_SEED}  # a function of the model, already in the key
-        return {"train_text_sha256": _train_text(config, Path(source_dir), "cpu").sha256}
+        return {"train_text_sha256": _train_text(config, Path(source_dir), "cpu", data_dir, trust_remote_code).sha256}
 
-    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
         import tempfile
 
-        from quantlab.methods.torchao_ptq import save_quantized
-        from quantlab.models import load_tokenizer
-
-        text = _train_text(config, Path(source_dir), device)
-        ids = load_tokenizer(source_dir)(text.read(), add_special_tokens=False)["input_ids"]
+        text = _train_text(config, Path(source_dir), device, data_dir, trust_remote_code)
+        ids = load_tokenizer(source_dir, trust_remote_code)(text.read(), add_special_tokens=False)["input_ids"]
         train, heldout = split_windows(ids, config)
-        student, notes = train_student(Path(source_dir), train, heldout, config, device)
+        student, notes = train_student(Path(source_dir), train, heldout, config, device, trust_remote_code)
         notes["train_text"] = {"source": text.name, "origin": text.origin, "sha256": text.sha256,
                                "tokens": len(ids), "train_windows": len(train), "heldout_windows": len(heldout)}
         with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as scratch:
             student.save_pretrained(scratch)  # trained fp weights in plain nn.Linear
             del student
-            save_quantized(Path(scratch), Path(source_dir), out_dir, config.scheme, config.group_size)
+            save_quantized(Path(scratch), Path(source_dir), out_dir, config.scheme, config.group_size,
+                           trust_remote_code)
         notes.update({"library": "torchao", "scheme": config.scheme,
                       "layout": "IntxUnpackedToInt8Tensor (one int4 value per int8 byte on CPU)"})
         return notes
 
 
-def _train_text(config, source_dir: Path, device: str):
-    from quantlab.evaluate.text import resolve_text, self_text
-    from quantlab.models import resolve_model
-
+def _train_text(config, source_dir: Path, device: str, data_dir: str | None, trust_remote_code: bool):
+    """The training text: ``self`` (the teacher writes it), a data-dir dataset read from ``data_dir``, or a file."""
     if config.train_text == "self":
-        return self_text(resolve_model(str(source_dir)), device, max_new_tokens=256, rounds=config.self_rounds,
-                         seed=QAT_TEXT_SEED, name="self-train")
+        return self_text(resolve_model(str(source_dir), trust_remote_code), device, max_new_tokens=256,
+                         rounds=config.self_rounds, seed=QAT_TEXT_SEED, name="self-train")
     try:
-        return resolve_text(config.train_text)
+        return resolve_text(config.train_text, data_dir)
     except DataError as exc:
         raise DataError(f"QAT training text: {exc}") from None
 
@@ -150,8 +150,6 @@ def quantized_linear_filter(model):
 def prepare(model, config):
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
-
-    from quantlab.methods.torchao_ptq import base_config
 
     quantize_(model, QATConfig(base_config(config.scheme, config.group_size), step="prepare"),
               filter_fn=quantized_linear_filter(model))
@@ -194,43 +192,71 @@ def heldout_metrics(model, heldout_ids, teacher_logp) -> dict:
     return {"kld": kl, "ppl": math.exp(nll), "ppl_teacher": math.exp(nll_t)}
 
 
-def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[int]], config, device: str):
+def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[int]], config, device: str,
+                  trust_remote_code: bool = False):
     """Prepare, distil and convert; returns the student (plain linears, trained weights) and notes."""
-    import resource
-
     import torch
     import torch.nn.functional as F
 
-    from quantlab.methods import get_method
-    from quantlab.models import load_causal_lm
+    teacher, student = _teacher_and_student(source_dir, config, device, trust_remote_code)
+    held = torch.tensor(heldout, device=teacher.device)
+    with torch.no_grad():
+        teacher_held = F.log_softmax(teacher(held).logits.float(), dim=-1)
+    student.eval()  # no dropout; gradients flow regardless
+    losses, curve, timing = _distil(teacher, student, train, config, lambda: heldout_metrics(student, held, teacher_held))
+    del teacher
+    student = convert(student)
+    notes = {
+        "training": {
+            "steps": config.steps, "batch": config.batch, "seq_len": config.seq_len, "lr": config.lr,
+            "schedule": "AdamW, cosine decay to 0, no warm-up", "ce_weight": config.ce_weight,
+            "loss": "mean per-token KL(teacher || student), full vocabulary" + (
+                f" + {config.ce_weight} x next-token CE" if config.ce_weight else ""),
+            "trainable": "all parameters except the input and output embeddings",
+            "tokens_seen": config.steps * config.batch * config.seq_len, **timing,
+            "threads": torch.get_num_threads(), "seed": config.seed,
+        },
+        "loss_curve": losses,
+        "heldout_curve": _with_recovered(curve),
+        "heldout_definition": (f"{len(heldout)} held-out windows of the training text: KLD(teacher || student) "
+                               "mean per token, token-level perplexities; step 0 is the PTQ twin (fake-quant "
+                               "before training); recovered = (PTQ - now) / (PTQ - teacher)"),
+    }
+    return student, notes
 
+
+def _teacher_and_student(source_dir: Path, config, device: str, trust_remote_code: bool):
+    """The frozen fp teacher and the prepared (fake-quantized) student with frozen embeddings."""
     fp = get_method("fp")
     kwargs = fp.load_kwargs(fp.parse_short_name("fp"), device)
-    teacher = load_causal_lm(source_dir, device=device, **kwargs)
+    teacher = load_causal_lm(source_dir, device=device, trust_remote_code=trust_remote_code, **kwargs)
     teacher.requires_grad_(False)
-    student = prepare(load_causal_lm(source_dir, device=device, **kwargs), config)
+    student = prepare(load_causal_lm(source_dir, device=device, trust_remote_code=trust_remote_code, **kwargs), config)
     student.get_input_embeddings().requires_grad_(False)
     student.get_output_embeddings().requires_grad_(False)
+    return teacher, student
+
+
+def _distil(teacher, student, train: list[list[int]], config, evaluate) -> tuple[list, list, dict]:
+    """AdamW with cosine decay on KL(teacher || student); ``evaluate()`` gives held-out metrics at the
+    curve's checkpoints. Returns the loss curve, the held-out curve and the training time."""
+    import resource
+
+    import torch
+
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
-
-    dev = teacher.device
-    held = torch.tensor(heldout, device=dev)
-    with torch.no_grad():
-        teacher_held = F.log_softmax(teacher(held).logits.float(), dim=-1)
     checkpoints = sorted({round(config.steps * k / config.curve_points) for k in range(1, config.curve_points + 1)})
-    student.eval()  # no dropout; gradients flow regardless
-    curve = [{"step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "tokens_seen": 0, **heldout_metrics(student, held, teacher_held)}]
-    losses = []
+    curve = [{"step": 0, "train_s": 0.0, "train_cpu_s": 0.0, "tokens_seen": 0, **evaluate()}]
+    losses, teacher_s = [], 0.0
     gen = torch.Generator().manual_seed(config.seed)
-    teacher_s = 0.0
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     for step in range(1, config.steps + 1):
         pick = torch.randint(len(train), (config.batch,), generator=gen)
-        ids = torch.tensor([train[i] for i in pick], device=dev)
+        ids = torch.tensor([train[i] for i in pick], device=teacher.device)
         tt = time.perf_counter()
         with torch.no_grad():
             teacher_logits = teacher(ids).logits
@@ -247,30 +273,15 @@ def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[i
             usage = resource.getrusage(resource.RUSAGE_SELF)
             curve.append({"step": step, "train_s": time.perf_counter() - t0,
                           "train_cpu_s": (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime),
-                          "tokens_seen": step * config.batch * config.seq_len,
-                          **heldout_metrics(student, held, teacher_held)})
-    train_s = time.perf_counter() - t0
+                          "tokens_seen": step * config.batch * config.seq_len, **evaluate()})
+    return losses, curve, {"train_wall_s": time.perf_counter() - t0, "teacher_forward_s": teacher_s}
+
+
+def _with_recovered(curve: list[dict]) -> list[dict]:
+    """Each point's recovered fraction of the step-0 (= PTQ) degradation, torchao's definition."""
     ptq = curve[0]
-    for point in curve:  # recovered fraction of the step-0 (= PTQ) degradation, torchao's definition
+    for point in curve:
         point["recovered_kld"] = (ptq["kld"] - point["kld"]) / ptq["kld"] if ptq["kld"] > 0 else None
         rise = ptq["ppl"] - ptq["ppl_teacher"]
         point["recovered_ppl"] = (ptq["ppl"] - point["ppl"]) / rise if rise > 0 else None
-    del teacher
-    student = convert(student)
-    notes = {
-        "training": {
-            "steps": config.steps, "batch": config.batch, "seq_len": config.seq_len, "lr": config.lr,
-            "schedule": "AdamW, cosine decay to 0, no warm-up", "ce_weight": config.ce_weight,
-            "loss": "mean per-token KL(teacher || student), full vocabulary" + (
-                f" + {config.ce_weight} x next-token CE" if config.ce_weight else ""),
-            "trainable": "all parameters except the input and output embeddings",
-            "tokens_seen": config.steps * config.batch * config.seq_len, "train_wall_s": train_s,
-            "teacher_forward_s": teacher_s, "threads": torch.get_num_threads(), "seed": config.seed,
-        },
-        "loss_curve": losses,
-        "heldout_curve": curve,
-        "heldout_definition": (f"{len(heldout)} held-out windows of the training text: KLD(teacher || student) "
-                               "mean per token, token-level perplexities; step 0 is the PTQ twin (fake-quant "
-                               "before training); recovered = (PTQ - now) / (PTQ - teacher)"),
-    }
-    return student, notes
+    return curve

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from quantlab.errors import RecipeError
 from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
+from quantlab.methods.gptq import GPTQ_LAYOUT, GptqMethod, gptq_linear_bytes, import_gptqmodel, run_gptqmodel
+from quantlab.models import load_causal_lm, save_with_tokenizer
 
 _BITS = (8, 4)
 _FORMATS = ("torchao", "gptq")
@@ -61,14 +63,10 @@ class RtnMethod(Method):
                 + (_GPTQ_SUFFIX if config.format == "gptq" else ""))
 
     def libraries_for(self, config):
-        from quantlab.methods.gptq import GptqMethod
-
         return GptqMethod.libraries if config is not None and config.format == "gptq" else self.libraries
 
     def measures_latency(self, config, device: str) -> str | None:
         if config.format == "gptq":
-            from quantlab.methods.gptq import GptqMethod
-
             return GptqMethod().measures_latency(config, device)
         return None
 
@@ -77,16 +75,12 @@ class RtnMethod(Method):
 
     def linear_bytes(self, config, out_features, in_features, device):
         if config.format == "gptq":
-            from quantlab.methods.gptq import gptq_linear_bytes
-
             return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
         return intx_linear_bytes(config.bits, config.group_size, out_features, in_features,
                                  self.unquantized_dtype_bytes(config, device))
 
     def layout_note(self, config):
         if config.format == "gptq":
-            from quantlab.methods.gptq import GPTQ_LAYOUT
-
             return GPTQ_LAYOUT
         return INTX_LAYOUT
 
@@ -105,26 +99,24 @@ class RtnMethod(Method):
             mapping_type=MappingType.SYMMETRIC if config.symmetric else MappingType.ASYMMETRIC,
         )
 
-    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
         if config.format == "gptq":
-            return self._quantize_gptq_format(config, source_dir, out_dir, device)
+            return self._quantize_gptq_format(config, source_dir, out_dir, device, trust_remote_code)
         from transformers import TorchAoConfig
 
-        from quantlab.models import load_causal_lm, save_with_tokenizer
-
         # Quantized on CPU: RTN is cheap, and the saved layout is device-independent.
-        model = load_causal_lm(
-            source_dir, device="cpu", quantization_config=TorchAoConfig(self.torchao_config(config))
-        )
-        save_with_tokenizer(model, source_dir, out_dir)
+        model = load_causal_lm(source_dir, device="cpu", quantization_config=TorchAoConfig(self.torchao_config(config)),
+                               trust_remote_code=trust_remote_code)
+        save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
         return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)"}
 
-    def _quantize_gptq_format(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
-        from quantlab.methods.gptq import import_gptqmodel, run_gptqmodel
-
+    def _quantize_gptq_format(self, config, source_dir: Path, out_dir: Path, device: str,
+                              trust_remote_code: bool) -> dict:
         gptqmodel = import_gptqmodel()
         settings = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric)
-        run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None)
+        run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None,
+                      trust_remote_code=trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "layout": "GPTQ packed int32 (RTN, no calibration)"}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from quantlab.errors import RecipeError
 from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
+from quantlab.models import load_causal_lm, save_with_tokenizer
 
 SCHEMES = ("w4", "a8w4")
 
@@ -48,8 +49,7 @@ def scheme_name(prefix: str, scheme: str, group_size: int) -> str:
 def base_config(scheme: str, group_size: int):
     """The torchao PTQ config of a scheme (also the base config QAT prepares and converts with)."""
     import torch
-    from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis,
-                                      PerGroup)
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
     granularity = PerAxis(0) if group_size == -1 else PerGroup(group_size)
@@ -60,15 +60,14 @@ def base_config(scheme: str, group_size: int):
                                                  weight_mapping_type=MappingType.SYMMETRIC)
 
 
-def save_quantized(fp_dir: Path, tokenizer_dir: Path, out_dir: Path, scheme: str, group_size: int) -> None:
+def save_quantized(fp_dir: Path, tokenizer_dir: Path, out_dir: Path, scheme: str, group_size: int,
+                   trust_remote_code: bool = False) -> None:
     """Load fp weights from ``fp_dir`` quantized with the scheme, and save them with the tokenizer."""
     from transformers import TorchAoConfig
 
-    from quantlab.models import load_causal_lm, save_with_tokenizer
-
-    model = load_causal_lm(fp_dir, device="cpu",
-                           quantization_config=TorchAoConfig(base_config(scheme, group_size)))
-    save_with_tokenizer(model, tokenizer_dir, out_dir)
+    model = load_causal_lm(fp_dir, device="cpu", quantization_config=TorchAoConfig(base_config(scheme, group_size)),
+                           trust_remote_code=trust_remote_code)
+    save_with_tokenizer(model, tokenizer_dir, out_dir, trust_remote_code)
 
 
 class TorchaoMethod(Method):
@@ -94,8 +93,9 @@ class TorchaoMethod(Method):
         return intx_linear_bytes(4, config.group_size, out_features, in_features,
                                  self.unquantized_dtype_bytes(config, device))
 
-    def quantize(self, config, source_dir: Path, out_dir: Path, device: str) -> dict:
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
         # Quantized on CPU, like RTN: cheap, and the saved layout is device-independent.
-        save_quantized(Path(source_dir), Path(source_dir), out_dir, config.scheme, config.group_size)
+        save_quantized(Path(source_dir), Path(source_dir), out_dir, config.scheme, config.group_size, trust_remote_code)
         return {"library": "torchao", "scheme": config.scheme,
                 "layout": "IntxUnpackedToInt8Tensor (one int4 value per int8 byte on CPU)"}

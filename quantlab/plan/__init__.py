@@ -11,6 +11,11 @@ import re
 from dataclasses import dataclass, field
 
 from quantlab.errors import RecipeError, UsageError
+from quantlab.methods import get_method
+from quantlab.plan import terms
+from quantlab.plan.known import resolve_config
+from quantlab.plan.shapes import model_shapes
+from quantlab.recipe import parse_recipe_list
 
 GB = 10**9
 PLAN_RECIPES = "fp,bnb-int8,bnb-nf4,bnb-nf4-dq,gptq-w8,gptq-w4-g128,rtn-w8"
@@ -44,13 +49,9 @@ class PlanSettings:
 
 
 def plan_model(ref: str, settings: PlanSettings, trust_remote_code: bool = False) -> dict:
-    from quantlab.plan.known import resolve_config
-    from quantlab.plan.shapes import model_shapes
-    from quantlab.recipe import parse_recipe_list
-
     recipes = list(settings.recipes) or parse_recipe_list(PLAN_RECIPES)
     config, source = resolve_config(ref, trust_remote_code)
-    shapes = model_shapes(config)
+    shapes = model_shapes(config, trust_remote_code)
     rows = [plan_recipe(recipe, shapes, settings) for recipe in recipes]
     return {
         "model": {"ref": ref, "config_source": source, **_shape_summary(shapes)},
@@ -63,9 +64,6 @@ def plan_model(ref: str, settings: PlanSettings, trust_remote_code: bool = False
 
 
 def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
-    from quantlab.methods import get_method
-    from quantlab.plan import terms
-
     method = get_method(recipe.method)
     row = {"recipe": recipe.name, "method": recipe.method, "bits": recipe.bits}
     try:
@@ -152,8 +150,6 @@ def _shape_summary(shapes) -> dict:
 
 
 def definitions() -> dict:
-    from quantlab.plan import terms
-
     return {
         "GB": "10^9 bytes",
         "linear_data": "bytes of the quantized linear weights' values (lm_head excluded), as loaded",

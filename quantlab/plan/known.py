@@ -9,14 +9,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
+from quantlab.fsutil import load_yaml
+from quantlab.models import DEFAULT_MODEL, _embedded_gguf, load_config
 
 TABLE = Path(__file__).with_name("known_models.yaml")
 
 
 @lru_cache(maxsize=1)
 def known_models() -> dict[str, dict]:
-    from quantlab.fsutil import load_yaml
-
     return load_yaml(TABLE, "known-model table", "reinstall quantlab")
 
 
@@ -32,8 +32,6 @@ def _lookup(ref: str) -> tuple[str, dict] | None:
 def resolve_config(ref: str, trust_remote_code: bool = False):
     """Return (transformers config, where it came from)."""
     from transformers import AutoConfig
-
-    from quantlab.models import DEFAULT_MODEL, _embedded_gguf, load_config
 
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "config.json").exists():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantlab.plan import GB
-
+from quantlab.table import _rows_table
 
 MB = 10**6
 
@@ -13,8 +13,6 @@ def _gb(value: int, unit: int = GB) -> str:
 
 
 def render_plan(plan: dict) -> str:
-    from quantlab.table import _rows_table
-
     m, s = plan["model"], plan["settings"]
     ok = [r for r in plan["recipes"] if r["applicable"]]
     unit, name = (GB, "GB") if any(r["total_bytes"] >= GB for r in ok) or s["gpu_mem_bytes"] < GB else (MB, "MB")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quantlab.models import meta_model
+
 
 @dataclass(frozen=True)
 class LinearShape:
@@ -53,13 +55,11 @@ class ModelShapes:
         return {lin.name: (lin.out_features, lin.in_features) for lin in self.linears}
 
 
-def model_shapes(config) -> ModelShapes:
+def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
     """Enumerate the modules of ``config``'s causal LM on the meta device."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config, trust_remote_code)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and out.weight is inp.weight
     linears, seen = [], set()

@@ -10,8 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab import store as store_mod
 from quantlab.errors import UsageError
+from quantlab.fsutil import atomic_write_bytes
+from quantlab.gate.refs import read_results_json
 from quantlab.plan import GB
+from quantlab.report import view
+from quantlab.report.html import render
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,12 @@ class ReportSettings:
             raise UsageError(f"--max-kld must be positive (got {self.max_kld}) — e.g. 0.05 nats/token")
 
 
-def load_results(results: str | None = None, run_set: str | None = None, store: str | None = None) -> dict:
+def load_results(results: str | None = None, run_set: str | None = None, store: str | None = None,
+                 model: str | None = None) -> dict:
     """A results.json's data, or a stored run set shaped like one."""
     if bool(results) == bool(run_set):
         raise UsageError("Give exactly one of --results results.json and --run-set ID — list run sets with: quantlab runs")
     if results:
-        from quantlab.gate.refs import read_results_json
-
         path = Path(results)
         path = path / "results.json" if path.is_dir() else path
         data = read_results_json(path, "quantize-and-compare's results.json")
@@ -40,16 +44,22 @@ def load_results(results: str | None = None, run_set: str | None = None, store: 
             raise UsageError(f"{path} is not a quantize-and-compare results.json — `quantlab eval` output has no "
                              "memory or latency to report")
         return {**data, "source": str(path)}
-    return _from_store(run_set, store)
+    return _from_store(run_set, store, model)
 
 
-def _from_store(run_set: str, store: str | None) -> dict:
-    from quantlab import store as store_mod
-
+def _from_store(run_set: str, store: str | None, model: str | None = None) -> dict:
+    """One model's runs of a stored run set shaped like its results.json; a run set of several models needs
+    ``model`` (its runs are never drawn together: recipe names repeat across models)."""
     runs = store_mod.find_runs(store, run_set)
     if not runs:
         raise UsageError(f"No runs in run set '{run_set}' of {store or store_mod.default_store_path()} — "
                          "list run sets with: quantlab runs")
+    models = list(dict.fromkeys(r["model_ref"] for r in runs))
+    if model is not None and model not in models:
+        raise UsageError(f"Run set '{run_set}' has no runs of model '{model}' — its models: {', '.join(models)}")
+    if model is None and len(models) > 1:
+        raise UsageError(f"Run set '{run_set}' holds {len(models)} models ({', '.join(models)}) — pick one with --model")
+    runs = [r for r in runs if r["model_ref"] == (model or models[0])]
     first, prov = runs[0], runs[0]["provenance"] or {}
     fp = next((r for r in runs if r["method"] == "fp"), None)
     return {
@@ -63,21 +73,15 @@ def _from_store(run_set: str, store: str | None) -> dict:
 
 def build_view(data: dict, settings: ReportSettings) -> dict:
     """Everything the page shows, computed once, so the HTML only formats."""
-    from quantlab.report import view
-
     return view.build(data, settings)
 
 
 def render_report(data: dict, settings: ReportSettings) -> str:
-    from quantlab.report.html import render
-
     return render(build_view(data, settings))
 
 
 def write_report(data: dict, out: str | Path, settings: ReportSettings | None = None) -> Path:
     """Render and write atomically; returns the path."""
-    from quantlab.fsutil import atomic_write_bytes
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {out} must be an .html file — e.g. reports/smollm2.html")

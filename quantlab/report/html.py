@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
+from quantlab.evaluate.accuracy import primary_metric
 from quantlab.plan import GB
 
 MIB = 2**20
@@ -159,8 +160,6 @@ def _metrics(view: dict) -> str:
 
 
 def _accuracy(view: dict) -> str:
-    from quantlab.table import primary_metric
-
     tasks = view["tasks"]
     if not tasks:
         return ""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from quantlab.errors import QuantlabError
+from quantlab.evaluate.accuracy import primary_metric
+from quantlab.plan import PlanSettings, plan_model
+from quantlab.recipe import Recipe
+from quantlab.report.plots import memory_bars_svg, method_style, pareto_svg
+
 MIB = 2**20
 
 
 def build(data: dict, settings) -> dict:
-    from quantlab.report.plots import method_style
-
     runs = data["runs"]
     device = "cuda" if str(data.get("device", "cpu")).startswith("cuda") else "cpu"
     recipes = [_recipe(r) for r in runs]
@@ -24,23 +28,19 @@ def build(data: dict, settings) -> dict:
 
 
 def _recipe(run: dict):
-    from quantlab.recipe import Recipe
-
     return Recipe.from_dict({"name": run["recipe"], "method": run["method"], "params": run["params"]})
 
 
 def _plans(data: dict, recipes: list, device: str, settings) -> tuple[dict, dict, str]:
     """Predicted memory on the device the runs were measured on, and on the chosen GPU, from the config."""
-    from quantlab.errors import QuantlabError
-    from quantlab.plan import PlanSettings, plan_model
-
     path = (data.get("model") or {}).get("path")
     if not path:
         return {}, {}, "the model's directory is not recorded, so nothing is predicted"
+    trust = bool(data["model"].get("trust_remote_code"))
     try:
-        here = plan_model(path, PlanSettings(device=device, recipes=tuple(recipes)))
+        here = plan_model(path, PlanSettings(device=device, recipes=tuple(recipes)), trust)
         gpu = plan_model(path, PlanSettings(gpu_mem=settings.gpu_mem, context=settings.context, batch=settings.batch,
-                                            device="cuda", recipes=tuple(recipes)))
+                                            device="cuda", recipes=tuple(recipes)), trust)
     except QuantlabError as exc:
         return {}, {}, f"no prediction: {exc}"
     return ({r["recipe"]: r for r in here["recipes"]}, {**gpu, "by_recipe": {r["recipe"]: r for r in gpu["recipes"]}},
@@ -92,8 +92,6 @@ def verdict(rows: list[dict], settings) -> dict:
 
 
 def _mean_accuracy(acc: dict) -> float | None:
-    from quantlab.table import primary_metric
-
     values = []
     for info in (acc.get("tasks") or {}).values():
         metric = primary_metric(info)
@@ -103,8 +101,6 @@ def _mean_accuracy(acc: dict) -> float | None:
 
 
 def _charts(rows: list[dict], device: str, styles: dict, data: dict) -> list[dict]:
-    from quantlab.report.plots import pareto_svg
-
     where = "CPU, 1 thread" if device == "cpu" else "CUDA"
     mem = [r["weights"] / MIB if r["weights"] else None for r in rows]
     specs = [
@@ -133,8 +129,6 @@ def _charts(rows: list[dict], device: str, styles: dict, data: dict) -> list[dic
 
 
 def _memory_chart(rows: list[dict]) -> str | None:
-    from quantlab.report.plots import memory_bars_svg
-
     bars = [{"recipe": r["recipe"], "predicted": r["predicted_parts"], "measured": r["weights"]} for r in rows
             if r["weights"]]
     return memory_bars_svg(bars, MIB, "MiB") if bars else None

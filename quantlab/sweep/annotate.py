@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantlab import store
+from quantlab.evaluate import guard
+from quantlab.evaluate.recovery import add_accuracy_recoveries, add_recoveries
+from quantlab.gate.refs import read_samples
+from quantlab.methods import get_method
+
 
 def annotate(jobs: list, runs: list[dict]) -> list[str]:
     """Add guard verdicts, recoveries and per-run warnings to ``runs`` (results.json runs, in job order);
@@ -21,15 +27,11 @@ def annotate(jobs: list, runs: list[dict]) -> list[str]:
 
 
 def store_annotations(path: str | None, runs: list[dict]) -> None:
-    from quantlab import store
-
     store.update_runs(path, {r["run_id"]: {"fidelity": r["fidelity"], "accuracy": r.get("accuracy")}
                              for r in runs if r.get("run_id")})
 
 
 def _guard(runs: list[dict]) -> list[str]:
-    from quantlab.evaluate import guard
-
     warnings = []
     for run in runs:
         own = (run["fidelity"].get("guard") or {}).get("reasons", [])
@@ -41,31 +43,25 @@ def _guard(runs: list[dict]) -> list[str]:
 
 
 def _recoveries(jobs: list, runs: list[dict]) -> None:
-    from quantlab.evaluate.fidelity import FidelitySettings
-    from quantlab.gate.refs import read_samples
-    from quantlab.sweep.jobs import job_dir
-    from quantlab.twins import add_accuracy_recoveries, add_recoveries
-
     recipes = [j.recipe for j in jobs]
-    npz = {j.recipe.name: str(job_dir(j.key) / "per_token.npz") for j in jobs
-           if (job_dir(j.key) / "per_token.npz").is_file()}
-    add_recoveries(recipes, [r["fidelity"] for r in runs], npz, FidelitySettings(**jobs[0].fidelity))
+    npz = {j.recipe.name: str(j.dir / "per_token.npz") for j in jobs if (j.dir / "per_token.npz").is_file()}
+    add_recoveries(recipes, [r["fidelity"] for r in runs], npz, jobs[0].fidelity)
     accs = [r.get("accuracy") for r in runs]
     if all(accs):
-        samples = [read_samples(job_dir(j.key) / "samples.json.gz") for j in jobs]
+        samples = [read_samples(j.dir / "samples.json.gz") for j in jobs]
         add_accuracy_recoveries(recipes, accs, samples)
 
 
 def _calibration_overlaps(jobs: list, runs: list[dict]) -> list[str]:
     """A calibrated recipe whose calibration text is the evaluation text has optimistic fidelity."""
-    from quantlab.methods import get_method
-
     warnings = []
     for job, run in zip(jobs, runs):
-        inputs = get_method(job.recipe.method).cache_inputs(job.recipe.config, Path(job.model["path"]))
+        inputs = get_method(job.recipe.method).cache_inputs(job.recipe.config, Path(job.model.path),
+                                                            data_dir=job.data_dir,
+                                                            trust_remote_code=job.model.trust_remote_code)
         run["warnings"] = []
-        if inputs.get("calibration_sha256") == job.text["sha256"]:
-            run["warnings"].append(f"{job.recipe.name} is calibrated on the evaluation text ({job.text['name']}): "
+        if inputs.get("calibration_sha256") == job.text.sha256:
+            run["warnings"].append(f"{job.recipe.name} is calibrated on the evaluation text ({job.text.name}): "
                                    "its fidelity is optimistic — evaluate on other text or calibrate on c4_calibration")
             warnings += run["warnings"]
     return warnings

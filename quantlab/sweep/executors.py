@@ -1,4 +1,4 @@
-"""Where jobs run: threads of this process driving fresh worker processes (``local``), or Ray tasks.
+"""Where jobs run: threads of this process driving fresh step processes (``local``), or Ray tasks.
 
 Either way ``execute`` yields (job, record) as jobs finish, in the driver, so the store has one writer per
 sweep and a killed driver loses at most the jobs still running.
@@ -9,33 +9,33 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from quantlab.errors import MissingExtraError
+from quantlab.sweep.compute import run_job
 
-def execute(jobs: list, opts) -> Iterator[tuple]:
+EXECUTORS = ("local", "ray")
+
+
+def execute(jobs: list, executor: str, address: str | None, max_parallel: int, force: bool) -> Iterator[tuple]:
     if not jobs:
         return iter(())
-    return _ray(jobs, opts) if opts.executor == "ray" else _local(jobs, opts)
+    return _ray(jobs, address, max_parallel, force) if executor == "ray" else _local(jobs, max_parallel, force)
 
 
-def _local(jobs: list, opts) -> Iterator[tuple]:
+def _local(jobs: list, max_parallel: int, force: bool) -> Iterator[tuple]:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from quantlab.sweep.run import run_job
-
-    with ThreadPoolExecutor(max_workers=opts.max_parallel) as pool:
-        running = {pool.submit(run_job, job.payload(), opts.force): job for job in jobs}
+    with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+        running = {pool.submit(run_job, job.payload(), force): job for job in jobs}
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 yield running.pop(future), future.result()
 
 
-def _ray(jobs: list, opts) -> Iterator[tuple]:
+def _ray(jobs: list, address: str | None, max_parallel: int, force: bool) -> Iterator[tuple]:
     """Each job a Ray task asking for its threads as CPUs and, on CUDA, one GPU. ``ray.init()`` starts a
     local cluster (``--max-parallel`` CPUs' worth of workers); ``--address`` joins an existing one, whose
     nodes need quantlab installed and the same QUANTLAB_HOME / data dir paths."""
-    from quantlab.errors import MissingExtraError
-    from quantlab.sweep.run import run_job
-
     try:
         import ray
     except ImportError:
@@ -43,13 +43,13 @@ def _ray(jobs: list, opts) -> Iterator[tuple]:
     env = {k: v for k, v in os.environ.items() if k.startswith(("QUANTLAB_", "HF_")) or k == "PYTHONPATH"}
     started = not ray.is_initialized()
     if started:
-        init = {"address": opts.address} if opts.address else {"num_cpus": opts.max_parallel * jobs[0].threads}
+        init = {"address": address} if address else {"num_cpus": max_parallel * jobs[0].threads}
         ray.init(**init, runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
         gpus = 1 if jobs[0].device.startswith("cuda") else 0
         task = ray.remote(num_cpus=jobs[0].threads, num_gpus=gpus, max_retries=0)(run_job)
-        running = {task.remote(job.payload(), opts.force): job for job in jobs}
+        running = {task.remote(job.payload(), force): job for job in jobs}
         while running:
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:

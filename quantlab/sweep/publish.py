@@ -4,22 +4,30 @@ checks (garbage guard against peers, recoveries, calibration overlaps) are added
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from quantlab import store as store_mod
+from quantlab.errors import QuantlabError
+from quantlab.fsutil import atomic_write_json, file_lock, safe_name
+from quantlab.models import count_params, load_config, quantlab_home, slug
+from quantlab.records import definitions
+from quantlab.report import ReportSettings, write_report
+from quantlab.sweep.annotate import annotate, store_annotations
 
 
 def publish_run_set(run_set: str, store: str | None, jobs: list, out: Path) -> list[dict]:
     """Write ``out/results.json`` (one model) or ``out/<model>/results.json`` (several); returns each model's
     results, with ``results_path`` and ``report_path`` added."""
-    from quantlab import store as store_mod
-    from quantlab.models import slug
-
     rows = {r["job_key"]: r for r in store_mod.list_runs(store, run_set)}
-    models = list(dict.fromkeys(j.model["ref"] for j in jobs))
+    models = list(dict.fromkeys(j.model.ref for j in jobs))
     published = []
     for ref in models:
-        mine = [j for j in jobs if j.model["ref"] == ref and j.key in rows]
+        mine = [j for j in jobs if j.model.ref == ref and j.key in rows]
         if mine:
             target = out if len(models) == 1 else out / slug(ref)
             published.append(_publish_model(run_set, store, mine, rows, target))
@@ -27,11 +35,6 @@ def publish_run_set(run_set: str, store: str | None, jobs: list, out: Path) -> l
 
 
 def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
-    import hashlib
-
-    from quantlab.fsutil import file_lock
-    from quantlab.models import quantlab_home
-
     lock = quantlab_home() / "locks" / f"publish-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
     with file_lock(lock):  # two drivers publishing into one dir take turns
         done = _up_to_date(out / "results.json", run_set, [j.key for j in jobs])
@@ -41,15 +44,6 @@ def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out:
 
 
 def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
-    import os
-    import tempfile
-
-    from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
-    from quantlab.fsutil import atomic_write_json
-    from quantlab.models import count_params, load_config
-    from quantlab.pipeline import DEFINITIONS, write_html_report
-    from quantlab.sweep.annotate import annotate, store_annotations
-
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
     try:
@@ -61,12 +55,12 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
                 if (out / part).exists():
                     shutil.rmtree(out / part)
                 os.replace(staging / part, out / part)
-        model = {**jobs[0].model, "params": count_params(load_config(jobs[0].model["path"],
-                                                                       jobs[0].model.get("trust_remote_code", False)))}
-        suite = any(r.get("accuracy") for r in runs)
-        results = {"model": {k: model[k] for k in ("ref", "fingerprint", "path", "note", "params")},
-                   "run_set": run_set, "text": jobs[0].text, "device": jobs[0].device,
-                   "definitions": {**DEFINITIONS, **(SUITE_DEFINITIONS if suite else {})},
+        source = jobs[0].model
+        params = count_params(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+        results = {"model": {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path,
+                             "note": source.note, "params": params, "trust_remote_code": source.trust_remote_code},
+                   "run_set": run_set, "text": jobs[0].text.to_dict(), "device": jobs[0].device,
+                   "definitions": definitions(any(r.get("accuracy") for r in runs)),
                    "warnings": warnings, "runs": runs}
         atomic_write_json(out / "results.json", results)
     finally:
@@ -86,9 +80,7 @@ def _up_to_date(path: Path, run_set: str, keys: list[str]) -> dict | None:
 
 def _run(job, row: dict, staging: Path, out: Path) -> dict:
     """The stored row as a results.json run, with its per-token and per-sample files staged for ``out``."""
-    from quantlab.sweep.jobs import job_dir
-
-    src, name = job_dir(job.key), job.recipe.name
+    src, name = job.dir, safe_name(job.recipe.name)
     run = {k: row[k] for k in ("recipe", "method", "bits", "params", "artifact", "fidelity", "memory", "latency",
                                "cost", "accuracy", "provenance", "job_key")}
     run.update(guard=row["fidelity"].get("guard"), run_id=row["id"])
@@ -106,3 +98,13 @@ def _run(job, row: dict, staging: Path, out: Path) -> dict:
         shutil.copy2(src / "samples.json.gz", staging / "samples" / f"{name}.json.gz")
         run["accuracy"] = {**run["accuracy"], "samples_path": f"samples/{name}.json.gz"}
     return run
+
+
+def write_html_report(results: dict, out: Path) -> str | None:
+    """``DIR/report.html`` for the default GPU (32 GB, context 4096); a failure is a warning, not a lost run."""
+    try:
+        return str(write_report({**results, "source": str(out / "results.json")}, out / "report.html",
+                                ReportSettings()))
+    except QuantlabError as exc:
+        results["warnings"].append(f"report not written: {exc}")
+        return None

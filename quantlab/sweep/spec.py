@@ -1,4 +1,4 @@
-"""Sweep files: models x recipes (with parameter grids) x one evaluation and measurement setting.
+"""What to run: one spec for every entry point — a sweep file, or quantize-and-compare's flags for one model.
 
 ```yaml
 description: GPTQ calibration sets on SmolLM2
@@ -12,65 +12,132 @@ evaluation: {text: wikitext2_raw, chunks: 16, chunk_tokens: 256, suite: quick}
 measure: {batch_sizes: [1, 8], repetitions: 5, decode_tokens: 32, prompt_tokens: 128}
 device: auto
 threads: 1
+data_dir: ../shared/data
+trust_remote_code: false
 ```
 
-Unknown keys anywhere are errors naming the allowed ones. A grid's recipes are named by the method's short
-name plus ``key=value`` for each grid parameter the short name does not show (``gptq-w4-g64
-calibration=self``), so every job has a distinct name.
+Unknown keys anywhere are errors naming the allowed ones. An experiment file is a sweep file: the older form
+with ``model:``, ``text:`` and ``recipes:`` only is read the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
-from quantlab.errors import RecipeError, UsageError
-from quantlab.recipe import Recipe
+from quantlab.errors import UsageError
+from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.fsutil import load_yaml
+from quantlab.measure.latency import LatencySettings
+from quantlab.models import DEFAULT_MODEL, slug
+from quantlab.recipe import DEFAULT_RECIPES, Recipe, expand_recipes, parse_recipe_list
 
-TOP_KEYS = ("description", "models", "model", "recipes", "evaluation", "measure", "device", "threads", "data_dir")
+TOP_KEYS = ("description", "models", "model", "recipes", "evaluation", "measure", "device", "threads", "data_dir",
+            "trust_remote_code", "text")
 EVAL_KEYS = ("text", "chunks", "chunk_tokens", "suite")
 MEASURE_KEYS = ("batch_sizes", "repetitions", "decode_tokens", "prompt_tokens", "warmup")
 
 
 @dataclass(frozen=True)
-class SweepSpec:
-    path: str
-    description: str
+class Spec:
+    """Models x recipes under one evaluation and measurement setting. ``kind`` and ``label`` name the run set
+    (``sweep-<file stem>`` or ``compare-<model>``) and the default output dir (``reports/<label>-<date>``)."""
+
+    kind: str  # sweep | compare
+    label: str
     models: tuple[str, ...]
     recipes: tuple[Recipe, ...]
-    evaluation: dict = field(default_factory=dict)
-    measure: dict = field(default_factory=dict)
+    text: str | None = None  # None: wikitext2_raw from the data dir
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    suite: str | None = None  # a suite name (experiments/suites.yaml) or a suite YAML
     device: str = "auto"
     threads: int = 1
     data_dir: str | None = None
+    trust_remote_code: bool = False
+    description: str = ""
+
+    @property
+    def run_set_prefix(self) -> str:
+        return f"{self.kind}-{self.label}"
+
+    def default_out(self) -> Path:
+        return Path("reports") / f"{self.label}-{date.today():%Y%m%d}"
 
 
-def load_sweep(path: str | Path) -> SweepSpec:
-    from quantlab.fsutil import load_yaml
-
+def load_spec(path: str | Path, kind: str = "sweep") -> Spec:
+    """A sweep (or experiment) file as a Spec; every problem is one error naming the file and the fix."""
     path = Path(path)
-    data = load_yaml(path, "Sweep file", "give a sweep YAML such as experiments/smollm2-default.yaml")
+    data = load_yaml(path, "Sweep file", "give a sweep YAML such as experiments/sweep-smollm2.yaml")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping with 'models' and 'recipes' — see experiments/")
-    _check_keys(data, TOP_KEYS, str(path))
-    if "models" in data and "model" in data:
-        raise UsageError(f"{path}: give 'models' (a list) or 'model', not both")
-    models = data.get("models") or ([data["model"]] if data.get("model") else ["smollm2-135m"])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise UsageError(f"{path}: 'models' must be a list of model references, e.g. [smollm2-135m]")
-    evaluation = data.get("evaluation") or {}
-    measure = data.get("measure") or {}
+    _check_keys(data, TOP_KEYS, f"{path}: top-level")
+    evaluation, measure = data.get("evaluation") or {}, data.get("measure") or {}
     _check_keys(evaluation, EVAL_KEYS, f"{path}: evaluation")
     _check_keys(measure, MEASURE_KEYS, f"{path}: measure")
+    if "text" in data and "text" in evaluation:
+        raise UsageError(f"{path}: give the text once — 'evaluation: {{text: ...}}' (or the older top-level 'text')")
     threads = data.get("threads", 1)
     if not isinstance(threads, int) or threads < 1:
         raise UsageError(f"{path}: threads must be a positive integer (got {threads!r})")
-    return SweepSpec(path=str(path), description=str(data.get("description") or ""), models=tuple(dict.fromkeys(models)),
-                     recipes=tuple(expand_recipes(data.get("recipes"), str(path))), evaluation=dict(evaluation),
-                     measure=dict(measure), device=str(data.get("device", "auto")), threads=threads,
-                     data_dir=data.get("data_dir"))
+    if not isinstance(data.get("trust_remote_code", False), bool):
+        raise UsageError(f"{path}: trust_remote_code must be true or false")
+    return Spec(kind=kind, label=path.stem, models=_models(data, path),
+                recipes=tuple(expand_recipes(data.get("recipes"), str(path))),
+                text=evaluation.get("text", data.get("text")), fidelity=_fidelity(evaluation),
+                latency=_latency(measure, path), suite=evaluation.get("suite"), device=str(data.get("device", "auto")),
+                threads=threads, data_dir=data.get("data_dir"), trust_remote_code=data.get("trust_remote_code", False),
+                description=str(data.get("description") or ""))
+
+
+def compare_spec(model: str | None = None, recipes: str | None = None, experiment: str | None = None,
+                 **overrides) -> Spec:
+    """quantize-and-compare's spec: one model, recipes from ``--recipes`` or an experiment (sweep) file, and the
+    flags given (None: the file's value, else the default). Overrides: text, data_dir, suite, device, threads,
+    trust_remote_code, chunks, chunk_tokens, batch_sizes, repetitions, decode_tokens."""
+    if recipes and experiment:
+        raise UsageError("Give --recipes or --experiment, not both")
+    if experiment:
+        base = load_spec(experiment, kind="compare")
+        if len(base.models) > 1 and not model:
+            raise UsageError(f"{experiment} lists {len(base.models)} models; quantize-and-compare compares one — "
+                             f"pass --model, or run quantlab sweep {experiment}")
+    else:
+        base = Spec(kind="compare", label="", models=(DEFAULT_MODEL,),
+                    recipes=tuple(parse_recipe_list(recipes or DEFAULT_RECIPES)))
+    model = model or base.models[0]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fidelity = dataclasses.replace(base.fidelity, **{f: given[k] for k, f in (("chunks", "max_chunks"),
+                                                                            ("chunk_tokens", "chunk_tokens")) if k in given})
+    latency = dataclasses.replace(base.latency, **{k: tuple(given[k]) if k == "batch_sizes" else given[k]
+                                                   for k in ("batch_sizes", "repetitions", "decode_tokens") if k in given})
+    plain = {k: given[k] for k in ("text", "data_dir", "suite", "device", "threads") if k in given}
+    return dataclasses.replace(base, kind="compare", label=slug(model), models=(model,), fidelity=fidelity,
+                               latency=latency, **plain,
+                               trust_remote_code=base.trust_remote_code or bool(given.get("trust_remote_code")))
+
+
+def _models(data: dict, path: Path) -> tuple[str, ...]:
+    if "models" in data and "model" in data:
+        raise UsageError(f"{path}: give 'models' (a list) or 'model', not both")
+    models = data.get("models") or ([data["model"]] if data.get("model") else [DEFAULT_MODEL])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise UsageError(f"{path}: 'models' must be a list of model references, e.g. [smollm2-135m]")
+    return tuple(dict.fromkeys(models))
+
+
+def _fidelity(evaluation: dict) -> FidelitySettings:
+    given = {"max_chunks": evaluation.get("chunks"), "chunk_tokens": evaluation.get("chunk_tokens")}
+    return dataclasses.replace(FidelitySettings(), **{k: v for k, v in given.items() if v})
+
+
+def _latency(measure: dict, path: Path) -> LatencySettings:
+    try:
+        return LatencySettings.from_dict(measure)
+    except TypeError as exc:
+        raise UsageError(f"{path}: measure: {exc} — see experiments/sweep-smollm2.yaml") from None
 
 
 def _check_keys(data, allowed: tuple[str, ...], where: str) -> None:
@@ -79,53 +146,3 @@ def _check_keys(data, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} — allowed: {', '.join(allowed)}")
-
-
-def expand_recipes(items, where: str) -> list[Recipe]:
-    """Short names and mappings; a mapping with list values becomes one recipe per combination."""
-    from quantlab.recipe import parse_recipe, recipe_from_mapping
-
-    if not isinstance(items, list) or not items:
-        raise RecipeError(f"{where}: 'recipes' must be a non-empty list of names or mappings — e.g. [fp, bnb-nf4]")
-    out: list[Recipe] = []
-    for i, item in enumerate(items):
-        at = f"{where}: recipes[{i}]"
-        if isinstance(item, str):
-            out.append(parse_recipe(item))
-            continue
-        if not isinstance(item, dict):
-            raise RecipeError(f"{at}: expected a recipe name or mapping, got {type(item).__name__}")
-        grid = {k: v for k, v in item.items() if isinstance(v, list)}
-        if "name" in item and grid:
-            raise RecipeError(f"{at}: a grid (list-valued {', '.join(grid)}) cannot carry one 'name' — drop it")
-        for values in itertools.product(*grid.values()):
-            recipe = recipe_from_mapping({**item, **dict(zip(grid, values))}, at)
-            out.append(_grid_name(recipe, dict(zip(grid, values))))
-    by_name: dict[str, Recipe] = {}
-    by_config: set[tuple] = set()
-    for r in out:  # one job per distinct (method, config): a grid point equal to a listed recipe is not rerun
-        if r.name in by_name and by_name[r.name].config != r.config:
-            raise RecipeError(f"{where}: two different recipes are both named '{r.name}' — name one of them")
-        if (r.method, r.config) not in by_config:
-            by_name.setdefault(r.name, r)
-            by_config.add((r.method, r.config))
-    return list(by_name.values())
-
-
-def _grid_name(recipe: Recipe, varied: dict) -> Recipe:
-    """Append ``key=value`` for each varied parameter the method's short name does not already show."""
-    from quantlab.methods import get_method
-
-    method = get_method(recipe.method)
-    shown = method.short_name(recipe.config)
-    default = method.config_cls()
-    hidden = []
-    for key, value in varied.items():
-        probe = dataclasses.replace(recipe.config, **{key: getattr(default, key)})
-        if method.short_name(probe) == shown and value != getattr(default, key) or key in _ALWAYS_SHOWN:
-            hidden.append(f"{key}={value}")
-    name = recipe.name if recipe.name != shown else " ".join([shown, *hidden])
-    return dataclasses.replace(recipe, name=name)
-
-
-_ALWAYS_SHOWN = ("calibration", "train_text")  # data choices: shown even at their default, so a grid over them reads

@@ -1,18 +1,36 @@
-"""The isolated bench step: load an artifact in a fresh process, then measure memory and latency."""
+"""The bench step: load an artifact in a fresh process, then measure memory and latency; and the weights step,
+the planner's check (weight bytes as loaded and what prefills add)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from quantlab.measure import latency, memory
+from quantlab.measure.latency import LatencySettings
+from quantlab.methods import get_method
+from quantlab.methods.loading import load_recipe_model
+from quantlab.recipe import Recipe
+from quantlab.steps.launcher import run_step
 
-def bench_job(payload: dict) -> dict:
+
+def bench_artifact(recipe: Recipe, artifact: str, threads: int, settings: LatencySettings, device: str,
+                   trust_remote_code: bool) -> dict:
+    """Memory and latency of one artifact, in its own fresh process."""
+    return run_step("bench", {"recipe": recipe.to_dict(), "artifact": artifact, "device": device, "threads": threads,
+                              "latency": settings.to_dict(), "trust_remote_code": trust_remote_code})
+
+
+def weigh_artifact(recipe: Recipe, artifact: str, device: str, contexts: tuple[int, ...], threads: int,
+                   trust_remote_code: bool) -> dict:
+    """Weight bytes of one artifact as loaded and the peak memory prefills over ``contexts`` tokens add, in
+    its own fresh process (see ``weights_step``)."""
+    return run_step("weights", {"artifact": artifact, "recipe": recipe.to_dict(), "device": device,
+                                "contexts": list(contexts), "threads": threads, "trust_remote_code": trust_remote_code})
+
+
+def bench_step(payload: dict) -> dict:
     import torch
-
-    from quantlab.evaluate.fidelity_job import load_recipe_model
-    from quantlab.measure import latency, memory
-    from quantlab.methods import get_method
-    from quantlab.recipe import Recipe
 
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
@@ -24,8 +42,7 @@ def bench_job(payload: dict) -> dict:
     load_s = time.perf_counter() - t0
     weights = memory.weight_bytes(model)
     rss_loaded = memory.current_rss_bytes()
-    settings = latency.LatencySettings(**{k: tuple(v) if k == "batch_sizes" else v
-                                          for k, v in payload.get("latency", {}).items()})
+    settings = LatencySettings.from_dict(payload.get("latency", {}))
     skipped = get_method(recipe.method).measures_latency(recipe.config, device)
     lat = latency.not_measured(settings, skipped) if skipped else latency.measure_latency(model, settings, device)
     mem = {
@@ -51,15 +68,11 @@ def bench_job(payload: dict) -> dict:
     return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}
 
 
-def weights_job(payload: dict) -> dict:
+def weights_step(payload: dict) -> dict:
     """Load an artifact in a fresh process: its weight bytes, and the peak memory of prefills over
     ``contexts`` tokens at batch 1 above the loaded model (max reserved on CUDA; peak RSS on CPU, with
     the kernel's high-water mark reset before each prefill)."""
     import torch
-
-    from quantlab.evaluate.fidelity_job import load_recipe_model
-    from quantlab.measure import memory
-    from quantlab.recipe import Recipe
 
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
@@ -74,8 +87,6 @@ def weights_job(payload: dict) -> dict:
 def _prefill_peak(model, ids, device: str) -> dict:
     """Bytes a prefill forward (KV cache kept, last position's logits only) adds above the loaded model."""
     import torch
-
-    from quantlab.measure import memory
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()

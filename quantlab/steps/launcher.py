@@ -1,4 +1,4 @@
-"""Run one step in a fresh Python process, so no model freed earlier skews its memory or time."""
+"""Run one step in a fresh Python process and bring its result (or its error) back."""
 
 from __future__ import annotations
 
@@ -12,23 +12,23 @@ from quantlab import errors
 from quantlab.errors import MeasurementError
 
 
-def run_isolated(task: str, payload: dict, timeout: float | None = None) -> dict:
-    """Run ``quantlab.measure.worker`` for ``task`` and return its JSON result.
+def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
+    """Run ``python -m quantlab.steps STEP`` on ``payload`` and return its JSON result.
 
-    A QuantlabError raised in the worker is raised again here with the same class and message.
+    A QuantlabError raised in the step is raised again here with the same class and message.
     """
-    with tempfile.TemporaryDirectory(prefix="quantlab-worker-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="quantlab-step-") as tmp:
         payload_path = Path(tmp) / "payload.json"
         result_path = Path(tmp) / "result.json"
         payload_path.write_text(json.dumps(payload, default=str))
-        cmd = [sys.executable, "-m", "quantlab.measure.worker", task, str(payload_path), str(result_path)]
+        cmd = [sys.executable, "-m", "quantlab.steps", step, str(payload_path), str(result_path)]
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise MeasurementError(f"The {task} step ran over {timeout:.0f} s — raise the timeout or use a smaller model") from None
+            raise MeasurementError(f"The {step} step ran over {timeout:.0f} s — raise the timeout or use a smaller model") from None
         if not result_path.is_file():
             raise MeasurementError(
-                f"The {task} subprocess died (exit code {proc.returncode}) — likely out of memory; "
+                f"The {step} subprocess died (exit code {proc.returncode}) — likely out of memory; "
                 "free memory or use a smaller model"
             )
         result = json.loads(result_path.read_text())

@@ -1,54 +1,45 @@
-"""Entry point of an isolated step: ``python -m quantlab.measure.worker TASK PAYLOAD.json RESULT.json``.
+"""Entry point of an isolated step: ``python -m quantlab.steps STEP PAYLOAD.json RESULT.json``.
 
-Each task runs in its own fresh process; its result (or its error) is written as JSON.
+Each step runs in its own fresh process; its result (or its error) is written as JSON.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 import traceback
 
-TASKS = {
-    "quantize": "quantlab.artifacts:build_artifact",
-    "fidelity": "quantlab.evaluate.fidelity_job:fidelity_job",
-    "bench": "quantlab.measure.bench:bench_job",
-    "weights": "quantlab.measure.bench:weights_job",
-    "accuracy": "quantlab.evaluate.accuracy:accuracy_job",
-}
+from quantlab.errors import QuantlabError
+from quantlab.fsutil import atomic_write_json
+from quantlab.quiet import quiet_libraries
+from quantlab.steps import STEPS
 
 
 def _resolve(target: str):
-    import importlib
-
     module, _, func = target.partition(":")
     return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str]) -> int:
-    task, payload_path, result_path = argv
-    from quantlab.errors import QuantlabError
-    from quantlab.fsutil import atomic_write_json
-
+    step, payload_path, result_path = argv
     started = time.perf_counter()
     try:
-        from quantlab.quiet import quiet_libraries
-
         quiet_libraries()
         payload = json.loads(open(payload_path).read())
         import torch
 
         torch.set_num_threads(int(payload.get("threads") or torch.get_num_threads()))
-        result = _resolve(TASKS[task])(payload)
-        result["worker_wall_s"] = time.perf_counter() - started
+        result = _resolve(STEPS[step])(payload)
+        result["step_wall_s"] = time.perf_counter() - started
         atomic_write_json(result_path, result)
         return 0
     except QuantlabError as exc:
         error = {"class": type(exc).__name__, "message": str(exc)}
     except Exception as exc:  # an unexpected failure in a library: report it as a measurement error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        error = {"class": "MeasurementError", "message": f"The {task} step failed: {type(exc).__name__}: {first} — rerun with --debug for the traceback"}
+        error = {"class": "MeasurementError", "message": f"The {step} step failed: {type(exc).__name__}: {first} — rerun with --debug for the traceback"}
     error["traceback"] = traceback.format_exc()
     atomic_write_json(result_path, {"error": error})
     return 1

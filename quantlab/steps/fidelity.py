@@ -1,0 +1,114 @@
+"""The fidelity step: baseline log-probs (cached) against one or more candidates' log-probs.
+
+Fidelity measures no memory or time, so one process may evaluate several candidates, loading the tokenized
+text and cached baseline once; a sweep job passes its one, ``quantlab eval --baseline`` runs it in-process.
+Each result carries the candidate's own garbage-guard verdict (repetition, top-1 floor, KLD floor); the
+comparison with round-to-nearest at the same bits needs a comparison's other jobs and is added at publish.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from quantlab.evaluate import fidelity as fid
+from quantlab.evaluate import guard
+from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.text import TextSource
+from quantlab.fsutil import atomic_write_json, file_lock
+from quantlab.methods.loading import load_recipe_model
+from quantlab.models import ModelSource, load_tokenizer, quantlab_home
+from quantlab.recipe import Recipe, parse_recipe
+
+
+@dataclass(frozen=True)
+class Candidate:
+    recipe: Recipe
+    artifact: str
+    per_token_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_dict(), "artifact": self.artifact, "per_token_path": self.per_token_path}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Candidate":
+        return cls(Recipe.from_dict(data["recipe"]), data["artifact"], data.get("per_token_path"))
+
+
+def fidelity_payload(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str, threads: int,
+                     candidates: list[Candidate]) -> dict:
+    return {"baseline": baseline.to_dict(), "text": text.to_dict(), "settings": settings.to_dict(), "device": device,
+            "threads": threads, "candidates": [c.to_dict() for c in candidates]}
+
+
+def fidelity_step(payload: dict) -> dict:
+    """The payload of ``fidelity_payload``; returns one summary per candidate, in order."""
+    return measure_fidelity(ModelSource.from_dict(payload["baseline"]), TextSource(**payload["text"]),
+                            FidelitySettings.from_dict(payload.get("settings", {})), payload["device"],
+                            [Candidate.from_dict(c) for c in payload["candidates"]])
+
+
+def measure_fidelity(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str,
+                     candidates: list[Candidate]) -> dict:
+    ids = fid.chunk_ids(load_tokenizer(baseline.path, baseline.trust_remote_code), text.read(), settings)
+    cache, hit = ensure_baseline(baseline, ids, text, settings, device)
+    logprobs, _ = fid.load_baseline(cache)
+    base_gen = baseline_generation(baseline, ids, cache, device)
+    results = []
+    for cand in tqdm(candidates, desc="fidelity", unit="model", leave=False):
+        if cand.recipe.name == "fp" and Path(cand.artifact).resolve() == Path(baseline.path).resolve():
+            per_token = fid.compare_baseline_to_itself(ids, logprobs)
+            gen = base_gen
+        else:
+            model = load_recipe_model(cand.artifact, cand.recipe, device, baseline.trust_remote_code)
+            per_token = fid.compare(model, ids, logprobs)
+            gen = guard.greedy_continuation(model, ids)
+            del model
+            gc.collect()
+        if cand.per_token_path:
+            fid.save_per_token(Path(cand.per_token_path), per_token)
+        summary = {**fid.summarize(per_token, settings), "baseline_recipe": "fp", "baseline_cached": hit,
+                   "per_token": cand.per_token_path,
+                   "generation": {"tokens": gen, **guard.repetition(gen), "baseline_tokens": base_gen}}
+        reasons = guard.generation_reasons(gen, base_gen) + guard.fidelity_reasons(
+            {"method": cand.recipe.method, "bits": cand.recipe.bits, "fidelity": summary}, [])
+        summary["guard"] = {"ok": not reasons, "reasons": reasons}
+        results.append(summary)
+    return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict()}
+
+
+def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: FidelitySettings, device: str):
+    """Path of the cached baseline log-probs for (model, text, windows), computing them on a miss."""
+    fp = parse_recipe("fp")
+    key = fid.cache_key(baseline.fingerprint, text.sha256, settings, fp.name, device)
+    cache = quantlab_home() / "logits" / key
+    hit = True
+    with file_lock(cache.with_name(f".{key}.lock")):
+        if not (cache / "logprobs.npy").is_file():
+            hit = False
+            model = load_recipe_model(baseline.path, fp, device, baseline.trust_remote_code)
+            fid.baseline_cache(model, ids, cache, settings)
+            write_generation(model, ids, cache)
+            del model
+            gc.collect()
+    return cache, hit
+
+
+def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str) -> list[int]:
+    """The fp model's greedy continuation for the garbage guard, kept beside the cached log-probs."""
+    target = cache / "generation.json"
+    with file_lock(cache.with_name(f".{cache.name}.gen.lock")):
+        if not target.is_file():  # a cache written before the guard existed
+            model = load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
+            write_generation(model, ids, cache)
+            del model
+            gc.collect()
+    return json.loads(target.read_text())["tokens"]
+
+
+def write_generation(model, ids, cache: Path) -> None:
+    atomic_write_json(cache / "generation.json", {"tokens": guard.greedy_continuation(model, ids)})

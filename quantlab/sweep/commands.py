@@ -1,0 +1,130 @@
+"""The library calls behind the CLI's commands: each validates through the planner's checks, then runs steps.
+
+``quantize_and_compare`` and ``run_sweep`` are specs through the one driver; ``quantize_model``, ``evaluate``,
+``bench_model`` and ``weigh_model`` work on one model and run the steps they need directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from quantlab.artifacts import resolve_target
+from quantlab.device import resolve_device, torch_threads
+from quantlab.errors import UsageError
+from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.harness import check_tasks, prepare_tasks
+from quantlab.evaluate.suites import parse_shard, task_settings
+from quantlab.evaluate.text import resolve_text
+from quantlab.fsutil import atomic_write_json, check_writable_dir
+from quantlab.measure.latency import LatencySettings
+from quantlab.models import resolve_model
+from quantlab.recipe import Recipe
+from quantlab.steps.accuracy import suite_result
+from quantlab.steps.bench import bench_artifact, weigh_artifact
+from quantlab.steps.fidelity import Candidate, measure_fidelity
+from quantlab.steps.quantize import ensure_artifact
+from quantlab.sweep.driver import Progress, RunOptions, run_spec
+from quantlab.sweep.plan import require_libraries, resolve_checked, resolved_data_dir
+from quantlab.sweep.spec import Spec, load_spec
+
+
+def quantize_and_compare(spec: Spec, opts: RunOptions, progress: Progress | None = None) -> dict:
+    """One model's comparison (``compare_spec``): results.json's content plus ``jobs`` counts and output paths."""
+    summary = run_spec(spec, opts, progress)
+    (results,) = summary["published"]
+    return {**results, "jobs": summary["jobs"]}
+
+
+def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None) -> dict:
+    """Every job of a sweep file; a summary with each model's results.json path."""
+    summary = run_spec(load_spec(path), opts, progress)
+    published = summary.pop("published")
+    warnings = [f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]]
+    return {**summary, "sweep": str(path), **summary.pop("jobs"), "warnings": warnings,
+            "results": [r["results_path"] for r in published]}
+
+
+def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", threads: int | None = None,
+                   trust_remote_code: bool = False, data_dir: str | None = None) -> dict:
+    """Quantize one model with one recipe (cached); returns artifact path, cost and whether it was cached."""
+    require_libraries([recipe])
+    source = resolve_checked(model, [recipe], trust_remote_code)
+    return ensure_artifact(source, recipe, resolve_device(device), threads, data_dir=resolved_data_dir(data_dir))
+
+
+def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),
+                threads: int = 1, trust_remote_code: bool = False) -> dict:
+    """Quantize (cached), then load the artifact in a fresh process: its weight bytes as loaded and the peak
+    memory prefills over ``contexts`` tokens add (see ``quantlab.steps.bench.weights_step``)."""
+    device = resolve_device(device)
+    art = quantize_model(model, recipe, device, threads, trust_remote_code)
+    result = weigh_artifact(recipe, art["artifact"], device, contexts, threads, trust_remote_code)
+    return {**result, "artifact": art["artifact"]}
+
+
+def bench_model(model: str, device: str = "auto", threads: int = 1, latency: LatencySettings | None = None,
+                trust_remote_code: bool = False) -> dict:
+    """Memory and latency of ``model`` (an artifact dir or model ref), measured in a fresh process."""
+    path, recipe = resolve_target(model, trust_remote_code)
+    return {"model": model, "recipe": recipe.name,
+            **bench_artifact(recipe, path, threads, latency or LatencySettings(), resolve_device(device),
+                             trust_remote_code)}
+
+
+def evaluate_model(model: str, baseline: str | None, text: str | None = None, data_dir: str | None = None,
+                   device: str = "auto", threads: int = 1, settings: FidelitySettings | None = None,
+                   per_token_path: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Fidelity of ``model`` (an artifact dir or model ref) against ``baseline`` (a model ref), in this process:
+    one evaluation measures no memory or time."""
+    fixed_text = None if text == "self" else resolve_text(text, data_dir)
+    path, recipe = resolve_target(model, trust_remote_code)
+    base = resolve_model(baseline, trust_remote_code)
+    device = resolve_device(device)
+    text_source = fixed_text or resolve_text("self", data_dir, model=base, device=device)
+    with torch_threads(threads):
+        result = measure_fidelity(base, text_source, settings or FidelitySettings(), device,
+                                  [Candidate(recipe, path, per_token_path)])["results"][0]
+    return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
+            "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": result}
+
+
+def evaluate(model: str, tasks: str | None = None, suite: str | None = None, limit: int | None = None,
+             batch_size: int | None = None, include_path: str | None = None, output: str | None = None,
+             baseline: str | None = None, text: str | None = None, data_dir: str | None = None,
+             per_token: str | None = None, device: str = "auto", threads: int = 1,
+             trust_remote_code: bool = False, shard: str | None = None) -> dict:
+    """``quantlab eval``: suite accuracy and/or fidelity; everything validated before a model loads.
+
+    With ``output``, the full result (per-sample scores included) is written there atomically; the return
+    value leaves the per-sample rows out.
+    """
+    settings = task_settings(tasks, suite, limit=limit, batch_size=batch_size, data_dir=data_dir,
+                             include_path=include_path, shard=parse_shard(shard))
+    if settings is None and baseline is None:
+        raise UsageError("Nothing to evaluate — give --tasks/--suite for accuracy and/or --baseline for fidelity")
+    if settings is not None:
+        check_tasks(settings)
+    if output:
+        check_writable_dir(Path(output).resolve().parent)
+    result = {"model": model, "runs": []}
+    if settings:
+        path, recipe = resolve_target(model, trust_remote_code)
+        result = suite_result(model, path, recipe, settings, prepare_tasks(settings), resolve_device(device), threads,
+                              trust_remote_code)
+    if baseline:
+        fid = evaluate_model(model, baseline, text, data_dir, device, threads, per_token_path=per_token,
+                             trust_remote_code=trust_remote_code)
+        if result["runs"]:
+            result["runs"][0]["fidelity"] = fid["fidelity"]
+            result["fidelity_baseline"] = fid["baseline"]
+        else:
+            result = fid
+    if output:
+        atomic_write_json(output, result)
+    shown = copy.deepcopy(result)
+    for run in shown.get("runs", []):
+        if "accuracy" in run:
+            run["accuracy"].pop("samples", None)
+            run["accuracy"]["samples_in"] = output
+    return shown

@@ -1,0 +1,76 @@
+"""The planner: a Spec becomes jobs, with everything checked before any heavy work starts.
+
+Cheap checks come first (recipes' libraries, the suite's tasks and files, the reference text), then each model
+is resolved (a GGUF is converted once) and every recipe is checked against its layers. The fp baseline is
+added when missing and every trained recipe brings its PTQ twin (same format, no training).
+"""
+
+from __future__ import annotations
+
+from quantlab.device import resolve_device
+from quantlab.evaluate.harness import check_tasks, prepare_tasks
+from quantlab.evaluate.suites import load_suite
+from quantlab.evaluate.text import data_dir as find_data_dir
+from quantlab.evaluate.text import resolve_text
+from quantlab.methods import get_method
+from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
+from quantlab.recipe import Recipe, parse_recipe
+from quantlab.sweep.jobs import Job, make_job
+from quantlab.sweep.spec import Spec
+
+
+def plan_jobs(spec: Spec) -> list[Job]:
+    """The spec's jobs in order: per model, fp first, then the recipes (twins just before their trained recipe)."""
+    recipes = with_baseline_and_twins(spec.recipes)
+    require_libraries(recipes)
+    data_dir = resolved_data_dir(spec.data_dir)
+    device = resolve_device(spec.device)
+    suite, prepared = None, None
+    if spec.suite:
+        suite = load_suite(spec.suite, data_dir=data_dir)
+        check_tasks(suite)
+        prepared = prepare_tasks(suite)
+    fixed_text = None if spec.text == "self" else resolve_text(spec.text, data_dir)
+    jobs = []
+    for ref in spec.models:
+        source = resolve_checked(ref, recipes, spec.trust_remote_code)
+        text = fixed_text or resolve_text("self", data_dir, model=source, device=device)
+        jobs += [make_job(source, r, text, spec.fidelity, spec.latency, suite, prepared, device, spec.threads, data_dir)
+                 for r in recipes]
+    return jobs
+
+
+def with_baseline_and_twins(recipes) -> list[Recipe]:
+    """The fp baseline first when not listed; each trained recipe's PTQ twin just before it, unless listed."""
+    recipes = list(recipes)
+    if not any(r.method == "fp" for r in recipes):
+        recipes.insert(0, parse_recipe("fp"))
+    names = {r.name for r in recipes}
+    out: list[Recipe] = []
+    for r in recipes:
+        twin = get_method(r.method).ptq_twin(r.config)
+        if twin and twin not in names and not any(t.name == twin for t in out):
+            out.append(parse_recipe(twin))
+        out.append(r)
+    return out
+
+
+def require_libraries(recipes) -> None:
+    for r in recipes:
+        get_method(r.method).require(r.config)
+
+
+def resolve_checked(ref: str | None, recipes, trust_remote_code: bool) -> ModelSource:
+    """Resolve a model and check every recipe against its linear layers (group sizes and the like)."""
+    source = resolve_model(ref, trust_remote_code)
+    shapes = linear_shapes(load_config(source.path, trust_remote_code), trust_remote_code)
+    for r in recipes:
+        get_method(r.method).check_model(r.config, shapes)
+    return source
+
+
+def resolved_data_dir(explicit: str | None) -> str | None:
+    """The data dir as an absolute path (``--data-dir``, QUANTLAB_DATA_DIR, or ../shared/data), so every step
+    and worker process reads the same files whatever its working directory."""
+    found = find_data_dir(explicit)
+    return str(found.resolve()) if found else None
