@@ -269,8 +269,8 @@ def methods_cmd(as_json):
     """The registered quantization methods (built-in and from installed plugins), with example recipes."""
     from quantlab.methods import all_methods, get_method, method_target
 
-    rows = [{"method": m, "examples": list(get_method(m).example_names), "libraries": list(get_method(m).libraries),
-             "target": method_target(m)} for m in _call(all_methods)]
+    rows = [{"method": m, "examples": list(get_method(m).example_names),
+             "libraries": list(get_method(m).libraries_for(None)), "target": method_target(m)} for m in _call(all_methods)]
     click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(
         f"{r['method']:<10} {', '.join(r['examples']):<60} {r['target']}" for r in rows))
 

@@ -44,12 +44,14 @@ def test_short_names_round_trip(name):
 RELOAD = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-ids = torch.arange(2, 34).unsqueeze(0)
-with torch.no_grad():
-    logits = m(ids).logits
-print(json.dumps({"sum": logits.double().sum().item(), "absmax": logits.abs().max().item(),
-                  "quantlab_imported": any(k.startswith("quantlab") for k in sys.modules)}))
+out = {}
+for path in sys.argv[1:]:
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = m(torch.arange(2, 34).unsqueeze(0)).logits
+    out[path] = {"sum": logits.double().sum().item(), "absmax": logits.abs().max().item()}
+out["quantlab_imported"] = any(k.startswith("quantlab") for k in sys.modules)
+print(json.dumps(out))
 """
 
 
@@ -64,15 +66,21 @@ def quantized(tiny_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def fresh_reloads(quantized):
+    """Every artifact loaded by plain transformers in one fresh process that never imports quantlab."""
+    proc = subprocess.run([sys.executable, "-c", RELOAD, *map(str, quantized.values())], capture_output=True,
+                          text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized):
+def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized, fresh_reloads):
     from quantlab.methods.loading import load_recipe_model
 
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(quantized[name])], capture_output=True, text=True,
-                          cwd="/")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert fresh["quantlab_imported"] is False
+    assert fresh_reloads["quantlab_imported"] is False
+    fresh = fresh_reloads[str(quantized[name])]
     model = load_recipe_model(str(quantized[name]), parse_recipe(name), "cpu")
     with torch.no_grad():
         logits = model(torch.arange(2, 34).unsqueeze(0)).logits

@@ -42,7 +42,7 @@ def test_parse_size():
 ])
 def test_linear_layouts_on_cpu(recipe, data, scales):
     r = parse_recipe(recipe)
-    got = get_method(r.method).linear_bytes(r.config, 576, 1536, "cpu")
+    got = get_method(r.method).layout(r.config).linear_bytes(576, 1536, "cpu")
     assert got == {"data": data, "scales": scales}
 
 

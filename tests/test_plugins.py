@@ -14,6 +14,7 @@ PLUGIN = '''
 import re
 from dataclasses import dataclass
 
+from quantlab.layouts.fp import FpLayout
 from quantlab.methods.base import Method
 from quantlab.models import load_causal_lm, save_with_tokenizer
 
@@ -37,16 +38,8 @@ class HalfMethod(Method):
     def short_name(self, config):
         return "half"
 
-    def unquantized_dtype_bytes(self, config, device):
-        return 2
-
-    def linear_bytes(self, config, out_features, in_features, device):
-        return {"data": 2 * out_features * in_features, "scales": 0}
-
-    def load_kwargs(self, config, device):
-        import torch
-
-        return {"dtype": torch.float16}
+    def layout(self, config):
+        return FpLayout("float16")  # a built-in layout: its bytes, load kwargs and latency support
 
     def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
         import torch

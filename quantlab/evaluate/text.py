@@ -8,9 +8,10 @@ from pathlib import Path
 
 from quantlab.errors import DataError
 from quantlab.fsutil import atomic_write_text, file_lock
-from quantlab.methods import get_method
-from quantlab.models import load_causal_lm, load_tokenizer, quantlab_home
+from quantlab.methods.loading import load_recipe_model
+from quantlab.models import load_tokenizer, quantlab_home
 from quantlab.provenance import sha256_text
+from quantlab.recipe import parse_recipe
 
 DEFAULT_TEXT = "wikitext2_raw"
 # Data-dir datasets usable as plain reference text: name -> file inside <data-dir>/<name>/.
@@ -90,10 +91,9 @@ def _generate(model_source, device: str, max_new_tokens: int, rounds: int, seed:
 
     prompts = (Path(__file__).resolve().parent.parent / "prompts" / "self.txt").read_text().split("\n")
     prompts = [p for p in prompts if p.strip()]
-    tok = load_tokenizer(model_source.path)
+    tok = load_tokenizer(model_source.path, model_source.trust_remote_code)
     tok.padding_side = "left"
-    fp = get_method("fp")
-    model = load_causal_lm(model_source.path, device=device, **fp.load_kwargs(fp.parse_short_name("fp"), device))
+    model = load_recipe_model(model_source.path, parse_recipe("fp"), device, model_source.trust_remote_code)
     torch.manual_seed(seed)
     batch = tok(prompts, return_tensors="pt", padding=True).to(model.device)
     texts = []

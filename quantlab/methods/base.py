@@ -11,7 +11,7 @@ from quantlab.provenance import require_library
 
 
 class Method:
-    """A quantization method.
+    """A quantization algorithm: naming, checks, quantize, its PTQ twin, and the layout it fills.
 
     ``quantize`` writes a directory that ``AutoModelForCausalLM.from_pretrained`` reloads with the
     method's library installed and no quantlab import. ``fp`` is the exception: its artifact is the
@@ -44,8 +44,9 @@ class Method:
         """Reject a recipe that cannot apply to this model's linear layers, before any work starts."""
 
     def libraries_for(self, config: Any | None) -> tuple[str, ...]:
-        """The libraries this config needs (a method may store some configs through another library)."""
-        return self.libraries
+        """The libraries this config needs: the algorithm's own and its layout's."""
+        layout = self.layout(config if config is not None else self.config_cls()).libraries
+        return tuple(dict.fromkeys(self.libraries + layout))
 
     def require(self, config: Any | None = None) -> None:
         """Raise MissingExtraError when a library the method (or this config of it) needs is not importable."""
@@ -79,35 +80,10 @@ class Method:
         """Inputs beyond the recipe that change the artifact (e.g. calibration text sha256)."""
         return {}
 
-    def measures_latency(self, config: Any, device: str) -> str | None:
-        """None when latency can be measured here; otherwise the reason it is not."""
-        return None
-
-    def linear_bytes(self, config: Any, out_features: int, in_features: int, device: str) -> dict[str, int]:
-        """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.
-
-        Split into ``data`` (the integers or floats of the weight) and ``scales`` (per-group scales, zero
-        points, absmax and codebooks, group indices): the overhead memory calculators forget. Bias excluded.
-        """
+    def layout(self, config: Any):
+        """The storage layout (``quantlab.layouts``) this config's artifact is held in once loaded: its bytes,
+        load kwargs, latency support and libraries are the layout's."""
         raise NotImplementedError
-
-    def layout_note(self, config: Any) -> str:
-        """One line naming the storage layout ``linear_bytes`` counts, for the planner's arithmetic."""
-        return ""
-
-    def unquantized_dtype_bytes(self, config: Any, device: str) -> int:
-        """Bytes per element of the parts a method leaves alone (embeddings, norms, biases, lm_head)."""
-        return 4 if device == "cpu" else 2
-
-    def bias_dtype_bytes(self, config: Any, device: str) -> int:
-        """Bytes per element of a quantized layer's bias (most methods keep it at the unquantized dtype)."""
-        return self.unquantized_dtype_bytes(config, device)
-
-    def load_kwargs(self, config: Any, device: str) -> dict:
-        """Extra ``from_pretrained`` kwargs for loading this method's artifact."""
-        import torch
-
-        return {"dtype": torch.float32 if device == "cpu" else "auto"}
 
 
 def check_group_size(group_size: int, linear_shapes: dict[str, tuple[int, int]]) -> None:
@@ -121,17 +97,3 @@ def check_group_size(group_size: int, linear_shapes: dict[str, tuple[int, int]])
             f"group size {group_size} does not divide in-features {bad} of this model — "
             f"use a group size that divides every layer ({', '.join(map(str, ok)) or 'per-channel -1'})"
         )
-
-
-def groups_of(group_size: int, in_features: int) -> int:
-    """Quantization groups along the input dimension (-1: one group per output channel)."""
-    return 1 if group_size == -1 else -(-in_features // group_size)
-
-
-INTX_LAYOUT = "torchao intx: one int8 per value (int4 too) + a scale (unquantized dtype) and an int8 zero per group"
-
-
-def intx_linear_bytes(bits: int, group_size: int, out_features: int, in_features: int, scale_bytes: int) -> dict:
-    """torchao's IntxUnpackedToInt8Tensor: one int8 per value (int4 too), a scale and an int8 zero per group."""
-    groups = groups_of(group_size, in_features)
-    return {"data": out_features * in_features, "scales": out_features * groups * (scale_bytes + 1)}

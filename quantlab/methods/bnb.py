@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
+from quantlab.layouts.bnb import Bnb4Layout, Bnb8Layout
 from quantlab.methods.base import Method
 from quantlab.models import load_causal_lm, save_with_tokenizer
 
 _TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
 _COMPUTE = ("auto", "float32", "bfloat16", "float16")
-_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize, CPU and CUDA
-_NESTED_BLOCKSIZE = 256  # double quant: blocks of absmax values
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,6 @@ class BnbMethod(Method):
     config_cls = BnbConfig
     short_pattern = re.compile(r"bnb-(int8|nf4|fp4)(-dq)?")
     example_names = ("bnb-int8", "bnb-nf4", "bnb-fp4", "bnb-nf4-dq")
-    libraries = ("bitsandbytes",)
 
     def config_from_match(self, match):
         return BnbConfig(quant_type=match.group(1), double_quant=bool(match.group(2)))
@@ -63,45 +61,18 @@ class BnbMethod(Method):
             load_in_4bit=True,
             bnb_4bit_quant_type=config.quant_type,
             bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=self.load_kwargs(config, device)["dtype"],
+            bnb_4bit_compute_dtype=self.layout(config).load_kwargs(device)["dtype"],
         )
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:
         # bitsandbytes quantizes as the weights move to the device: on CUDA, load straight onto it.
         model = load_causal_lm(source_dir, device=device, quantization_config=self.hf_config(config, device),
-                               trust_remote_code=trust_remote_code, **self.load_kwargs(config, device))
+                               trust_remote_code=trust_remote_code, **self.layout(config).load_kwargs(device))
         save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
 
-    def unquantized_dtype_bytes(self, config, device):
-        return {"float32": 4}.get(self.load_kwargs_name(config, device), 2)
-
-    def linear_bytes(self, config, out_features, in_features, device):
-        """int8: int8 values + one fp32 row scale (SCB) per output row. 4-bit: two values per byte, one
-        absmax per block of 64 (fp32; with double quant uint8, plus an fp32 absmax per 256 blocks, a
-        256-entry fp32 code and an fp32 offset) and the 16-entry fp32 code of nf4/fp4."""
-        n = out_features * in_features
+    def layout(self, config):
         if config.quant_type == "int8":
-            return {"data": n, "scales": out_features * 4}
-        blocks = -(-n // _BLOCKSIZE)
-        absmax = blocks + -(-blocks // _NESTED_BLOCKSIZE) * 4 + 256 * 4 + 4 if config.double_quant else blocks * 4
-        return {"data": -(-n // 2), "scales": absmax + 16 * 4}
-
-    def layout_note(self, config):
-        if config.quant_type == "int8":
-            return "int8 values + fp32 row scale (SCB) per output row"
-        dq = ("uint8 absmax per 64 weights + fp32 absmax per 256 blocks + 1 KiB code" if config.double_quant
-              else "fp32 absmax per 64 weights")
-        return f"{config.quant_type}: 2 values per byte + {dq} + 64 B code per layer"
-
-    def load_kwargs_name(self, config, device) -> str:
-        if config.compute_dtype != "auto":
-            return config.compute_dtype
-        return "float32" if device == "cpu" else "bfloat16"
-
-    def load_kwargs(self, config, device):
-        """Unquantized parts (embeddings, norms) in fp32 on CPU, bf16 on CUDA unless a compute dtype is named."""
-        import torch
-
-        return {"dtype": getattr(torch, self.load_kwargs_name(config, device))}
+            return Bnb8Layout(config.compute_dtype)
+        return Bnb4Layout(config.compute_dtype, config.quant_type, config.double_quant)

@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass
 
 from quantlab.errors import RecipeError
+from quantlab.layouts.fp import DTYPE_BITS, FpLayout
 from quantlab.methods.base import Method
 
-_DTYPES = {"auto": None, "float32": 32, "bfloat16": 16, "float16": 16}
 _SHORT = {"fp": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -17,12 +17,12 @@ class FpConfig:
     dtype: str = "auto"
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise RecipeError(f"fp dtype '{self.dtype}' is not supported — use one of {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPE_BITS:
+            raise RecipeError(f"fp dtype '{self.dtype}' is not supported — use one of {', '.join(DTYPE_BITS)}")
 
     @property
     def bits(self) -> int:
-        return _DTYPES[self.dtype] or 32
+        return DTYPE_BITS[self.dtype] or 32
 
 
 class FpMethod(Method):
@@ -38,24 +38,8 @@ class FpMethod(Method):
     def short_name(self, config):
         return {v: k for k, v in _SHORT.items()}[config.dtype]
 
-    def unquantized_dtype_bytes(self, config, device):
-        bits = config.bits if config.dtype != "auto" else (32 if device == "cpu" else 16)
-        return bits // 8
-
-    def layout_note(self, config):
-        return "weights at the unquantized dtype"
-
-    def linear_bytes(self, config, out_features, in_features, device):
-        return {"data": out_features * in_features * self.unquantized_dtype_bytes(config, device), "scales": 0}
-
-    def load_kwargs(self, config, device):
-        import torch
-
-        if config.dtype == "auto":
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        else:
-            dtype = getattr(torch, config.dtype)
-        return {"dtype": dtype}
+    def layout(self, config):
+        return FpLayout(config.dtype)
 
     def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
         raise RecipeError("The fp baseline is not quantized — its artifact is the source model directory")

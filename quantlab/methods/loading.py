@@ -1,4 +1,4 @@
-"""Load an artifact (or the fp source) the way its method says, with no quantlab code in the model."""
+"""Load an artifact (or the fp source) the way its layout says, with no quantlab code in the model."""
 
 from __future__ import annotations
 
@@ -10,4 +10,4 @@ def load_recipe_model(path: str, recipe, device: str, trust_remote_code: bool = 
     method = get_method(recipe.method)
     method.require(recipe.config)
     return load_causal_lm(path, device=device, trust_remote_code=trust_remote_code,
-                          **method.load_kwargs(recipe.config, device))
+                          **method.layout(recipe.config).load_kwargs(device))

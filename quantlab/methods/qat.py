@@ -24,10 +24,12 @@ from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
 from quantlab.evaluate.text import resolve_text, self_text
-from quantlab.methods import get_method
-from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
+from quantlab.layouts.intx import IntxLayout
+from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.loading import load_recipe_model
 from quantlab.methods.torchao_ptq import base_config, check_scheme, save_quantized, scheme_name
-from quantlab.models import load_causal_lm, load_tokenizer, resolve_model
+from quantlab.models import load_tokenizer, resolve_model
+from quantlab.recipe import parse_recipe
 
 QAT_TEXT_SEED = 4321  # self-generated training text: a different seed from the evaluation `self` text
 
@@ -81,12 +83,8 @@ class QatMethod(Method):
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
-    def layout_note(self, config):
-        return INTX_LAYOUT
-
-    def linear_bytes(self, config, out_features, in_features, device):
-        return intx_linear_bytes(4, config.group_size, out_features, in_features,
-                                 self.unquantized_dtype_bytes(config, device))
+    def layout(self, config):
+        return IntxLayout(4, config.group_size)
 
     def ptq_twin(self, config):
         return scheme_name("torchao", config.scheme, config.group_size)
@@ -227,11 +225,10 @@ def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[i
 
 def _teacher_and_student(source_dir: Path, config, device: str, trust_remote_code: bool):
     """The frozen fp teacher and the prepared (fake-quantized) student with frozen embeddings."""
-    fp = get_method("fp")
-    kwargs = fp.load_kwargs(fp.parse_short_name("fp"), device)
-    teacher = load_causal_lm(source_dir, device=device, trust_remote_code=trust_remote_code, **kwargs)
+    fp = parse_recipe("fp")
+    teacher = load_recipe_model(source_dir, fp, device, trust_remote_code)
     teacher.requires_grad_(False)
-    student = prepare(load_causal_lm(source_dir, device=device, trust_remote_code=trust_remote_code, **kwargs), config)
+    student = prepare(load_recipe_model(source_dir, fp, device, trust_remote_code), config)
     student.get_input_embeddings().requires_grad_(False)
     student.get_output_embeddings().requires_grad_(False)
     return teacher, student

@@ -1,7 +1,7 @@
 """Round-to-nearest weight-only quantization: the reference every smarter method must beat.
 
 The arithmetic is plain affine RTN (``fake_quantize`` below spells it out in torch). Two storage
-formats, chosen by ``format``:
+layouts (``quantlab.layouts``), chosen by ``format``:
 
 - ``torchao`` (default): integers, scales and zero points in torchao's intx layout
   (IntxUnpackedToInt8Tensor) through transformers' TorchAoConfig. On CPU torchao keeps int4 one value
@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
-from quantlab.methods.gptq import GPTQ_LAYOUT, GptqMethod, gptq_linear_bytes, import_gptqmodel, run_gptqmodel
+from quantlab.layouts.gptq import GptqPackedLayout
+from quantlab.layouts.intx import IntxLayout
+from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 from quantlab.models import load_causal_lm, save_with_tokenizer
 
 _BITS = (8, 4)
@@ -50,7 +52,6 @@ class RtnMethod(Method):
     config_cls = RtnConfig
     short_pattern = re.compile(r"rtn-w(\d+)(?:-g(\d+))?(-asym)?(-gptqfmt)?")
     example_names = ("rtn-w8", "rtn-w4-g128", "rtn-w4-g64", "rtn-w4-g32", "rtn-w4-g64-gptqfmt")
-    libraries = ("torchao",)
 
     def config_from_match(self, match):
         group = int(match.group(2)) if match.group(2) else -1
@@ -62,30 +63,12 @@ class RtnMethod(Method):
         return (f"rtn-w{config.bits}{group}" + ("" if config.symmetric else "-asym")
                 + (_GPTQ_SUFFIX if config.format == "gptq" else ""))
 
-    def libraries_for(self, config):
-        return GptqMethod.libraries if config is not None and config.format == "gptq" else self.libraries
-
-    def measures_latency(self, config, device: str) -> str | None:
-        if config.format == "gptq":
-            return GptqMethod().measures_latency(config, device)
-        return None
-
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
-    def linear_bytes(self, config, out_features, in_features, device):
-        if config.format == "gptq":
-            return gptq_linear_bytes(config.bits, config.group_size, out_features, in_features)
-        return intx_linear_bytes(config.bits, config.group_size, out_features, in_features,
-                                 self.unquantized_dtype_bytes(config, device))
-
-    def layout_note(self, config):
-        if config.format == "gptq":
-            return GPTQ_LAYOUT
-        return INTX_LAYOUT
-
-    def bias_dtype_bytes(self, config, device):
-        return 2 if config.format == "gptq" else self.unquantized_dtype_bytes(config, device)
+    def layout(self, config):
+        layout = GptqPackedLayout if config.format == "gptq" else IntxLayout
+        return layout(config.bits, config.group_size)
 
     def torchao_config(self, config):
         import torch
@@ -101,8 +84,10 @@ class RtnMethod(Method):
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:
-        if config.format == "gptq":
-            return self._quantize_gptq_format(config, source_dir, out_dir, device, trust_remote_code)
+        write = self._write_gptq if config.format == "gptq" else self._write_intx
+        return write(config, source_dir, out_dir, device, trust_remote_code)
+
+    def _write_intx(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
         from transformers import TorchAoConfig
 
         # Quantized on CPU: RTN is cheap, and the saved layout is device-independent.
@@ -111,8 +96,7 @@ class RtnMethod(Method):
         save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
         return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)"}
 
-    def _quantize_gptq_format(self, config, source_dir: Path, out_dir: Path, device: str,
-                              trust_remote_code: bool) -> dict:
+    def _write_gptq(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
         gptqmodel = import_gptqmodel()
         settings = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric)
         run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.methods.base import INTX_LAYOUT, Method, check_group_size, intx_linear_bytes
+from quantlab.layouts.intx import IntxLayout
+from quantlab.methods.base import Method, check_group_size
 from quantlab.models import load_causal_lm, save_with_tokenizer
 
 SCHEMES = ("w4", "a8w4")
@@ -75,7 +76,6 @@ class TorchaoMethod(Method):
     config_cls = TorchaoConfig
     short_pattern = re.compile(r"torchao-(w4|a8w4)(?:-g(\d+))?")
     example_names = ("torchao-w4-g32", "torchao-a8w4-g32")
-    libraries = ("torchao",)
 
     def config_from_match(self, match):
         return TorchaoConfig(scheme=match.group(1), group_size=int(match.group(2)) if match.group(2) else -1)
@@ -86,12 +86,8 @@ class TorchaoMethod(Method):
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
-    def layout_note(self, config):
-        return INTX_LAYOUT
-
-    def linear_bytes(self, config, out_features, in_features, device):
-        return intx_linear_bytes(4, config.group_size, out_features, in_features,
-                                 self.unquantized_dtype_bytes(config, device))
+    def layout(self, config):
+        return IntxLayout(4, config.group_size)
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:

@@ -70,8 +70,9 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
         method.check_model(recipe.config, shapes.linear_shapes())
     except RecipeError as exc:
         return {**row, "applicable": False, "reason": str(exc)}
-    weights = terms.weight_terms(method, recipe.config, shapes, settings.device)
-    elem = method.unquantized_dtype_bytes(recipe.config, settings.device)
+    layout = method.layout(recipe.config)
+    weights = terms.weight_terms(layout, shapes, settings.device)
+    elem = layout.unquantized_dtype_bytes(settings.device)
     fixed = sum(weights.values()) + terms.runtime_bytes(settings.device)
 
     def total_at(context: int) -> int:
@@ -82,7 +83,7 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
     act = terms.activation_bytes(shapes, settings.context, settings.batch, elem)
     total = total_at(settings.context)
     return {
-        **row, "applicable": True, "layout": method.layout_note(recipe.config),
+        **row, "applicable": True, "layout": layout.note(),
         "components": {**weights, "kv_cache": kv, "activations": act, "runtime": terms.runtime_bytes(settings.device)},
         "weights_bytes": sum(weights.values()),
         "activation_elem_bytes": elem,

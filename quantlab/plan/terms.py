@@ -2,7 +2,7 @@
 
 Units are bytes. Definitions:
 
-- linear data / scales: ``Method.linear_bytes`` of every quantized linear weight (see each method file);
+- linear data / scales: ``Layout.linear_bytes`` of every quantized linear weight (see quantlab/layouts/);
 - unquantized: embeddings, lm_head (unless tied: counted once), norms, biases and routers at the dtype the
   method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one; GPTQ biases fp16); buffers
   at their own dtype;
@@ -21,14 +21,14 @@ from quantlab.plan.shapes import ModelShapes
 CUDA_RUNTIME_BYTES = 512 * 2**20
 
 
-def weight_terms(method, config, shapes: ModelShapes, device: str) -> dict[str, int]:
-    """Bytes of the model as loaded, by component."""
+def weight_terms(layout, shapes: ModelShapes, device: str) -> dict[str, int]:
+    """Bytes of the model as loaded in ``layout`` (a ``quantlab.layouts.Layout``), by component."""
     data = scales = 0
     for lin in shapes.linears:
-        per = method.linear_bytes(config, lin.out_features, lin.in_features, device)
+        per = layout.linear_bytes(lin.out_features, lin.in_features, device)
         data += lin.count * per["data"]
         scales += lin.count * per["scales"]
-    elem = method.unquantized_dtype_bytes(config, device)
+    elem = layout.unquantized_dtype_bytes(device)
     parts = shapes.unquantized
     return {
         "linear_data": data,
@@ -36,7 +36,7 @@ def weight_terms(method, config, shapes: ModelShapes, device: str) -> dict[str, 
         "embeddings": parts["embeddings"] * elem,
         "lm_head": parts["lm_head"] * elem,
         "norms_biases_other": (parts["norms"] + parts["other"]) * elem
-                              + parts["biases"] * method.bias_dtype_bytes(config, device),
+                              + parts["biases"] * layout.bias_dtype_bytes(device),
         "buffers": shapes.buffer_bytes,
     }
 

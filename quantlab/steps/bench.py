@@ -43,7 +43,7 @@ def bench_step(payload: dict) -> dict:
     weights = memory.weight_bytes(model)
     rss_loaded = memory.current_rss_bytes()
     settings = LatencySettings.from_dict(payload.get("latency", {}))
-    skipped = get_method(recipe.method).measures_latency(recipe.config, device)
+    skipped = get_method(recipe.method).layout(recipe.config).latency_skipped(device)
     lat = latency.not_measured(settings, skipped) if skipped else latency.measure_latency(model, settings, device)
     mem = {
         **weights,

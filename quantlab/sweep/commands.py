@@ -39,9 +39,9 @@ def quantize_and_compare(spec: Spec, opts: RunOptions, progress: Progress | None
 def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None) -> dict:
     """Every job of a sweep file; a summary with each model's results.json path."""
     summary = run_spec(load_spec(path), opts, progress)
-    published = summary.pop("published")
-    warnings = [f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]]
-    return {**summary, "sweep": str(path), **summary.pop("jobs"), "warnings": warnings,
+    published = summary["published"]
+    return {"run_set": summary["run_set"], "sweep": str(path), "description": summary["description"],
+            **summary["jobs"], "warnings": [f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]],
             "results": [r["results_path"] for r in published]}
 
 

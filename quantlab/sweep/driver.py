@@ -52,7 +52,7 @@ class RunOptions:
 
 
 def run_spec(spec: Spec, opts: RunOptions, progress: Progress | None = None) -> dict:
-    """Every job of ``spec``; returns the run set, job counts, warnings and each model's published results."""
+    """Every job of ``spec``; returns the run set, job counts and each model's published results."""
     out = Path(opts.out) if opts.out else spec.default_out()
     check_writable_dir(out)
     jobs = plan_jobs(spec)
@@ -60,9 +60,7 @@ def run_spec(spec: Spec, opts: RunOptions, progress: Progress | None = None) -> 
     with _job_bar(len(jobs), opts.bar, progress) as report:
         counts = run_jobs(jobs, run_set, opts, report)
     published = publish_run_set(run_set, opts.store, jobs, out)
-    warnings = [w if len(published) == 1 else f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]]
-    return {"run_set": run_set, "description": spec.description, "jobs": counts, "warnings": warnings,
-            "published": published}
+    return {"run_set": run_set, "description": spec.description, "jobs": counts, "published": published}
 
 
 def run_set_of(prefix: str, jobs: list[Job], force: bool) -> str:

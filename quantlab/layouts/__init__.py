@@ -1,0 +1,50 @@
+"""Storage layouts: how a quantized model's weights are held once loaded, apart from the algorithms that fill them.
+
+A layout owns its bytes formula (``linear_bytes``: the planner reads layouts only), the dtype of what it leaves
+unquantized, the ``from_pretrained`` kwargs that load it, whether its latency can be measured on a device, and
+the libraries it needs. An algorithm (``quantlab.methods``) names its layout with ``Method.layout(config)``:
+RTN, torchao and QAT all fill the intx layout; GPTQ, and RTN with ``format: gptq``, the packed GPTQ layout.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class Layout:
+    libraries: ClassVar[tuple[str, ...]] = ()
+
+    def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
+        """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.
+
+        Split into ``data`` (the integers or floats of the weight) and ``scales`` (per-group scales, zero
+        points, absmax and codebooks, group indices): the overhead memory calculators forget. Bias excluded.
+        """
+        raise NotImplementedError
+
+    def note(self) -> str:
+        """One line naming what ``linear_bytes`` counts, for the planner's arithmetic."""
+        return ""
+
+    def unquantized_dtype_bytes(self, device: str) -> int:
+        """Bytes per element of the parts left alone (embeddings, norms, biases, lm_head)."""
+        return 4 if device == "cpu" else 2
+
+    def bias_dtype_bytes(self, device: str) -> int:
+        """Bytes per element of a quantized layer's bias (most layouts keep it at the unquantized dtype)."""
+        return self.unquantized_dtype_bytes(device)
+
+    def load_kwargs(self, device: str) -> dict:
+        """Extra ``from_pretrained`` kwargs for loading an artifact of this layout."""
+        import torch
+
+        return {"dtype": torch.float32 if device == "cpu" else "auto"}
+
+    def latency_skipped(self, device: str) -> str | None:
+        """None when latency can be measured on ``device``; otherwise the reason it is not."""
+        return None
+
+
+def groups_of(group_size: int, in_features: int) -> int:
+    """Quantization groups along the input dimension (-1: one group per output channel)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)

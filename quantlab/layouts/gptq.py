@@ -1,0 +1,40 @@
+"""The GPTQ checkpoint layout as GPTQModel's torch kernels hold it. Filled by GPTQ, and by RTN with
+``format: gptq`` (GPTQModel's own RTN), so the two compare like for like in memory and latency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantlab.layouts import Layout, groups_of
+
+GPTQ_NOTE = ("GPTQ packed: 32/bits values per int32 + fp16 scale and packed zero per group + int32 g_idx per "
+             "input feature")
+
+
+@dataclass(frozen=True)
+class GptqPackedLayout(Layout):
+    bits: int
+    group_size: int
+    libraries = ("gptqmodel", "optimum")
+
+    def linear_bytes(self, out_features, in_features, device):
+        """qweight packs 32/bits values per int32, fp16 scales and int32-packed zeros per group, an int32 group
+        index per input feature, and two (1, 32/bits) int32 shift tables. CUDA kernels (Marlin, ExLlama) may
+        repack; predicted as loaded."""
+        groups = groups_of(self.group_size, in_features)
+        per_int32 = 32 // self.bits
+        data = in_features * out_features * self.bits // 8
+        scales = (groups * out_features * 2 + groups * out_features * self.bits // 8 + in_features * 4
+                  + 2 * per_int32 * 4)
+        return {"data": data, "scales": scales}
+
+    def note(self):
+        return GPTQ_NOTE
+
+    def bias_dtype_bytes(self, device):
+        return 2  # GPTQ checkpoints keep biases in fp16
+
+    def latency_skipped(self, device):
+        if device == "cpu" and self.bits == 8:
+            return "GPTQModel's 8-bit CPU kernel runs only in bf16 at ~1 token/s: accuracy-only on CPU"
+        return None

@@ -1,0 +1,83 @@
+"""Running GPTQModel: imported quietly with its CPU worker pool sized for this machine, then a quantize in its
+offload mode with scratch files kept out of the user's directories. GPTQ and RTN's GPTQ format both use it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from quantlab.fsutil import atomic_write_text
+
+
+def import_gptqmodel():
+    """Import GPTQModel with its CPU worker pool sized for this machine and its logging quietened."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a ten-line banner on import
+        import gptqmodel
+    _quiet_gptqmodel()
+    return gptqmodel
+
+
+def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, device: str,
+                  calib: list[dict] | None, trust_remote_code: bool = False) -> None:
+    """Quantize ``source_dir`` with ``config_cls(**settings)`` and save the GPTQ directory to ``out_dir``.
+
+    GPTQModel's offload mode keeps memory near one model's size: it reads source weights layer by layer
+    from the checkpoint and parks finished layers on disk (reports/bench/gptq.txt gives the peak). Its
+    scratch files and logs go to a temp dir that is removed, and the
+    path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN).
+    """
+    import torch
+    from gptqmodel import GPTQModel
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch:
+        offload = str(Path(scratch) / "offload")
+        qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
+        model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
+        with contextlib.chdir(scratch):
+            if calib is None:
+                model.quantize(None)
+            else:
+                model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
+            model.save(str(out_dir))
+        del model
+    (Path(out_dir) / "quant_log.csv").unlink(missing_ok=True)
+    for name in ("config.json", "quantize_config.json"):
+        _drop_path(Path(out_dir) / name, offload)
+
+
+def _drop_path(path: Path, prefix: str) -> None:
+    """Rewrite a saved JSON file with every string under ``prefix`` (a deleted scratch dir) set to null."""
+    import json
+
+    if not path.exists():
+        return
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return None if isinstance(value, str) and value.startswith(prefix) else value
+
+    data = json.loads(path.read_text())
+    cleaned = clean(data)
+    if cleaned != data:
+        atomic_write_text(path, json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+
+
+def _quiet_gptqmodel() -> None:
+    import logging
+
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
