@@ -7,8 +7,20 @@ import sys
 
 import click
 
+from quantlab import store as store_mod
 from quantlab.errors import QuantlabError
-from quantlab.recipe import DEFAULT_RECIPES
+from quantlab.evaluate.shards import merge_shard_files
+from quantlab.gate import run_gate
+from quantlab.gate.report import publish_verdict
+from quantlab.methods import all_methods, get_method, method_target
+from quantlab.plan import PlanSettings, parse_size, plan_model
+from quantlab.plan.render import render_plan
+from quantlab.recipe import DEFAULT_RECIPES, parse_recipe, parse_recipe_list
+from quantlab.report import ReportSettings, load_results, write_report
+from quantlab.sweep.commands import bench_model, evaluate, quantize_and_compare, quantize_model, run_sweep
+from quantlab.sweep.driver import RunOptions
+from quantlab.sweep.spec import compare_spec
+from quantlab.table import render_runs, render_table
 
 
 class QuantlabGroup(click.Group):
@@ -85,11 +97,6 @@ def _common(f):
 @_common
 def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_json, **flags):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
-    from quantlab.sweep.commands import quantize_and_compare
-    from quantlab.sweep.driver import RunOptions
-    from quantlab.sweep.spec import compare_spec
-    from quantlab.table import render_table
-
     spec = _call(compare_spec, model, recipes, experiment, **flags)
     results = _call(quantize_and_compare, spec, RunOptions(force=force, store=store, out=out, bar=not as_json))
     for warning in results.get("warnings", []):
@@ -109,9 +116,6 @@ def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_j
 @_common
 def quantize_cmd(recipe, model, data_dir, device, threads, trust_remote_code):
     """Quantize MODEL with RECIPE into the artifact cache; prints the artifact directory."""
-    from quantlab.recipe import parse_recipe
-    from quantlab.sweep.commands import quantize_model
-
     result = _call(quantize_model, model, parse_recipe(recipe), device or "auto", threads or 1, trust_remote_code,
                    data_dir)
     click.echo(result["artifact"])
@@ -135,8 +139,6 @@ def quantize_cmd(recipe, model, data_dir, device, threads, trust_remote_code):
 def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, baseline, text, data_dir, per_token,
              shard, device, threads, trust_remote_code):
     """Suite accuracy (--tasks/--suite, lm-eval) and/or fidelity against --baseline of MODEL."""
-    from quantlab.sweep.commands import evaluate
-
     result = _call(evaluate, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
                    include_path=include_path, output=output, baseline=baseline, text=text, data_dir=data_dir,
                    per_token=per_token, device=device or "auto", threads=threads or 1,
@@ -149,8 +151,6 @@ def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, basel
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="The merged eval output to write.")
 def merge_shards_cmd(shards, output):
     """Merge `quantlab eval --shard I/N --output` files into one output, as if run unsharded."""
-    from quantlab.evaluate.shards import merge_shard_files
-
     merged = _call(merge_shard_files, list(shards), output)
     tasks = merged["runs"][0]["accuracy"]["tasks"]
     click.echo(json.dumps({t: {"n": i["n"], "metrics": i["metrics"], "stderr": i["stderr"]} for t, i in tasks.items()},
@@ -167,9 +167,6 @@ def merge_shards_cmd(shards, output):
 @click.pass_context
 def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store):
     """Paired tests of candidate vs baseline per-sample scores: exit 0 pass, 3 regression, 1 error."""
-    from quantlab.gate import run_gate
-    from quantlab.gate.report import publish_verdict
-
     try:
         verdict = _call(run_gate, baseline, candidate, policy, store)
     except QuantlabError as exc:  # the gate's contract: 0 pass, 3 regression, 1 any error
@@ -186,8 +183,6 @@ def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store):
 @_common
 def bench_cmd(model, device, threads, trust_remote_code):
     """Memory and latency of MODEL (artifact dir or model ref), in a fresh process."""
-    from quantlab.sweep.commands import bench_model
-
     result = _call(bench_model, model, device or "auto", threads or 1, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str))
 
@@ -204,10 +199,6 @@ def bench_cmd(model, device, threads, trust_remote_code):
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repo.")
 def plan_cmd(model, gpu_mem, context, batch, recipes, device, as_json, trust_remote_code):
     """Predicted memory per recipe from MODEL's config alone (no weights), and whether it fits."""
-    from quantlab.plan import PlanSettings, parse_size, plan_model
-    from quantlab.plan.render import render_plan
-    from quantlab.recipe import parse_recipe_list
-
     settings = PlanSettings(gpu_mem=parse_size(gpu_mem), context=context, batch=batch, device=device,
                             recipes=tuple(parse_recipe_list(recipes)) if recipes else ())
     plan = _call(plan_model, model, settings, trust_remote_code)
@@ -226,9 +217,6 @@ def plan_cmd(model, gpu_mem, context, batch, recipes, device, as_json, trust_rem
 @click.option("--max-kld", default=0.05, show_default=True, type=float, help="Quality tolerance of the verdict (nats/token).")
 def report_cmd(results, run_set, store, model, out, gpu_mem, context, batch, max_kld):
     """One self-contained HTML page: verdict, Pareto plots, memory predicted vs measured, fit, metrics."""
-    from quantlab.plan import parse_size
-    from quantlab.report import ReportSettings, load_results, write_report
-
     settings = ReportSettings(gpu_mem=parse_size(gpu_mem), context=context, batch=batch, max_kld=max_kld)
     click.echo(_call(write_report, _call(load_results, results, run_set, store, model), out, settings))
 
@@ -245,9 +233,6 @@ def report_cmd(results, run_set, store, model, out, gpu_mem, context, batch, max
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json):
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
-    from quantlab.sweep.commands import run_sweep
-    from quantlab.sweep.driver import RunOptions
-
     def progress(job, record, cached):
         f = record["fidelity"]
         click.echo(f"{job.label}: {'from the job cache' if cached else 'done'} — KLD {f['kld_mean']:.4f}, "
@@ -267,8 +252,6 @@ def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as
 @click.option("--json", "as_json", is_flag=True)
 def methods_cmd(as_json):
     """The registered quantization methods (built-in and from installed plugins), with example recipes."""
-    from quantlab.methods import all_methods, get_method, method_target
-
     rows = [{"method": m, "examples": list(get_method(m).example_names),
              "libraries": list(get_method(m).libraries_for(None)), "target": method_target(m)} for m in _call(all_methods)]
     click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(
@@ -282,9 +265,6 @@ def methods_cmd(as_json):
 @click.option("--json", "as_json", is_flag=True)
 def runs_cmd(store, run_set, limit, as_json):
     """List stored runs, newest first."""
-    from quantlab import store as store_mod
-    from quantlab.table import render_runs
-
     rows = store_mod.list_runs(store, run_set, limit)
     click.echo(json.dumps(rows, indent=2, default=str) if as_json else render_runs(rows))
 
