@@ -68,6 +68,10 @@ class PreparedTasks:
     names: list[str]
     data: dict[str, dict] = field(default_factory=dict)  # task -> {files: {path: sha256}, items, note}
 
+    def file_hashes(self) -> dict[str, str]:
+        """path -> sha256 of every local data file the tasks read (for provenance)."""
+        return {f: sha for task in self.data.values() for f, sha in task["files"].items()}
+
 
 def offline_env() -> None:
     """No hub access for datasets or models; the datasets cache under QUANTLAB_HOME. Before importing datasets."""

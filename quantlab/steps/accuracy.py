@@ -40,7 +40,7 @@ def suite_result(ref: str, path: str, recipe: Recipe, settings: HarnessSettings,
     with torch_threads(threads):
         result = evaluate_candidate(path, recipe, device, settings, prepared, trust_remote_code)
     samples = split_samples(result)
-    prov = provenance(device, data={f: sha for t in prepared.data.values() for f, sha in t["files"].items()})
+    prov = provenance(device, data=prepared.file_hashes())
     prov["device"]["torch_threads"] = threads
     return {"model": ref, "device": device, "definitions": SUITE_DEFINITIONS,
             "runs": [{"recipe": recipe.name, "method": recipe.method, "artifact": path,

@@ -15,7 +15,6 @@ from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import parse_shard, task_settings
-from quantlab.evaluate.text import resolve_text
 from quantlab.fsutil import atomic_write_json, check_writable_dir
 from quantlab.measure.latency import LatencySettings
 from quantlab.models import resolve_model
@@ -25,7 +24,7 @@ from quantlab.steps.bench import bench_artifact, weigh_artifact
 from quantlab.steps.fidelity import Candidate, measure_fidelity
 from quantlab.steps.quantize import ensure_artifact
 from quantlab.sweep.driver import Progress, RunOptions, run_spec
-from quantlab.sweep.plan import require_libraries, resolve_checked, resolved_data_dir
+from quantlab.sweep.plan import reference_text, require_libraries, resolve_checked, resolved_data_dir
 from quantlab.sweep.spec import Spec, load_spec
 
 
@@ -77,11 +76,11 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
                    per_token_path: str | None = None, trust_remote_code: bool = False) -> dict:
     """Fidelity of ``model`` (an artifact dir or model ref) against ``baseline`` (a model ref), in this process:
     one evaluation measures no memory or time."""
-    fixed_text = None if text == "self" else resolve_text(text, data_dir)
+    text_for = reference_text(text, data_dir)
     path, recipe = resolve_target(model, trust_remote_code)
     base = resolve_model(baseline, trust_remote_code)
     device = resolve_device(device)
-    text_source = fixed_text or resolve_text("self", data_dir, model=base, device=device)
+    text_source = text_for(base, device)
     with torch_threads(threads):
         result = measure_fidelity(base, text_source, settings or FidelitySettings(), device,
                                   [Candidate(recipe, path, per_token_path)])["results"][0]

@@ -71,9 +71,7 @@ def _accuracy(job: Job, artifact: str, tmp: Path) -> dict | None:
 
 def job_provenance(job: Job) -> dict:
     """Versions, device, host, seeds, data sha256 and git sha of this process, with the job's settings."""
-    data = {job.text.name: job.text.sha256}
-    data.update({f: sha for t in ((job.prepared.data if job.prepared else None) or {}).values()
-                 for f, sha in t["files"].items()})
+    data = {job.text.name: job.text.sha256, **(job.prepared.file_hashes() if job.prepared else {})}
     seeds = {"bootstrap": job.fidelity.seed, "latency_prompt": 0, "self_text": SELF_SEED}
     prov = provenance(job.device, seeds=seeds, data=data)
     prov["device"]["torch_threads"] = job.threads

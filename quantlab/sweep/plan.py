@@ -7,11 +7,13 @@ added when missing and every trained recipe brings its PTQ twin (same format, no
 
 from __future__ import annotations
 
+from typing import Callable
+
 from quantlab.device import resolve_device
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import load_suite
+from quantlab.evaluate.text import TextSource, resolve_text
 from quantlab.evaluate.text import data_dir as find_data_dir
-from quantlab.evaluate.text import resolve_text
 from quantlab.methods import get_method
 from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
 from quantlab.recipe import Recipe, parse_recipe
@@ -30,11 +32,11 @@ def plan_jobs(spec: Spec) -> list[Job]:
         suite = load_suite(spec.suite, data_dir=data_dir)
         check_tasks(suite)
         prepared = prepare_tasks(suite)
-    fixed_text = None if spec.text == "self" else resolve_text(spec.text, data_dir)
+    text_for = reference_text(spec.text, data_dir)
     jobs = []
     for ref in spec.models:
         source = resolve_checked(ref, recipes, spec.trust_remote_code)
-        text = fixed_text or resolve_text("self", data_dir, model=source, device=device)
+        text = text_for(source, device)
         jobs += [make_job(source, r, text, spec.fidelity, spec.latency, suite, prepared, device, spec.threads, data_dir)
                  for r in recipes]
     return jobs
@@ -67,6 +69,13 @@ def resolve_checked(ref: str | None, recipes, trust_remote_code: bool) -> ModelS
     for r in recipes:
         get_method(r.method).check_model(r.config, shapes)
     return source
+
+
+def reference_text(text: str | None, data_dir: str | None) -> Callable[[ModelSource, str], TextSource]:
+    """The reference text in two steps: a file or data-dir dataset is resolved (and checked) now, before any
+    model is; ``self`` is generated once the model is known. Returns (model source, device) -> TextSource."""
+    fixed = None if text == "self" else resolve_text(text, data_dir)
+    return lambda source, device: fixed or resolve_text("self", data_dir, model=source, device=device)
 
 
 def resolved_data_dir(explicit: str | None) -> str | None:
