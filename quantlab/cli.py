@@ -69,6 +69,14 @@ def _int_list(value: str) -> list[int]:
     return out
 
 
+_BUDGET_HELP = ("Memory budget of every step (host RAM on CPU, GPU memory on CUDA), e.g. 3.5GB; default "
+                "QUANTLAB_MAX_MEMORY or none. Checked against the planner before work.")
+
+
+def _budget(f):
+    return click.option("--max-memory", default=None, help=_BUDGET_HELP)(f)
+
+
 def _common(f):
     f = click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default auto).")(f)
     f = click.option("--threads", default=None, type=click.IntRange(1),
@@ -96,6 +104,7 @@ def _common(f):
 @click.option("--force", is_flag=True, help="Recompute every recipe (artifacts too) into a new run set instead of "
               "reusing finished ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
+@_budget
 @_common
 def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_json, **flags):
     """Baseline plus each recipe: quantize, fidelity, memory and latency, store, results.json."""
@@ -103,6 +112,8 @@ def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_j
     results = _call(quantize_and_compare, spec, RunOptions(force=force, store=store, out=out, bar=not as_json))
     for warning in results.get("warnings", []):
         click.echo(f"Warning: {warning}", err=True)
+    for refusal in results.get("refused", []):
+        click.echo(f"Refused: {refusal['recipe']}: {refusal['reason']}", err=True)
     jobs = results["jobs"]
     click.echo(f"run set {results['run_set']}: {jobs['already_stored']} of {jobs['jobs']} recipes already stored, "
                f"{jobs['from_cache']} from the job cache, {jobs['computed']} computed", err=True)
@@ -115,11 +126,12 @@ def quantize_and_compare_cmd(model, recipes, experiment, out, store, force, as_j
 @click.argument("recipe")
 @click.option("--model", default=None, help="Model reference (default smollm2-135m).")
 @click.option("--data-dir", default=None, help="Where calibration or training datasets are read (default ../shared/data).")
+@_budget
 @_common
-def quantize_cmd(recipe, model, data_dir, device, threads, trust_remote_code):
+def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_remote_code):
     """Quantize MODEL with RECIPE into the artifact cache; prints the artifact directory."""
     result = _call(quantize_model, model, parse_recipe(recipe), device or "auto", threads or 1, trust_remote_code,
-                   data_dir)
+                   data_dir, max_memory)
     click.echo(result["artifact"])
 
 
@@ -137,14 +149,15 @@ def quantize_cmd(recipe, model, data_dir, device, threads, trust_remote_code):
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
 @click.option("--per-token", default=None, type=click.Path(dir_okay=False), help="Write per-token fidelity values (.npz).")
 @click.option("--shard", default=None, help="I/N: only documents I, I+N, ... of each task (merge with merge-shards).")
+@_budget
 @_common
 def eval_cmd(model, tasks, suite, limit, batch_size, include_path, output, baseline, text, data_dir, per_token,
-             shard, device, threads, trust_remote_code):
+             shard, max_memory, device, threads, trust_remote_code):
     """Suite accuracy (--tasks/--suite, lm-eval) and/or fidelity against --baseline of MODEL."""
     result = _call(evaluate, model, tasks=tasks, suite=suite, limit=limit, batch_size=batch_size,
                    include_path=include_path, output=output, baseline=baseline, text=text, data_dir=data_dir,
                    per_token=per_token, device=device or "auto", threads=threads or 1,
-                   trust_remote_code=trust_remote_code, shard=shard)
+                   trust_remote_code=trust_remote_code, shard=shard, max_memory=max_memory)
     click.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -233,7 +246,8 @@ def report_cmd(results, run_set, store, model, out, gpu_mem, context, batch, max
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--out", default=None, help="Output dir for results.json and report.html (default reports/<file>-<date>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json):
+@_budget
+def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json, max_memory):
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
     def progress(job, record, cached):
         f = record["fidelity"]
@@ -241,9 +255,11 @@ def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as
                    f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB", err=True)
 
     opts = RunOptions(executor=executor, address=address, max_parallel=max_parallel, force=force, store=store, out=out)
-    summary = _call(run_sweep, sweep_file, opts, progress)
+    summary = _call(run_sweep, sweep_file, opts, progress, max_memory)
     for warning in summary["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
+    for refusal in summary["refused"]:
+        click.echo(f"Refused: {refusal}", err=True)
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"run set {summary['run_set']}: {summary['jobs']} jobs — {summary['already_stored']} already stored, "
                f"{summary['from_cache']} from the job cache, {summary['computed']} computed; {summary['stored']} stored"

@@ -28,7 +28,8 @@ def render_table(results: dict) -> str:
         rows.append([
             r["recipe"], str(r["bits"]), f"{f['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}]",
             f"{f['top1_agreement']:.3f}", f"{f['ppl']:.2f}",
-            f"{m['weights_bytes'] / MB:.1f}", f"{m['disk_bytes'] / MB:.1f}", f"{m['peak_bytes'] / MB:.0f}",
+            f"{m['weights_bytes'] / MB:.1f}" + ("*" if m.get("planned") else ""), f"{m['disk_bytes'] / MB:.1f}",
+            _fmt(m["peak_bytes"] and m["peak_bytes"] / MB, ".0f"),
             _fmt(lat["prefill_ms"], ".1f"), _fmt(lat["decode_tok_s"].get("1"), ".1f"),
             _fmt(lat["decode_tok_s"].get("8"), ".1f"), _fmt(c.get("quantize_wall_s"), ".1f"),
         ])
@@ -53,6 +54,12 @@ def render_table(results: dict) -> str:
                          f"{train.get('tokens_seen')} tokens")
         if r["latency"].get("skipped"):
             notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
+        if r["memory"].get("planned"):
+            notes.append(f"{r['recipe']}: * weights are the planner's — bench {r['memory']['peak_kind'].removeprefix('not measured — ')}")
+    if results.get("max_memory_bytes"):
+        notes.append(f"memory budget (--max-memory): {results['max_memory_bytes'] / 1e9:.2f} GB per step")
+    for r in results.get("refused", []):
+        notes.append(f"{r['recipe']}: refused before work — {r['reason']}")
     notes.append(f"results: {results.get('results_path', '')}")
     suite = render_accuracy(results["runs"])
     return _rows_table(header, rows) + ("\n\n" + suite if suite else "") + "\n\n" + "\n".join(notes)

@@ -102,11 +102,13 @@ def test_gate_passes_a_rerun_and_reads_the_store(compared):
 
 def test_second_run_reuses_every_job_and_force_recomputes(compared):
     first = json.loads(compared["first"].stdout)
-    assert first["jobs"] == {"jobs": 4, "already_stored": 0, "from_cache": 0, "computed": 4, "stored": 4}
+    assert first["jobs"] == {"jobs": 4, "already_stored": 0, "from_cache": 0, "computed": 4, "stored": 4,
+                             "refused": 0}
     res = compared["second"]
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert data["jobs"] == {"jobs": 4, "already_stored": 4, "from_cache": 0, "computed": 0, "stored": 0}
+    assert data["jobs"] == {"jobs": 4, "already_stored": 4, "from_cache": 0, "computed": 0, "stored": 0,
+                            "refused": 0}
     assert "4 of 4 recipes already stored" in res.stderr
     assert data["run_set"] == first["run_set"] and data["runs"] == first["runs"]
     res = compared["forced"]

@@ -58,3 +58,23 @@ def write_text(path: Path, words: int = 6000, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path.write_text(" ".join(rng.choice(WORDS) for _ in range(words)) + "\n")
     return path
+
+
+def build_qwen2_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 3, seed: int = 0,
+                    max_shard_size: str | None = None) -> Path:
+    """A random-init Qwen2 (untied head, qkv biases: the second real model's architecture) plus its tokenizer;
+    ``max_shard_size`` saves it in several safetensors shards."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                         max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.05,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = Qwen2ForCausalLM(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tok.save_pretrained(path)
+    return path

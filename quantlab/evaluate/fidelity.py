@@ -6,7 +6,7 @@ Definitions (per predicted token t of the reference text, chunked into fixed win
 - token-level perplexity: exp(mean negative log-likelihood of the actual next token), per model.
 Each summary carries a bootstrap 95 % interval that resamples text chunks (not tokens), since tokens
 within a chunk are correlated. Baseline log-probabilities are computed once per (model, text, window)
-and cached as a float32 memmap; per-token values are kept for later paired tests.
+and cached as a float32 .npy; per-token values are kept for later paired tests.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def chunk_ids(tokenizer, text: str, settings: FidelitySettings):
     """Non-overlapping windows of ``chunk_tokens`` tokens from the start of the text: (chunks, chunk_tokens)."""
     import torch
 
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = prefix_ids(tokenizer, text, settings.max_chunks * settings.chunk_tokens)
     n = min(settings.max_chunks, ids.numel() // settings.chunk_tokens)
     if n < 1:
         raise DataError(
@@ -59,72 +59,114 @@ def chunk_ids(tokenizer, text: str, settings: FidelitySettings):
     return ids[: n * settings.chunk_tokens].reshape(n, settings.chunk_tokens).to(torch.long)
 
 
+def prefix_ids(tokenizer, text: str, need: int, margin: int = 256):
+    """The first ``need`` tokens of ``text`` (all of them if it has fewer), tokenizing only a prefix of it.
+
+    The prefix is cut at a line break, and at least ``margin`` tokens past ``need`` are tokenized, so the
+    tokens kept are those of the whole text; tokenizing all of WikiText-2 test would cost ~200 MB for 4096 tokens.
+    """
+    chars = 8 * (need + margin)
+    while True:
+        cut = len(text) if chars >= len(text) else (text.rfind("\n", 0, chars) + 1 or chars)
+        ids = tokenizer(text[:cut], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if cut >= len(text) or ids.numel() >= need + margin:
+            return ids[:need] if cut < len(text) else ids
+        chars *= 2
+
+
 def _log_probs(model, batch):
-    """log p(next token) for every position but the last: (batch, chunk_tokens - 1, vocab), float32."""
+    """log p(next token) for every position but the last: (batch, chunk_tokens - 1, vocab), float32. A model with
+    its own ``log_probs`` (``quantlab.layerwise.LayerwiseModel``) computes them its way."""
     import torch
 
+    if hasattr(model, "log_probs"):
+        return model.log_probs(batch)
     with torch.inference_mode():
         logits = model(batch.to(model.device)).logits[:, :-1, :]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings):
-    """Write the baseline log-probs memmap (chunks, chunk_tokens - 1, vocab) atomically."""
+def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings) -> None:
+    """Write the baseline log-probs (chunks, chunk_tokens - 1, vocab) as a float32 .npy, atomically.
+
+    Written with plain file writes, window by window, not through a memory map: a mapped file's dirty pages
+    would count as this process's memory and a 151k-vocabulary cache is 2.5 GB. ``model`` is a loaded model
+    or a ``LayerwiseModel``'s; either gives the same file.
+    """
     import numpy as np
 
     n, length = ids.shape
     with atomic_dir(cache_path) as tmp:
-        vocab = None
-        arr = None
-        for start in range(0, n, settings.batch_size):
-            lp = _log_probs(model, ids[start:start + settings.batch_size])
-            if arr is None:
-                vocab = lp.shape[-1]
-                arr = np.lib.format.open_memmap(tmp / "logprobs.npy", mode="w+", dtype=np.float32,
-                                                shape=(n, length - 1, vocab))
-            arr[start:start + lp.shape[0]] = lp.numpy()
-        arr.flush()
-        del arr
+        with open(tmp / "logprobs.npy", "wb") as fh:
+            for start in range(0, n, settings.batch_size):
+                lp = _log_probs(model, ids[start:start + settings.batch_size]).numpy()
+                if start == 0:
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                              "shape": (n, length - 1, lp.shape[-1])}
+                    np.lib.format.write_array_header_1_0(fh, header)
+                lp.astype(np.float32, copy=False).tofile(fh)
+                del lp
         np.save(tmp / "ids.npy", ids.numpy())
+
+
+class LogprobFile:
+    """The cached baseline log-probs, read window by window with plain reads (no memory map)."""
+
+    def __init__(self, path: Path):
+        import numpy as np
+
+        with open(path, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            self.shape, _, dtype = read_header(fh)
+            self.offset = fh.tell()
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.window_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        start, stop = (index, index + 1) if isinstance(index, int) else (index.start or 0, min(index.stop, len(self)))
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * self.window_bytes)
+            out = np.fromfile(fh, dtype=self.dtype, count=(stop - start) * self.shape[1] * self.shape[2])
+        out = out.reshape(stop - start, *self.shape[1:])
+        return out[0] if isinstance(index, int) else out
 
 
 def load_baseline(cache_path: Path):
     import numpy as np
 
-    return np.load(cache_path / "logprobs.npy", mmap_mode="r"), np.load(cache_path / "ids.npy")
+    return LogprobFile(cache_path / "logprobs.npy"), np.load(cache_path / "ids.npy")
 
 
-def _readonly_tensor(array):
-    """A tensor view of a read-only memmap slice, without copying it; it is only ever read."""
-    import warnings
+def compare(model, ids, baseline, batch_size: int = 4) -> dict:
+    """Per-token KL, top-1 agreement and NLL of both models; arrays of shape (chunks, chunk_tokens - 1).
 
-    import numpy as np
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(np.asarray(array))
-
-
-def compare(model, ids, baseline) -> dict:
-    """Per-token KL, top-1 agreement and NLL of both models; arrays of shape (chunks, chunk_tokens - 1)."""
+    The candidate runs ``batch_size`` windows per forward; the comparison then goes one window at a time, so
+    its temporaries are a few windows' log-probs, not a batch's.
+    """
     import torch
 
     n = ids.shape[0]
     out = {k: [] for k in ("kl", "agree", "nll", "nll_baseline")}
     targets = ids[:, 1:]
-    step = 4
-    for start in range(0, n, step):
-        lq = _log_probs(model, ids[start:start + step])
-        lp = _readonly_tensor(baseline[start:start + lq.shape[0]])
-        if lp.shape[-1] != lq.shape[-1]:
-            raise DataError(f"Vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}) — compare models of one tokenizer")
-        tgt = targets[start:start + lq.shape[0]].unsqueeze(-1)
-        out["kl"].append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0))
-        out["agree"].append((lp.argmax(-1) == lq.argmax(-1)).float())
-        out["nll"].append(-lq.gather(-1, tgt).squeeze(-1))
-        out["nll_baseline"].append(-lp.gather(-1, tgt).squeeze(-1))
-    return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+    for start in range(0, n, batch_size):
+        lq_batch = _log_probs(model, ids[start:start + batch_size])
+        for j in range(lq_batch.shape[0]):
+            lq, lp = lq_batch[j], torch.from_numpy(baseline[start + j])
+            if lp.shape[-1] != lq.shape[-1]:
+                raise DataError(f"Vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}) — compare models of one tokenizer")
+            tgt = targets[start + j].unsqueeze(-1)
+            out["kl"].append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0))
+            out["agree"].append((lp.argmax(-1) == lq.argmax(-1)).float())
+            out["nll"].append(-lq.gather(-1, tgt).squeeze(-1))
+            out["nll_baseline"].append(-lp.gather(-1, tgt).squeeze(-1))
+        del lq_batch
+    return {k: torch.stack(v).double().numpy() for k, v in out.items()}
 
 
 def compare_baseline_to_itself(ids, baseline) -> dict:

@@ -71,6 +71,15 @@ class Method:
         is the user's permission for the model's own code, passed to every load."""
         raise NotImplementedError
 
+    def quantize_peak(self, config: Any, sizes: dict, device: str) -> dict[str, int]:
+        """Predicted bytes ``quantize`` holds at its peak, by component (``quantlab.plan.steps``).
+
+        ``sizes``: ``fp_weights`` (the source loaded whole), ``quantized_weights`` (the artifact loaded),
+        ``largest_tensor`` and ``layer`` (one decoder layer) at the unquantized dtype, and ``shapes``. The default
+        is a method that loads the fp model whole and quantizes it in place into a copy: both held at once.
+        """
+        return {"fp model": sizes["fp_weights"], "quantized model": sizes["quantized_weights"]}
+
     def ptq_twin(self, config: Any) -> str | None:
         """Short name of the post-training recipe of the identical format, for a trained method."""
         return None

@@ -72,6 +72,10 @@ class BnbMethod(Method):
         save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
 
+    def quantize_peak(self, config, sizes, device):
+        """bitsandbytes quantizes each weight as it loads: the quantized model plus one fp tensor in flight."""
+        return {"quantized model": sizes["quantized_weights"], "one fp tensor in flight": sizes["largest_tensor"]}
+
     def layout(self, config):
         if config.quant_type == "int8":
             return Bnb8Layout(config.compute_dtype)

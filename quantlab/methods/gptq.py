@@ -78,6 +78,15 @@ class GptqMethod(Method):
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
+    def quantize_peak(self, config, sizes, device):
+        """GPTQModel loads the fp model whole, then per layer holds the calibration activations (inputs and outputs
+        of every window) and one Hessian (in x in, fp32) per linear of the layer."""
+        shapes = sizes["shapes"]
+        per_layer = {lin.name.split(".")[-1]: lin.in_features for lin in shapes.linears}
+        return {"fp model": sizes["fp_weights"], "quantized layers": sizes["quantized_weights"],
+                "calibration activations": 2 * config.samples * config.tokens * shapes.hidden * 4,
+                "hessians": sum(k * k * 4 for k in per_layer.values())}
+
     def layout(self, config):
         return GptqPackedLayout(config.bits, config.group_size)
 

@@ -83,6 +83,16 @@ class QatMethod(Method):
     def check_model(self, config, linear_shapes):
         check_group_size(config.group_size, linear_shapes)
 
+    def quantize_peak(self, config, sizes, device):
+        """Distillation holds the fp teacher, the fake-quantized student, its gradients and Adam's two moments
+        (each the fp model's size), the teacher's and student's logits (batch x seq_len x vocab, fp32, with
+        their log-softmax and gradient) and the students' activations kept for the backward pass."""
+        shapes, fp = sizes["shapes"], sizes["fp_weights"]
+        logits = config.batch * config.seq_len * shapes.vocab * 4
+        per_token = shapes.layers * (4 * shapes.hidden + 3 * shapes.intermediate) * 4
+        return {"teacher": fp, "student": fp, "gradients": fp, "optimizer state (Adam)": 2 * fp,
+                "logits": 4 * logits, "activations for backward": config.batch * config.seq_len * per_token}
+
     def layout(self, config):
         return IntxLayout(4, config.group_size)
 

@@ -8,9 +8,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from quantlab.catalog import named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import load_yaml
-from quantlab.catalog import named_entry
 from quantlab.models import fetched_path, load_config, named_gguf
 
 TABLE = Path(__file__).with_name("known_models.yaml")

@@ -13,6 +13,7 @@ import traceback
 
 from quantlab.errors import QuantlabError
 from quantlab.fsutil import atomic_write_json
+from quantlab.measure.memory import return_freed_memory
 from quantlab.quiet import quiet_libraries
 from quantlab.steps import STEPS
 
@@ -28,6 +29,8 @@ def main(argv: list[str]) -> int:
     try:
         quiet_libraries()
         payload = json.loads(open(payload_path).read())
+        if payload.get("budgeted"):
+            return_freed_memory()
         import torch
 
         torch.set_num_threads(int(payload.get("threads") or torch.get_num_threads()))

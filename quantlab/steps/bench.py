@@ -15,10 +15,20 @@ from quantlab.steps.launcher import run_step
 
 
 def bench_artifact(recipe: Recipe, artifact: str, threads: int, settings: LatencySettings, device: str,
-                   trust_remote_code: bool) -> dict:
+                   trust_remote_code: bool, budgeted: bool = False) -> dict:
     """Memory and latency of one artifact, in its own fresh process."""
     return run_step("bench", {"recipe": recipe.to_dict(), "artifact": artifact, "device": device, "threads": threads,
-                              "latency": settings.to_dict(), "trust_remote_code": trust_remote_code})
+                              "latency": settings.to_dict(), "trust_remote_code": trust_remote_code,
+                              "budgeted": budgeted})
+
+
+def planned_bench(plan: dict, artifact: str, settings: LatencySettings, threads: int) -> dict:
+    """A bench the memory budget skipped: weight bytes from the planner, bytes on disk measured, no latency."""
+    comp = plan["components"]
+    mem = {"weights_bytes": comp["weights"], "quantized_bytes": None, "unquantized_bytes": None,
+           "disk_bytes": memory.disk_bytes(Path(artifact)), "peak_bytes": None, "planned": True,
+           "peak_kind": f"not measured — {plan['reason']}; weights_bytes is the planner's"}
+    return {"memory": mem, "latency": latency.not_measured(settings, plan["reason"]), "threads": threads}
 
 
 def weigh_artifact(recipe: Recipe, artifact: str, device: str, contexts: tuple[int, ...], threads: int,
@@ -30,10 +40,18 @@ def weigh_artifact(recipe: Recipe, artifact: str, device: str, contexts: tuple[i
 
 
 def bench_step(payload: dict) -> dict:
-    import torch
-
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
+    get_method(recipe.method).preload(recipe.config)  # the libraries' baseline is outside what the step holds
+    with memory.measure_memory(device=device) as held:
+        out = _bench(payload, recipe, device)
+    out["memory"]["held"] = held
+    return out
+
+
+def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
+    import torch
+
     rss_before = memory.current_rss_bytes()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

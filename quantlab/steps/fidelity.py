@@ -8,6 +8,7 @@ comparison with round-to-nearest at the same bits needs a comparison's other job
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ from quantlab.evaluate import guard
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.text import TextSource
 from quantlab.fsutil import atomic_write_json, file_lock
+from quantlab.layerwise.model import LayerwiseModel
+from quantlab.measure.memory import measure_memory
+from quantlab.methods import get_method
 from quantlab.methods.loading import load_recipe_model
 from quantlab.models import ModelSource, load_tokenizer, quantlab_home
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER
 from quantlab.recipe import Recipe, parse_recipe
 
 
@@ -40,24 +45,32 @@ class Candidate:
 
 
 def fidelity_payload(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str, threads: int,
-                     candidates: list[Candidate]) -> dict:
+                     candidates: list[Candidate], plans: dict | None = None) -> dict:
+    """``plans``: the budget's step plans (``quantlab.plan.steps``) for ``reference`` and ``fidelity``."""
     return {"baseline": baseline.to_dict(), "text": text.to_dict(), "settings": settings.to_dict(), "device": device,
-            "threads": threads, "candidates": [c.to_dict() for c in candidates]}
+            "threads": threads, "candidates": [c.to_dict() for c in candidates], "plans": plans or {},
+            "budgeted": bool(plans)}
 
 
 def fidelity_step(payload: dict) -> dict:
-    """The payload of ``fidelity_payload``; returns one summary per candidate, in order."""
-    return measure_fidelity(ModelSource.from_dict(payload["baseline"]), TextSource(**payload["text"]),
-                            FidelitySettings.from_dict(payload.get("settings", {})), payload["device"],
-                            [Candidate.from_dict(c) for c in payload["candidates"]])
+    """The payload of ``fidelity_payload``; returns one summary per candidate, in order, and the step's memory."""
+    for c in payload["candidates"]:  # the libraries' baseline is outside what the step holds
+        recipe = Recipe.from_dict(c["recipe"])
+        get_method(recipe.method).preload(recipe.config)
+    with measure_memory(device=payload["device"]) as mem:
+        out = measure_fidelity(ModelSource.from_dict(payload["baseline"]), TextSource(**payload["text"]),
+                               FidelitySettings.from_dict(payload.get("settings", {})), payload["device"],
+                               [Candidate.from_dict(c) for c in payload["candidates"]], payload.get("plans"))
+    return {**out, "memory": mem}
 
 
 def measure_fidelity(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str,
-                     candidates: list[Candidate]) -> dict:
+                     candidates: list[Candidate], plans: dict | None = None) -> dict:
+    plans = plans or {}
     ids = fid.chunk_ids(load_tokenizer(baseline.path, baseline.trust_remote_code), text.read(), settings)
-    cache, hit = ensure_baseline(baseline, ids, text, settings, device)
+    cache, hit = ensure_baseline(baseline, ids, text, settings, device, plans.get("reference"))
     logprobs, _ = fid.load_baseline(cache)
-    base_gen = baseline_generation(baseline, ids, cache, device)
+    base_gen = baseline_generation(baseline, ids, cache, device, plans.get("reference"))
     results = []
     for cand in tqdm(candidates, desc="fidelity", unit="model", leave=False):
         if cand.recipe.name == "fp" and Path(cand.artifact).resolve() == Path(baseline.path).resolve():
@@ -65,7 +78,7 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             gen = base_gen
         else:
             model = load_recipe_model(cand.artifact, cand.recipe, device, baseline.trust_remote_code)
-            per_token = fid.compare(model, ids, logprobs)
+            per_token = fid.compare(model, ids, logprobs, (plans.get("fidelity") or {}).get("batch") or settings.batch_size)
             gen = guard.greedy_continuation(model, ids)
             del model
             gc.collect()
@@ -78,32 +91,42 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             {"method": cand.recipe.method, "bits": cand.recipe.bits, "fidelity": summary}, [])
         summary["guard"] = {"ok": not reasons, "reasons": reasons}
         results.append(summary)
-    return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict()}
+    return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict(),
+            "reference_mode": (plans.get("reference") or {}).get("mode", IN_MEMORY)}
 
 
-def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: FidelitySettings, device: str):
-    """Path of the cached baseline log-probs for (model, text, windows), computing them on a miss."""
-    fp = parse_recipe("fp")
-    key = fid.cache_key(baseline.fingerprint, text.sha256, settings, fp.name, device)
+def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: FidelitySettings, device: str,
+                    plan: dict | None = None):
+    """Path of the cached baseline log-probs for (model, text, windows), computing them on a miss: in memory, or
+    layer by layer when the budget's ``plan`` says so (the same file either way)."""
+    key = fid.cache_key(baseline.fingerprint, text.sha256, settings, "fp", device)
     cache = quantlab_home() / "logits" / key
     hit = True
     with file_lock(cache.with_name(f".{key}.lock")):
         if not (cache / "logprobs.npy").is_file():
             hit = False
-            model = load_recipe_model(baseline.path, fp, device, baseline.trust_remote_code)
-            fid.baseline_cache(model, ids, cache, settings)
+            model = reference_model(baseline, device, plan)
+            batch = (plan or {}).get("batch") or settings.batch_size
+            fid.baseline_cache(model, ids, cache, dataclasses.replace(settings, batch_size=batch))
             write_generation(model, ids, cache)
             del model
             gc.collect()
     return cache, hit
 
 
-def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str) -> list[int]:
+def reference_model(baseline: ModelSource, device: str, plan: dict | None):
+    """The fp model loaded whole, or run layer by layer (``quantlab.layerwise``) when ``plan`` says so."""
+    if plan and plan.get("mode") == LAYER_BY_LAYER:
+        return LayerwiseModel(baseline.path, device, trust_remote_code=baseline.trust_remote_code)
+    return load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
+
+
+def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str, plan: dict | None = None) -> list[int]:
     """The fp model's greedy continuation for the garbage guard, kept beside the cached log-probs."""
     target = cache / "generation.json"
     with file_lock(cache.with_name(f".{cache.name}.gen.lock")):
         if not target.is_file():  # a cache written before the guard existed
-            model = load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
+            model = reference_model(baseline, device, plan)
             write_generation(model, ids, cache)
             del model
             gc.collect()
@@ -111,4 +134,5 @@ def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str) ->
 
 
 def write_generation(model, ids, cache: Path) -> None:
+    model = model.model if isinstance(model, LayerwiseModel) else model  # a LayerwiseModel generates through its model
     atomic_write_json(cache / "generation.json", {"tokens": guard.greedy_continuation(model, ids)})

@@ -8,6 +8,7 @@ from pathlib import Path
 from quantlab.artifacts import MANIFEST, artifact_path, read_manifest
 from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
 from quantlab.measure.cost import NO_COST, measure_cost, training_cost
+from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
 from quantlab.models import ModelSource
 from quantlab.provenance import device_info, versions
@@ -16,7 +17,7 @@ from quantlab.steps.launcher import run_step
 
 
 def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
-                    force: bool = False, data_dir: str | None = None) -> dict:
+                    force: bool = False, data_dir: str | None = None, budgeted: bool = False) -> dict:
     """``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached (or ``force``)."""
     if not get_method(recipe.method).writes_artifact:
         return {"artifact": source.path, "cost": dict(NO_COST), "cached": True}
@@ -26,7 +27,7 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
         cached = manifest is not None
         if manifest is None:
             run_step("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
-                                  "target": str(target), "threads": threads, "data_dir": data_dir})
+                                  "target": str(target), "threads": threads, "data_dir": data_dir, "budgeted": budgeted})
             manifest = read_manifest(target)
     return {"artifact": str(target), "cost": manifest["cost"], "cached": cached}
 
@@ -40,9 +41,10 @@ def quantize_step(payload: dict) -> dict:
     method.require(recipe.config)
     method.preload(recipe.config)
     with atomic_dir(payload["target"]) as tmp:
-        with measure_cost(source.path, device) as cost:
+        with measure_cost(source.path, device) as cost, measure_memory(preload=(), device=device) as held:
             notes = method.quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),
                                     trust_remote_code=source.trust_remote_code)
+        cost["held"] = held
         training = training_cost(notes)
         if training:
             cost["training"] = training

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 from quantlab.artifacts import resolve_target
@@ -17,7 +18,9 @@ from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import parse_shard, task_settings
 from quantlab.fsutil import atomic_write_json, check_writable_dir
 from quantlab.measure.latency import LatencySettings
-from quantlab.models import resolve_model
+from quantlab.models import load_config, resolve_model
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.steps import REFUSED, plan_fidelity, plan_quantize, plan_reference, resolve_budget
 from quantlab.recipe import Recipe
 from quantlab.steps.accuracy import suite_result
 from quantlab.steps.bench import bench_artifact, weigh_artifact
@@ -35,21 +38,33 @@ def quantize_and_compare(spec: Spec, opts: RunOptions, progress: Progress | None
     return {**results, "jobs": summary["jobs"]}
 
 
-def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None) -> dict:
-    """Every job of a sweep file; a summary with each model's results.json path."""
-    summary = run_spec(load_spec(path), opts, progress)
+def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None, max_memory: str | None = None) -> dict:
+    """Every job of a sweep file; a summary with each model's results.json path. ``max_memory`` overrides the
+    file's budget."""
+    spec = load_spec(path)
+    if max_memory is not None:
+        spec = dataclasses.replace(spec, max_memory=max_memory)
+    summary = run_spec(spec, opts, progress)
     published = summary["published"]
     return {"run_set": summary["run_set"], "sweep": str(path), "description": summary["description"],
             **summary["jobs"], "warnings": [f"{r['model']['ref']}: {w}" for r in published for w in r["warnings"]],
+            "refused": [f"{r['model']['ref']}@{x['recipe']}: {x['reason']}" for r in published for x in r.get("refused", [])],
             "results": [r["results_path"] for r in published]}
 
 
 def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", threads: int | None = None,
-                   trust_remote_code: bool = False, data_dir: str | None = None) -> dict:
-    """Quantize one model with one recipe (cached); returns artifact path, cost and whether it was cached."""
+                   trust_remote_code: bool = False, data_dir: str | None = None, max_memory: str | None = None) -> dict:
+    """Quantize one model with one recipe (cached); returns artifact path, cost and whether it was cached.
+    Under a memory budget the planner's quantize peak is checked first."""
     require_libraries([recipe])
     source = resolve_checked(model, [recipe], trust_remote_code)
-    return ensure_artifact(source, recipe, resolve_device(device), threads, data_dir=resolved_data_dir(data_dir))
+    device = resolve_device(device)
+    budget = resolve_budget(max_memory)
+    if budget is not None:
+        plan = plan_quantize(recipe, source_shapes(source), device, budget)
+        if plan.mode == REFUSED:
+            raise UsageError(f"--max-memory: {plan.reason} — raise the budget or choose another recipe")
+    return ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir))
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),
@@ -73,26 +88,48 @@ def bench_model(model: str, device: str = "auto", threads: int = 1, latency: Lat
 
 def evaluate_model(model: str, baseline: str | None, text: str | None = None, data_dir: str | None = None,
                    device: str = "auto", threads: int = 1, settings: FidelitySettings | None = None,
-                   per_token_path: str | None = None, trust_remote_code: bool = False) -> dict:
+                   per_token_path: str | None = None, trust_remote_code: bool = False,
+                   max_memory: str | None = None) -> dict:
     """Fidelity of ``model`` (an artifact dir or model ref) against ``baseline`` (a model ref), in this process:
-    one evaluation measures no memory or time."""
+    one evaluation measures no memory or time. Under a memory budget the reference and the candidate are
+    planned first (``quantlab.plan.steps``): layer by layer when the fp model does not fit, refused when the
+    candidate does not."""
     text_for = reference_text(text, data_dir)
     path, recipe = resolve_target(model, trust_remote_code)
     base = resolve_model(baseline, trust_remote_code)
     device = resolve_device(device)
+    settings = settings or FidelitySettings()
+    plans = eval_plans(base, recipe, settings, device, resolve_budget(max_memory))
     text_source = text_for(base, device)
     with torch_threads(threads):
-        result = measure_fidelity(base, text_source, settings or FidelitySettings(), device,
-                                  [Candidate(recipe, path, per_token_path)])["results"][0]
+        result = measure_fidelity(base, text_source, settings, device, [Candidate(recipe, path, per_token_path)],
+                                  plans)["results"][0]
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
             "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": result}
+
+
+def source_shapes(source):
+    return model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+
+
+def eval_plans(base, recipe: Recipe, settings: FidelitySettings, device: str, budget: int | None) -> dict:
+    """The reference and fidelity plans within ``budget``; a step that cannot fit is an error before work."""
+    if budget is None:
+        return {}
+    shapes = source_shapes(base)
+    plans = {"reference": plan_reference(shapes, settings, device, budget),
+             "fidelity": plan_fidelity(recipe, shapes, settings, device, budget)}
+    for plan in plans.values():
+        if plan.mode == REFUSED:
+            raise UsageError(f"--max-memory: {plan.step}: {plan.reason} — raise the budget")
+    return {k: v.to_dict() for k, v in plans.items()}
 
 
 def evaluate(model: str, tasks: str | None = None, suite: str | None = None, limit: int | None = None,
              batch_size: int | None = None, include_path: str | None = None, output: str | None = None,
              baseline: str | None = None, text: str | None = None, data_dir: str | None = None,
              per_token: str | None = None, device: str = "auto", threads: int = 1,
-             trust_remote_code: bool = False, shard: str | None = None) -> dict:
+             trust_remote_code: bool = False, shard: str | None = None, max_memory: str | None = None) -> dict:
     """``quantlab eval``: suite accuracy and/or fidelity; everything validated before a model loads.
 
     With ``output``, the full result (per-sample scores included) is written there atomically; the return
@@ -113,7 +150,7 @@ def evaluate(model: str, tasks: str | None = None, suite: str | None = None, lim
                               trust_remote_code)
     if baseline:
         fid = evaluate_model(model, baseline, text, data_dir, device, threads, per_token_path=per_token,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, max_memory=max_memory)
         if result["runs"]:
             result["runs"][0]["fidelity"] = fid["fidelity"]
             result["fidelity_baseline"] = fid["baseline"]

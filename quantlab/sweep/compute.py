@@ -19,7 +19,7 @@ from quantlab.gate.refs import write_samples
 from quantlab.provenance import provenance
 from quantlab.records import make_record
 from quantlab.steps.accuracy import accuracy_payload
-from quantlab.steps.bench import bench_artifact
+from quantlab.steps.bench import bench_artifact, planned_bench
 from quantlab.steps.fidelity import Candidate, fidelity_payload
 from quantlab.steps.launcher import run_step
 from quantlab.steps.quantize import ensure_artifact
@@ -38,12 +38,12 @@ def run_job(payload: dict, force: bool = False) -> dict:
 
 
 def _compute(job: Job, force: bool) -> dict:
-    art = ensure_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir)
+    art = ensure_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
+                          budgeted=job.steps is not None)
     with atomic_dir(job.dir) as tmp:
         fidelity = _fidelity(job, art["artifact"], tmp / "per_token.npz")
         accuracy = _accuracy(job, art["artifact"], tmp)
-        bench = bench_artifact(job.recipe, art["artifact"], job.threads, job.latency, job.device,
-                               job.model.trust_remote_code)
+        bench = _bench(job, art["artifact"])
         record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key,
                   "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
                   "provenance": job_provenance(job)}
@@ -53,9 +53,21 @@ def _compute(job: Job, force: bool) -> dict:
 
 
 def _fidelity(job: Job, artifact: str, per_token: Path) -> dict:
+    plans = {k: job.step(k) for k in ("reference", "fidelity") if job.step(k)}
     payload = fidelity_payload(job.model, job.text, job.fidelity, job.device, job.threads,
-                               [Candidate(job.recipe, artifact, str(per_token))])
-    return run_step("fidelity", payload)["results"][0]
+                               [Candidate(job.recipe, artifact, str(per_token))], plans)
+    out = run_step("fidelity", payload)
+    return {**out["results"][0], "step": {"memory": out.get("memory"), "wall_s": out.get("step_wall_s"),
+                                          "reference_mode": out.get("reference_mode"), "plans": plans or None}}
+
+
+def _bench(job: Job, artifact: str) -> dict:
+    """The bench step, or, when the budget's plan skips it, the planner's memory and no latency."""
+    plan = job.step("bench")
+    if plan and plan["mode"] == "skipped":
+        return planned_bench(plan, artifact, job.latency, job.threads)
+    return bench_artifact(job.recipe, artifact, job.threads, job.latency, job.device, job.model.trust_remote_code,
+                          budgeted=job.steps is not None)
 
 
 def _accuracy(job: Job, artifact: str, tmp: Path) -> dict | None:

@@ -75,9 +75,10 @@ def run_jobs(jobs: list[Job], run_set: str, opts: RunOptions, progress: Progress
     """Run the jobs of ``run_set`` not stored yet; store each as it finishes (one transaction per job).
     Returns counts: jobs, already_stored, from_cache, computed, stored."""
     stored = {r["job_key"] for r in store.list_runs(opts.store, run_set) if r.get("job_key")}
-    pending = [j for j in jobs if j.key not in stored]
-    counts = {"jobs": len(jobs), "already_stored": len(jobs) - len(pending), "from_cache": 0, "computed": 0,
-              "stored": 0}
+    refused = [j for j in jobs if j.refused]
+    pending = [j for j in jobs if j.key not in stored and not j.refused]
+    counts = {"jobs": len(jobs), "already_stored": len(jobs) - len(pending) - len(refused), "from_cache": 0,
+              "computed": 0, "stored": 0, "refused": len(refused)}
     for job, record in execute(pending, opts.executor, opts.address, opts.max_parallel, opts.force):
         cached = record.pop("job_cached")
         counts["from_cache" if cached else "computed"] += 1

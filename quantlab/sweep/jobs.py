@@ -39,6 +39,11 @@ class Job:
     device: str
     threads: int
     data_dir: str | None = None  # where the recipe's calibration or training text is read from
+    steps: dict | None = None  # each step's plan within the memory budget (quantlab.plan.steps.StepPlan dicts)
+    refused: str | None = None  # why the job cannot run within the budget; a refused job is planned, never run
+
+    def step(self, name: str) -> dict | None:
+        return (self.steps or {}).get(name)
 
     @property
     def label(self) -> str:
@@ -53,7 +58,8 @@ class Job:
                 "text": self.text.to_dict(), "fidelity": self.fidelity.to_dict(), "latency": self.latency.to_dict(),
                 "suite": self.suite.to_dict() if self.suite else None,
                 "prepared": dataclasses.asdict(self.prepared) if self.prepared else None,
-                "device": self.device, "threads": self.threads, "data_dir": self.data_dir}
+                "device": self.device, "threads": self.threads, "data_dir": self.data_dir, "steps": self.steps,
+                "refused": self.refused}
 
     @classmethod
     def from_payload(cls, data: dict) -> "Job":
@@ -62,7 +68,8 @@ class Job:
                    latency=LatencySettings.from_dict(data["latency"]),
                    suite=HarnessSettings.from_dict(data["suite"]) if data.get("suite") else None,
                    prepared=PreparedTasks(**data["prepared"]) if data.get("prepared") else None,
-                   device=data["device"], threads=data["threads"], data_dir=data.get("data_dir"))
+                   device=data["device"], threads=data["threads"], data_dir=data.get("data_dir"),
+                   steps=data.get("steps"), refused=data.get("refused"))
 
 
 def job_dir(key: str) -> Path:
@@ -71,8 +78,10 @@ def job_dir(key: str) -> Path:
 
 def make_job(source: ModelSource, recipe: Recipe, text: TextSource, fidelity: FidelitySettings,
              latency: LatencySettings, suite: HarnessSettings | None, prepared: PreparedTasks | None, device: str,
-             threads: int, data_dir: str | None) -> Job:
-    """A job with its content key (see the module docstring)."""
+             threads: int, data_dir: str | None, steps: dict | None = None) -> Job:
+    """A job with its content key (see the module docstring). Under a memory budget a skipped step (a bench
+    that cannot fit) changes the result, so it is part of the key; how a step runs (in memory or layer by
+    layer) does not change what it computes and is not."""
     suite_dict = suite.to_dict() if suite else None
     payload = {
         "artifact": artifact_key(source, recipe, device, data_dir), "recipe_name": recipe.name,
@@ -81,6 +90,11 @@ def make_job(source: ModelSource, recipe: Recipe, text: TextSource, fidelity: Fi
         "suite_data": prepared and {t: d["files"] for t, d in prepared.data.items()},
         "lm_eval": library_version("lm_eval") if suite else None,
     }
+    skipped = sorted(name for name, plan in (steps or {}).items() if plan["mode"] == "skipped")
+    if skipped:
+        payload["skipped_steps"] = skipped
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    refused = [f"{name}: {plan['reason']}" for name, plan in (steps or {}).items() if plan["mode"] == "refused"]
     return Job(key=key, model=source, recipe=recipe, text=text, fidelity=fidelity, latency=latency, suite=suite,
-               prepared=prepared, device=device, threads=threads, data_dir=data_dir)
+               prepared=prepared, device=device, threads=threads, data_dir=data_dir, steps=steps,
+               refused=refused[0] if refused else None)

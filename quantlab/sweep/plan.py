@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Callable
 
 from quantlab.device import resolve_device
+from quantlab.errors import UsageError
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import load_suite
 from quantlab.evaluate.text import TextSource, resolve_text
 from quantlab.evaluate.text import data_dir as find_data_dir
 from quantlab.methods import get_method
 from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.steps import REFUSED, plan_job_steps, resolve_budget
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.sweep.jobs import Job, make_job
 from quantlab.sweep.spec import Spec
@@ -33,13 +36,30 @@ def plan_jobs(spec: Spec) -> list[Job]:
         check_tasks(suite)
         prepared = prepare_tasks(suite)
     text_for = reference_text(spec.text, data_dir)
+    budget = resolve_budget(spec.max_memory)
     jobs = []
     for ref in spec.models:
         source = resolve_checked(ref, recipes, spec.trust_remote_code)
+        steps = budget_steps(source, recipes, spec, device, budget)
         text = text_for(source, device)
-        jobs += [make_job(source, r, text, spec.fidelity, spec.latency, suite, prepared, device, spec.threads, data_dir)
-                 for r in recipes]
+        jobs += [make_job(source, r, text, spec.fidelity, spec.latency, suite, prepared, device, spec.threads, data_dir,
+                          steps.get(r.name)) for r in recipes]
     return jobs
+
+
+def budget_steps(source: ModelSource, recipes, spec: Spec, device: str, budget: int | None) -> dict[str, dict]:
+    """Each recipe's step plans within ``budget`` (none without one). A budget the fp reference cannot run in,
+    even layer by layer, is an error before any work."""
+    if budget is None:
+        return {}
+    shapes = model_shapes(load_config(source.path, spec.trust_remote_code), spec.trust_remote_code)
+    out = {}
+    for r in recipes:
+        steps = plan_job_steps(r, shapes, spec.fidelity, spec.latency, device, budget)
+        if steps["reference"].mode == REFUSED:
+            raise UsageError(f"--max-memory: {source.ref}'s fp reference cannot run — {steps['reference'].reason}")
+        out[r.name] = {name: {**plan.to_dict(), "budget_bytes": budget} for name, plan in steps.items()}
+    return out
 
 
 def with_baseline_and_twins(recipes) -> list[Recipe]:

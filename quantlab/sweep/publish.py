@@ -28,22 +28,30 @@ def publish_run_set(run_set: str, store: str | None, jobs: list, out: Path) -> l
     published = []
     for ref in models:
         mine = [j for j in jobs if j.model.ref == ref and j.key in rows]
+        refused = [refusal_record(j) for j in jobs if j.model.ref == ref and j.refused]
         if mine:
             target = out if len(models) == 1 else out / slug(ref)
-            published.append(_publish_model(run_set, store, mine, rows, target))
+            published.append(_publish_model(run_set, store, mine, rows, target, refused))
     return published
 
 
-def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
+def refusal_record(job) -> dict:
+    """A recipe the memory budget refused before work: why, and the planner's peak of each step."""
+    return {"recipe": job.recipe.name, "method": job.recipe.method, "bits": job.recipe.bits, "reason": job.refused,
+            "steps": {name: {"mode": p["mode"], "peak_bytes": p["peak_bytes"], "components": p["components"]}
+                      for name, p in (job.steps or {}).items()}}
+
+
+def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path, refused: list) -> dict:
     lock = quantlab_home() / "locks" / f"publish-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
     with file_lock(lock):  # two drivers publishing into one dir take turns
         done = _up_to_date(out / "results.json", run_set, [j.key for j in jobs])
         if done:
             return {**done, "results_path": str(out / "results.json"), "report_path": str(out / "report.html")}
-        return _write_model(run_set, store, jobs, rows, out)
+        return _write_model(run_set, store, jobs, rows, out, refused)
 
 
-def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path) -> dict:
+def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path, refused: list) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
     try:
@@ -61,11 +69,18 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
                              "note": source.note, "params": params, "trust_remote_code": source.trust_remote_code},
                    "run_set": run_set, "text": jobs[0].text.to_dict(), "device": jobs[0].device,
                    "definitions": definitions(any(r.get("accuracy") for r in runs)),
-                   "warnings": warnings, "runs": runs}
+                   "warnings": warnings, "runs": runs, "refused": refused,
+                   "max_memory_bytes": _budget(jobs)}
         atomic_write_json(out / "results.json", results)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**results, "results_path": str(out / "results.json"), "report_path": write_html_report(results, out)}
+
+
+def _budget(jobs: list) -> int | None:
+    """The budget the jobs were planned under (the reference plan names it), or None."""
+    plan = jobs[0].step("reference")
+    return plan.get("budget_bytes") if plan else None
 
 
 def _up_to_date(path: Path, run_set: str, keys: list[str]) -> dict | None:

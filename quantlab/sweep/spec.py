@@ -35,7 +35,7 @@ from quantlab.models import DEFAULT_MODEL, slug
 from quantlab.recipe import DEFAULT_RECIPES, Recipe, expand_recipes, parse_recipe_list
 
 TOP_KEYS = ("description", "models", "model", "recipes", "evaluation", "measure", "device", "threads", "data_dir",
-            "trust_remote_code", "text")
+            "trust_remote_code", "text", "max_memory")
 EVAL_KEYS = ("text", "chunks", "chunk_tokens", "suite")
 MEASURE_KEYS = ("batch_sizes", "repetitions", "decode_tokens", "prompt_tokens", "warmup")
 
@@ -58,6 +58,7 @@ class Spec:
     data_dir: str | None = None
     trust_remote_code: bool = False
     description: str = ""
+    max_memory: str | int | None = None  # the memory budget (quantlab.plan.steps); None: QUANTLAB_MAX_MEMORY or none
 
     @property
     def run_set_prefix(self) -> str:
@@ -89,14 +90,14 @@ def load_spec(path: str | Path, kind: str = "sweep") -> Spec:
                 text=evaluation.get("text", data.get("text")), fidelity=_fidelity(evaluation),
                 latency=_latency(measure, path), suite=evaluation.get("suite"), device=str(data.get("device", "auto")),
                 threads=threads, data_dir=data.get("data_dir"), trust_remote_code=data.get("trust_remote_code", False),
-                description=str(data.get("description") or ""))
+                description=str(data.get("description") or ""), max_memory=data.get("max_memory"))
 
 
 def compare_spec(model: str | None = None, recipes: str | None = None, experiment: str | None = None,
                  **overrides) -> Spec:
     """quantize-and-compare's spec: one model, recipes from ``--recipes`` or an experiment (sweep) file, and the
     flags given (None: the file's value, else the default). Overrides: text, data_dir, suite, device, threads,
-    trust_remote_code, chunks, chunk_tokens, batch_sizes, repetitions, decode_tokens."""
+    trust_remote_code, chunks, chunk_tokens, batch_sizes, repetitions, decode_tokens, max_memory."""
     if recipes and experiment:
         raise UsageError("Give --recipes or --experiment, not both")
     if experiment:
@@ -113,7 +114,7 @@ def compare_spec(model: str | None = None, recipes: str | None = None, experimen
                                                                             ("chunk_tokens", "chunk_tokens")) if k in given})
     latency = dataclasses.replace(base.latency, **{k: tuple(given[k]) if k == "batch_sizes" else given[k]
                                                    for k in ("batch_sizes", "repetitions", "decode_tokens") if k in given})
-    plain = {k: given[k] for k in ("text", "data_dir", "suite", "device", "threads") if k in given}
+    plain = {k: given[k] for k in ("text", "data_dir", "suite", "device", "threads", "max_memory") if k in given}
     return dataclasses.replace(base, kind="compare", label=slug(model), models=(model,), fidelity=fidelity,
                                latency=latency, **plain,
                                trust_remote_code=base.trust_remote_code or bool(given.get("trust_remote_code")))

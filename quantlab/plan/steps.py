@@ -1,0 +1,177 @@
+"""The planner's peak memory of each step of a job, and how each step runs within a memory budget.
+
+A budget (``--max-memory``) is the most memory any step may hold in model weights and activations on the
+device: host RAM on CPU, GPU memory on CUDA. The libraries' own baseline (the Python process with torch and
+transformers imported) is outside it. Before any work, every step of every job is predicted:
+
+- quantize: the method's ``quantize_peak`` (``quantlab.methods``): what it holds while it quantizes;
+- reference (the fp baseline's log-probs on the reference text): in memory (the fp model loaded whole) when that
+  fits, else layer by layer (``quantlab.layerwise``: one decoder layer, one slice of the head, one forward's
+  activations); a budget below that is refused;
+- fidelity (a candidate's log-probs beside the reference's): the candidate loaded whole, windows in batches
+  of ``batch``, fewer windows per forward when that fits and the default does not;
+- bench: the model loaded whole, plus the KV cache and activations of its largest timed batch.
+
+A job whose quantize or fidelity step cannot fit is refused before work with these numbers; a bench that
+cannot fit is skipped (memory then comes from the planner, latency is not measured).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from quantlab.methods import get_method
+from quantlab.plan import parse_size, terms
+
+GB = 10**9
+IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
+HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: str
+    mode: str
+    peak_bytes: int
+    components: dict = field(default_factory=dict)
+    batch: int = 0  # windows per forward (reference, fidelity)
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_budget(value: str | int | None) -> int | None:
+    """``--max-memory`` (or a sweep file's ``max_memory``), else QUANTLAB_MAX_MEMORY, as bytes; None: no budget."""
+    value = value if value not in (None, "") else os.environ.get("QUANTLAB_MAX_MEMORY") or None
+    return None if value is None else parse_size(str(value))
+
+
+def gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / GB:.2f} GB"
+
+
+def _sum(components: dict) -> int:
+    return sum(components.values())
+
+
+def layout_weights(recipe, shapes, device: str) -> int:
+    return _sum(terms.weight_terms(get_method(recipe.method).layout(recipe.config), shapes, device))
+
+
+def _forward(shapes, windows: int, tokens: int, elem: int) -> dict:
+    """A loaded model's forward over ``windows`` x ``tokens`` and its log-probs: activations, KV cache, the fp32
+    logits, the contiguous copy log_softmax makes of the logits without the last position, and the log-probs."""
+    logprobs = windows * (tokens - 1) * shapes.vocab * 4
+    return {"activations": terms.activation_bytes(shapes, tokens, windows, elem) - windows * shapes.vocab * 4,
+            "kv_cache": terms.kv_cache_bytes(shapes, tokens, windows, elem),
+            "logits": windows * tokens * shapes.vocab * 4, "log-softmax input copy": logprobs, "log_probs": logprobs}
+
+
+def _layerwise_forward(shapes, windows: int, tokens: int, elem: int) -> dict:
+    """The same forward layer by layer: no KV cache kept, the head's logits for all positions but the last,
+    normalised in place, and one head slice's product in flight."""
+    return {"activations": terms.activation_bytes(shapes, tokens, windows, elem) - windows * shapes.vocab * 4,
+            "logits": windows * (tokens - 1) * shapes.vocab * 4,
+            "head slice product": windows * (tokens - 1) * min(HEAD_SLICE_ROWS, shapes.vocab) * 4}
+
+
+def layer_bytes(shapes, elem: int) -> int:
+    """Bytes of one decoder layer's weights (every layer of the models quantlab plans is the same size)."""
+    parts = shapes.unquantized
+    outside = parts["embeddings"] + parts["lm_head"]
+    return (shapes.params - outside) * elem // max(shapes.layers, 1)
+
+
+def reference_components(shapes, fidelity, device: str, mode: str, windows: int) -> dict:
+    fp = get_method("fp").layout(get_method("fp").config_cls())
+    elem = fp.unquantized_dtype_bytes(device)
+    if mode == IN_MEMORY:
+        return {"weights": _sum(terms.weight_terms(fp, shapes, device)), **_forward(shapes, windows, fidelity.chunk_tokens, elem)}
+    return {"one layer": layer_bytes(shapes, elem), "head slice": min(HEAD_SLICE_ROWS, shapes.vocab) * shapes.hidden * elem,
+            "hidden states": 2 * windows * fidelity.chunk_tokens * shapes.hidden * elem,
+            "norms and buffers": shapes.unquantized["norms"] * elem + shapes.buffer_bytes,
+            **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem)}
+
+
+def plan_reference(shapes, fidelity, device: str, budget: int | None) -> StepPlan:
+    """In memory at the settings' batch if it fits; else in memory with fewer windows; else layer by layer."""
+    batches = range(fidelity.batch_size, 0, -1)
+    for mode in (IN_MEMORY, LAYER_BY_LAYER):
+        for b in batches:
+            comp = reference_components(shapes, fidelity, device, mode, b)
+            if budget is None or _sum(comp) <= budget:
+                return StepPlan("reference", mode, _sum(comp), comp, batch=b)
+    comp = reference_components(shapes, fidelity, device, LAYER_BY_LAYER, 1)
+    return StepPlan("reference", REFUSED, _sum(comp), comp, batch=1,
+                    reason=f"even layer by layer, one window needs {gb(_sum(comp))} (one layer {gb(comp['one layer'])}, "
+                           f"one window's logits {gb(comp['logits'])}) — "
+                           f"the budget {gb(budget)} is smaller than one layer's step; raise --max-memory")
+
+
+def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> StepPlan:
+    """The candidate whole, ``batch`` windows per forward, plus one window's comparison temporaries."""
+    if recipe.method == "fp":
+        return StepPlan("fidelity", NONE, 0, reason="the fp baseline is its own reference")
+    elem = get_method(recipe.method).layout(recipe.config).unquantized_dtype_bytes(device)
+    window = (fidelity.chunk_tokens - 1) * shapes.vocab * 4
+    comp = {}
+    for b in range(fidelity.batch_size, 0, -1):
+        comp = {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, b, fidelity.chunk_tokens, elem),
+                "comparison": 3 * window}
+        if budget is None or _sum(comp) <= budget:
+            return StepPlan("fidelity", IN_MEMORY, _sum(comp), comp, batch=b)
+    return StepPlan("fidelity", REFUSED, _sum(comp), comp, batch=1,
+                    reason=f"{recipe.name} loaded whole ({gb(comp['weights'])}) with one window needs {gb(_sum(comp))}, "
+                           f"over the budget {gb(budget)}; its layout is not evaluated layer by layer")
+
+
+def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
+    layout = get_method(recipe.method).layout(recipe.config)
+    elem = layout.unquantized_dtype_bytes(device)
+    batch, tokens = max(latency.batch_sizes), latency.prompt_tokens + latency.decode_tokens
+    comp = {"weights": layout_weights(recipe, shapes, device),
+            "kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
+            "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)}
+    if budget is not None and _sum(comp) > budget:
+        return StepPlan("bench", SKIPPED, _sum(comp), comp,
+                        reason=f"{recipe.name} loaded whole needs {gb(_sum(comp))} at batch {batch} x {tokens} tokens, "
+                               f"over the budget {gb(budget)}: memory is the planner's, latency not measured")
+    return StepPlan("bench", IN_MEMORY, _sum(comp), comp)
+
+
+def plan_quantize(recipe, shapes, device: str, budget: int | None) -> StepPlan:
+    method = get_method(recipe.method)
+    if not method.writes_artifact:
+        return StepPlan("quantize", NONE, 0, reason="no artifact to build")
+    sizes = {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
+             "quantized_weights": layout_weights(recipe, shapes, device), "largest_tensor": _largest_tensor(shapes, device),
+             "layer": layer_bytes(shapes, 4 if device == "cpu" else 2), "shapes": shapes}
+    comp = method.quantize_peak(recipe.config, sizes, device)
+    if budget is not None and _sum(comp) > budget:
+        return StepPlan("quantize", REFUSED, _sum(comp), comp,
+                        reason=f"quantizing {recipe.name} holds {gb(_sum(comp))} "
+                               f"({', '.join(f'{k} {gb(v)}' for k, v in comp.items())}), over the budget {gb(budget)}")
+    return StepPlan("quantize", IN_MEMORY, _sum(comp), comp)
+
+
+def _largest_tensor(shapes, device: str) -> int:
+    elem = 4 if device == "cpu" else 2
+    biggest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
+    return max(biggest_linear, shapes.vocab * shapes.hidden) * elem
+
+
+def plan_job_steps(recipe, shapes, fidelity, latency, device: str, budget: int | None) -> dict[str, StepPlan]:
+    """Every step of one job: quantize, reference (computed by whichever job's fidelity step needs it first, then
+    cached), fidelity and bench."""
+    return {"quantize": plan_quantize(recipe, shapes, device, budget),
+            "reference": plan_reference(shapes, fidelity, device, budget),
+            "fidelity": plan_fidelity(recipe, shapes, fidelity, device, budget),
+            "bench": plan_bench(recipe, shapes, latency, device, budget)}
+
+
+def refusal(steps: dict[str, StepPlan]) -> str | None:
+    """Why a job cannot run within the budget (its first refused step), or None."""
+    bad = [s for s in steps.values() if s.mode == REFUSED]
+    return f"{bad[0].step}: {bad[0].reason}" if bad else None

@@ -1,0 +1,114 @@
+"""The fp reference log-probs in memory and layer by layer, side by side in one run, each in a fresh process.
+
+    .venv/bin/python scripts/bench_layerwise.py [--model qwen2.5-coder-1.5b] [--chunks 16] [--threads 1]
+
+For each way: wall seconds, what the process held at its peak above its libraries (``held_peak_bytes``: peak
+RssAnon sampled every 5 ms minus RssAnon after torch and transformers are imported) beside the planner's
+prediction (``quantlab.plan.steps.plan_reference``), and peak RSS. Then the largest absolute difference of the
+two log-prob files (goal ≤ 1e-4) and whether the greedy continuations agree, and the ratio of wall times
+(goal ≤ 1.5). The checkpoint is read once first so both ways start from a warm page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantlab.evaluate import fidelity as fid  # noqa: E402
+from quantlab.evaluate.fidelity import FidelitySettings  # noqa: E402
+from quantlab.evaluate.text import resolve_text  # noqa: E402
+from quantlab.measure.memory import measure_memory, return_freed_memory  # noqa: E402
+from quantlab.models import load_config, load_tokenizer, resolve_model  # noqa: E402
+from quantlab.plan.shapes import model_shapes  # noqa: E402
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components  # noqa: E402
+from quantlab.provenance import provenance  # noqa: E402
+
+
+def worker(model_ref: str, mode: str, chunks: int, threads: int, out: Path) -> None:
+    import torch
+
+    from quantlab.layerwise.model import LayerwiseModel
+    from quantlab.methods.loading import load_recipe_model
+    from quantlab.recipe import parse_recipe
+    from quantlab.steps.fidelity import write_generation
+
+    return_freed_memory()
+    torch.set_num_threads(threads)
+    source = resolve_model(model_ref)
+    settings = FidelitySettings(max_chunks=chunks)
+    ids = fid.chunk_ids(load_tokenizer(source.path), resolve_text(None).read(), settings)
+    with measure_memory(preload=("torch", "transformers", "transformers.modeling_utils")) as mem:
+        t0 = time.perf_counter()
+        model = (LayerwiseModel(source.path) if mode == LAYER_BY_LAYER
+                 else load_recipe_model(source.path, parse_recipe("fp"), "cpu"))
+        load_s = time.perf_counter() - t0
+        fid.baseline_cache(model, ids, out, settings)
+        write_generation(model, ids, out)
+        wall = time.perf_counter() - t0
+    print(json.dumps({"mode": mode, "wall_s": wall, "load_s": load_s, **mem}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"))
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.model, args.worker[0].replace("-", " "), args.chunks, args.threads, Path(args.worker[1]))
+    source = resolve_model(args.model)
+    for f in Path(source.path).glob("*.safetensors"):  # warm the page cache for both ways alike
+        with open(f, "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+    shapes = model_shapes(load_config(source.path))
+    settings = FidelitySettings(max_chunks=args.chunks)
+    print(f"$ .venv/bin/python scripts/bench_layerwise.py --model {args.model} --chunks {args.chunks} --threads {args.threads}")
+    print(f"model {source.ref}: {source.note}; {shapes.params / 1e9:.3f} B params, {shapes.layers} layers")
+    print(f"reference text {resolve_text(None).name}, {args.chunks} windows x {settings.chunk_tokens} tokens, "
+          f"batch {settings.batch_size} windows per forward, torch threads {args.threads}")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in (IN_MEMORY, LAYER_BY_LAYER):
+            out = Path(tmp) / mode.replace(" ", "-")
+            proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--chunks", str(args.chunks),
+                                   "--threads", str(args.threads), "--worker", mode.replace(" ", "-"), str(out)],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
+            rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows[mode]["predicted"] = sum(reference_components(shapes, settings, "cpu", mode, settings.batch_size).values())
+        diff = _max_diff(Path(tmp) / "in-memory", Path(tmp) / "layer-by-layer")
+        same_gen = all(json.loads((Path(tmp) / m / "generation.json").read_text())["tokens"] == json.loads(
+            (Path(tmp) / "in-memory" / "generation.json").read_text())["tokens"] for m in ("layer-by-layer",))
+    print(f"{'way':<16}{'wall s':>9}{'load s':>9}{'held peak GB':>14}{'planned GB':>12}{'planned/held':>14}{'peak RSS GB':>13}")
+    for mode, r in rows.items():
+        print(f"{mode:<16}{r['wall_s']:>9.1f}{r['load_s']:>9.1f}{r['held_peak_bytes'] / 1e9:>14.2f}"
+              f"{r['predicted'] / 1e9:>12.2f}{r['predicted'] / r['held_peak_bytes']:>14.3f}{r['peak_rss_bytes'] / 1e9:>13.2f}")
+    ratio = rows[LAYER_BY_LAYER]["wall_s"] / rows[IN_MEMORY]["wall_s"]
+    print(f"max |log-prob difference| layer by layer vs in memory: {diff:.3g} (goal <= 1e-4)")
+    print(f"greedy continuations identical: {same_gen}")
+    print(f"wall time layer by layer / in memory: {ratio:.3f} (goal <= 1.5)")
+    print(f"held peak layer by layer / in memory: {rows[LAYER_BY_LAYER]['held_peak_bytes'] / rows[IN_MEMORY]['held_peak_bytes']:.3f}")
+    prov = provenance("cpu")
+    print(f"versions {prov['versions']}; cpu {prov['device'].get('name', '')}; git {prov.get('git_sha')}")
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    import numpy as np
+
+    fa, _ = fid.load_baseline(a)
+    fb, _ = fid.load_baseline(b)
+    return max(float(np.abs(fa[i] - fb[i]).max()) for i in range(len(fa)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The memory budget (--max-memory): planned before work, the fp reference layer by layer when the fp model does
+not fit, refusals as one-line errors, and the same numbers as without a budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantlab.cli import cli
+from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.models import load_config
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, resolve_budget
+
+SETTINGS = FidelitySettings(max_chunks=4, chunk_tokens=32)
+COMMON = ["--chunks", "4", "--chunk-tokens", "32", "--repetitions", "1", "--batch-sizes", "1", "--decode-tokens", "4"]
+
+
+def _between(tiny_dir) -> int:
+    """A budget above the fp reference layer by layer and below it in memory."""
+    shapes = model_shapes(load_config(tiny_dir))
+    whole = sum(reference_components(shapes, SETTINGS, "cpu", IN_MEMORY, 1).values())
+    layered = sum(reference_components(shapes, SETTINGS, "cpu", LAYER_BY_LAYER, 1).values())
+    assert layered < whole
+    return (layered + whole) // 2
+
+
+def _compare(tiny_dir, tiny_text, out, recipes, *extra):
+    result = CliRunner().invoke(cli, ["quantize-and-compare", "--model", str(tiny_dir), "--recipes", recipes,
+                                      "--text", str(tiny_text), "--out", str(out), *COMMON, *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text())
+
+
+def test_under_a_budget_the_reference_runs_layer_by_layer_with_the_same_numbers(tiny_dir, tiny_text, tmp_path,
+                                                                                monkeypatch):
+    budget = _between(tiny_dir)
+    monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home-budget"))
+    under = _compare(tiny_dir, tiny_text, tmp_path / "under", "bnb-nf4,rtn-w8", "--max-memory", f"{budget}B")
+    monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home-free"))
+    free = _compare(tiny_dir, tiny_text, tmp_path / "free", "bnb-nf4")
+    runs = {r["recipe"]: r for r in under["runs"]}
+    assert under["max_memory_bytes"] == budget and free["max_memory_bytes"] is None
+    assert runs["fp"]["fidelity"]["step"]["reference_mode"] == LAYER_BY_LAYER
+    assert free["runs"][0]["fidelity"]["step"]["reference_mode"] == IN_MEMORY
+    # the fp model does not fit: its bench is skipped and its weights are the planner's
+    assert runs["fp"]["memory"]["planned"] and runs["fp"]["latency"]["skipped"]
+    # RTN loads the fp model whole to quantize it: refused before work, with the planner's numbers
+    (refused,) = under["refused"]
+    assert refused["recipe"] == "rtn-w8" and "over the budget" in refused["reason"]
+    assert refused["steps"]["quantize"]["peak_bytes"] > budget
+    nf4 = {r["recipe"]: r for r in free["runs"]}["bnb-nf4"]["fidelity"]
+    assert runs["bnb-nf4"]["fidelity"]["kld_mean"] == pytest.approx(nf4["kld_mean"], rel=1e-4, abs=1e-7)
+    assert runs["bnb-nf4"]["fidelity"]["ppl_baseline"] == pytest.approx(nf4["ppl_baseline"], rel=1e-5)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["quantize-and-compare", "--recipes", "bnb-nf4", "--max-memory", "1KB"], "smaller than one layer"),
+    (["quantize", "bnb-int8", "--max-memory", "60KB"], "quantizing bnb-int8 holds"),
+    (["quantize", "qat-w4-g32", "--max-memory", "1MB"], "optimizer state"),
+    (["quantize-and-compare", "--recipes", "bnb-nf4", "--max-memory", "lots"], "not a memory size"),
+])
+def test_budgets_that_cannot_work_are_one_line_errors_before_any_work(args, words, tiny_dir, tiny_text, tmp_path,
+                                                                       quantlab_home):
+    out = tmp_path / "out"
+    extra = ["--model", str(tiny_dir)]
+    if args[0] == "quantize-and-compare":
+        extra += ["--text", str(tiny_text), "--out", str(out), *COMMON]
+    result = CliRunner().invoke(cli, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], result.output
+    assert not out.exists() and not (quantlab_home / "artifacts").exists() and not (quantlab_home / "logits").exists()
+
+
+def test_the_budget_comes_from_the_environment_when_no_flag_names_one(monkeypatch):
+    monkeypatch.delenv("QUANTLAB_MAX_MEMORY", raising=False)
+    assert resolve_budget(None) is None
+    monkeypatch.setenv("QUANTLAB_MAX_MEMORY", "3.5GB")
+    assert resolve_budget(None) == 3_500_000_000
+    assert resolve_budget("2GiB") == 2 * 2**30  # a flag beats the environment
