@@ -4,6 +4,7 @@ not fit, refusals as one-line errors, and the same numbers as without a budget."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -34,26 +35,29 @@ def _compare(tiny_dir, tiny_text, out, recipes, *extra):
     return json.loads((out / "results.json").read_text())
 
 
-def test_under_a_budget_the_reference_runs_layer_by_layer_with_the_same_numbers(tiny_dir, tiny_text, tmp_path,
-                                                                                monkeypatch):
+def test_under_a_budget_the_model_runs_layer_by_layer_with_the_same_numbers(tiny_dir, tiny_text, tmp_path,
+                                                                            monkeypatch):
     budget = _between(tiny_dir)
     monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home-budget"))
     under = _compare(tiny_dir, tiny_text, tmp_path / "under", "bnb-nf4,rtn-w8", "--max-memory", f"{budget}B")
     monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home-free"))
-    free = _compare(tiny_dir, tiny_text, tmp_path / "free", "bnb-nf4")
+    free = _compare(tiny_dir, tiny_text, tmp_path / "free", "rtn-w8")
     runs = {r["recipe"]: r for r in under["runs"]}
     assert under["max_memory_bytes"] == budget and free["max_memory_bytes"] is None
     assert runs["fp"]["fidelity"]["step"]["reference_mode"] == LAYER_BY_LAYER
     assert free["runs"][0]["fidelity"]["step"]["reference_mode"] == IN_MEMORY
     # the fp model does not fit: its bench is skipped and its weights are the planner's
     assert runs["fp"]["memory"]["planned"] and runs["fp"]["latency"]["skipped"]
-    # RTN loads the fp model whole to quantize it: refused before work, with the planner's numbers
+    # RTN quantizes layer by layer, into a sharded artifact with the in-memory artifact's numbers
+    assert (Path(runs["rtn-w8"]["artifact"]) / "model.safetensors.index.json").is_file()
+    assert not (Path(free["runs"][1]["artifact"]) / "model.safetensors.index.json").exists()
+    rtn = {r["recipe"]: r for r in free["runs"]}["rtn-w8"]["fidelity"]
+    assert runs["rtn-w8"]["fidelity"]["kld_mean"] == pytest.approx(rtn["kld_mean"], rel=1e-4, abs=1e-7)
+    assert runs["rtn-w8"]["fidelity"]["ppl"] == pytest.approx(rtn["ppl"], rel=1e-5)
+    # bitsandbytes quantizes on load, holding the fp checkpoint's pages: refused before work, with the numbers
     (refused,) = under["refused"]
-    assert refused["recipe"] == "rtn-w8" and "over the budget" in refused["reason"]
+    assert refused["recipe"] == "bnb-nf4" and "over the budget" in refused["reason"]
     assert refused["steps"]["quantize"]["peak_bytes"] > budget
-    nf4 = {r["recipe"]: r for r in free["runs"]}["bnb-nf4"]["fidelity"]
-    assert runs["bnb-nf4"]["fidelity"]["kld_mean"] == pytest.approx(nf4["kld_mean"], rel=1e-4, abs=1e-7)
-    assert runs["bnb-nf4"]["fidelity"]["ppl_baseline"] == pytest.approx(nf4["ppl_baseline"], rel=1e-5)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -7,12 +7,12 @@ import math
 
 import pytest
 from click.testing import CliRunner
+from suite_data import write_arc
 
 from quantlab.cli import cli
 from quantlab.errors import UsageError
 from quantlab.gate import stats
 from quantlab.gate.policy import load_policy
-from suite_data import write_arc
 
 ITEMS = 60
 

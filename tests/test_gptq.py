@@ -9,6 +9,7 @@ from quantlab.errors import DataError, RecipeError
 from quantlab.methods import get_method
 from quantlab.recipe import parse_recipe, recipe_from_mapping
 
+
 def _recipe(bits, group, calibration, samples=16, tokens=64):
     return recipe_from_mapping({"method": "gptq", "bits": bits, "group_size": group, "calibration": calibration,
                                 "samples": samples, "tokens": tokens}, "test")
@@ -45,8 +46,8 @@ def test_gptq_error_is_below_rtn_on_calibration_inputs(tiny_dir, tiny_model, qua
 
     Checked on the first layer's q/k/v projections, whose inputs do not depend on earlier quantization.
     """
-    from quantlab.methods.loading import load_recipe_model
     from quantlab.methods.calibration import calibration_windows
+    from quantlab.methods.loading import load_recipe_model
     from quantlab.methods.rtn import fake_quantize
 
     recipe = _recipe(4, 32, str(calib_file))

@@ -8,11 +8,11 @@ import socket
 from pathlib import Path
 
 import pytest
+from suite_data import write_arc, write_hellaswag, write_piqa, write_winogrande
 
 from quantlab.errors import DataError, UsageError
 from quantlab.evaluate.harness import HarnessSettings, check_tasks, prepare_tasks, run_tasks
 from quantlab.evaluate.tasks import TASKS, convert
-from suite_data import write_arc, write_hellaswag, write_piqa, write_winogrande
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -50,9 +50,8 @@ def test_hellaswag_text_gets_lm_eval_capitalisation(data_dir):
     docs = convert.hellaswag([data_dir / "hellaswag" / "hellaswag_val_full.txt"])
     assert docs[0]["ctx_a"] == "A man is sitting on a roof." and docs[0]["ctx_b"] == "he"
     assert docs[1]["ctx_b"] == ""  # WikiHow context: complete sentences
-    from lm_eval.tasks.hellaswag.utils import process_docs  # lm-eval's own preprocessing, unchanged
-
     import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs  # lm-eval's own preprocessing, unchanged
 
     processed = process_docs(datasets.Dataset.from_list(docs))
     assert processed[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"

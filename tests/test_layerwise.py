@@ -65,3 +65,28 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path, qwen_dir):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ModelLoadError, match="truncated"):
         LayerwiseModel(broken).log_probs(_ids(40))
+
+
+@pytest.mark.parametrize("name", ["rtn-w8", "rtn-w4-g32"])
+def test_rtn_layer_by_layer_writes_the_in_memory_artifact_and_runs_layer_by_layer(name, qwen_dir, tmp_path):
+    from quantlab.methods import get_method
+    from quantlab.methods.loading import load_recipe_model
+    from quantlab.recipe import parse_recipe
+
+    recipe = parse_recipe(name)
+    method = get_method("rtn")
+    method.quantize(recipe.config, qwen_dir, tmp_path / "whole", "cpu")
+    method.quantize_layer_by_layer(recipe.config, qwen_dir, tmp_path / "layered", "cpu")
+    assert len(list((tmp_path / "layered").glob("model-*.safetensors"))) == 4  # the rest, then one per layer
+    whole = load_recipe_model(str(tmp_path / "whole"), recipe, "cpu")
+    layered = load_recipe_model(str(tmp_path / "layered"), recipe, "cpu")
+    a, b = whole.state_dict(), layered.state_dict()
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        parts = x.__tensor_flatten__()[0] if type(x) is not torch.Tensor else [None]
+        for part in parts:
+            assert torch.equal(getattr(x, part) if part else x, getattr(b[key], part) if part else b[key]), key
+    ids = _ids(whole.config.vocab_size)
+    run = LayerwiseModel(tmp_path / "layered", head_rows=7)
+    assert type(run.reader.read_subclass("model.layers.0.mlp.up_proj.weight")).__name__ == "IntxUnpackedToInt8Tensor"
+    assert (fid._log_probs(run, ids) - fid._log_probs(whole, ids)).abs().max().item() < 1e-4

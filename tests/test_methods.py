@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY_SHAPES
 
 from quantlab.errors import RecipeError
 from quantlab.methods import all_methods, get_method
 from quantlab.recipe import Recipe, parse_recipe
-from tiny import TINY_SHAPES
 
 EXAMPLES = [name for m in all_methods() for name in get_method(m).example_names]
 

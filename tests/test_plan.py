@@ -8,8 +8,7 @@ from click.testing import CliRunner
 from quantlab.cli import cli
 from quantlab.errors import UsageError
 from quantlab.methods import get_method
-from quantlab.plan import GB, PlanSettings, parse_size, plan_model
-from quantlab.plan import terms
+from quantlab.plan import GB, PlanSettings, parse_size, plan_model, terms
 from quantlab.recipe import parse_recipe, parse_recipe_list
 
 

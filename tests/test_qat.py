@@ -185,10 +185,10 @@ def test_compare_adds_the_twin_and_the_recovered_fractions(peaked_dir, train_fil
     """quantize-and-compare with a trained recipe: its PTQ twin joins, and the recovered fraction over it is in
     results.json and in the stored rows."""
     from click.testing import CliRunner
+    from tiny import write_text
 
     from quantlab import store
     from quantlab.cli import cli
-    from tiny import write_text
 
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"recipes:\n  - {{method: qat, scheme: w4, group_size: 32, steps: 10, lr: 0.001, seq_len: 32, "

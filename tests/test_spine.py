@@ -9,13 +9,13 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from tiny import build_llama_dir, write_text
 
 from quantlab.cli import cli
 from quantlab.provenance import sha256_text
 from quantlab.recipe import parse_recipe, recipe_from_mapping
 from quantlab.sweep.plan import plan_jobs
 from quantlab.sweep.spec import compare_spec, load_spec
-from tiny import build_llama_dir, write_text
 
 
 def _invoke(*args):

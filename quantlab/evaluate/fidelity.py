@@ -143,11 +143,14 @@ def load_baseline(cache_path: Path):
     return LogprobFile(cache_path / "logprobs.npy"), np.load(cache_path / "ids.npy")
 
 
+ROWS = 64  # positions whose KL is computed at once: the temporaries are ROWS x vocab, not a window's
+
+
 def compare(model, ids, baseline, batch_size: int = 4) -> dict:
     """Per-token KL, top-1 agreement and NLL of both models; arrays of shape (chunks, chunk_tokens - 1).
 
-    The candidate runs ``batch_size`` windows per forward; the comparison then goes one window at a time, so
-    its temporaries are a few windows' log-probs, not a batch's.
+    The candidate runs ``batch_size`` windows per forward; the comparison then goes one window at a time and
+    ``ROWS`` positions at a time, so its temporaries are one window's reference log-probs and a few blocks.
     """
     import torch
 
@@ -161,7 +164,8 @@ def compare(model, ids, baseline, batch_size: int = 4) -> dict:
             if lp.shape[-1] != lq.shape[-1]:
                 raise DataError(f"Vocabulary sizes differ ({lp.shape[-1]} vs {lq.shape[-1]}) — compare models of one tokenizer")
             tgt = targets[start + j].unsqueeze(-1)
-            out["kl"].append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0))
+            out["kl"].append(torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in zip(lp.split(ROWS), lq.split(ROWS))])
+                             .clamp(min=0))
             out["agree"].append((lp.argmax(-1) == lq.argmax(-1)).float())
             out["nll"].append(-lq.gather(-1, tgt).squeeze(-1))
             out["nll_baseline"].append(-lp.gather(-1, tgt).squeeze(-1))

@@ -15,6 +15,7 @@ one head slice and the activations of one forward, whatever the model's size. On
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,6 +68,34 @@ def _modules():
     return RowEmbedding, SlicedHead
 
 
+@dataclass
+class ModelParts:
+    """Where a meta-device model's parts are: the checkpoint's names of its embedding and head, its layers."""
+
+    reader: CheckpointReader
+    embed_name: str
+    head_name: str
+    layers: object  # the decoder's nn.ModuleList
+    layers_prefix: str
+
+
+def model_parts(model, reader: CheckpointReader) -> ModelParts:
+    names = {id(m): n for n, m in model.named_modules()}
+    embed_name = names[id(model.get_input_embeddings())] + ".weight"
+    head_name = names[id(model.get_output_embeddings())] + ".weight"
+    if head_name not in reader:
+        head_name = embed_name  # tied: the head is the input embedding
+    layers = model.get_decoder().layers
+    return ModelParts(reader, embed_name, head_name, layers, names[id(layers)])
+
+
+def _set_param(module, name: str, value) -> None:
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    (module.get_submodule(owner) if owner else module)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
 class LayerwiseModel:
     """``self.model`` is the model class of ``model_dir`` with its weights read as described above."""
 
@@ -78,16 +107,11 @@ class LayerwiseModel:
         self.reader = CheckpointReader(model_dir)
         config = load_config(model_dir, trust_remote_code)
         model = meta_model(config, trust_remote_code)
-        names = {id(m): n for n, m in model.named_modules()}
-        embed_name = names[id(model.get_input_embeddings())] + ".weight"
-        head_name = names[id(model.get_output_embeddings())] + ".weight"
-        if head_name not in self.reader:
-            head_name = embed_name  # tied: the head is the input embedding
-        self.layers = model.get_decoder().layers
-        self.layers_prefix = names[id(self.layers)]
+        parts = model_parts(model, self.reader)
+        self.layers, self.layers_prefix = parts.layers, parts.layers_prefix
         row_embedding, sliced_head = _modules()
-        model.set_input_embeddings(row_embedding(self.reader, self._need(embed_name), self.dtype, device))
-        model.set_output_embeddings(sliced_head(self.reader, self._need(head_name), head_rows, self.dtype, device))
+        model.set_input_embeddings(row_embedding(self.reader, self._need(parts.embed_name), self.dtype, device))
+        model.set_output_embeddings(sliced_head(self.reader, self._need(parts.head_name), head_rows, self.dtype, device))
         self.model = model.eval()
         self._materialize_rest(config)
         for i, layer in enumerate(self.layers):
@@ -103,7 +127,9 @@ class LayerwiseModel:
 
     def _check_layer(self, i: int, layer) -> None:
         for name, _ in layer.named_parameters():
-            self._need(f"{self.layers_prefix}.{i}.{name}")
+            full = f"{self.layers_prefix}.{i}.{name}"
+            if not self.reader.is_subclass(full):
+                self._need(full)
 
     def _materialize_rest(self, config) -> None:
         """Read every weight outside the layers, embedding and head; rebuild buffers the checkpoint lacks."""
@@ -129,9 +155,17 @@ class LayerwiseModel:
                                      "execution cannot rebuild it; raise --max-memory so the model loads whole")
 
     def _load(self, layer, i: int) -> None:
-        layer.to_empty(device=self.device)
-        for name, param in layer.named_parameters():
-            self.reader.read_into(f"{self.layers_prefix}.{i}.{name}", param.data)
+        """Layer ``i``'s weights onto the device: plain tensors read in place, torchao's rebuilt from their parts."""
+        import torch
+
+        for name, param in list(layer.named_parameters()):
+            full = f"{self.layers_prefix}.{i}.{name}"
+            if self.reader.is_subclass(full):
+                value = self.reader.read_subclass(full).to(self.device)
+            else:
+                value = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+                self.reader.read_into(full, value)
+            _set_param(layer, name, value)
 
     def log_probs(self, batch):
         """log p(next token) for every position but the last, (batch, tokens - 1, vocab) fp32, normalised in place:
@@ -148,7 +182,10 @@ class LayerwiseModel:
 
     @staticmethod
     def _release(layer) -> None:
-        layer.to_empty(device="meta")
+        import torch
+
+        for name, param in list(layer.named_parameters()):
+            _set_param(layer, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer's weights as read."""

@@ -43,8 +43,26 @@ class CheckpointReader:
             raise ModelLoadError(f"{model_dir} has no *.safetensors weights — layer-by-layer execution reads "
                                  "safetensors; save the model with save_pretrained")
         self.entries: dict[str, Entry] = {}
+        self.metadata: dict[str, str] = {}  # merged __metadata__ (torchao's describes its tensor subclasses)
         for path in files:
-            self.entries.update(_header(path))
+            entries, metadata = _header(path)
+            self.entries.update(entries)
+            self.metadata.update(metadata)
+
+    def is_subclass(self, name: str) -> bool:
+        """Whether ``name`` is a torchao tensor subclass stored flattened (``<module>._<leaf>_<part>``)."""
+        meta = self.metadata.get(name)
+        return bool(meta) and json.loads(meta).get("_type") not in (None, "Tensor")
+
+    def read_subclass(self, name: str):
+        """A torchao tensor subclass (e.g. IntxUnpackedToInt8Tensor) rebuilt from its flattened parts."""
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        module, _, leaf = name.rpartition(".")
+        prefix = f"{module}._{leaf}_"
+        parts = {k: self.read(k) for k in self.entries if k.startswith(prefix)}
+        tensors, _ = unflatten_tensor_state_dict(parts, {name: self.metadata[name], "tensor_names": json.dumps([name])})
+        return tensors[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -104,7 +122,7 @@ def _readinto(fh, offset: int, out) -> None:
         done += n
 
 
-def _header(path: Path) -> dict[str, Entry]:
+def _header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     try:
         with open(path, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
@@ -121,4 +139,4 @@ def _header(path: Path) -> dict[str, Entry]:
                                  "does not read — raise --max-memory so the model loads whole")
         begin, end = meta["data_offsets"]
         out[name] = Entry(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), base + begin, end - begin)
-    return out
+    return out, header.get("__metadata__") or {}

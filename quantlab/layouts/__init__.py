@@ -13,6 +13,8 @@ from typing import ClassVar
 
 class Layout:
     libraries: ClassVar[tuple[str, ...]] = ()
+    #: whether ``quantlab.layerwise`` can run an artifact of this layout one decoder layer at a time
+    layer_by_layer: ClassVar[bool] = False
 
     def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
         """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.

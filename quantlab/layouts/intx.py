@@ -12,6 +12,7 @@ INTX_NOTE = "torchao intx: one int8 per value (int4 too) + a scale (unquantized 
 
 @dataclass(frozen=True)
 class IntxLayout(Layout):
+    layer_by_layer = True
     bits: int
     group_size: int
     libraries = ("torchao",)

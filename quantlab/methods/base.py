@@ -80,6 +80,16 @@ class Method:
         """
         return {"fp model": sizes["fp_weights"], "quantized model": sizes["quantized_weights"]}
 
+    def layer_by_layer_peak(self, config: Any, sizes: dict, device: str) -> dict[str, int] | None:
+        """Predicted peak of ``quantize_layer_by_layer`` (same ``sizes``), or None when the method has no such way."""
+        return None
+
+    def quantize_layer_by_layer(self, config: Any, source_dir: Path, out_dir: Path, device: str, *,
+                                data_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+        """``quantize`` reading the source one decoder layer at a time, for a model that does not fit the memory
+        budget; the artifact must be the one ``quantize`` writes (sharded is fine)."""
+        raise NotImplementedError
+
     def ptq_twin(self, config: Any) -> str | None:
         """Short name of the post-training recipe of the identical format, for a trained method."""
         return None

@@ -73,8 +73,10 @@ class BnbMethod(Method):
         return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes"}
 
     def quantize_peak(self, config, sizes, device):
-        """bitsandbytes quantizes each weight as it loads: the quantized model plus one fp tensor in flight."""
-        return {"quantized model": sizes["quantized_weights"], "one fp tensor in flight": sizes["largest_tensor"]}
+        """bitsandbytes quantizes each weight as it loads, but transformers memory-maps the fp checkpoint and every
+        page it reads stays resident until the load ends: the fp weights' pages plus the quantized model
+        (SmolLM2 nf4: 0.70 GB predicted, 0.75 measured above the libraries)."""
+        return {"fp checkpoint pages read": sizes["fp_weights"], "quantized model": sizes["quantized_weights"]}
 
     def layout(self, config):
         if config.quant_type == "int8":

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
+from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
+from quantlab.layerwise.quantize import quantize_torchao_layer_by_layer
 from quantlab.layouts.gptq import GptqPackedLayout
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
@@ -86,6 +88,21 @@ class RtnMethod(Method):
                  trust_remote_code=False) -> dict:
         write = self._write_gptq if config.format == "gptq" else self._write_intx
         return write(config, source_dir, out_dir, device, trust_remote_code)
+
+    def layer_by_layer_peak(self, config, sizes, device):
+        """torchao's layout only: one fp layer, its int8 values (one byte per weight), torchao's fp temporaries
+        for its largest linear, and one block of an unquantized tensor being copied."""
+        if config.format != "torchao":
+            return None
+        return {"one fp layer": sizes["layer"], "its int8 values": sizes["layer"] // 4,
+                "largest linear in flight": sizes["largest_linear"],
+                "copy block": min(LAYERWISE_BLOCK_BYTES, sizes["largest_tensor"])}
+
+    def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                                trust_remote_code=False) -> dict:
+        quantize_torchao_layer_by_layer(source_dir, out_dir, self.torchao_config(config), trust_remote_code)
+        return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)",
+                "written": "layer by layer from the safetensors, one shard per decoder layer"}
 
     def _write_intx(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
         from transformers import TorchAoConfig

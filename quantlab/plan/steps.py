@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from quantlab.evaluate.fidelity import ROWS
 from quantlab.methods import get_method
 from quantlab.plan import parse_size, terms
 
@@ -49,11 +50,21 @@ def resolve_budget(value: str | int | None) -> int | None:
 
 
 def gb(n: int | None) -> str:
-    return "?" if n is None else f"{n / GB:.2f} GB"
+    """Bytes for a message: GB (10^9) with two decimals, MB or kB below 0.1 GB."""
+    if n is None:
+        return "?"
+    if n >= GB // 10:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n / 1e3:.1f} kB"
 
 
 def _sum(components: dict) -> int:
-    return sum(components.values())
+    """The peak of a step's components. Layer by layer, a step goes through phases that never overlap: keys
+    ``"layers: ..."`` are held while the decoder layers run, ``"head: ..."`` while the head does; the rest
+    throughout. The peak is the rest plus the larger phase."""
+    phase = {p: sum(v for k, v in components.items() if k.startswith(p + ": ")) for p in ("layers", "head")}
+    rest = sum(v for k, v in components.items() if not k.startswith(("layers: ", "head: ")))
+    return rest + max(phase.values())
 
 
 def layout_weights(recipe, shapes, device: str) -> int:
@@ -70,11 +81,19 @@ def _forward(shapes, windows: int, tokens: int, elem: int) -> dict:
 
 
 def _layerwise_forward(shapes, windows: int, tokens: int, elem: int) -> dict:
-    """The same forward layer by layer: no KV cache kept, the head's logits for all positions but the last,
-    normalised in place, and one head slice's product in flight."""
-    return {"activations": terms.activation_bytes(shapes, tokens, windows, elem) - windows * shapes.vocab * 4,
-            "logits": windows * (tokens - 1) * shapes.vocab * 4,
-            "head slice product": windows * (tokens - 1) * min(HEAD_SLICE_ROWS, shapes.vocab) * 4}
+    """The same forward layer by layer: a layer's activations (no KV cache kept), then the head's logits for all
+    positions but the last, one head slice and its product for 256 positions, and the normalisation's temporary
+    (one window's exp, as each window is normalised in place)."""
+    rows = min(HEAD_SLICE_ROWS, shapes.vocab)
+    return {"layers: activations": terms.activation_bytes(shapes, tokens, windows, elem) - windows * shapes.vocab * 4,
+            "head: logits": windows * (tokens - 1) * shapes.vocab * 4, "head: slice": rows * shapes.hidden * elem,
+            "head: slice product": min(windows * (tokens - 1), 256) * rows * 4,
+            "head: logsumexp of one window": (tokens - 1) * shapes.vocab * 4}
+
+
+def _always(shapes, windows: int, fidelity, elem: int) -> dict:
+    return {"hidden states": 2 * windows * fidelity.chunk_tokens * shapes.hidden * elem,
+            "norms and buffers": shapes.unquantized["norms"] * elem + shapes.buffer_bytes}
 
 
 def layer_bytes(shapes, elem: int) -> int:
@@ -88,11 +107,21 @@ def reference_components(shapes, fidelity, device: str, mode: str, windows: int)
     fp = get_method("fp").layout(get_method("fp").config_cls())
     elem = fp.unquantized_dtype_bytes(device)
     if mode == IN_MEMORY:
-        return {"weights": _sum(terms.weight_terms(fp, shapes, device)), **_forward(shapes, windows, fidelity.chunk_tokens, elem)}
-    return {"one layer": layer_bytes(shapes, elem), "head slice": min(HEAD_SLICE_ROWS, shapes.vocab) * shapes.hidden * elem,
-            "hidden states": 2 * windows * fidelity.chunk_tokens * shapes.hidden * elem,
-            "norms and buffers": shapes.unquantized["norms"] * elem + shapes.buffer_bytes,
-            **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem)}
+        weights = terms.weight_terms(fp, shapes, device)
+        return {"weights": _sum(weights) - _unread_embedding(shapes, weights, fidelity, device),
+                **_forward(shapes, windows, fidelity.chunk_tokens, elem)}
+    return {"layers: one layer": layer_bytes(shapes, elem),
+            **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem)}
+
+
+def _unread_embedding(shapes, weights: dict, fidelity, device: str) -> int:
+    """Bytes of the input embedding that stay on disk: on CPU transformers maps an fp32 checkpoint without a copy,
+    and a lookup reads only the rows (4 KiB pages) of the text's tokens; a tied table is read whole by the head."""
+    if device != "cpu" or shapes.tied:
+        return 0
+    row = shapes.hidden * 4
+    read = fidelity.max_chunks * fidelity.chunk_tokens * (-(-row // 4096) + 1) * 4096
+    return max(weights["embeddings"] - read, 0)
 
 
 def plan_reference(shapes, fidelity, device: str, budget: int | None) -> StepPlan:
@@ -105,26 +134,45 @@ def plan_reference(shapes, fidelity, device: str, budget: int | None) -> StepPla
                 return StepPlan("reference", mode, _sum(comp), comp, batch=b)
     comp = reference_components(shapes, fidelity, device, LAYER_BY_LAYER, 1)
     return StepPlan("reference", REFUSED, _sum(comp), comp, batch=1,
-                    reason=f"even layer by layer, one window needs {gb(_sum(comp))} (one layer {gb(comp['one layer'])}, "
-                           f"one window's logits {gb(comp['logits'])}) — "
+                    reason=f"even layer by layer, one window needs {gb(_sum(comp))} (one layer "
+                           f"{gb(comp['layers: one layer'])}, one window's logits {gb(comp['head: logits'])}) — "
                            f"the budget {gb(budget)} is smaller than one layer's step; raise --max-memory")
 
 
+def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, windows: int) -> dict:
+    """A candidate's fidelity step: its forward over ``windows`` windows and one window's comparison temporaries
+    (the reference's log-probs read back, their exp, the difference), with the candidate loaded whole, or layer
+    by layer: one layer as stored, its largest linear dequantized in flight, one head slice."""
+    layout = get_method(recipe.method).layout(recipe.config)
+    elem = layout.unquantized_dtype_bytes(device)
+    compare = {"comparison": (fidelity.chunk_tokens - 1) * shapes.vocab * 4 + 3 * ROWS * shapes.vocab * 4}
+    if mode == IN_MEMORY:
+        return {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, windows, fidelity.chunk_tokens, elem),
+                **compare}
+    weights = terms.weight_terms(layout, shapes, device)
+    largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
+    return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
+            "layers: largest linear dequantized": largest,
+            **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem),
+            **compare}
+
+
 def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> StepPlan:
-    """The candidate whole, ``batch`` windows per forward, plus one window's comparison temporaries."""
+    """In memory at the settings' batch, else with fewer windows, else layer by layer where the layout allows."""
     if recipe.method == "fp":
         return StepPlan("fidelity", NONE, 0, reason="the fp baseline is its own reference")
-    elem = get_method(recipe.method).layout(recipe.config).unquantized_dtype_bytes(device)
-    window = (fidelity.chunk_tokens - 1) * shapes.vocab * 4
-    comp = {}
-    for b in range(fidelity.batch_size, 0, -1):
-        comp = {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, b, fidelity.chunk_tokens, elem),
-                "comparison": 3 * window}
-        if budget is None or _sum(comp) <= budget:
-            return StepPlan("fidelity", IN_MEMORY, _sum(comp), comp, batch=b)
+    layout = get_method(recipe.method).layout(recipe.config)
+    modes = (IN_MEMORY, LAYER_BY_LAYER) if layout.layer_by_layer else (IN_MEMORY,)
+    for mode in modes:
+        for b in range(fidelity.batch_size, 0, -1):
+            comp = fidelity_components(recipe, shapes, fidelity, device, mode, b)
+            if budget is None or _sum(comp) <= budget:
+                return StepPlan("fidelity", mode, _sum(comp), comp, batch=b)
+    comp = fidelity_components(recipe, shapes, fidelity, device, modes[-1], 1)
+    how = "layer by layer" if layout.layer_by_layer else f"loaded whole ({gb(layout_weights(recipe, shapes, device))})"
+    why = "" if layout.layer_by_layer else "; its layout is not run layer by layer"
     return StepPlan("fidelity", REFUSED, _sum(comp), comp, batch=1,
-                    reason=f"{recipe.name} loaded whole ({gb(comp['weights'])}) with one window needs {gb(_sum(comp))}, "
-                           f"over the budget {gb(budget)}; its layout is not evaluated layer by layer")
+                    reason=f"{recipe.name} {how} with one window needs {gb(_sum(comp))}, over the budget {gb(budget)}{why}")
 
 
 def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
@@ -145,21 +193,22 @@ def plan_quantize(recipe, shapes, device: str, budget: int | None) -> StepPlan:
     method = get_method(recipe.method)
     if not method.writes_artifact:
         return StepPlan("quantize", NONE, 0, reason="no artifact to build")
-    sizes = {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
-             "quantized_weights": layout_weights(recipe, shapes, device), "largest_tensor": _largest_tensor(shapes, device),
-             "layer": layer_bytes(shapes, 4 if device == "cpu" else 2), "shapes": shapes}
-    comp = method.quantize_peak(recipe.config, sizes, device)
-    if budget is not None and _sum(comp) > budget:
-        return StepPlan("quantize", REFUSED, _sum(comp), comp,
-                        reason=f"quantizing {recipe.name} holds {gb(_sum(comp))} "
-                               f"({', '.join(f'{k} {gb(v)}' for k, v in comp.items())}), over the budget {gb(budget)}")
-    return StepPlan("quantize", IN_MEMORY, _sum(comp), comp)
-
-
-def _largest_tensor(shapes, device: str) -> int:
     elem = 4 if device == "cpu" else 2
-    biggest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
-    return max(biggest_linear, shapes.vocab * shapes.hidden) * elem
+    largest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
+    sizes = {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
+             "quantized_weights": layout_weights(recipe, shapes, device),
+             "largest_tensor": max(largest_linear, shapes.vocab * shapes.hidden * elem), "largest_linear": largest_linear,
+             "layer": layer_bytes(shapes, elem), "shapes": shapes}
+    comp = method.quantize_peak(recipe.config, sizes, device)
+    if budget is None or _sum(comp) <= budget:
+        return StepPlan("quantize", IN_MEMORY, _sum(comp), comp)
+    layered = method.layer_by_layer_peak(recipe.config, sizes, device)
+    if layered is not None and _sum(layered) <= budget:
+        return StepPlan("quantize", LAYER_BY_LAYER, _sum(layered), layered)
+    way = "" if layered is None else f"; layer by layer {gb(_sum(layered))}"
+    return StepPlan("quantize", REFUSED, _sum(comp), comp,
+                    reason=f"quantizing {recipe.name} holds {gb(_sum(comp))} "
+                           f"({', '.join(f'{k} {gb(v)}' for k, v in comp.items())}){way}, over the budget {gb(budget)}")
 
 
 def plan_job_steps(recipe, shapes, fidelity, latency, device: str, budget: int | None) -> dict[str, StepPlan]:

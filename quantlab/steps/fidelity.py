@@ -77,9 +77,13 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             per_token = fid.compare_baseline_to_itself(ids, logprobs)
             gen = base_gen
         else:
-            model = load_recipe_model(cand.artifact, cand.recipe, device, baseline.trust_remote_code)
-            per_token = fid.compare(model, ids, logprobs, (plans.get("fidelity") or {}).get("batch") or settings.batch_size)
-            gen = guard.greedy_continuation(model, ids)
+            plan = plans.get("fidelity") or {}
+            if plan.get("mode") == LAYER_BY_LAYER:
+                model = LayerwiseModel(cand.artifact, device, trust_remote_code=baseline.trust_remote_code)
+            else:
+                model = load_recipe_model(cand.artifact, cand.recipe, device, baseline.trust_remote_code)
+            per_token = fid.compare(model, ids, logprobs, plan.get("batch") or settings.batch_size)
+            gen = guard.greedy_continuation(model.model if isinstance(model, LayerwiseModel) else model, ids)
             del model
             gc.collect()
         if cand.per_token_path:

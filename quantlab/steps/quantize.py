@@ -11,13 +11,14 @@ from quantlab.measure.cost import NO_COST, measure_cost, training_cost
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
 from quantlab.models import ModelSource
+from quantlab.plan.steps import LAYER_BY_LAYER
 from quantlab.provenance import device_info, versions
 from quantlab.recipe import Recipe
 from quantlab.steps.launcher import run_step
 
 
 def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
-                    force: bool = False, data_dir: str | None = None, budgeted: bool = False) -> dict:
+                    force: bool = False, data_dir: str | None = None, plan: dict | None = None) -> dict:
     """``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached (or ``force``)."""
     if not get_method(recipe.method).writes_artifact:
         return {"artifact": source.path, "cost": dict(NO_COST), "cached": True}
@@ -27,7 +28,8 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
         cached = manifest is not None
         if manifest is None:
             run_step("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
-                                  "target": str(target), "threads": threads, "data_dir": data_dir, "budgeted": budgeted})
+                                  "target": str(target), "threads": threads, "data_dir": data_dir, "budgeted": plan is not None,
+                                  "mode": (plan or {}).get("mode")})
             manifest = read_manifest(target)
     return {"artifact": str(target), "cost": manifest["cost"], "cached": cached}
 
@@ -42,8 +44,9 @@ def quantize_step(payload: dict) -> dict:
     method.preload(recipe.config)
     with atomic_dir(payload["target"]) as tmp:
         with measure_cost(source.path, device) as cost, measure_memory(preload=(), device=device) as held:
-            notes = method.quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),
-                                    trust_remote_code=source.trust_remote_code)
+            quantize = method.quantize_layer_by_layer if payload.get("mode") == LAYER_BY_LAYER else method.quantize
+            notes = quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),
+                             trust_remote_code=source.trust_remote_code)
         cost["held"] = held
         training = training_cost(notes)
         if training:

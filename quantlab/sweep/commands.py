@@ -60,11 +60,13 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     source = resolve_checked(model, [recipe], trust_remote_code)
     device = resolve_device(device)
     budget = resolve_budget(max_memory)
+    plan = None
     if budget is not None:
         plan = plan_quantize(recipe, source_shapes(source), device, budget)
         if plan.mode == REFUSED:
             raise UsageError(f"--max-memory: {plan.reason} — raise the budget or choose another recipe")
-    return ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir))
+    return ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
+                           plan=plan.to_dict() if plan else None)
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),

@@ -39,7 +39,7 @@ def run_job(payload: dict, force: bool = False) -> dict:
 
 def _compute(job: Job, force: bool) -> dict:
     art = ensure_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
-                          budgeted=job.steps is not None)
+                          plan=job.step("quantize"))
     with atomic_dir(job.dir) as tmp:
         fidelity = _fidelity(job, art["artifact"], tmp / "per_token.npz")
         accuracy = _accuracy(job, art["artifact"], tmp)

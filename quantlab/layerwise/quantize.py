@@ -1,0 +1,99 @@
+"""Round-to-nearest into torchao's layout one decoder layer at a time, from the fp checkpoint to a sharded artifact.
+
+``from_pretrained`` with a ``TorchAoConfig`` loads the fp model whole and then quantizes it. Here each decoder layer
+is read from the safetensors (plain reads), quantized with torchao's ``quantize_`` (the function transformers
+applies to each linear), flattened as ``save_pretrained`` flattens torchao tensors, and written as its own shard;
+the embedding, final norm and head are streamed across in row blocks. The artifact is the one the in-memory path
+writes, sharded (tests/test_layerwise.py checks the loaded weights are equal), and reloads with plain
+``from_pretrained``. Peak: one fp layer, its quantized copy and one block.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quantlab.errors import ModelLoadError
+from quantlab.layerwise.model import model_parts
+from quantlab.layerwise.weights import CheckpointReader
+from quantlab.layerwise.writer import ShardWriter
+from quantlab.models import load_config, load_tokenizer, meta_model
+
+BLOCK_BYTES = 64 * 2**20  # rows of an unquantized tensor copied at a time
+
+
+def quantize_torchao_layer_by_layer(source_dir: Path, out_dir: Path, torchao_config,
+                                    trust_remote_code: bool = False) -> None:
+    from transformers import GenerationConfig, TorchAoConfig
+
+    reader = CheckpointReader(source_dir)
+    config = load_config(source_dir, trust_remote_code)
+    model = meta_model(config, trust_remote_code)
+    parts = model_parts(model, reader)
+    outside = [n for n in reader.entries if not n.startswith(parts.layers_prefix + ".")]
+    first, first_meta = _quantized_layer(parts, 0, torchao_config)
+    metadata = _metadata(parts, first_meta, outside)
+    writer = ShardWriter(out_dir, metadata)
+    writer.add_streamed({name: _blocks(reader, name) for name in outside})
+    writer.add(first)
+    del first
+    for i in range(1, len(parts.layers)):
+        tensors, meta = _quantized_layer(parts, i, torchao_config)
+        if meta != _renamed(first_meta, i, parts.layers_prefix):
+            raise ModelLoadError(f"Layer {i} of {source_dir} is not shaped like layer 0 — quantize it whole "
+                                 "(without --max-memory)")
+        writer.add(tensors)
+        del tensors
+    writer.finish()
+    config.quantization_config = TorchAoConfig(quant_type=torchao_config)
+    config.save_pretrained(out_dir)
+    load_tokenizer(source_dir, trust_remote_code).save_pretrained(out_dir)
+    try:
+        GenerationConfig.from_pretrained(source_dir).save_pretrained(out_dir)
+    except OSError:
+        pass  # the source has no generation config
+
+
+def _quantized_layer(parts, i: int, torchao_config) -> tuple[dict, dict]:
+    """Layer ``i`` read, quantized and flattened: its tensors as torchao's safetensors format names them, and
+    their metadata entries."""
+    import copy
+
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+    from torchao.quantization import quantize_
+
+    layer = copy.deepcopy(parts.layers[i])  # the skeleton's layer stays on the meta device
+    layer.to_empty(device="cpu")
+    prefix = f"{parts.layers_prefix}.{i}."
+    for name, param in layer.named_parameters():
+        parts.reader.read_into(prefix + name, param.data)
+    quantize_(layer, torchao_config)
+    tensors, meta = flatten_tensor_state_dict({prefix + k: v for k, v in layer.state_dict().items()})
+    del layer
+    return tensors, {k: v for k, v in meta.items() if k != "tensor_names"}
+
+
+def _renamed(entries: dict, i: int, layers_prefix: str) -> dict:
+    old, new = f"{layers_prefix}.0.", f"{layers_prefix}.{i}."
+    return {new + k[len(old):]: v for k, v in entries.items()}
+
+
+def _metadata(parts, first: dict, outside: list[str]) -> dict[str, str]:
+    """The whole checkpoint's torchao metadata, known before its first shard is written: every layer's entries are
+    layer 0's renamed (checked as each layer is quantized), the tensors outside the layers plain."""
+    plain = json.dumps({"_type": "Tensor"})
+    meta = {name: plain for name in outside}
+    for i in range(len(parts.layers)):
+        meta.update(_renamed(first, i, parts.layers_prefix))
+    meta["tensor_names"] = json.dumps(list(meta))
+    return meta
+
+
+def _blocks(reader: CheckpointReader, name: str):
+    import torch
+
+    e = reader.entry(name)
+    rows = max(1, BLOCK_BYTES // max(e.row_bytes, 1)) if e.shape else 1
+    total = e.shape[0] if e.shape else 1
+    blocks = (reader.read(name, (start, min(start + rows, total))) for start in range(0, total, rows))
+    return getattr(torch, e.dtype), e.shape, blocks
