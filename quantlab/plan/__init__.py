@@ -7,7 +7,6 @@ headroom, the largest context that fits, and what would fit when nothing does.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from quantlab.errors import RecipeError, UsageError
@@ -15,22 +14,12 @@ from quantlab.methods import get_method
 from quantlab.plan import terms
 from quantlab.plan.known import resolve_config
 from quantlab.plan.shapes import model_shapes
+from quantlab.plan.sizes import GB, parse_size  # noqa: F401 (re-exported)
+from quantlab.plan.steps import plan_quantize, quantize_sizes
 from quantlab.recipe import parse_recipe_list
 
-GB = 10**9
 PLAN_RECIPES = "fp,bnb-int8,bnb-nf4,bnb-nf4-dq,gptq-w8,gptq-w4-g128,rtn-w8"
 GPU_SIZES_GB = (16, 24, 32, 40, 48, 80, 96, 141, 192)  # common single-GPU memory sizes, for suggestions
-_UNITS = {"": GB, "b": 1, "kb": 10**3, "mb": 10**6, "gb": GB, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": GB, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'32GB' -> 32e9 bytes (GB is 10^9; GiB is 2^30); a bare number is GB."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise UsageError(f"'{text}' is not a memory size — write e.g. 32GB, 24GiB or 80")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -82,8 +71,12 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
     kv = terms.kv_cache_bytes(shapes, settings.context, settings.batch, elem)
     act = terms.activation_bytes(shapes, settings.context, settings.batch, elem)
     total = total_at(settings.context)
+    whole = plan_quantize(recipe, shapes, settings.device, None)
+    layered = method.layer_by_layer_peak(recipe.config, quantize_sizes(recipe, shapes, settings.device), settings.device)
     return {
         **row, "applicable": True, "layout": layout.note(),
+        "quantize": {"peak_bytes": whole.peak_bytes, "components": whole.components,
+                     "layer_by_layer_bytes": sum(layered.values()) if layered else None},
         "components": {**weights, "kv_cache": kv, "activations": act, "runtime": terms.runtime_bytes(settings.device)},
         "weights_bytes": sum(weights.values()),
         "activation_elem_bytes": elem,
@@ -167,4 +160,6 @@ def definitions() -> dict:
         "runtime": f"CUDA context and library workspaces, an estimate: {terms.CUDA_RUNTIME_BYTES / 2**20:.0f} MiB "
                    "on CUDA, 0 on CPU",
         "max_context": "largest context (≤ the model's max positions) whose total fits the memory budget",
+        "quantize_peak": "what quantizing holds at its peak on the plan's device, by component (each method's "
+                         "quantize_peak; 'layered': RTN read and written one decoder layer at a time)",
     }

@@ -17,7 +17,7 @@ def render_plan(plan: dict) -> str:
     ok = [r for r in plan["recipes"] if r["applicable"]]
     unit, name = (GB, "GB") if any(r["total_bytes"] >= GB for r in ok) or s["gpu_mem_bytes"] < GB else (MB, "MB")
     header = ["recipe", "linear data", "scales", "embed+head", "norms etc", "KV cache", "activations",
-              "runtime", f"total {name}", "fits", "headroom", "max context"]
+              "runtime", f"total {name}", "fits", "headroom", "max context", "quantize peak"]
     rows, skipped = [], []
     for r in plan["recipes"]:
         if not r["applicable"]:
@@ -26,8 +26,11 @@ def render_plan(plan: dict) -> str:
         c = r["components"]
         cells = [c["linear_data"], c["linear_scales"], c["embeddings"] + c["lm_head"],
                  c["norms_biases_other"] + c["buffers"], c["kv_cache"], c["activations"], c["runtime"], r["total_bytes"]]
+        q = r["quantize"]
+        peak = _gb(q["peak_bytes"], unit) + (f" ({_gb(q['layer_by_layer_bytes'], unit)} layered)"
+                                             if q["layer_by_layer_bytes"] is not None else "")
         rows.append([r["recipe"], *(_gb(v, unit) for v in cells), "yes" if r["fits"] else "NO",
-                     _gb(r["headroom_bytes"], unit), str(r["max_context"])])
+                     _gb(r["headroom_bytes"], unit), str(r["max_context"]), peak])
     sliding = (f", sliding window {m['sliding_window']} on {m['sliding_layers']} of {m['layers']} layers"
                if m["sliding_window"] else "")
     lines = [
@@ -74,4 +77,8 @@ def _arithmetic(plan: dict, unit: int, name: str) -> list[str]:
             c = q["components"]
             lines.append(f"{q['recipe']}: {n} linear weights -> data {c['linear_data'] * 8 / n:.3f} + scales "
                          f"{c['linear_scales'] * 8 / n:.3f} bits/weight ({q['layout']})")
+    for q in plan["recipes"]:
+        if q["applicable"] and q["quantize"]["components"]:
+            parts = " + ".join(f"{k} {_gb(v, unit)}" for k, v in q["quantize"]["components"].items())
+            lines.append(f"quantize peak of {q['recipe']} = {parts} {name}")
     return lines + [kv, act, f"runtime = {plan['definitions']['runtime']}"]

@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+import quantlab.plan.terms as terms
 from quantlab.evaluate.fidelity import ROWS
 from quantlab.methods import get_method
-from quantlab.plan import parse_size, terms
+from quantlab.plan.sizes import parse_size
 
 GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
@@ -189,16 +190,21 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     return StepPlan("bench", IN_MEMORY, _sum(comp), comp)
 
 
+def quantize_sizes(recipe, shapes, device: str) -> dict:
+    """What a method's ``quantize_peak`` and ``layer_by_layer_peak`` are computed from."""
+    elem = 4 if device == "cpu" else 2
+    largest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
+    return {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
+            "quantized_weights": layout_weights(recipe, shapes, device),
+            "largest_tensor": max(largest_linear, shapes.vocab * shapes.hidden * elem), "largest_linear": largest_linear,
+            "layer": layer_bytes(shapes, elem), "shapes": shapes}
+
+
 def plan_quantize(recipe, shapes, device: str, budget: int | None) -> StepPlan:
     method = get_method(recipe.method)
     if not method.writes_artifact:
         return StepPlan("quantize", NONE, 0, reason="no artifact to build")
-    elem = 4 if device == "cpu" else 2
-    largest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
-    sizes = {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
-             "quantized_weights": layout_weights(recipe, shapes, device),
-             "largest_tensor": max(largest_linear, shapes.vocab * shapes.hidden * elem), "largest_linear": largest_linear,
-             "layer": layer_bytes(shapes, elem), "shapes": shapes}
+    sizes = quantize_sizes(recipe, shapes, device)
     comp = method.quantize_peak(recipe.config, sizes, device)
     if budget is None or _sum(comp) <= budget:
         return StepPlan("quantize", IN_MEMORY, _sum(comp), comp)
