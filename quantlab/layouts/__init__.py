@@ -15,6 +15,9 @@ class Layout:
     libraries: ClassVar[tuple[str, ...]] = ()
     #: whether ``quantlab.layerwise`` can run an artifact of this layout one decoder layer at a time
     layer_by_layer: ClassVar[bool] = False
+    #: whether loading copies the quantized linears out of the memory-mapped checkpoint, so that while a model
+    #: loads its pages and the copies are resident together (the planner adds them once)
+    load_copies_linears: ClassVar[bool] = False
 
     def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
         """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.

@@ -148,8 +148,12 @@ def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, window
     elem = layout.unquantized_dtype_bytes(device)
     compare = {"comparison": (fidelity.chunk_tokens - 1) * shapes.vocab * 4 + 3 * ROWS * shapes.vocab * 4}
     if mode == IN_MEMORY:
-        return {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, windows, fidelity.chunk_tokens, elem),
+        comp = {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, windows, fidelity.chunk_tokens, elem),
                 **compare}
+        if layout.load_copies_linears:
+            w = terms.weight_terms(layout, shapes, device)
+            comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
+        return comp
     weights = terms.weight_terms(layout, shapes, device)
     largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
     return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
@@ -183,6 +187,9 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     comp = {"weights": layout_weights(recipe, shapes, device),
             "kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
             "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)}
+    if layout.load_copies_linears:
+        w = terms.weight_terms(layout, shapes, device)
+        comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
     if budget is not None and _sum(comp) > budget:
         return StepPlan("bench", SKIPPED, _sum(comp), comp,
                         reason=f"{recipe.name} loaded whole needs {gb(_sum(comp))} at batch {batch} x {tokens} tokens, "

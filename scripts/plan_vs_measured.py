@@ -1,0 +1,84 @@
+"""Each step's planned peak beside what it held, for the runs of one run set (or results.json).
+
+    .venv/bin/python scripts/plan_vs_measured.py --run-set RUN_SET [--store DB] [--model qwen2.5-coder-1.5b]
+    .venv/bin/python scripts/plan_vs_measured.py --results reports/.../results.json
+
+Measured ("held"): peak RSS minus the step process's RSS after its libraries were imported (quantize: before
+the model loads; bench: before load; fidelity: ``held_peak_bytes`` of the step). Planned: the plan the job ran
+under (a budgeted run records it), else ``quantlab.plan.steps`` computed now with no budget (in memory). The
+ratio planned / held is the planner's error; a finished run set and a partial one print alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantlab import store  # noqa: E402
+from quantlab.evaluate.fidelity import FidelitySettings  # noqa: E402
+from quantlab.measure.latency import LatencySettings  # noqa: E402
+from quantlab.models import load_config, resolve_model  # noqa: E402
+from quantlab.plan.shapes import model_shapes  # noqa: E402
+from quantlab.plan.steps import plan_job_steps  # noqa: E402
+from quantlab.recipe import Recipe  # noqa: E402
+
+
+def measured(run: dict) -> dict[str, int | None]:
+    cost, mem, fid = run["cost"], run["memory"], run["fidelity"]
+    held = lambda d: (d or {}).get("held_peak_bytes")  # noqa: E731
+    quantize = held(cost.get("held"))
+    if quantize is None and cost.get("quantize_peak_rss_bytes"):
+        quantize = cost["quantize_peak_rss_bytes"] - cost["process_rss_before_bytes"]
+    bench = held(mem.get("held"))
+    if bench is None and mem.get("peak_bytes") and mem.get("process_rss_before_load_bytes"):
+        bench = mem["peak_bytes"] - mem["process_rss_before_load_bytes"]
+    return {"quantize": quantize, "fidelity": held((fid.get("step") or {}).get("memory")), "bench": bench}
+
+
+def planned(run: dict, shapes, device: str) -> dict[str, dict]:
+    plans = (run["fidelity"].get("step") or {}).get("plans") or {}
+    prov = run.get("provenance") or {}
+    recipe = Recipe.from_dict({"name": run["recipe"], "method": run["method"], "params": run["params"]})
+    fidelity = FidelitySettings.from_dict(prov.get("fidelity_settings") or {})
+    latency = LatencySettings.from_dict(prov.get("latency_settings") or {})
+    fresh = {k: v.to_dict() for k, v in plan_job_steps(recipe, shapes, fidelity, latency, device, None).items()}
+    step = "reference" if run["recipe"] == "fp" else "fidelity"
+    out = {"quantize": fresh["quantize"], "bench": fresh["bench"], "fidelity": plans.get(step) or fresh[step]}
+    if plans.get("fidelity") and run["recipe"] != "fp":
+        out["fidelity"] = plans["fidelity"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-set")
+    ap.add_argument("--store")
+    ap.add_argument("--results")
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    args = ap.parse_args()
+    if args.results:
+        runs = json.loads(Path(args.results).read_text())["runs"]
+    else:
+        runs = list(reversed(store.list_runs(args.store, args.run_set)))
+    shapes = model_shapes(load_config(resolve_model(args.model).path))
+    print(f"$ .venv/bin/python scripts/plan_vs_measured.py {' '.join(sys.argv[1:])}")
+    print("held = peak RSS above the step process's RSS once its libraries are imported; GB = 10^9 bytes")
+    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}")
+    for run in runs:
+        device = (run.get("provenance") or {}).get("device", {}).get("device", "cpu")
+        plans, got = planned(run, shapes, device), measured(run)
+        for step in ("quantize", "fidelity", "bench"):
+            p, m = plans[step], got[step]
+            if p["mode"] == "none":
+                continue
+            ratio = f"{p['peak_bytes'] / m:.3f}" if m else "—"
+            held = f"{m / 1e9:.2f}" if m else "—"
+            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}")
+
+
+if __name__ == "__main__":
+    main()
