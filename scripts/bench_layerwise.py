@@ -27,7 +27,7 @@ from quantlab.evaluate.text import resolve_text  # noqa: E402
 from quantlab.measure.memory import measure_memory, return_freed_memory  # noqa: E402
 from quantlab.models import load_config, load_tokenizer, resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components  # noqa: E402
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, _sum, reference_components  # noqa: E402
 from quantlab.provenance import provenance  # noqa: E402
 
 
@@ -61,9 +61,12 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"))
+    ap.add_argument("--plan-only", action="store_true", help="print the planner's two peaks and stop")
     args = ap.parse_args()
     if args.worker:
         return worker(args.model, args.worker[0].replace("-", " "), args.chunks, args.threads, Path(args.worker[1]))
+    if args.plan_only:
+        return plan_only(args.model, args.chunks)
     source = resolve_model(args.model)
     for f in Path(source.path).glob("*.safetensors"):  # warm the page cache for both ways alike
         with open(f, "rb") as fh:
@@ -85,7 +88,7 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
             rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows[mode]["predicted"] = sum(reference_components(shapes, settings, "cpu", mode, settings.batch_size).values())
+            rows[mode]["predicted"] = _sum(reference_components(shapes, settings, "cpu", mode, settings.batch_size))
         diff = _max_diff(Path(tmp) / "in-memory", Path(tmp) / "layer-by-layer")
         same_gen = all(json.loads((Path(tmp) / m / "generation.json").read_text())["tokens"] == json.loads(
             (Path(tmp) / "in-memory" / "generation.json").read_text())["tokens"] for m in ("layer-by-layer",))
@@ -99,7 +102,17 @@ def main() -> None:
     print(f"wall time layer by layer / in memory: {ratio:.3f} (goal <= 1.5)")
     print(f"held peak layer by layer / in memory: {rows[LAYER_BY_LAYER]['held_peak_bytes'] / rows[IN_MEMORY]['held_peak_bytes']:.3f}")
     prov = provenance("cpu")
-    print(f"versions {prov['versions']}; cpu {prov['device'].get('name', '')}; git {prov.get('git_sha')}")
+    print(f"versions {prov['versions']}; cpu {prov['device'].get('cpu', '')}; git {prov.get('git_sha')}")
+
+
+def plan_only(model: str, chunks: int) -> None:
+    shapes = model_shapes(load_config(resolve_model(model).path))
+    settings = FidelitySettings(max_chunks=chunks)
+    print(f"$ .venv/bin/python scripts/bench_layerwise.py --model {model} --chunks {chunks} --plan-only")
+    for mode in (IN_MEMORY, LAYER_BY_LAYER):
+        comp = reference_components(shapes, settings, "cpu", mode, settings.batch_size)
+        print(f"planned {mode}: {_sum(comp) / 1e9:.3f} GB = " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in comp.items()))
+    print(f"git {provenance('cpu').get('git_sha')}")
 
 
 def _max_diff(a: Path, b: Path) -> float:
