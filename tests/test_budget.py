@@ -13,17 +13,17 @@ from quantlab.cli import cli
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, resolve_budget
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, _sum, reference_components, resolve_budget
 
 SETTINGS = FidelitySettings(max_chunks=4, chunk_tokens=32)
 COMMON = ["--chunks", "4", "--chunk-tokens", "32", "--repetitions", "1", "--batch-sizes", "1", "--decode-tokens", "4"]
 
 
-def _between(tiny_dir) -> int:
+def _between(tiny_dir, settings=SETTINGS) -> int:
     """A budget above the fp reference layer by layer and below it in memory."""
     shapes = model_shapes(load_config(tiny_dir))
-    whole = sum(reference_components(shapes, SETTINGS, "cpu", IN_MEMORY, 1).values())
-    layered = sum(reference_components(shapes, SETTINGS, "cpu", LAYER_BY_LAYER, 1).values())
+    whole = _sum(reference_components(shapes, settings, "cpu", IN_MEMORY, 1))
+    layered = _sum(reference_components(shapes, settings, "cpu", LAYER_BY_LAYER, 1))
     assert layered < whole
     return (layered + whole) // 2
 
@@ -85,3 +85,42 @@ def test_the_budget_comes_from_the_environment_when_no_flag_names_one(monkeypatc
     monkeypatch.setenv("QUANTLAB_MAX_MEMORY", "3.5GB")
     assert resolve_budget(None) == 3_500_000_000
     assert resolve_budget("2GiB") == 2 * 2**30  # a flag beats the environment
+
+
+def test_a_sweep_file_budget_plans_every_job_and_the_flag_overrides_it(tiny_dir, tiny_text, tmp_path):
+    import dataclasses
+
+    from quantlab.sweep.plan import plan_jobs
+    from quantlab.sweep.spec import load_spec
+
+    budget = _between(tiny_dir)
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"models: [{tiny_dir}]\nrecipes: [bnb-nf4, rtn-w8]\nmax_memory: {budget}B\n"
+                     f"evaluation: {{text: {tiny_text}, chunks: 4, chunk_tokens: 32}}\n")
+    jobs = {j.recipe.name: j for j in plan_jobs(load_spec(sweep))}
+    assert jobs["fp"].step("reference")["mode"] == LAYER_BY_LAYER and jobs["fp"].step("bench")["mode"] == "skipped"
+    assert jobs["rtn-w8"].step("quantize")["mode"] == LAYER_BY_LAYER and not jobs["rtn-w8"].refused
+    assert jobs["bnb-nf4"].refused.startswith("quantize:")
+    free = {j.recipe.name: j for j in plan_jobs(dataclasses.replace(load_spec(sweep), max_memory="1TB"))}
+    assert not any(j.refused for j in free.values()) and free["fp"].step("bench")["mode"] == IN_MEMORY
+    # a skipped bench changes what the job computes, so its key; the way a step runs does not
+    from quantlab.sweep.jobs import make_job
+
+    j = jobs["rtn-w8"]
+    assert j.step("bench")["mode"] == "skipped" and j.key != free["rtn-w8"].key
+    steps = {k: {**v, "mode": IN_MEMORY if v["mode"] == "skipped" else v["mode"]} for k, v in j.steps.items()}
+    same = make_job(j.model, j.recipe, j.text, j.fidelity, j.latency, None, None, j.device, j.threads, j.data_dir, steps)
+    assert same.step("quantize")["mode"] == LAYER_BY_LAYER and same.key == free["rtn-w8"].key
+
+
+def test_eval_under_a_budget_computes_the_reference_layer_by_layer(tiny_dir, tiny_text, quantlab_home):
+    runner = CliRunner()
+    art = runner.invoke(cli, ["quantize", "rtn-w8", "--model", str(tiny_dir)])
+    assert art.exit_code == 0, art.output
+    args = ["eval", art.output.strip().splitlines()[-1], "--baseline", str(tiny_dir), "--text", str(tiny_text)]
+    result = runner.invoke(cli, [*args, "--max-memory", f"{_between(tiny_dir, FidelitySettings())}B"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["fidelity"]["kld_mean"] >= 0 and data["reference_mode"] == LAYER_BY_LAYER
+    logits = [p for p in (quantlab_home / "logits").iterdir() if not p.name.startswith(".")]
+    assert len(logits) == 1 and (logits[0] / "logprobs.npy").is_file()

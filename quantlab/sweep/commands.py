@@ -104,10 +104,10 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     plans = eval_plans(base, recipe, settings, device, resolve_budget(max_memory))
     text_source = text_for(base, device)
     with torch_threads(threads):
-        result = measure_fidelity(base, text_source, settings, device, [Candidate(recipe, path, per_token_path)],
-                                  plans)["results"][0]
+        out = measure_fidelity(base, text_source, settings, device, [Candidate(recipe, path, per_token_path)], plans)
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
-            "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": result}
+            "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": out["results"][0],
+            "reference_mode": out["reference_mode"], "plans": plans or None}
 
 
 def source_shapes(source):
@@ -123,7 +123,8 @@ def eval_plans(base, recipe: Recipe, settings: FidelitySettings, device: str, bu
              "fidelity": plan_fidelity(recipe, shapes, settings, device, budget)}
     for plan in plans.values():
         if plan.mode == REFUSED:
-            raise UsageError(f"--max-memory: {plan.step}: {plan.reason} — raise the budget")
+            hint = "" if "raise --max-memory" in plan.reason else " — raise --max-memory"
+            raise UsageError(f"--max-memory: {plan.step}: {plan.reason}{hint}")
     return {k: v.to_dict() for k, v in plans.items()}
 
 
