@@ -31,7 +31,7 @@ def _nbytes(shape, dtype) -> int:
 
 class ShardWriter:
     def __init__(self, out_dir: Path, metadata: dict[str, str] | None = None):
-        self.out_dir, self.metadata = Path(out_dir), metadata or {}
+        self.out_dir, self.metadata = Path(out_dir), {"format": "pt", **(metadata or {})}  # as save_pretrained writes
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shards: list[tuple[Path, list[str]]] = []
         self.total = 0
@@ -50,8 +50,7 @@ class ShardWriter:
             size = _nbytes(shape, dtype)
             header[name] = {"dtype": _dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
-        if self.metadata:
-            header["__metadata__"] = self.metadata
+        header["__metadata__"] = self.metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         path = self.out_dir / f".shard-{len(self.shards):05d}.safetensors"
