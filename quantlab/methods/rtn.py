@@ -90,12 +90,13 @@ class RtnMethod(Method):
         return write(config, source_dir, out_dir, device, trust_remote_code)
 
     def layer_by_layer_peak(self, config, sizes, device):
-        """torchao's layout only: one fp layer, its int8 values (one byte per weight), torchao's fp temporaries
-        for its largest linear, and one block of an unquantized tensor being copied."""
+        """torchao's layout only: one fp layer; its int8 values twice (torchao's, and the copy its safetensors
+        flattening makes); torchao's fp temporaries while it quantizes the largest linear (|w|, the group maxima,
+        the scaled and rounded values: four of its size); one block of an unquantized tensor being copied."""
         if config.format != "torchao":
             return None
-        return {"one fp layer": sizes["layer"], "its int8 values": sizes["layer"] // 4,
-                "largest linear in flight": sizes["largest_linear"],
+        return {"one fp layer": sizes["layer"], "its int8 values, twice": 2 * (sizes["layer"] // 4),
+                "largest linear's temporaries": 4 * sizes["largest_linear"],
                 "copy block": min(LAYERWISE_BLOCK_BYTES, sizes["largest_tensor"])}
 
     def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
