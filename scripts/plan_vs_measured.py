@@ -47,7 +47,10 @@ def planned(run: dict, shapes, device: str) -> dict[str, dict]:
     latency = LatencySettings.from_dict(prov.get("latency_settings") or {})
     fresh = {k: v.to_dict() for k, v in plan_job_steps(recipe, shapes, fidelity, latency, device, None).items()}
     step = "reference" if run["recipe"] == "fp" else "fidelity"
-    out = {"quantize": fresh["quantize"], "bench": fresh["bench"], "fidelity": plans.get(step) or fresh[step]}
+    bench = fresh["bench"]
+    if run["memory"].get("planned"):  # the budget skipped this bench: its weights are the planner's
+        bench = {**bench, "mode": "skipped"}
+    out = {"quantize": fresh["quantize"], "bench": bench, "fidelity": plans.get(step) or fresh[step]}
     if plans.get("fidelity") and run["recipe"] != "fp":
         out["fidelity"] = plans["fidelity"]
     return out
