@@ -43,7 +43,8 @@ class Bnb8Layout(_Bnb):
 
 @dataclass(frozen=True)
 class Bnb4Layout(_Bnb):
-    # measured on Qwen2.5-Coder-1.5B nf4 on CPU: the bench held 3.56 GB, 2.81 GB of weights + 0.74 of packed linears
+    # Qwen2.5-Coder-1.5B nf4 on CPU: the bench held 3.56 GB, 2.81 of weights + 0.74 of packed linears
+    # (reports/qwen2.5-coder-1.5b/unbudgeted/)
     load_copies_linears = True
     quant_type: str = "nf4"
     double_quant: bool = False

@@ -168,9 +168,8 @@ def return_freed_memory() -> None:
     """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the system when freed.
 
     By default glibc raises its mmap threshold after each large free (up to 32 MiB), so a step that allocates and
-    frees a layer's tensors again and again keeps the freed memory in its heap: 0.53 GB held instead of 0.28 for
-    SmolLM2's reference log-probs layer by layer. Under a memory budget a step holds what it uses (Linux/glibc;
-    a no-op elsewhere)."""
+    frees a layer's tensors again and again keeps the freed memory in its heap, held but unused. Under a memory
+    budget a step holds what it uses (Linux/glibc; a no-op elsewhere)."""
     import ctypes
 
     try:
