@@ -27,7 +27,7 @@ from quantlab.evaluate.text import resolve_text  # noqa: E402
 from quantlab.measure.memory import measure_memory, return_freed_memory  # noqa: E402
 from quantlab.models import load_config, load_tokenizer, resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, _sum, reference_components  # noqa: E402
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, step_peak  # noqa: E402
 from quantlab.provenance import provenance  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
             rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows[mode]["predicted"] = _sum(reference_components(shapes, settings, "cpu", mode, settings.batch_size))
+            rows[mode]["predicted"] = step_peak(reference_components(shapes, settings, "cpu", mode, settings.batch_size))
         diff = _max_diff(Path(tmp) / "in-memory", Path(tmp) / "layer-by-layer")
         same_gen = all(json.loads((Path(tmp) / m / "generation.json").read_text())["tokens"] == json.loads(
             (Path(tmp) / "in-memory" / "generation.json").read_text())["tokens"] for m in ("layer-by-layer",))
@@ -111,7 +111,7 @@ def plan_only(model: str, chunks: int) -> None:
     print(f"$ .venv/bin/python scripts/bench_layerwise.py --model {model} --chunks {chunks} --plan-only")
     for mode in (IN_MEMORY, LAYER_BY_LAYER):
         comp = reference_components(shapes, settings, "cpu", mode, settings.batch_size)
-        print(f"planned {mode}: {_sum(comp) / 1e9:.3f} GB = " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in comp.items()))
+        print(f"planned {mode}: {step_peak(comp) / 1e9:.3f} GB = " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in comp.items()))
     print(f"git {provenance('cpu').get('git_sha')}")
 
 

@@ -162,7 +162,7 @@ def budget_check(model: Path, text: Path, device: str) -> dict:
     from quantlab.evaluate.fidelity import FidelitySettings
     from quantlab.models import load_config
     from quantlab.plan.shapes import model_shapes
-    from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, _sum, reference_components
+    from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, step_peak
     from quantlab.sweep.commands import quantize_and_compare
     from quantlab.sweep.driver import RunOptions
     from quantlab.sweep.spec import compare_spec
@@ -170,7 +170,7 @@ def budget_check(model: Path, text: Path, device: str) -> dict:
     # between the reference layer by layer and in memory: the fp model does not fit, its layers do
     shapes, settings, plan_device = model_shapes(load_config(model)), FidelitySettings(max_chunks=4, chunk_tokens=128), (
         "cpu" if device == "cpu" else "cuda")
-    budget = sum(_sum(reference_components(shapes, settings, plan_device, mode, 1)) for mode in (IN_MEMORY, LAYER_BY_LAYER)) // 2
+    budget = sum(step_peak(reference_components(shapes, settings, plan_device, mode, 1)) for mode in (IN_MEMORY, LAYER_BY_LAYER)) // 2
     spec = compare_spec(str(model), "rtn-w8", text=str(text), chunks=4, chunk_tokens=128, device=device,
                         max_memory=f"{budget}B", repetitions=2, batch_sizes=[1], decode_tokens=8)
     res = quantize_and_compare(spec, RunOptions(out=str(Path("/tmp") / "quantlab-gpu-budget")))

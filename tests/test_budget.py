@@ -14,7 +14,7 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.methods import get_method
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, _sum, reference_components, resolve_budget
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, resolve_budget, step_peak
 
 SETTINGS = FidelitySettings(max_chunks=4, chunk_tokens=32)
 COMMON = ["--chunks", "4", "--chunk-tokens", "32", "--repetitions", "1", "--batch-sizes", "1", "--decode-tokens", "4"]
@@ -26,9 +26,9 @@ def _between(tiny_dir, settings=SETTINGS) -> int:
     from quantlab.recipe import parse_recipe
 
     shapes = model_shapes(load_config(tiny_dir))
-    whole = _sum(reference_components(shapes, settings, "cpu", IN_MEMORY, 1))
+    whole = step_peak(reference_components(shapes, settings, "cpu", IN_MEMORY, 1))
     rtn = parse_recipe("rtn-w8")
-    layered = max(_sum(reference_components(shapes, settings, "cpu", LAYER_BY_LAYER, 1)),
+    layered = max(step_peak(reference_components(shapes, settings, "cpu", LAYER_BY_LAYER, 1)),
                   sum(get_method("rtn").layer_by_layer_peak(rtn.config, quantize_sizes(rtn, shapes, "cpu"), "cpu").values()))
     assert layered < whole
     return (layered + whole) // 2

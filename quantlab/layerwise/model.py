@@ -167,6 +167,10 @@ class LayerwiseModel:
                 self.reader.read_into(full, value)
             _set_param(layer, name, value)
 
+    def generate(self, *args, **kwargs):
+        """``generate`` of the model, run layer by layer (used by the garbage guard's greedy continuation)."""
+        return self.model.generate(*args, **kwargs)
+
     def log_probs(self, batch):
         """log p(next token) for every position but the last, (batch, tokens - 1, vocab) fp32, normalised in place:
         the head's logits are the only vocabulary-sized tensor held."""

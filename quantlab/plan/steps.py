@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import quantlab.plan.terms as terms
+from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import ROWS
 from quantlab.methods import get_method
 from quantlab.plan.sizes import parse_size
@@ -59,7 +60,7 @@ def gb(n: int | None) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n / 1e3:.1f} kB"
 
 
-def _sum(components: dict) -> int:
+def step_peak(components: dict) -> int:
     """The peak of a step's components. Layer by layer, a step goes through phases that never overlap: keys
     ``"layers: ..."`` are held while the decoder layers run, ``"head: ..."`` while the head does; the rest
     throughout. The peak is the rest plus the larger phase."""
@@ -69,7 +70,7 @@ def _sum(components: dict) -> int:
 
 
 def layout_weights(recipe, shapes, device: str) -> int:
-    return _sum(terms.weight_terms(get_method(recipe.method).layout(recipe.config), shapes, device))
+    return step_peak(terms.weight_terms(get_method(recipe.method).layout(recipe.config), shapes, device))
 
 
 def _forward(shapes, windows: int, tokens: int, elem: int) -> dict:
@@ -109,7 +110,7 @@ def reference_components(shapes, fidelity, device: str, mode: str, windows: int)
     elem = fp.unquantized_dtype_bytes(device)
     if mode == IN_MEMORY:
         weights = terms.weight_terms(fp, shapes, device)
-        return {"weights": _sum(weights) - _unread_embedding(shapes, weights, fidelity, device),
+        return {"weights": step_peak(weights) - _unread_embedding(shapes, weights, fidelity, device),
                 **_forward(shapes, windows, fidelity.chunk_tokens, elem)}
     return {"layers: one layer": layer_bytes(shapes, elem),
             **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem)}
@@ -131,11 +132,11 @@ def plan_reference(shapes, fidelity, device: str, budget: int | None) -> StepPla
     for mode in (IN_MEMORY, LAYER_BY_LAYER):
         for b in batches:
             comp = reference_components(shapes, fidelity, device, mode, b)
-            if budget is None or _sum(comp) <= budget:
-                return StepPlan("reference", mode, _sum(comp), comp, batch=b)
+            if budget is None or step_peak(comp) <= budget:
+                return StepPlan("reference", mode, step_peak(comp), comp, batch=b)
     comp = reference_components(shapes, fidelity, device, LAYER_BY_LAYER, 1)
-    return StepPlan("reference", REFUSED, _sum(comp), comp, batch=1,
-                    reason=f"even layer by layer, one window needs {gb(_sum(comp))} (one layer "
+    return StepPlan("reference", REFUSED, step_peak(comp), comp, batch=1,
+                    reason=f"even layer by layer, one window needs {gb(step_peak(comp))} (one layer "
                            f"{gb(comp['layers: one layer'])}, one window's logits {gb(comp['head: logits'])}) — "
                            f"the budget {gb(budget)} is smaller than one layer's step; raise --max-memory")
 
@@ -171,13 +172,13 @@ def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> 
     for mode in modes:
         for b in range(fidelity.batch_size, 0, -1):
             comp = fidelity_components(recipe, shapes, fidelity, device, mode, b)
-            if budget is None or _sum(comp) <= budget:
-                return StepPlan("fidelity", mode, _sum(comp), comp, batch=b)
+            if budget is None or step_peak(comp) <= budget:
+                return StepPlan("fidelity", mode, step_peak(comp), comp, batch=b)
     comp = fidelity_components(recipe, shapes, fidelity, device, modes[-1], 1)
     how = "layer by layer" if layout.layer_by_layer else f"loaded whole ({gb(layout_weights(recipe, shapes, device))})"
     why = "" if layout.layer_by_layer else "; its layout is not run layer by layer"
-    return StepPlan("fidelity", REFUSED, _sum(comp), comp, batch=1,
-                    reason=f"{recipe.name} {how} with one window needs {gb(_sum(comp))}, over the budget {gb(budget)}{why}")
+    return StepPlan("fidelity", REFUSED, step_peak(comp), comp, batch=1,
+                    reason=f"{recipe.name} {how} with one window needs {gb(step_peak(comp))}, over the budget {gb(budget)}{why}")
 
 
 def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
@@ -190,18 +191,18 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     if layout.load_copies_linears:
         w = terms.weight_terms(layout, shapes, device)
         comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
-    if budget is not None and _sum(comp) > budget:
-        return StepPlan("bench", SKIPPED, _sum(comp), comp,
-                        reason=f"{recipe.name} loaded whole needs {gb(_sum(comp))} at batch {batch} x {tokens} tokens, "
+    if budget is not None and step_peak(comp) > budget:
+        return StepPlan("bench", SKIPPED, step_peak(comp), comp,
+                        reason=f"{recipe.name} loaded whole needs {gb(step_peak(comp))} at batch {batch} x {tokens} tokens, "
                                f"over the budget {gb(budget)}: memory is the planner's, latency not measured")
-    return StepPlan("bench", IN_MEMORY, _sum(comp), comp)
+    return StepPlan("bench", IN_MEMORY, step_peak(comp), comp)
 
 
 def quantize_sizes(recipe, shapes, device: str) -> dict:
     """What a method's ``quantize_peak`` and ``layer_by_layer_peak`` are computed from."""
     elem = 4 if device == "cpu" else 2
     largest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
-    return {"fp_weights": _sum(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
+    return {"fp_weights": step_peak(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
             "quantized_weights": layout_weights(recipe, shapes, device),
             "largest_tensor": max(largest_linear, shapes.vocab * shapes.hidden * elem), "largest_linear": largest_linear,
             "layer": layer_bytes(shapes, elem), "shapes": shapes}
@@ -213,14 +214,14 @@ def plan_quantize(recipe, shapes, device: str, budget: int | None) -> StepPlan:
         return StepPlan("quantize", NONE, 0, reason="no artifact to build")
     sizes = quantize_sizes(recipe, shapes, device)
     comp = method.quantize_peak(recipe.config, sizes, device)
-    if budget is None or _sum(comp) <= budget:
-        return StepPlan("quantize", IN_MEMORY, _sum(comp), comp)
+    if budget is None or step_peak(comp) <= budget:
+        return StepPlan("quantize", IN_MEMORY, step_peak(comp), comp)
     layered = method.layer_by_layer_peak(recipe.config, sizes, device)
-    if layered is not None and _sum(layered) <= budget:
-        return StepPlan("quantize", LAYER_BY_LAYER, _sum(layered), layered)
-    way = "" if layered is None else f"; layer by layer {gb(_sum(layered))}"
-    return StepPlan("quantize", REFUSED, _sum(comp), comp,
-                    reason=f"quantizing {recipe.name} holds {gb(_sum(comp))} "
+    if layered is not None and step_peak(layered) <= budget:
+        return StepPlan("quantize", LAYER_BY_LAYER, step_peak(layered), layered)
+    way = "" if layered is None else f"; layer by layer {gb(step_peak(layered))}"
+    return StepPlan("quantize", REFUSED, step_peak(comp), comp,
+                    reason=f"quantizing {recipe.name} holds {gb(step_peak(comp))} "
                            f"({', '.join(f'{k} {gb(v)}' for k, v in comp.items())}){way}, over the budget {gb(budget)}")
 
 
@@ -231,6 +232,14 @@ def plan_job_steps(recipe, shapes, fidelity, latency, device: str, budget: int |
             "reference": plan_reference(shapes, fidelity, device, budget),
             "fidelity": plan_fidelity(recipe, shapes, fidelity, device, budget),
             "bench": plan_bench(recipe, shapes, latency, device, budget)}
+
+
+def require_fits(plan: StepPlan, what: str = "") -> StepPlan:
+    """``plan`` itself, or a one-line UsageError (before any work) when the budget refused it."""
+    if plan.mode == REFUSED:
+        hint = "" if "raise --max-memory" in plan.reason else " — raise --max-memory or choose another recipe"
+        raise UsageError(f"--max-memory: {what or plan.step}: {plan.reason}{hint}")
+    return plan
 
 
 def refusal(steps: dict[str, StepPlan]) -> str | None:

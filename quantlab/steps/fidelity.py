@@ -77,13 +77,10 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             per_token = fid.compare_baseline_to_itself(ids, logprobs)
             gen = base_gen
         else:
-            plan = plans.get("fidelity") or {}
-            if plan.get("mode") == LAYER_BY_LAYER:
-                model = LayerwiseModel(cand.artifact, device, trust_remote_code=baseline.trust_remote_code)
-            else:
-                model = load_recipe_model(cand.artifact, cand.recipe, device, baseline.trust_remote_code)
-            per_token = fid.compare(model, ids, logprobs, plan.get("batch") or settings.batch_size)
-            gen = guard.greedy_continuation(model.model if isinstance(model, LayerwiseModel) else model, ids)
+            plan = plans.get("fidelity")
+            model = planned_model(cand.artifact, cand.recipe, device, plan, baseline.trust_remote_code)
+            per_token = fid.compare(model, ids, logprobs, (plan or {}).get("batch") or settings.batch_size)
+            gen = guard.greedy_continuation(model, ids)
             del model
             gc.collect()
         if cand.per_token_path:
@@ -109,7 +106,7 @@ def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: Fide
     with file_lock(cache.with_name(f".{key}.lock")):
         if not (cache / "logprobs.npy").is_file():
             hit = False
-            model = reference_model(baseline, device, plan)
+            model = planned_model(baseline.path, parse_recipe("fp"), device, plan, baseline.trust_remote_code)
             batch = (plan or {}).get("batch") or settings.batch_size
             fid.baseline_cache(model, ids, cache, dataclasses.replace(settings, batch_size=batch))
             write_generation(model, ids, cache)
@@ -118,11 +115,12 @@ def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: Fide
     return cache, hit
 
 
-def reference_model(baseline: ModelSource, device: str, plan: dict | None):
-    """The fp model loaded whole, or run layer by layer (``quantlab.layerwise``) when ``plan`` says so."""
+def planned_model(path: str, recipe: Recipe, device: str, plan: dict | None, trust_remote_code: bool):
+    """The model at ``path`` loaded whole, or run layer by layer (``quantlab.layerwise``) when the budget's ``plan``
+    says so; either computes log-probs and generates."""
     if plan and plan.get("mode") == LAYER_BY_LAYER:
-        return LayerwiseModel(baseline.path, device, trust_remote_code=baseline.trust_remote_code)
-    return load_recipe_model(baseline.path, parse_recipe("fp"), device, baseline.trust_remote_code)
+        return LayerwiseModel(path, device, trust_remote_code=trust_remote_code)
+    return load_recipe_model(path, recipe, device, trust_remote_code)
 
 
 def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str, plan: dict | None = None) -> list[int]:
@@ -130,7 +128,7 @@ def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str, pl
     target = cache / "generation.json"
     with file_lock(cache.with_name(f".{cache.name}.gen.lock")):
         if not target.is_file():  # a cache written before the guard existed
-            model = reference_model(baseline, device, plan)
+            model = planned_model(baseline.path, parse_recipe("fp"), device, plan, baseline.trust_remote_code)
             write_generation(model, ids, cache)
             del model
             gc.collect()
@@ -138,5 +136,4 @@ def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str, pl
 
 
 def write_generation(model, ids, cache: Path) -> None:
-    model = model.model if isinstance(model, LayerwiseModel) else model  # a LayerwiseModel generates through its model
     atomic_write_json(cache / "generation.json", {"tokens": guard.greedy_continuation(model, ids)})

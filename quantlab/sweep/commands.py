@@ -20,7 +20,7 @@ from quantlab.fsutil import atomic_write_json, check_writable_dir
 from quantlab.measure.latency import LatencySettings
 from quantlab.models import load_config, resolve_model
 from quantlab.plan.shapes import model_shapes
-from quantlab.plan.steps import REFUSED, plan_fidelity, plan_quantize, plan_reference, resolve_budget
+from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
 from quantlab.recipe import Recipe
 from quantlab.steps.accuracy import suite_result
 from quantlab.steps.bench import bench_artifact, weigh_artifact
@@ -60,11 +60,7 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     source = resolve_checked(model, [recipe], trust_remote_code)
     device = resolve_device(device)
     budget = resolve_budget(max_memory)
-    plan = None
-    if budget is not None:
-        plan = plan_quantize(recipe, source_shapes(source), device, budget)
-        if plan.mode == REFUSED:
-            raise UsageError(f"--max-memory: {plan.reason} — raise the budget or choose another recipe")
+    plan = require_fits(plan_quantize(recipe, source_shapes(source), device, budget)) if budget is not None else None
     return ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
                            plan=plan.to_dict() if plan else None)
 
@@ -119,13 +115,8 @@ def eval_plans(base, recipe: Recipe, settings: FidelitySettings, device: str, bu
     if budget is None:
         return {}
     shapes = source_shapes(base)
-    plans = {"reference": plan_reference(shapes, settings, device, budget),
-             "fidelity": plan_fidelity(recipe, shapes, settings, device, budget)}
-    for plan in plans.values():
-        if plan.mode == REFUSED:
-            hint = "" if "raise --max-memory" in plan.reason else " — raise --max-memory"
-            raise UsageError(f"--max-memory: {plan.step}: {plan.reason}{hint}")
-    return {k: v.to_dict() for k, v in plans.items()}
+    return {"reference": require_fits(plan_reference(shapes, settings, device, budget)).to_dict(),
+            "fidelity": require_fits(plan_fidelity(recipe, shapes, settings, device, budget)).to_dict()}
 
 
 def evaluate(model: str, tasks: str | None = None, suite: str | None = None, limit: int | None = None,

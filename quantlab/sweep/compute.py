@@ -16,6 +16,7 @@ from quantlab.evaluate.accuracy import split_samples
 from quantlab.evaluate.text import SELF_SEED
 from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
 from quantlab.gate.refs import write_samples
+from quantlab.plan.steps import SKIPPED
 from quantlab.provenance import provenance
 from quantlab.records import make_record
 from quantlab.steps.accuracy import accuracy_payload
@@ -64,7 +65,7 @@ def _fidelity(job: Job, artifact: str, per_token: Path) -> dict:
 def _bench(job: Job, artifact: str) -> dict:
     """The bench step, or, when the budget's plan skips it, the planner's memory and no latency."""
     plan = job.step("bench")
-    if plan and plan["mode"] == "skipped":
+    if plan and plan["mode"] == SKIPPED:
         return planned_bench(plan, artifact, job.latency, job.threads)
     return bench_artifact(job.recipe, artifact, job.threads, job.latency, job.device, job.model.trust_remote_code,
                           budgeted=job.steps is not None)

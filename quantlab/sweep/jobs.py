@@ -22,6 +22,7 @@ from quantlab.evaluate.harness import HarnessSettings, PreparedTasks
 from quantlab.evaluate.text import TextSource
 from quantlab.measure.latency import LatencySettings
 from quantlab.models import ModelSource, quantlab_home
+from quantlab.plan.steps import REFUSED, SKIPPED
 from quantlab.provenance import library_version
 from quantlab.recipe import Recipe
 
@@ -90,11 +91,11 @@ def make_job(source: ModelSource, recipe: Recipe, text: TextSource, fidelity: Fi
         "suite_data": prepared and {t: d["files"] for t, d in prepared.data.items()},
         "lm_eval": library_version("lm_eval") if suite else None,
     }
-    skipped = sorted(name for name, plan in (steps or {}).items() if plan["mode"] == "skipped")
+    skipped = sorted(name for name, plan in (steps or {}).items() if plan["mode"] == SKIPPED)
     if skipped:
         payload["skipped_steps"] = skipped
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    refused = [f"{name}: {plan['reason']}" for name, plan in (steps or {}).items() if plan["mode"] == "refused"]
+    refused = [f"{name}: {plan['reason']}" for name, plan in (steps or {}).items() if plan["mode"] == REFUSED]
     return Job(key=key, model=source, recipe=recipe, text=text, fidelity=fidelity, latency=latency, suite=suite,
                prepared=prepared, device=device, threads=threads, data_dir=data_dir, steps=steps,
                refused=refused[0] if refused else None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 from quantlab.device import resolve_device
-from quantlab.errors import UsageError
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import load_suite
 from quantlab.evaluate.text import TextSource, resolve_text
@@ -18,7 +17,7 @@ from quantlab.evaluate.text import data_dir as find_data_dir
 from quantlab.methods import get_method
 from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
 from quantlab.plan.shapes import model_shapes
-from quantlab.plan.steps import REFUSED, plan_job_steps, resolve_budget
+from quantlab.plan.steps import plan_job_steps, require_fits, resolve_budget
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.sweep.jobs import Job, make_job
 from quantlab.sweep.spec import Spec
@@ -56,8 +55,7 @@ def budget_steps(source: ModelSource, recipes, spec: Spec, device: str, budget: 
     out = {}
     for r in recipes:
         steps = plan_job_steps(r, shapes, spec.fidelity, spec.latency, device, budget)
-        if steps["reference"].mode == REFUSED:
-            raise UsageError(f"--max-memory: {source.ref}'s fp reference cannot run — {steps['reference'].reason}")
+        require_fits(steps["reference"], f"{source.ref}'s fp reference")
         out[r.name] = {name: {**plan.to_dict(), "budget_bytes": budget} for name, plan in steps.items()}
     return out
 
