@@ -1,6 +1,10 @@
 """The fp reference log-probs in memory and layer by layer, side by side in one run, each in a fresh process.
 
     .venv/bin/python scripts/bench_layerwise.py [--model qwen2.5-coder-1.5b] [--chunks 16] [--threads 1]
+    .venv/bin/python scripts/bench_layerwise.py --artifact DIR --recipe gptq-w8   # a quantized artifact both ways
+
+With ``--artifact`` the model run both ways is that artifact of ``--recipe`` (its layout decides how it loads
+whole), and the planner's prediction is its fidelity step's (``fidelity_components``).
 
 For each way: wall seconds, what the process held at its peak above its libraries (``held_peak_bytes``: peak
 RssAnon sampled every 5 ms minus RssAnon after torch and transformers are imported) beside the planner's
@@ -27,16 +31,16 @@ from quantlab.evaluate.text import resolve_text  # noqa: E402
 from quantlab.measure.memory import measure_memory, return_freed_memory  # noqa: E402
 from quantlab.models import load_config, load_tokenizer, resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, step_peak  # noqa: E402
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, fidelity_components, reference_components, step_peak  # noqa: E402,E501
 from quantlab.provenance import provenance  # noqa: E402
+from quantlab.recipe import parse_recipe  # noqa: E402
 
 
-def worker(model_ref: str, mode: str, chunks: int, threads: int, out: Path) -> None:
+def worker(model_ref: str, mode: str, chunks: int, threads: int, out: Path, artifact: str | None, recipe: str) -> None:
     import torch
 
     from quantlab.layerwise.model import LayerwiseModel
     from quantlab.methods.loading import load_recipe_model
-    from quantlab.recipe import parse_recipe
     from quantlab.steps.fidelity import write_generation
 
     return_freed_memory()
@@ -46,8 +50,8 @@ def worker(model_ref: str, mode: str, chunks: int, threads: int, out: Path) -> N
     ids = fid.chunk_ids(load_tokenizer(source.path), resolve_text(None).read(), settings)
     with measure_memory(preload=("torch", "transformers", "transformers.modeling_utils")) as mem:
         t0 = time.perf_counter()
-        model = (LayerwiseModel(source.path) if mode == LAYER_BY_LAYER
-                 else load_recipe_model(source.path, parse_recipe("fp"), "cpu"))
+        path = artifact or source.path
+        model = (LayerwiseModel(path) if mode == LAYER_BY_LAYER else load_recipe_model(path, parse_recipe(recipe), "cpu"))
         load_s = time.perf_counter() - t0
         fid.baseline_cache(model, ids, out, settings)
         write_generation(model, ids, out)
@@ -60,35 +64,46 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--artifact", help="a quantized artifact of MODEL to run both ways (default: the fp model)")
+    ap.add_argument("--recipe", default="fp", help="the artifact's recipe (its layout): e.g. gptq-w8")
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "OUT"))
     ap.add_argument("--plan-only", action="store_true", help="print the planner's two peaks and stop")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.model, args.worker[0].replace("-", " "), args.chunks, args.threads, Path(args.worker[1]))
+        return worker(args.model, args.worker[0].replace("-", " "), args.chunks, args.threads, Path(args.worker[1]),
+                      args.artifact, args.recipe)
     if args.plan_only:
         return plan_only(args.model, args.chunks)
     source = resolve_model(args.model)
-    for f in Path(source.path).glob("*.safetensors"):  # warm the page cache for both ways alike
+    path = args.artifact or source.path
+    for f in Path(path).glob("*.safetensors"):  # warm the page cache for both ways alike
         with open(f, "rb") as fh:
             while fh.read(1 << 26):
                 pass
     shapes = model_shapes(load_config(source.path))
     settings = FidelitySettings(max_chunks=args.chunks)
-    print(f"$ .venv/bin/python scripts/bench_layerwise.py --model {args.model} --chunks {args.chunks} --threads {args.threads}")
+    which = f" --artifact {args.artifact} --recipe {args.recipe}" if args.artifact else ""
+    print(f"$ .venv/bin/python scripts/bench_layerwise.py --model {args.model} --chunks {args.chunks} "
+          f"--threads {args.threads}{which}")
     print(f"model {source.ref}: {source.note}; {shapes.params / 1e9:.3f} B params, {shapes.layers} layers")
+    if args.artifact:
+        print(f"run both ways: the {args.recipe} artifact {args.artifact}")
     print(f"reference text {resolve_text(None).name}, {args.chunks} windows x {settings.chunk_tokens} tokens, "
           f"batch {settings.batch_size} windows per forward, torch threads {args.threads}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in (IN_MEMORY, LAYER_BY_LAYER):
             out = Path(tmp) / mode.replace(" ", "-")
+            extra = ["--artifact", args.artifact, "--recipe", args.recipe] if args.artifact else []
             proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--chunks", str(args.chunks),
-                                   "--threads", str(args.threads), "--worker", mode.replace(" ", "-"), str(out)],
+                                   "--threads", str(args.threads), "--worker", mode.replace(" ", "-"), str(out), *extra],
                                   capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{mode} worker failed:\n{proc.stderr[-3000:]}")
             rows[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows[mode]["predicted"] = step_peak(reference_components(shapes, settings, "cpu", mode, settings.batch_size))
+            rows[mode]["predicted"] = step_peak(
+                fidelity_components(parse_recipe(args.recipe), shapes, settings, "cpu", mode, settings.batch_size)
+                if args.artifact else reference_components(shapes, settings, "cpu", mode, settings.batch_size))
         diff = _max_diff(Path(tmp) / "in-memory", Path(tmp) / "layer-by-layer")
         same_gen = all(json.loads((Path(tmp) / m / "generation.json").read_text())["tokens"] == json.loads(
             (Path(tmp) / "in-memory" / "generation.json").read_text())["tokens"] for m in ("layer-by-layer",))

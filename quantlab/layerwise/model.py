@@ -9,8 +9,10 @@ so masks, rotary tables and layer types are the model's. Three parts hold real w
 - the output head computes the logits one slice of the vocabulary at a time, each slice's rows read when used.
 
 Everything else (final norm, rotary tables) is small and held throughout. The peak is then one layer's weights,
-one head slice and the activations of one forward, whatever the model's size. Only the model's own dtype
-(fp32 on CPU) is supported: a quantized artifact's layers are not read this way.
+one head slice and the activations of one forward, whatever the model's size. The model runs in fp32. A quantized
+artifact's layers are read as they load whole: torchao's intx tensors rebuilt from their parts, GPTQ's packed
+linears into the QuantLinear kernels transformers' GPTQ integration selects (``quantlab.layerwise.gptq``); an
+artifact's embedding, head and norms are plain tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
+from quantlab.layerwise.gptq import GptqLayers, is_gptq
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.models import load_config, meta_model
 
@@ -107,6 +110,7 @@ class LayerwiseModel:
         self.reader = CheckpointReader(model_dir)
         config = load_config(model_dir, trust_remote_code)
         model = meta_model(config, trust_remote_code)
+        self.gptq = GptqLayers(model, config, device) if is_gptq(config) else None
         parts = model_parts(model, self.reader)
         self.layers, self.layers_prefix = parts.layers, parts.layers_prefix
         row_embedding, sliced_head = _modules()
@@ -117,7 +121,7 @@ class LayerwiseModel:
         for i, layer in enumerate(self.layers):
             self._check_layer(i, layer)
             layer.register_forward_pre_hook(lambda mod, args, i=i: self._load(mod, i))
-            layer.register_forward_hook(lambda mod, args, out: self._release(mod))
+            layer.register_forward_hook(lambda mod, args, out, i=i: self._release(mod, i))
 
     def _need(self, name: str) -> str:
         if name not in self.reader:
@@ -128,7 +132,7 @@ class LayerwiseModel:
     def _check_layer(self, i: int, layer) -> None:
         for name, _ in layer.named_parameters():
             full = f"{self.layers_prefix}.{i}.{name}"
-            if not self.reader.is_subclass(full):
+            if not (self.reader.is_subclass(full) or (self.gptq and self.gptq.owns(layer, name))):
                 self._need(full)
 
     def _materialize_rest(self, config) -> None:
@@ -155,11 +159,16 @@ class LayerwiseModel:
                                      "execution cannot rebuild it; raise --max-memory so the model loads whole")
 
     def _load(self, layer, i: int) -> None:
-        """Layer ``i``'s weights onto the device: plain tensors read in place, torchao's rebuilt from their parts."""
+        """Layer ``i``'s weights onto the device: plain tensors read in place, torchao's rebuilt from their parts,
+        GPTQ's QuantLinears filled and post-initialised."""
         import torch
 
+        if self.gptq:
+            self.gptq.load(layer, i, f"{self.layers_prefix}.{i}", self.reader)
         for name, param in list(layer.named_parameters()):
             full = f"{self.layers_prefix}.{i}.{name}"
+            if self.gptq and self.gptq.owns(layer, name):
+                continue
             if self.reader.is_subclass(full):
                 value = self.reader.read_subclass(full).to(self.device)
             else:
@@ -184,10 +193,11 @@ class LayerwiseModel:
                 row -= torch.logsumexp(row, dim=-1, keepdim=True)
             return logits.cpu()
 
-    @staticmethod
-    def _release(layer) -> None:
+    def _release(self, layer, i: int) -> None:
         import torch
 
+        if self.gptq:
+            self.gptq.release(layer, i)
         for name, param in list(layer.named_parameters()):
             _set_param(layer, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 

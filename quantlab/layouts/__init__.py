@@ -39,6 +39,11 @@ class Layout:
         """Bytes per element of a quantized layer's bias (most layouts keep it at the unquantized dtype)."""
         return self.unquantized_dtype_bytes(device)
 
+    def dequantize_bytes_per_value(self, device: str) -> int:
+        """Bytes per weight value a linear's kernel holds in flight while it dequantizes that linear (the planner
+        counts it for the largest linear); the default is one copy at the unquantized dtype."""
+        return self.unquantized_dtype_bytes(device)
+
     def load_kwargs(self, device: str) -> dict:
         """Extra ``from_pretrained`` kwargs for loading an artifact of this layout."""
         import torch

@@ -13,6 +13,7 @@ GPTQ_NOTE = ("GPTQ packed: 32/bits values per int32 + fp16 scale and packed zero
 
 @dataclass(frozen=True)
 class GptqPackedLayout(Layout):
+    layer_by_layer = True
     bits: int
     group_size: int
     libraries = ("gptqmodel", "optimum")
@@ -30,6 +31,15 @@ class GptqPackedLayout(Layout):
 
     def note(self):
         return GPTQ_NOTE
+
+    def dequantize_bytes_per_value(self, device):
+        """GPTQModel's CPU kernels, read from their code: at 8 bits (torch kernel) the shifted int32 words and their
+        int16 codes, the gathered zeros and scales, their fp16 product and its fp32 copy (10 bytes per value at the
+        most at once); at 4 bits (aten int4 kernel, converted on first use) the uint8 codes, their transposed copy
+        and its int32 copy (6). On CUDA the kernels repack on load: one copy at the unquantized dtype."""
+        if device != "cpu":
+            return self.unquantized_dtype_bytes(device)
+        return 10 if self.bits == 8 else 6
 
     def bias_dtype_bytes(self, device):
         return 2  # GPTQ checkpoints keep biases in fp16

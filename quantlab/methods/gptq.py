@@ -79,13 +79,32 @@ class GptqMethod(Method):
         check_group_size(config.group_size, linear_shapes)
 
     def quantize_peak(self, config, sizes, device):
-        """GPTQModel loads the fp model whole, then per layer holds the calibration activations (inputs and outputs
-        of every window) and one Hessian (in x in, fp32) per linear of the layer."""
+        """GPTQModel with its disk offload (``run_gptqmodel``) keeps the model a meta shell and reads each part from
+        the safetensors when its turn comes, through a memory map and into a copy (both resident while it is read),
+        parking each finished part on disk. Its phases never overlap:
+
+        - capture: the input embedding read, and the calibration inputs of the first layer;
+        - layers: one fp layer read; the calibration inputs and outputs of every window; one Hessian (in x in, fp32)
+          per linear of the layer; and the solve of its largest-input linear: its Hessian's Cholesky factor and
+          inverse, the weight, its quantized copy and the error, in fp32;
+        - save: the quantized model gathered whole (the parked layers and the unquantized embedding and head) to
+          be written.
+
+        Measured on Qwen2.5-Coder-1.5B gptq-w8 (reports/qwen2.5-coder-1.5b/): capture 2.03 GB held, layers at most
+        1.77, save 3.35, each within 6 % above this.
+        """
         shapes = sizes["shapes"]
-        per_layer = {lin.name.split(".")[-1]: lin.in_features for lin in shapes.linears}
-        return {"fp model": sizes["fp_weights"], "quantized layers": sizes["quantized_weights"],
-                "calibration activations": 2 * config.samples * config.tokens * shapes.hidden * 4,
-                "hessians": sum(k * k * 4 for k in per_layer.values())}
+        elem = 4 if device == "cpu" else 2
+        per_layer = {lin.name.split(".")[-1]: (lin.out_features, lin.in_features) for lin in shapes.linears}
+        out, widest = max(per_layer.values(), key=lambda s: s[1], default=(0, 0))
+        windows = config.samples * config.tokens * shapes.hidden * 4
+        embed = shapes.unquantized["embeddings"] * elem
+        return {"capture: the embedding, mapped and copied": 2 * embed, "capture: first layer's inputs": windows,
+                "layers: one fp layer, mapped and copied": 2 * sizes["layer"],
+                "layers: calibration inputs and outputs": 2 * windows,
+                "layers: hessians": sum(k * k * 4 for _, k in per_layer.values()),
+                "layers: largest solve": 2 * widest * widest * 4 + 3 * out * widest * 4,
+                "save: the quantized model": sizes["quantized_weights"]}
 
     def layout(self, config):
         return GptqPackedLayout(config.bits, config.group_size)

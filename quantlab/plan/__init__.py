@@ -15,7 +15,7 @@ from quantlab.plan import terms
 from quantlab.plan.known import resolve_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.sizes import GB, parse_size  # noqa: F401 (re-exported)
-from quantlab.plan.steps import plan_quantize, quantize_sizes
+from quantlab.plan.steps import plan_quantize, quantize_sizes, step_peak
 from quantlab.recipe import parse_recipe_list
 
 PLAN_RECIPES = "fp,bnb-int8,bnb-nf4,bnb-nf4-dq,gptq-w8,gptq-w4-g128,rtn-w8"
@@ -76,7 +76,7 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
     return {
         **row, "applicable": True, "layout": layout.note(),
         "quantize": {"peak_bytes": whole.peak_bytes, "components": whole.components,
-                     "layer_by_layer_bytes": sum(layered.values()) if layered else None},
+                     "layer_by_layer_bytes": step_peak(layered) if layered else None},
         "components": {**weights, "kv_cache": kv, "activations": act, "runtime": terms.runtime_bytes(settings.device)},
         "weights_bytes": sum(weights.values()),
         "activation_elem_bytes": elem,

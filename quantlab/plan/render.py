@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from quantlab.plan import GB
+from quantlab.plan.steps import PHASES
 from quantlab.table import _rows_table
 
 MB = 10**6
@@ -79,6 +80,16 @@ def _arithmetic(plan: dict, unit: int, name: str) -> list[str]:
                          f"{c['linear_scales'] * 8 / n:.3f} bits/weight ({q['layout']})")
     for q in plan["recipes"]:
         if q["applicable"] and q["quantize"]["components"]:
-            parts = " + ".join(f"{k} {_gb(v, unit)}" for k, v in q["quantize"]["components"].items())
-            lines.append(f"quantize peak of {q['recipe']} = {parts} {name}")
+            lines.append(f"quantize peak of {q['recipe']} = {_peak_sum(q['quantize']['components'], unit)} {name}")
     return lines + [kv, act, f"runtime = {plan['definitions']['runtime']}"]
+
+
+def _peak_sum(components: dict, unit: str) -> str:
+    """``a + b + max(phase1: (c + d), phase2: (e))``: what is held throughout plus the largest phase."""
+    rest = [f"{k} {_gb(v, unit)}" for k, v in components.items() if not k.startswith(tuple(p + ": " for p in PHASES))]
+    phases = []
+    for p in PHASES:
+        inside = [f"{k.removeprefix(p + ': ')} {_gb(v, unit)}" for k, v in components.items() if k.startswith(p + ": ")]
+        if inside:
+            phases.append(f"{p}: ({' + '.join(inside)})")
+    return " + ".join(rest + ([f"max({', '.join(phases)})"] if phases else []))

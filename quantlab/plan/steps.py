@@ -29,6 +29,7 @@ from quantlab.plan.sizes import parse_size
 
 GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
+PHASES = ("capture", "layers", "head", "save")
 HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
 
 
@@ -61,11 +62,12 @@ def gb(n: int | None) -> str:
 
 
 def step_peak(components: dict) -> int:
-    """The peak of a step's components. Layer by layer, a step goes through phases that never overlap: keys
-    ``"layers: ..."`` are held while the decoder layers run, ``"head: ..."`` while the head does; the rest
-    throughout. The peak is the rest plus the larger phase."""
-    phase = {p: sum(v for k, v in components.items() if k.startswith(p + ": ")) for p in ("layers", "head")}
-    rest = sum(v for k, v in components.items() if not k.startswith(("layers: ", "head: ")))
+    """The peak of a step's components. A step may go through phases that never overlap: keys ``"<phase>: ..."``
+    are held only during that phase (``PHASES``: a quantizer's calibration capture, the decoder layers, the
+    output head, the final save), the rest throughout. The peak is the rest plus the largest phase."""
+    prefixes = tuple(p + ": " for p in PHASES)
+    phase = {p: sum(v for k, v in components.items() if k.startswith(p + ": ")) for p in PHASES}
+    rest = sum(v for k, v in components.items() if not k.startswith(prefixes))
     return rest + max(phase.values())
 
 
@@ -156,9 +158,9 @@ def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, window
             comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
         return comp
     weights = terms.weight_terms(layout, shapes, device)
-    largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
+    largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
     return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
-            "layers: largest linear dequantized": largest,
+            "layers: largest linear dequantized": largest * layout.dequantize_bytes_per_value(device),
             **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem),
             **compare}
 

@@ -1,0 +1,71 @@
+"""A GPTQ artifact's decoder layers run one at a time with the kernels the artifact loads with whole.
+
+transformers' GPTQ integration (optimum, then GPTQModel) turns the model's linears into the QuantLinear class
+GPTQModel selects for the device, loads the packed tensors into them, then converts the v1 zero points and
+post-initialises every QuantLinear (``GPTQQuantizer.convert_model`` before loading, ``post_init_model`` after).
+Here the same quantizer converts the meta-device model once; each layer, when it runs, gets fresh copies of its
+meta QuantLinears filled from the checkpoint and post-initialised the same way, and gets the meta ones back when
+it is done. The arithmetic is then the one of the artifact loaded whole (on CPU: GPTQModel's aten int4 kernel in
+bf16 at 4 bits, its torch kernel at 8), whatever a kernel converts or caches on first use.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from quantlab.errors import ModelLoadError
+
+
+def is_gptq(config) -> bool:
+    quantization = getattr(config, "quantization_config", None)
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "gptq"
+
+
+class GptqLayers:
+    """The quantizer of a GPTQ artifact's config, applied to ``model`` (on meta) at construction."""
+
+    def __init__(self, model, config, device: str):
+        import torch
+        from optimum.gptq import GPTQQuantizer
+        from transformers import GPTQConfig
+
+        self.quantizer = GPTQQuantizer.from_dict(GPTQConfig.from_dict(config.quantization_config).to_dict_optimum())
+        self.quantizer.convert_model(model, device_map={"": torch.device(device)})
+        self.kind, self.device = self.quantizer.quant_linear, device
+        self.templates: dict[int, dict[str, object]] = {}  # layer index -> {module name: its meta QuantLinear}
+
+    def owns(self, layer, param_name: str) -> bool:
+        """Whether ``param_name`` of ``layer`` belongs to one of its QuantLinears (filled by ``load``)."""
+        owner = param_name.rpartition(".")[0]
+        return bool(owner) and isinstance(layer.get_submodule(owner), self.kind)
+
+    def load(self, layer, i: int, prefix: str, reader) -> None:
+        """Fill layer ``i``'s QuantLinears from the checkpoint (``prefix``: the layer's name there) and post-init."""
+        import torch
+
+        templates = self.templates.setdefault(i, {n: m for n, m in layer.named_modules() if isinstance(m, self.kind)})
+        for name, template in templates.items():
+            fresh = copy.deepcopy(template)
+            for leaf, buf in list(fresh._buffers.items()):
+                full = f"{prefix}.{name}.{leaf}"
+                if full in reader:
+                    fresh._buffers[leaf] = reader.read(full).to(self.device, buf.dtype)
+                elif buf is not None and buf.is_meta:
+                    fresh._buffers[leaf] = None  # built by post-init (shift tables), if the kernel has any
+            _replace(layer, name, fresh)
+        with torch.inference_mode(False):
+            self.quantizer.post_init_model(layer)
+        missing = [f"{prefix}.{n}.{leaf}" for n, m in layer.named_modules() if isinstance(m, self.kind)
+                   for leaf, b in m._buffers.items() if b is not None and b.is_meta]
+        if missing:
+            raise ModelLoadError(f"{missing[0]} is neither in the GPTQ checkpoint nor built by GPTQModel's post-init — "
+                                 "this artifact is not run layer by layer; raise --max-memory so it loads whole")
+
+    def release(self, layer, i: int) -> None:
+        for name, template in self.templates.get(i, {}).items():
+            _replace(layer, name, template)
+
+
+def _replace(root, name: str, module) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, leaf, module)
