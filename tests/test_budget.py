@@ -134,28 +134,24 @@ def test_eval_under_a_budget_computes_the_reference_layer_by_layer(tiny_dir, tin
     assert len(logits) == 1 and (logits[0] / "logprobs.npy").is_file()
 
 
-def test_a_gptq_artifact_that_does_not_fit_is_evaluated_layer_by_layer_with_the_same_numbers(tiny_text, tmp_path):
-    from tiny import build_llama_dir
-
+def test_a_gptq_artifact_that_does_not_fit_is_evaluated_layer_by_layer_with_the_same_numbers(gptq_artifacts, tiny_dir,
+                                                                                               tiny_text):
+    from quantlab.evaluate.text import resolve_text
+    from quantlab.models import resolve_model
     from quantlab.plan.steps import fidelity_components
-    from quantlab.recipe import recipe_from_mapping
-    from quantlab.sweep.commands import quantize_model
+    from quantlab.steps.fidelity import Candidate, measure_fidelity
+    from quantlab.sweep.commands import eval_plans
 
-    deep = build_llama_dir(tmp_path / "deep", hidden=256, intermediate=512, layers=8)  # layers outweigh the rest
-    recipe = recipe_from_mapping({"method": "gptq", "bits": 8, "group_size": -1, "calibration": str(tiny_text),
-                                  "samples": 8, "tokens": 64}, "test")
-    artifact = quantize_model(str(deep), recipe, device="cpu")["artifact"]
-    shapes, settings = model_shapes(load_config(deep)), FidelitySettings()
-    whole = step_peak(fidelity_components(recipe, shapes, settings, "cpu", IN_MEMORY, 1))
-    layered = max(step_peak(fidelity_components(recipe, shapes, settings, "cpu", LAYER_BY_LAYER, 1)),
-                  step_peak(reference_components(shapes, settings, "cpu", LAYER_BY_LAYER, 1)))
+    path, _, recipe = gptq_artifacts[8]
+    shapes = model_shapes(load_config(tiny_dir))
+    whole = step_peak(fidelity_components(recipe, shapes, SETTINGS, "cpu", IN_MEMORY, 1))
+    layered = max(step_peak(fidelity_components(recipe, shapes, SETTINGS, "cpu", LAYER_BY_LAYER, 1)),
+                  step_peak(reference_components(shapes, SETTINGS, "cpu", LAYER_BY_LAYER, 1)))
     assert layered < whole
-    args = ["eval", str(artifact), "--baseline", str(deep), "--text", str(tiny_text)]
-    runner, runs = CliRunner(), {}
-    for name, extra in (("free", []), ("under", ["--max-memory", f"{(layered + whole) // 2}B"])):
-        result = runner.invoke(cli, [*args, *extra])
-        assert result.exit_code == 0, result.output
-        runs[name] = json.loads(result.output[result.output.index("{"):])
-    assert runs["under"]["plans"]["fidelity"]["mode"] == LAYER_BY_LAYER and runs["free"]["plans"] is None
+    base, text, runs = resolve_model(str(tiny_dir)), resolve_text(str(tiny_text)), {}
+    for name, budget in (("free", None), ("under", (layered + whole) // 2)):
+        plans = eval_plans(base, recipe, SETTINGS, "cpu", budget)
+        runs[name] = measure_fidelity(base, text, SETTINGS, "cpu", [Candidate(recipe, str(path))], plans)["results"][0]
+        assert plans.get("fidelity", {}).get("mode", IN_MEMORY) == (IN_MEMORY if budget is None else LAYER_BY_LAYER)
     for key in ("kld_mean", "top1_agreement", "ppl"):
-        assert runs["under"]["fidelity"][key] == pytest.approx(runs["free"]["fidelity"][key], rel=1e-4, abs=1e-7), key
+        assert runs["under"][key] == pytest.approx(runs["free"][key], rel=1e-4, abs=1e-7), key

@@ -15,22 +15,14 @@ def _recipe(bits, group, calibration, samples=16, tokens=64):
                                 "samples": samples, "tokens": tokens}, "test")
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    from tiny import write_text
-
-    return write_text(tmp_path_factory.mktemp("calib") / "calib.txt", words=8000, seed=7)
+@pytest.fixture
+def calib_file(gptq_calib):
+    return gptq_calib
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_dir, calib_file, tmp_path_factory):
-    out = {}
-    for bits, group in ((4, 32), (8, -1)):
-        recipe = _recipe(bits, group, str(calib_file))
-        target = tmp_path_factory.mktemp(recipe.name)
-        notes = get_method("gptq").quantize(recipe.config, tiny_dir, target, "cpu")
-        out[bits] = (target, notes)
-    return out
+@pytest.fixture
+def quantized(gptq_artifacts):
+    return {bits: (target, notes) for bits, (target, notes, _) in gptq_artifacts.items()}
 
 
 @pytest.mark.parametrize("bits", [4, 8])

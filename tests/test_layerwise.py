@@ -92,20 +92,13 @@ def test_rtn_layer_by_layer_writes_the_in_memory_artifact_and_runs_layer_by_laye
     assert (fid._log_probs(run, ids) - fid._log_probs(whole, ids)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (8, -1)])
-def test_a_gptq_artifact_runs_layer_by_layer_with_the_kernels_it_loads_with(bits, group, tiny_dir, tmp_path):
-    from tiny import write_text
-
-    from quantlab.methods import get_method
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_gptq_artifact_runs_layer_by_layer_with_the_kernels_it_loads_with(bits, gptq_artifacts):
     from quantlab.methods.loading import load_recipe_model
-    from quantlab.recipe import recipe_from_mapping
 
-    calib = write_text(tmp_path / "calib.txt", words=4000, seed=7)
-    recipe = recipe_from_mapping({"method": "gptq", "bits": bits, "group_size": group, "calibration": str(calib),
-                                  "samples": 8, "tokens": 64}, "test")
-    get_method("gptq").quantize(recipe.config, tiny_dir, tmp_path / "gptq", "cpu")
-    whole = load_recipe_model(str(tmp_path / "gptq"), recipe, "cpu")
-    run = LayerwiseModel(tmp_path / "gptq", head_rows=7)
+    path, _, recipe = gptq_artifacts[bits]
+    whole = load_recipe_model(str(path), recipe, "cpu")
+    run = LayerwiseModel(path, head_rows=7)
     kernel = type(whole.model.layers[0].self_attn.q_proj)
     assert kernel.__name__ != "Linear" and type(run.layers[0].self_attn.q_proj) is kernel
     assert run.layers[0].self_attn.q_proj.qweight.is_meta  # filled only while its layer runs

@@ -54,12 +54,28 @@ class GptqLayers:
                     fresh._buffers[leaf] = None  # built by post-init (shift tables), if the kernel has any
             _replace(layer, name, fresh)
         with torch.inference_mode(False):
-            self.quantizer.post_init_model(layer)
+            self._post_init(layer)
         missing = [f"{prefix}.{n}.{leaf}" for n, m in layer.named_modules() if isinstance(m, self.kind)
                    for leaf, b in m._buffers.items() if b is not None and b.is_meta]
         if missing:
             raise ModelLoadError(f"{missing[0]} is neither in the GPTQ checkpoint nor built by GPTQModel's post-init — "
                                  "this artifact is not run layer by layer; raise --max-memory so it loads whole")
+
+    def _post_init(self, layer) -> None:
+        """``GPTQQuantizer.post_init_model`` on one layer: the v1 zero points converted where the kernel needs v2,
+        then each QuantLinear's ``post_init``. Its last step, a cache flush (a full ``gc.collect``, seconds in a
+        process this size, once per layer and pass), is left out; kernels that need a model-wide scratch space
+        (ExLlama) get the whole of it."""
+        from gptqmodel.utils.model import hf_convert_gptq_v1_to_v2_format
+
+        q = self.quantizer
+        if hasattr(self.kind, "scratch_space_fixed"):
+            q.post_init_model(layer)
+            return
+        hf_convert_gptq_v1_to_v2_format(layer, q.bits, q.quant_linear, q.format, q.meta)
+        for module in layer.modules():
+            if isinstance(module, self.kind):
+                module.post_init()
 
     def release(self, layer, i: int) -> None:
         for name, template in self.templates.get(i, {}).items():

@@ -90,8 +90,9 @@ class GptqMethod(Method):
         - save: the quantized model gathered whole (the parked layers and the unquantized embedding and head) to
           be written.
 
-        Measured on Qwen2.5-Coder-1.5B gptq-w8 (reports/qwen2.5-coder-1.5b/): capture 2.03 GB held, layers at most
-        1.77, save 3.35, each within 6 % above this.
+        On Qwen2.5-Coder-1.5B gptq-w8 under --max-memory 3.5GB this plans 3.18 GB and the step held 3.16 GB
+        (reports/qwen2.5-coder-1.5b/). Without a budget it held 3.58 GB: glibc keeps freed blocks in its heap
+        unless told to return them, which budgeted steps do (``quantlab.measure.memory.return_freed_memory``).
         """
         shapes = sizes["shapes"]
         elem = 4 if device == "cpu" else 2
