@@ -18,6 +18,8 @@ class Layout:
     #: whether loading copies the quantized linears out of the memory-mapped checkpoint, so that while a model
     #: loads its pages and the copies are resident together (the planner adds them once)
     load_copies_linears: ClassVar[bool] = False
+    #: with ``load_copies_linears``: the load copies the unquantized tensors (embeddings, head, norms) too
+    load_copies_everything: ClassVar[bool] = False
 
     def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
         """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.

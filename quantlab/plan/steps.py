@@ -153,16 +153,23 @@ def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, window
     if mode == IN_MEMORY:
         comp = {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, windows, fidelity.chunk_tokens, elem),
                 **compare}
-        if layout.load_copies_linears:
-            w = terms.weight_terms(layout, shapes, device)
-            comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
-        return comp
+        return {**comp, **checkpoint_pages(layout, shapes, device)}
     weights = terms.weight_terms(layout, shapes, device)
     largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
     return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
             "layers: largest linear dequantized": largest * layout.dequantize_bytes_per_value(device),
             **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem),
             **compare}
+
+
+def checkpoint_pages(layout, shapes, device: str) -> dict:
+    """The checkpoint's mapped pages that stay resident beside the copies a whole load makes of them."""
+    if not layout.load_copies_linears:
+        return {}
+    w = terms.weight_terms(layout, shapes, device)
+    if layout.load_copies_everything:
+        return {"checkpoint pages of the copied tensors": sum(w.values())}
+    return {"checkpoint pages of the copied linears": w["linear_data"] + w["linear_scales"]}
 
 
 def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> StepPlan:
@@ -190,9 +197,7 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     comp = {"weights": layout_weights(recipe, shapes, device),
             "kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
             "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)}
-    if layout.load_copies_linears:
-        w = terms.weight_terms(layout, shapes, device)
-        comp["checkpoint pages of the copied linears"] = w["linear_data"] + w["linear_scales"]
+    comp.update(checkpoint_pages(layout, shapes, device))
     if budget is not None and step_peak(comp) > budget:
         return StepPlan("bench", SKIPPED, step_peak(comp), comp,
                         reason=f"{recipe.name} loaded whole needs {gb(step_peak(comp))} at batch {batch} x {tokens} tokens, "
