@@ -107,3 +107,29 @@ def test_a_gptq_artifact_runs_layer_by_layer_with_the_kernels_it_loads_with(bits
     assert torch.equal(first, again)  # each pass builds its kernels afresh from the checkpoint
     assert (first - fid._log_probs(whole, ids)).abs().max().item() < 1e-4
     assert guard.greedy_continuation(run.model, ids) == guard.greedy_continuation(whole, ids)
+
+
+def test_a_gptq_layer_s_packed_weights_are_freed_when_it_is_released_without_a_collection(gptq_artifacts):
+    import gc
+    import weakref
+
+    path, _, _ = gptq_artifacts[8]
+    run = LayerwiseModel(path, head_rows=7)
+    seen = []
+
+    def capture(layer, args, out):
+        seen.extend(weakref.ref(m.qweight) for m in layer.modules() if isinstance(m, run.gptq.kind))
+
+    for layer in run.layers:
+        layer.register_forward_hook(capture, prepend=True)  # before the layer is released
+    passes, per_layer = 3, sum(isinstance(m, run.gptq.kind) for m in run.layers[0].modules())
+    gc.disable()  # a fresh QuantLinear sits in a reference cycle: only refcounting may free its weights here
+    try:
+        for _ in range(passes):
+            fid._log_probs(run, _ids(run.model.config.vocab_size, n=1))
+        alive = sum(ref() is not None for ref in seen)
+    finally:
+        gc.enable()
+    assert len(seen) == passes * len(run.layers) * per_layer
+    # torch.compile may keep the tensors of the one call it traced last; nothing else may survive its layer
+    assert alive <= per_layer
