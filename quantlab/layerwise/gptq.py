@@ -80,11 +80,11 @@ class GptqLayers:
     def release(self, layer, i: int) -> None:
         """Put layer ``i``'s meta QuantLinears back and free the fresh ones' tensors now.
 
-        A post-initialised QuantLinear can sit in a reference cycle (GPTQModel's torch kernel keeps its compiled
+        A post-initialised QuantLinear sits in reference cycles (one: GPTQModel's torch kernel keeps its compiled
         ``dequantize_weight``, a bound method of the module, on the module), so dropping the module frees nothing
-        until the cyclic collector runs: measured on Qwen2.5-Coder-1.5B's gptq-w8, the packed layers of several
-        passes piled up (2.35 GB held against 1.18 planned). Emptying its buffers frees the packed weights at once;
-        the small shell goes with the next collection."""
+        until the cyclic collector runs: on Qwen2.5-Coder-1.5B's gptq-w8 the packed layers piled up (2.35 GB held
+        against 1.18 planned). Emptying its buffers frees the packed weights at once; the small shell goes with
+        the next collection."""
         for name, template in self.templates.get(i, {}).items():
             fresh = layer.get_submodule(name)
             if fresh is not template:
