@@ -18,6 +18,7 @@ from quantlab.models import fetch_model
 from quantlab.plan import PlanSettings, parse_size, plan_model
 from quantlab.plan.render import render_plan
 from quantlab.recipe import DEFAULT_RECIPES, parse_recipe, parse_recipe_list
+from quantlab.records import budget_check
 from quantlab.report import ReportSettings, load_results, write_report
 from quantlab.sweep.commands import bench_model, evaluate, quantize_and_compare, quantize_model, run_sweep
 from quantlab.sweep.driver import RunOptions
@@ -132,6 +133,8 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
     """Quantize MODEL with RECIPE into the artifact cache; prints the artifact directory."""
     result = _call(quantize_model, model, parse_recipe(recipe), device or "auto", threads or 1, trust_remote_code,
                    data_dir, max_memory)
+    for warning in result["warnings"]:
+        click.echo(f"Warning: {warning}", err=True)
     click.echo(result["artifact"])
 
 
@@ -251,8 +254,10 @@ def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
     def progress(job, record, cached):
         f = record["fidelity"]
+        over = budget_check(record, job.budget)["over"] if job.budget else []
         click.echo(f"{job.label}: {'from the job cache' if cached else 'done'} — KLD {f['kld_mean']:.4f}, "
-                   f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB", err=True)
+                   f"weights {record['memory']['weights_bytes'] / 2**20:.1f} MiB"
+                   + (f" — over the memory budget in: {', '.join(over)}" if over else ""), err=True)
 
     opts = RunOptions(executor=executor, address=address, max_parallel=max_parallel, force=force, store=store, out=out)
     summary = _call(run_sweep, sweep_file, opts, progress, max_memory)

@@ -12,7 +12,13 @@ from quantlab.measure.latency import DEFINITIONS as LATENCY
 from quantlab.measure.memory import DEFINITIONS as MEMORY
 from quantlab.recipe import Recipe
 
-DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST}
+BUDGET = {
+    "budget": "each step's held_peak_bytes (quantize, fidelity, bench) beside the memory budget (--max-memory); "
+              "over: the steps that held more than the budget. A step whose artifact was quantized earlier "
+              "without a budget is not judged (unjudged)",
+}
+DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST, **BUDGET}
+STEPS = ("quantize", "fidelity", "bench")
 
 
 def definitions(suite: bool) -> dict:
@@ -30,3 +36,39 @@ def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
                         "decode_tok_s": {b: v["median"] for b, v in lat["decode_tok_s"].items()},
                         "skipped": lat.get("skipped"), "detail": lat},
             "cost": art["cost"], "threads": bench["threads"]}
+
+
+def held_bytes(record: dict) -> dict[str, int | None]:
+    """What each step of a run held at its peak above its libraries (``held_peak_bytes``), None where it is not
+    known: quantize (from the artifact's cost; an older artifact: its peak RSS minus the RSS before), fidelity
+    (the reference step for fp), bench (an older record: its peak minus the RSS before the load)."""
+    cost, mem, fid = record.get("cost") or {}, record.get("memory") or {}, record.get("fidelity") or {}
+    held = lambda d: (d or {}).get("held_peak_bytes")  # noqa: E731
+    quantize = held(cost.get("held"))
+    if quantize is None and cost.get("quantize_peak_rss_bytes") and cost.get("process_rss_before_bytes"):
+        quantize = cost["quantize_peak_rss_bytes"] - cost["process_rss_before_bytes"]
+    bench = held(mem.get("held"))
+    if bench is None and mem.get("peak_bytes") and mem.get("process_rss_before_load_bytes"):
+        bench = mem["peak_bytes"] - mem["process_rss_before_load_bytes"]
+    return {"quantize": quantize, "fidelity": held((fid.get("step") or {}).get("memory")), "bench": bench}
+
+
+def budget_check(record: dict, budget: int) -> dict:
+    """Each step's held memory against ``budget`` (see ``BUDGET``): ``{"max_memory_bytes", "held_bytes", "over",
+    "unjudged"}``; ``over`` lists the steps that held more than the budget."""
+    held = held_bytes(record)
+    unjudged = []
+    if (record.get("cost") or {}).get("budgeted") is False:  # the artifact was built before, without a budget
+        unjudged.append("quantize")
+    over = [s for s in STEPS if s not in unjudged and held[s] is not None and held[s] > budget]
+    return {"max_memory_bytes": budget, "held_bytes": held, "over": over, "unjudged": unjudged}
+
+
+def budget_warning(recipe: str, step: str, held: int, budget: int, plan: dict | None) -> str:
+    """The one-line warning for a step that held more than the budget."""
+    from quantlab.plan.steps import gb
+
+    plan = plan or {}
+    return (f"{recipe}: its {step} step held {gb(held)}, over the {gb(budget)} budget (planned "
+            f"{gb(plan.get('peak_bytes'))}, {plan.get('mode', '?')}) — the planner under-predicted it; leave more "
+            "headroom in --max-memory")

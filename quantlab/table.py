@@ -58,6 +58,11 @@ def render_table(results: dict) -> str:
             notes.append(f"{r['recipe']}: * weights are the planner's — bench {r['memory']['peak_kind'].removeprefix('not measured — ')}")
     if results.get("max_memory_bytes"):
         notes.append(f"memory budget (--max-memory): {results['max_memory_bytes'] / 1e9:.2f} GB per step")
+    for r in results["runs"]:
+        check = r["memory"].get("budget") or {}
+        for step in check.get("over", []):
+            notes.append(f"{r['recipe']}: OVER BUDGET — its {step} step held "
+                         f"{check['held_bytes'][step] / 1e9:.2f} GB > {check['max_memory_bytes'] / 1e9:.2f} GB")
     for r in results.get("refused", []):
         notes.append(f"{r['recipe']}: refused before work — {r['reason']}")
     notes.append(f"results: {results.get('results_path', '')}")

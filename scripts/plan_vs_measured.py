@@ -25,18 +25,7 @@ from quantlab.models import load_config, resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
 from quantlab.plan.steps import plan_job_steps  # noqa: E402
 from quantlab.recipe import Recipe  # noqa: E402
-
-
-def measured(run: dict) -> dict[str, int | None]:
-    cost, mem, fid = run["cost"], run["memory"], run["fidelity"]
-    held = lambda d: (d or {}).get("held_peak_bytes")  # noqa: E731
-    quantize = held(cost.get("held"))
-    if quantize is None and cost.get("quantize_peak_rss_bytes"):
-        quantize = cost["quantize_peak_rss_bytes"] - cost["process_rss_before_bytes"]
-    bench = held(mem.get("held"))
-    if bench is None and mem.get("peak_bytes") and mem.get("process_rss_before_load_bytes"):
-        bench = mem["peak_bytes"] - mem["process_rss_before_load_bytes"]
-    return {"quantize": quantize, "fidelity": held((fid.get("step") or {}).get("memory")), "bench": bench}
+from quantlab.records import held_bytes  # noqa: E402
 
 
 def planned(run: dict, shapes, device: str) -> dict[str, dict]:
@@ -70,17 +59,19 @@ def main() -> None:
     shapes = model_shapes(load_config(resolve_model(args.model).path))
     print(f"$ .venv/bin/python scripts/plan_vs_measured.py {' '.join(sys.argv[1:])}")
     print("held = peak RSS above the step process's RSS once its libraries are imported; GB = 10^9 bytes")
-    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}")
+    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}  budget")
     for run in runs:
         device = (run.get("provenance") or {}).get("device", {}).get("device", "cpu")
-        plans, got = planned(run, shapes, device), measured(run)
+        plans, got = planned(run, shapes, device), held_bytes(run)
         for step in ("quantize", "fidelity", "bench"):
             p, m = plans[step], got[step]
             if p["mode"] == "none":
                 continue
             ratio = f"{p['peak_bytes'] / m:.3f}" if m else "—"
             held = f"{m / 1e9:.2f}" if m else "—"
-            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}")
+            budget = next((q.get("budget_bytes") for q in plans.values() if q.get("budget_bytes")), None)
+            verdict = "" if budget is None or not m else ("OVER" if m > budget else "within")
+            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ def test_under_a_budget_the_model_runs_layer_by_layer_with_the_same_numbers(tiny
     assert set(refused) == {"qat-w4-g32", "torchao-w4-g32"}
     assert "optimizer state" in refused["qat-w4-g32"]["reason"] and "over the budget" in refused["qat-w4-g32"]["reason"]
     assert refused["qat-w4-g32"]["steps"]["quantize"]["peak_bytes"] > budget
+    # every step is judged against the budget: a tiny model's steps hold far more than its sub-megabyte budget
+    # (the runtime's own allocations once its libraries are imported), so they are flagged where they ran
+    from quantlab.plan.steps import gb
+    from quantlab.records import held_bytes
+    from quantlab.table import render_table
+
+    for run in under["runs"]:
+        check, held = run["memory"]["budget"], held_bytes(run)
+        assert check["max_memory_bytes"] == budget and check["held_bytes"] == held
+        assert check["over"] == [s for s in ("quantize", "fidelity", "bench") if held[s] and held[s] > budget]
+    assert runs["fp"]["memory"]["budget"]["over"] == ["fidelity"]  # fp neither quantizes nor (skipped) benches
+    assert runs["rtn-w8"]["memory"]["budget"]["over"] == ["quantize", "fidelity"]
+    assert sum(f"over the {gb(budget)} budget" in w for w in under["warnings"]) == 3, under["warnings"]
+    assert "rtn-w8: OVER BUDGET — its quantize step held" in render_table(under)
+    assert all("budget" not in r["memory"] for r in free["runs"]) and "OVER" not in render_table(free)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -155,3 +170,20 @@ def test_a_gptq_artifact_that_does_not_fit_is_evaluated_layer_by_layer_with_the_
         assert plans.get("fidelity", {}).get("mode", IN_MEMORY) == (IN_MEMORY if budget is None else LAYER_BY_LAYER)
     for key in ("kld_mean", "top1_agreement", "ppl"):
         assert runs["under"][key] == pytest.approx(runs["free"][key], rel=1e-4, abs=1e-7), key
+
+
+def test_quantize_under_a_budget_warns_when_the_step_held_more_than_the_budget(tiny_dir, quantlab_home):
+    """The quantize step's held memory is judged against the budget when it runs; a tiny model's step holds more
+    than its sub-megabyte budget (the runtime's own allocations), so it warns; a cached artifact is not judged."""
+    budget = _between(tiny_dir, FidelitySettings())
+    runner = CliRunner()
+    args = ["quantize", "rtn-w8", "--model", str(tiny_dir), "--max-memory", f"{budget}B"]
+    first = runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    warning = [ln for ln in first.stderr.splitlines() if ln.startswith("Warning:")]
+    assert len(warning) == 1 and "rtn-w8: its quantize step held" in warning[0] and "budget (planned" in warning[0]
+    artifact = Path(first.stdout.strip().splitlines()[-1])
+    cost = json.loads((artifact / "quantlab.json").read_text())["cost"]
+    assert cost["budgeted"] is True and cost["held"]["held_peak_bytes"] > budget
+    again = runner.invoke(cli, args)
+    assert again.exit_code == 0 and "Warning" not in again.stderr and again.stdout.strip().endswith(str(artifact))

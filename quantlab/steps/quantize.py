@@ -48,6 +48,7 @@ def quantize_step(payload: dict) -> dict:
             notes = quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),
                              trust_remote_code=source.trust_remote_code)
         cost["held"] = held
+        cost["budgeted"] = bool(payload.get("budgeted"))  # built under a memory budget (--max-memory)
         training = training_cost(notes)
         if training:
             cost["training"] = training

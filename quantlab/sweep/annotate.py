@@ -3,8 +3,10 @@
 Each job is computed alone, so three things wait for its peers: the garbage guard's comparison with
 round-to-nearest at the same bits, each trained recipe's recovered fraction over its PTQ twin (fidelity and
 task accuracy, paired on the twins' per-token values and per-sample scores), and the warning that a
-calibrated recipe was calibrated on the evaluation text. They go into results.json and, in one
-transaction, into the stored rows, so ``quantlab report --run-set`` and the gate see them too.
+calibrated recipe was calibrated on the evaluation text. Under a memory budget each run's steps are also
+judged against it (``quantlab.records.budget_check``: the record's ``memory.budget``), with a warning for a
+step that held more. They go into results.json and, in one transaction, into the stored rows, so
+``quantlab report --run-set`` and the gate see them too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from quantlab.evaluate import guard
 from quantlab.evaluate.recovery import add_accuracy_recoveries, add_recoveries
 from quantlab.gate.refs import read_samples
 from quantlab.methods import get_method
+from quantlab.records import budget_check, budget_warning
 
 
 def annotate(jobs: list, runs: list[dict]) -> list[str]:
@@ -23,12 +26,25 @@ def annotate(jobs: list, runs: list[dict]) -> list[str]:
     returns the comparison's warnings: calibration overlaps first, then guard failures."""
     warnings = _calibration_overlaps(jobs, runs)
     _recoveries(jobs, runs)
-    return warnings + _guard(runs)
+    return warnings + _guard(runs) + _over_budget(jobs, runs)
 
 
 def store_annotations(path: str | None, runs: list[dict]) -> None:
-    store.update_runs(path, {r["run_id"]: {"fidelity": r["fidelity"], "accuracy": r.get("accuracy")}
-                             for r in runs if r.get("run_id")})
+    store.update_runs(path, {r["run_id"]: {"fidelity": r["fidelity"], "accuracy": r.get("accuracy"),
+                                           "memory": r["memory"]} for r in runs if r.get("run_id")})
+
+
+def _over_budget(jobs: list, runs: list[dict]) -> list[str]:
+    """Each run's steps against the budget it was planned under; a warning per step that held more."""
+    warnings = []
+    for job, run in zip(jobs, runs):
+        if job.budget is None:
+            continue
+        check = run["memory"]["budget"] = budget_check(run, job.budget)
+        for step in check["over"]:
+            plan = job.step("reference" if step == "fidelity" and job.recipe.method == "fp" else step)
+            warnings.append(budget_warning(run["recipe"], step, check["held_bytes"][step], job.budget, plan))
+    return warnings
 
 
 def _guard(runs: list[dict]) -> list[str]:

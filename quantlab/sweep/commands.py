@@ -22,6 +22,7 @@ from quantlab.models import load_config, resolve_model
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
 from quantlab.recipe import Recipe
+from quantlab.records import budget_check, budget_warning
 from quantlab.steps.accuracy import suite_result
 from quantlab.steps.bench import bench_artifact, weigh_artifact
 from quantlab.steps.fidelity import Candidate, measure_fidelity
@@ -61,8 +62,15 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     device = resolve_device(device)
     budget = resolve_budget(max_memory)
     plan = require_fits(plan_quantize(recipe, source_shapes(source), device, budget)) if budget is not None else None
-    return ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
-                           plan=plan.to_dict() if plan else None)
+    art = ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
+                          plan=plan.to_dict() if plan else None)
+    art["warnings"] = []
+    if budget is not None and not art["cached"]:  # what the quantize step held, against the budget
+        check = budget_check({"cost": art["cost"]}, budget)
+        if check["over"]:
+            art["warnings"].append(budget_warning(recipe.name, "quantize", check["held_bytes"]["quantize"], budget,
+                                                  plan.to_dict()))
+    return art
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),

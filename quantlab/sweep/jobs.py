@@ -47,6 +47,11 @@ class Job:
         return (self.steps or {}).get(name)
 
     @property
+    def budget(self) -> int | None:
+        """The memory budget (bytes) the job was planned under (every step's plan names it), or None."""
+        return next((plan.get("budget_bytes") for plan in (self.steps or {}).values()), None)
+
+    @property
     def label(self) -> str:
         return f"{self.model.ref}@{self.recipe.name}"
 

@@ -70,17 +70,11 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
                    "run_set": run_set, "text": jobs[0].text.to_dict(), "device": jobs[0].device,
                    "definitions": definitions(any(r.get("accuracy") for r in runs)),
                    "warnings": warnings, "runs": runs, "refused": refused,
-                   "max_memory_bytes": _budget(jobs)}
+                   "max_memory_bytes": jobs[0].budget}
         atomic_write_json(out / "results.json", results)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**results, "results_path": str(out / "results.json"), "report_path": write_html_report(results, out)}
-
-
-def _budget(jobs: list) -> int | None:
-    """The budget the jobs were planned under (the reference plan names it), or None."""
-    plan = jobs[0].step("reference")
-    return plan.get("budget_bytes") if plan else None
 
 
 def _up_to_date(path: Path, run_set: str, keys: list[str]) -> dict | None:
