@@ -81,6 +81,22 @@ def remove_stale_temps(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(prefix: str):
+    """A temp directory (``<tmp>/<prefix><pid>.<random>``) removed when the block ends. A process killed with
+    SIGKILL cannot remove its own, so each new one first removes those of ``prefix`` whose process has died."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{glob.escape(prefix)}*.scratch"):
+        pid = old.name[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=".scratch", dir=base))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

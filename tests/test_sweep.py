@@ -72,18 +72,23 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     db = tmp_path / "runs.db"
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "quantlab.cli", "sweep", str(tiny_sweep), "--store", str(db), "--json", "--out", str(out)]
-    env = {**os.environ, "QUANTLAB_HOME": str(quantlab_home)}
+    scratch = tmp_path / "tmp"  # the system temp dir of the sweep and its steps
+    scratch.mkdir()
+    env = {**os.environ, "QUANTLAB_HOME": str(quantlab_home), "TMPDIR": str(scratch)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill the driver and its workers once one job is stored
-        if db.exists() and _rows(db):
+    kept = quantlab_home / "jobs"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # kill the driver and its workers once one job is
+        # stored and the other has finished its fidelity step (so it is in its bench)
+        if db.exists() and _rows(db) and list(kept.glob("*/*.steps/fidelity/result.json")):
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert proc.poll() is None, "the sweep finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = _rows(db)
     assert len(first) == 1
+    [fidelity] = [json.loads(p.read_text())["result"] for p in kept.glob("*/*.steps/fidelity/result.json")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -92,6 +97,11 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     assert len(rows) == 2 and len({r[2] for r in rows}) == 2 and {r[1] for r in rows} == {"fp", "rtn-w4-g32"}
     leftovers = [p for p in quantlab_home.rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
+    assert not list(scratch.iterdir()), list(scratch.iterdir())  # the killed driver's step dir is gone too
+    # the killed job resumed at its bench: its fidelity step is the one kept, and kept steps go with the job
+    stored = json.loads((out / "results.json").read_text())["runs"][1]["fidelity"]
+    assert stored["step"]["wall_s"] == fidelity["step"]["wall_s"] and stored["kld_mean"] == fidelity["kld_mean"]
+    assert not list(kept.glob("*/*.steps")), list(kept.glob("*/*.steps"))
     assert all((d / "quantlab.json").is_file() for d in (quantlab_home / "artifacts").glob("*/*") if d.is_dir())
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout)["already_stored"] == 2 and len(_rows(db)) == 2
@@ -168,3 +178,33 @@ def test_sweeps_running_at_once_share_jobs_and_lose_nothing(tiny_sweep, tmp_path
         assert [r["recipe"] for r in json.loads((tmp_path / out / "results.json").read_text())["runs"]] == \
             ["fp", "rtn-w4-g32"]
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".publish-")]
+
+
+def test_a_scratch_dir_left_by_a_killed_process_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    """SIGKILL leaves a process's scratch dir behind; the next scratch dir of the same prefix removes it, and
+    keeps one whose process is alive."""
+    import tempfile
+
+    from quantlab.fsutil import scratch_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    code = ("import os, signal, sys, time\nfrom quantlab.fsutil import scratch_dir\n"
+            "with scratch_dir('quantlab-t-') as d:\n    (d / 'payload.json').write_text('{}')\n"
+            "    print(d, flush=True)\n    if sys.argv[1] == 'kill':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    time.sleep(60)\n")
+    killed = subprocess.run([sys.executable, "-c", code, "kill"], capture_output=True, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert killed.returncode == -signal.SIGKILL
+    dead = tmp_path / os.path.basename(killed.stdout.strip())
+    assert (dead / "payload.json").is_file()
+    live = subprocess.Popen([sys.executable, "-c", code, "wait"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        alive = tmp_path / os.path.basename(live.stdout.readline().strip())
+        with scratch_dir("quantlab-t-") as mine:
+            assert mine.parent == tmp_path and not dead.exists() and alive.is_dir()
+        assert not mine.exists()
+    finally:
+        live.kill()
+        live.wait()

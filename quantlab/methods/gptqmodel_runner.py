@@ -6,10 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
-from quantlab.fsutil import atomic_write_text
+from quantlab.fsutil import atomic_write_text, scratch_dir
 
 
 def import_gptqmodel():
@@ -34,7 +33,7 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
     from gptqmodel import GPTQModel
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    with tempfile.TemporaryDirectory(prefix="quantlab-gptq-") as scratch:
+    with scratch_dir("quantlab-gptq-") as scratch:
         offload = str(Path(scratch) / "offload")
         qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
         model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

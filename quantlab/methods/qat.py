@@ -24,6 +24,7 @@ from pathlib import Path
 
 from quantlab.errors import DataError, RecipeError
 from quantlab.evaluate.text import resolve_text, self_text
+from quantlab.fsutil import scratch_dir
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.loading import load_recipe_model
@@ -106,15 +107,13 @@ class QatMethod(Method):
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:
-        import tempfile
-
         text = _train_text(config, Path(source_dir), device, data_dir, trust_remote_code)
         ids = load_tokenizer(source_dir, trust_remote_code)(text.read(), add_special_tokens=False)["input_ids"]
         train, heldout = split_windows(ids, config)
         student, notes = train_student(Path(source_dir), train, heldout, config, device, trust_remote_code)
         notes["train_text"] = {"source": text.name, "origin": text.origin, "sha256": text.sha256,
                                "tokens": len(ids), "train_windows": len(train), "heldout_windows": len(heldout)}
-        with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as scratch:
+        with scratch_dir("quantlab-qat-") as scratch:
             student.save_pretrained(scratch)  # trained fp weights in plain nn.Linear
             del student
             save_quantized(Path(scratch), Path(source_dir), out_dir, config.scheme, config.group_size,

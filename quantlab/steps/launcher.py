@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from quantlab import errors
 from quantlab.errors import MeasurementError
+from quantlab.fsutil import scratch_dir
 
 
 def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
@@ -17,7 +17,7 @@ def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
 
     A QuantlabError raised in the step is raised again here with the same class and message.
     """
-    with tempfile.TemporaryDirectory(prefix="quantlab-step-") as tmp:
+    with scratch_dir("quantlab-step-") as tmp:
         payload_path = Path(tmp) / "payload.json"
         result_path = Path(tmp) / "result.json"
         payload_path.write_text(json.dumps(payload, default=str))

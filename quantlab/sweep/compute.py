@@ -3,13 +3,18 @@
 ``run_job`` is what an executor runs (a thread of the local executor, or a Ray task); it returns the job's
 record and writes nothing but the job cache, which appears whole or not at all: artifacts are renamed into
 place by the quantize step, and the job directory (result.json, per-token values, per-sample scores) is
-built in a temp dir and renamed. The record's provenance is taken here, by the process that ran the job
-(on Ray, the node's), not by the driver. The store is written by the driver, one transaction per job.
+built in a temp dir and renamed. Until then each finished step is kept beside it (``<key>.steps/<step>/``,
+each renamed into place whole), so a job stopped in its bench (hours for a torchao model on CPU) resumes
+there instead of evaluating again; a step kept for another build of the artifact is computed again, and the
+steps go once the job directory is in place. The record's provenance is taken here, by the process that ran
+the job (on Ray, the node's), not by the driver. The store is written by the driver, one transaction per job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from quantlab.evaluate.accuracy import split_samples
@@ -41,16 +46,46 @@ def run_job(payload: dict, force: bool = False) -> dict:
 def _compute(job: Job, force: bool) -> dict:
     art = ensure_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
                           plan=job.step("quantize"))
+    build = hashlib.sha256(json.dumps(art["cost"], sort_keys=True, default=str).encode()).hexdigest()
+    step = lambda name, compute: _kept_step(job, name, build, force, compute)  # noqa: E731
+    fidelity, fid_dir = step("fidelity", lambda tmp: _fidelity(job, art["artifact"], tmp / "per_token.npz"))
+    accuracy, acc_dir = (None, None)
+    if job.suite:
+        accuracy, acc_dir = step("accuracy", lambda tmp: _accuracy(job, art["artifact"], tmp))
+    bench, _ = step("bench", lambda tmp: _bench(job, art["artifact"]))
     with atomic_dir(job.dir) as tmp:
-        fidelity = _fidelity(job, art["artifact"], tmp / "per_token.npz")
-        accuracy = _accuracy(job, art["artifact"], tmp)
-        bench = _bench(job, art["artifact"])
+        shutil.copy2(fid_dir / "per_token.npz", tmp / "per_token.npz")
+        if accuracy:
+            shutil.copy2(acc_dir / "samples.json.gz", tmp / "samples.json.gz")
         record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key,
                   "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
                   "provenance": job_provenance(job)}
         record["fidelity"]["per_token"] = str(job.dir / "per_token.npz")
         atomic_write_json(tmp / "result.json", record)
+    shutil.rmtree(_steps_dir(job), ignore_errors=True)
     return record
+
+
+def _steps_dir(job: Job) -> Path:
+    return job.dir.with_name(f"{job.dir.name}.steps")
+
+
+def _kept_step(job: Job, name: str, build: str, force: bool, compute) -> tuple:
+    """``compute(dir)``'s result and the dir holding its files: kept from an earlier run of this job when it
+    finished there on the same build of the artifact (and not ``force``), else computed into a temp dir that
+    is renamed into place."""
+    final = _steps_dir(job) / name
+    if not force:
+        try:
+            kept = json.loads((final / "result.json").read_text())
+        except (OSError, ValueError):
+            kept = None
+        if kept and kept.get("artifact_build") == build:
+            return kept["result"], final
+    with atomic_dir(final) as tmp:
+        result = compute(tmp)
+        atomic_write_json(tmp / "result.json", {"artifact_build": build, "result": result})
+    return result, final
 
 
 def _fidelity(job: Job, artifact: str, per_token: Path) -> dict:
@@ -71,9 +106,7 @@ def _bench(job: Job, artifact: str) -> dict:
                           budgeted=job.steps is not None)
 
 
-def _accuracy(job: Job, artifact: str, tmp: Path) -> dict | None:
-    if not job.suite:
-        return None
+def _accuracy(job: Job, artifact: str, tmp: Path) -> dict:
     payload = accuracy_payload(job.suite, job.prepared, job.device, job.threads, [(job.recipe, artifact)],
                                job.model.trust_remote_code)
     result = run_step("accuracy", payload)["results"][0]
