@@ -10,6 +10,7 @@ from quantlab.evaluate.fidelity import DEFINITIONS as FIDELITY
 from quantlab.measure.cost import DEFINITIONS as COST
 from quantlab.measure.latency import DEFINITIONS as LATENCY
 from quantlab.measure.memory import DEFINITIONS as MEMORY
+from quantlab.plan.steps import gb
 from quantlab.recipe import Recipe
 
 BUDGET = {
@@ -66,8 +67,6 @@ def budget_check(record: dict, budget: int) -> dict:
 
 def budget_warning(recipe: str, step: str, held: int, budget: int, plan: dict | None) -> str:
     """The one-line warning for a step that held more than the budget."""
-    from quantlab.plan.steps import gb
-
     plan = plan or {}
     return (f"{recipe}: its {step} step held {gb(held)}, over the {gb(budget)} budget (planned "
             f"{gb(plan.get('peak_bytes'))}, {plan.get('mode', '?')}) — the planner under-predicted it; leave more "

@@ -87,12 +87,15 @@ class GptqMethod(Method):
         - layers: one fp layer read; the calibration inputs and outputs of every window; one Hessian (in x in, fp32)
           per linear of the layer; and the solve of its largest-input linear: its Hessian's Cholesky factor and
           inverse, the weight, its quantized copy and the error, in fp32;
-        - save: the quantized model gathered whole (the parked layers and the unquantized embedding and head) to
-          be written.
+        - save (GPTQModel 7.6 ``models/writer.py``): the embedding and head read back from the checkpoint (the
+          head through a memory map and into a copy), one of them copied again as it is written
+          (``tensor.numpy().tobytes()``); the packed layers go from their offload files to the shard in 32 MiB
+          blocks, never whole.
 
-        On Qwen2.5-Coder-1.5B gptq-w8 under --max-memory 3.5GB this plans 3.18 GB and the step held 3.16 GB
-        (reports/qwen2.5-coder-1.5b/). Without a budget it held 3.58 GB: glibc keeps freed blocks in its heap
-        unless told to return them, which budgeted steps do (``quantlab.measure.memory.return_freed_memory``).
+        What GPTQModel still holds from quantizing when the save begins is not planned: with two decoder layers of
+        Qwen2.5-Coder-1.5B's shape it held 0.43 GB then, and the save added 2.73 GB to it against 2.83 GB planned
+        (``reports/bench/gptq-save.txt``). Without a budget glibc also keeps freed blocks in its heap unless told
+        to return them, which budgeted steps do (``quantlab.measure.memory.return_freed_memory``).
         """
         shapes = sizes["shapes"]
         elem = 4 if device == "cpu" else 2
@@ -100,12 +103,15 @@ class GptqMethod(Method):
         out, widest = max(per_layer.values(), key=lambda s: s[1], default=(0, 0))
         windows = config.samples * config.tokens * shapes.hidden * 4
         embed = shapes.unquantized["embeddings"] * elem
+        tables = (embed, shapes.unquantized["lm_head"] * elem)  # the head is 0 when tied to the embedding
         return {"capture: the embedding, mapped and copied": 2 * embed, "capture: first layer's inputs": windows,
                 "layers: one fp layer, mapped and copied": 2 * sizes["layer"],
                 "layers: calibration inputs and outputs": 2 * windows,
                 "layers: hessians": sum(k * k * 4 for _, k in per_layer.values()),
                 "layers: largest solve": 2 * widest * widest * 4 + 3 * out * widest * 4,
-                "save: the quantized model": sizes["quantized_weights"]}
+                "save: the embedding and head, read back": sum(tables),
+                "save: one of them copied as it is written": max(tables),
+                "save: the packed layers, copied in blocks": 32 * 2**20}
 
     def layout(self, config):
         return GptqPackedLayout(config.bits, config.group_size)
