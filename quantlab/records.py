@@ -18,7 +18,13 @@ BUDGET = {
               "over: the steps that held more than the budget. A step whose artifact was quantized earlier "
               "without a budget is not judged (unjudged)",
 }
-DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST, **BUDGET}
+WALL = {
+    "step_wall_s": "wall seconds of each step of the run, each in a process of its own: quantize (quantize_wall_s, "
+                   "the artifact's build, also when a later run reused the artifact), fidelity and bench (from the "
+                   "step process's entry to its result: imports, loads and the work); None where a step ran in no "
+                   "process of its own (a bench the budget skipped) or the record predates this field",
+}
+DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST, **BUDGET, **WALL}
 STEPS = ("quantize", "fidelity", "bench")
 
 
@@ -36,7 +42,10 @@ def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
             "latency": {"prefill_ms": (lat["prefill_ms"] or {}).get("median"),
                         "decode_tok_s": {b: v["median"] for b, v in lat["decode_tok_s"].items()},
                         "skipped": lat.get("skipped"), "detail": lat},
-            "cost": art["cost"], "threads": bench["threads"]}
+            "cost": art["cost"], "threads": bench["threads"],
+            "step_wall_s": {"quantize": art["cost"].get("quantize_wall_s"),
+                            "fidelity": (fidelity.get("step") or {}).get("wall_s"),
+                            "bench": bench.get("step_wall_s")}}
 
 
 def held_bytes(record: dict) -> dict[str, int | None]:

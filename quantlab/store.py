@@ -55,9 +55,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN job_key TEXT;
     CREATE UNIQUE INDEX runs_run_set_job ON runs (run_set, job_key) WHERE job_key IS NOT NULL;
     """,
+    # 4: each step's wall seconds (quantlab.records.WALL)
+    """
+    ALTER TABLE runs ADD COLUMN step_wall_s TEXT;
+    """,
 ]
 
-_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy")
+_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "step_wall_s")
 
 
 def default_store_path() -> Path:

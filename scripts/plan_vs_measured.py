@@ -58,11 +58,16 @@ def main() -> None:
         runs = list(reversed(store.list_runs(args.store, args.run_set)))
     shapes = model_shapes(load_config(resolve_model(args.model).path))
     print(f"$ .venv/bin/python scripts/plan_vs_measured.py {' '.join(sys.argv[1:])}")
-    print("held = peak RSS above the step process's RSS once its libraries are imported; GB = 10^9 bytes")
-    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}  budget")
+    print("held = peak RSS above the step process's RSS once its libraries are imported; GB = 10^9 bytes; "
+          "wall = the step's wall seconds (step_wall_s; quantize: the artifact's build)")
+    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}{'wall s':>9}"
+          "  budget")
     for run in runs:
         device = (run.get("provenance") or {}).get("device", {}).get("device", "cpu")
         plans, got = planned(run, shapes, device), held_bytes(run)
+        walls = {**(run.get("step_wall_s") or {})}
+        walls.setdefault("fidelity", (run["fidelity"].get("step") or {}).get("wall_s"))  # a record before step_wall_s
+        walls.setdefault("quantize", (run.get("cost") or {}).get("quantize_wall_s") or None)
         for step in ("quantize", "fidelity", "bench"):
             p, m = plans[step], got[step]
             if p["mode"] == "none":
@@ -71,7 +76,9 @@ def main() -> None:
             held = f"{m / 1e9:.2f}" if m else "—"
             budget = next((q.get("budget_bytes") for q in plans.values() if q.get("budget_bytes")), None)
             verdict = "" if budget is None or not m else ("OVER" if m > budget else "within")
-            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}  {verdict}")
+            wall = f"{walls[step]:.0f}" if walls.get(step) else "—"
+            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}"
+                  f"{wall:>9}  {verdict}")
 
 
 if __name__ == "__main__":

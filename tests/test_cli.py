@@ -55,6 +55,9 @@ def test_results_have_every_field(compared):
         assert run["latency"]["prefill_ms"] > 0
         assert set(run["latency"]["decode_tok_s"]) == {"1", "2"}
         assert run["cost"]["quantize_wall_s"] is not None
+        walls = run["step_wall_s"]  # each step's own process, timed; the quantize one is the artifact's build
+        assert walls["quantize"] == run["cost"]["quantize_wall_s"] and walls["fidelity"] > 0 and walls["bench"] > 0
+        assert walls["bench"] > sum(run["latency"]["detail"]["prefill_ms_samples"]) / 1000
         prov = run["provenance"]
         assert prov["versions"]["torch"] and prov["versions"]["transformers"] and prov["data_sha256"]
         assert prov["device"]["torch_threads"] == 1
@@ -79,7 +82,7 @@ def test_results_have_every_field(compared):
     from quantlab.table import render_table
 
     assert "arc_challenge acc_norm" in render_table(data) and "± = 1.96 x lm-eval stderr" in render_table(data)
-    assert {"acc", "acc_norm", "gold_logprob"} <= set(data["definitions"])
+    assert {"acc", "acc_norm", "gold_logprob", "step_wall_s"} <= set(data["definitions"])
 
 
 def test_gate_passes_a_rerun_and_reads_the_store(compared):
@@ -139,6 +142,7 @@ def test_runs_lists_stored_runs(compared):
     assert res.exit_code == 0
     rows = json.loads(res.stdout)
     assert len(rows) == 6 and {r["recipe"] for r in rows} == {"fp", "bnb-int8", "bnb-nf4", "rtn-w4-g32"}
+    assert all(r["step_wall_s"]["fidelity"] > 0 and r["step_wall_s"]["bench"] > 0 for r in rows)  # kept as stored
     table = _invoke("runs", "--store", str(compared["db"]))
     assert "bnb-nf4" in table.stdout
 

@@ -16,7 +16,8 @@ def test_schema_after_migrations(tmp_path):
     assert store.schema_version(conn) == len(store.MIGRATIONS)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
     assert cols == ["id", "run_set", "created_at", "model_ref", "model_fingerprint", "recipe", "method", "bits",
-                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "job_key"]
+                    "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "job_key",
+                    "step_wall_s"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(samples)")] == ["run_id", "task", "data"]
     assert "runs_run_set_job" in [r[1] for r in conn.execute("PRAGMA index_list(runs)")]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -91,7 +91,7 @@ def _run(job, row: dict, staging: Path, out: Path) -> dict:
     """The stored row as a results.json run, with its per-token and per-sample files staged for ``out``."""
     src, name = job.dir, safe_name(job.recipe.name)
     run = {k: row[k] for k in ("recipe", "method", "bits", "params", "artifact", "fidelity", "memory", "latency",
-                               "cost", "accuracy", "provenance", "job_key")}
+                               "cost", "step_wall_s", "accuracy", "provenance", "job_key")}
     run.update(guard=row["fidelity"].get("guard"), run_id=row["id"])
     try:  # what the job knew beside its stored columns
         record = json.loads((src / "result.json").read_text())
