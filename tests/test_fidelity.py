@@ -47,6 +47,33 @@ def test_identical_model_has_zero_kl_and_full_agreement(tiny_model, tiny_dir, ti
         np.testing.assert_allclose(shortcut[key], per_token[key], atol=1e-5)
 
 
+def test_a_batch_of_log_probs_is_freed_before_the_next_forward(tiny_model, tiny_dir, tiny_text, tmp_path):
+    """compare() holds one batch of candidate log-probs at a time: no view of it outlives its windows."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from quantlab.models import load_tokenizer
+
+    settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=6, bootstrap=200)
+    ids = fid.chunk_ids(load_tokenizer(tiny_dir), tiny_text.read_text(), settings)
+    fid.baseline_cache(tiny_model, ids, tmp_path / "cache", settings)
+    logprobs, _ = fid.load_baseline(tmp_path / "cache")
+
+    class Watched:  # a model with its own log_probs, as LayerwiseModel is, noting what is still alive
+        def __init__(self):
+            self.batches, self.alive_at_forward = [], []
+
+        def log_probs(self, batch):
+            self.alive_at_forward.append(sum(not ref.expired() for ref in self.batches))
+            out = fid._log_probs(tiny_model, batch)
+            self.batches.append(StorageWeakRef(out.untyped_storage()))  # a view keeps the storage, not the tensor
+            return out
+
+    watched = Watched()
+    per_token = fid.compare(watched, ids, logprobs, batch_size=2)
+    assert watched.alive_at_forward == [0, 0, 0]  # 6 windows, 2 per forward
+    np.testing.assert_allclose(per_token["kl"], 0.0, atol=1e-6)
+
+
 def test_perturbed_model_has_positive_kl_inside_its_interval(tiny_dir, tiny_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
