@@ -132,3 +132,7 @@ def test_quantizing_leaves_the_working_directory_clean(quantized, tmp_path, monk
     # ... and the saved configs do not point at it.
     for name in ("config.json", "quantize_config.json"):
         assert str(tmp_path / "tmp") not in (tmp_path / "out" / name).read_text()
+    # GPTQModel's shared stop-forward exception no longer holds the last calibration forward's frames
+    from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
+
+    assert STOP_FORWARD_EXCEPTION.__traceback__ is None
