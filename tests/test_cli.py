@@ -92,11 +92,11 @@ def test_gate_passes_a_rerun_and_reads_the_store(compared):
     res = _invoke("gate", "--baseline", str(compared["out"] / "results.json"), "--candidate", first["run_set"],
                   "--store", str(compared["db"]))
     assert res.exit_code == 0, res.output
-    assert res.output.count("PASS: within the policy") == 4 * 3  # 4 recipes x (acc, acc_norm, gold_logprob)
+    assert res.output.count("PASS: drop ≤ 0 not rejected") == 4 * 3  # 4 recipes x (acc, acc_norm, gold_logprob)
     res = _invoke("gate", "--baseline", f"{first['run_set']}@rtn-w4-g32", "--candidate",
                   f"{forced['run_set']}@rtn-w4-g32", "--store", str(compared["db"]))  # recomputed: passes too
     assert res.exit_code == 0, res.output
-    assert res.output.count("PASS: within the policy") == 3
+    assert res.output.count("PASS: drop ≤ 0 not rejected") == 3
     rows = store.read_samples(compared["db"], first["runs"][1]["run_id"])
     assert len(rows["arc_challenge"]) == 12
     stored = {r["id"]: r for r in store.list_runs(compared["db"], first["run_set"])}

@@ -20,25 +20,67 @@ ITEMS = 60
 def test_mcnemar_is_exact():
     assert stats.binomial_tail(22, 26) == pytest.approx(17902 / 2 ** 26)  # 22 lost / 4 gained
     assert 2 * stats.binomial_tail(22, 26) == pytest.approx(0.000533, rel=1e-3)  # two-sided, as usually quoted
-    res = stats.paired_binary([1] * 22 + [0] * 4 + [1] * 74, [0] * 22 + [1] * 4 + [1] * 74, alpha=0.05)
+    res = stats.paired_binary([1] * 22 + [0] * 4 + [1] * 74, [0] * 22 + [1] * 4 + [1] * 74)
     assert res.drop == pytest.approx(0.18) and res.detail == {"lost": 22, "gained": 4}
-    assert res.p_value < 0.001 and res.ci95[0] > 0
-    even = stats.paired_binary([1, 0] * 10, [0, 1] * 10, alpha=0.05)
+    assert res.p_value < 0.001 and res.ci95[0] > 0 and res.test.startswith("McNemar")
+    even = stats.paired_binary([1, 0] * 10, [0, 1] * 10)
     assert even.drop == 0 and even.p_value > 0.5
-    same = stats.paired_binary([1, 0] * 50, [1, 0] * 50, alpha=0.05)
-    assert same.detectable == pytest.approx(5 / 100)  # 0.5**5 < 0.05: five lost documents at the least
+    same = stats.paired_binary([1, 0] * 50, [1, 0] * 50)
+    assert stats.detectable(same, 0.05, binary=True) == pytest.approx(5 / 100)  # 0.5**5 < 0.05: five lost at least
+
+
+def test_a_drop_within_the_margin_is_the_null_and_one_beyond_it_is_not():
+    # 18 of 100 documents lost, none gained: a drop of 0.18. Against "drop <= 0.15" that is 3 documents beyond
+    # the tolerance (not significant); against "drop <= 0.05" it is 13 beyond (significant).
+    base, cand = [1] * 100, [0] * 18 + [1] * 82
+    assert stats.paired_binary(base, cand, margin=0.15).p_value > 0.05
+    assert stats.paired_binary(base, cand, margin=0.05).p_value < 0.01
+    assert stats.paired_binary(base, cand, margin=0.18).p_value > 0.4  # at the margin: p near one half
+    assert stats.paired_binary(base, cand, margin=0.3).p_value > 0.99  # well within it
+
+
+def test_shifted_p_is_the_share_of_replicates_beyond_the_estimate_recentred():
+    reps = [0.0, 0.1, 0.2, 0.3, 0.4]  # estimate 0.2: recentred, replicates at -0.2 .. 0.2
+    assert stats.shifted_p(reps, 0.2, 0.0) == pytest.approx((1 + 1) / 6)  # only 0.4 - 0.2 >= 0.2
+    assert stats.shifted_p(reps, 0.2, 0.1) == pytest.approx((2 + 1) / 6)  # 0.3 and 0.4 lie >= 0.1 above 0.2
+    assert stats.shifted_p(reps, 0.2, 0.2) == pytest.approx((3 + 1) / 6)
+
+
+def test_a_candidate_at_the_margin_fails_at_most_alpha_of_the_time():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    fails = sum(stats.paired_mean(np.zeros(80), -(0.1 + rng.standard_normal(80)), margin=0.1, seed=i).p_value < 0.05
+                for i in range(300))  # true degradation exactly the margin
+    assert fails / 300 <= 0.05 + 2 * (0.05 * 0.95 / 300) ** 0.5  # within two standard errors of alpha
+    beyond = sum(stats.paired_mean(np.zeros(80), -(0.6 + rng.standard_normal(80)), margin=0.1, seed=i).p_value < 0.05
+                 for i in range(100))
+    assert beyond >= 80  # 0.5 beyond the margin at se 0.11: power about 0.99
+
+
+def test_sign_flip_is_exact_for_a_symmetric_null():
+    assert stats.sign_flip([1.0, 1.0, 1.0]) == pytest.approx(1 / 8, abs=0.02)  # all positive: 1 of 8 sign patterns
+    assert stats.sign_flip([1.0, -1.0] * 20) > 0.4
+
+
+def test_holm_adjusts_step_down():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5]) == [0.5] and stats.holm([]) == []
 
 
 def test_perplexity_test_sees_a_small_consistent_shift():
     base = [-100.0 - i for i in range(30)]
     cand = [b - 0.5 for b in base]  # every document a little worse
-    res = stats.paired_perplexity(base, cand, [50] * 30, alpha=0.05)
+    res = stats.paired_perplexity(base, cand, [50] * 30)
     assert res.drop > 0 and res.p_value < 0.01
     assert res.baseline == pytest.approx(math.exp(sum(-b for b in base) / 1500))
+    assert stats.paired_perplexity(base, cand, [50] * 30, margin=2 * res.drop).p_value > 0.5
 
 
-def test_gold_logprob_is_a_log_softmax_over_choices():
-    assert stats.gold_logprob([-1.0, -1.0], 0) == pytest.approx(math.log(0.5))
+def test_gold_logprob_is_normalised_by_each_choice_length_and_the_sum_form_is_named_so():
+    assert stats.gold_logprob([-10.0, -20.0], 0, [10, 20]) == pytest.approx(math.log(0.5))  # both -1 nat/char
+    assert stats.gold_logprob([-10.0, -20.0, -1.0], 1, [10, 20, 1]) == pytest.approx(math.log(1 / 3))  # chance
+    assert stats.gold_logprob_sum([-10.0, -20.0], 1) == pytest.approx(-10 - math.log1p(math.exp(-10)))
 
 
 @pytest.mark.parametrize("text, match", [
@@ -47,6 +89,8 @@ def test_gold_logprob_is_a_log_softmax_over_choices():
     ("metrics:\n  - metric: fidelity/kdl\n", "unknown fidelity metric 'kdl'"),
     ("alpha: 2\nmetrics:\n  - metric: arc_easy/acc\n", "alpha must be in"),
     ("metrics: []\n", "non-empty 'metrics:'"),
+    ("metrics:\n  - metric: arc_easy/acc\n    alpha: 0.01\n", "alpha is the policy's, family-wise"),
+    ("inconclusive: maybe\nmetrics:\n  - metric: arc_easy/acc\n", "inconclusive must be 'pass' or 'fail'"),
 ])
 def test_bad_policies_are_one_line_errors(tmp_path, text, match):
     path = tmp_path / "p.yaml"
@@ -110,8 +154,11 @@ def test_rerun_of_the_same_model_passes(evaluated, tmp_path):
     assert res.exit_code == 0, res.output
     verdict = json.loads((tmp_path / "v.json").read_text())
     assert verdict["verdict"] == "pass" and all(m["drop"] == 0 for m in verdict["comparisons"][0]["metrics"])
-    assert {m["metric"]: m["detectable"] for m in verdict["comparisons"][0]["metrics"]}["arc_challenge/acc"] == \
-        pytest.approx(5 / ITEMS)
+    metrics = verdict["comparisons"][0]["metrics"]
+    assert [m["metric"] for m in metrics] == ["arc_challenge/acc", "arc_challenge/acc_norm", "arc_challenge/gold_logprob"]
+    # identical sides: McNemar needs k lost documents with 0.5**k below Holm's first level, 0.05 / 3 metrics
+    assert metrics[0]["detectable"] == pytest.approx(math.ceil(math.log2(3 / 0.05)) / ITEMS)
+    assert all(m["p_value"] == 1.0 and m["p_adjusted"] == 1.0 for m in metrics)
     assert (tmp_path / "s.md").read_text().startswith("## quantlab gate: PASS")
 
 
@@ -120,14 +167,27 @@ def test_damaged_quantization_fails_with_the_reason(evaluated, tmp_path):
     assert res.exit_code == 3, res.output
     metrics = {m["metric"]: m for m in json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]}
     acc = metrics["arc_challenge/acc"]
-    assert acc["verdict"] == "regression" and acc["p_value"] < 0.05 and acc["detail"]["lost"] > acc["detail"]["gained"]
-    assert "degraded by" in acc["reason"] and "REGRESSION" in res.output
+    assert acc["verdict"] == "regression" and acc["p_adjusted"] < 0.05 and acc["detail"]["lost"] > acc["detail"]["gained"]
+    assert acc["p_adjusted"] == pytest.approx(min(1.0, acc["p_value"] * 2), rel=1e-9) or acc["p_adjusted"] >= acc["p_value"]
+    assert "beyond drop ≤ 0" in acc["reason"] and "REGRESSION" in res.output
 
 
 def test_policy_thresholds_tolerate_a_drop_within_them(evaluated, tmp_path):
     policy = tmp_path / "loose.yaml"
     policy.write_text("alpha: 0.05\nmetrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.95\n")
     assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["damaged"], "--policy", policy).exit_code == 0
+
+
+def test_too_few_documents_for_the_tolerance_is_inconclusive_and_the_policy_decides(evaluated, tmp_path):
+    policy = tmp_path / "tight.yaml"
+    policy.write_text("metrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.01\n")
+    res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy,
+                "--json-out", tmp_path / "v.json")
+    assert res.exit_code == 0 and "INCONCLUSIVE" in res.output  # 60 documents cannot resolve 0.02
+    (metric,) = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]
+    assert metric["verdict"] == "inconclusive" and metric["detectable"] == pytest.approx(0.01 + 5 / ITEMS)
+    policy.write_text("inconclusive: fail\nmetrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.01\n")
+    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy).exit_code == 3
 
 
 def test_missing_task_fails_closed(evaluated, tmp_path):

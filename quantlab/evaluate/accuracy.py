@@ -40,5 +40,9 @@ SUITE_DEFINITIONS = {
     "acc": "lm-eval accuracy: the choice with the highest summed log-likelihood is the gold one",
     "acc_norm": "lm-eval accuracy with each choice's log-likelihood divided by its length in characters",
     "stderr": "lm-eval's standard error: closed form for means, bootstrap for perplexity",
-    "gold_logprob": "log-probability of the gold choice among the choices, log softmax over choice log-likelihoods",
+    "gold_logprob": "log of the gold choice's share of a softmax over the choices' length-normalised log-likelihoods "
+                    "(each choice's log-likelihood divided by its length in characters, as acc_norm divides it): "
+                    "acc_norm made soft, in nats; chance is log(1 / choices)",
+    "gold_logprob_sum": "log-probability of the gold choice from a softmax over the choices' summed "
+                        "log-likelihoods: acc made soft; long choices dominate it",
 }

@@ -260,7 +260,8 @@ def compact_samples(task, samples: list[dict]) -> list[dict]:
     """Per document, sorted by doc_id: scalar metric values, the model's log-likelihoods and the gold index.
     (With a shard lm-eval logs each document's index in the full task, so shards merge and pair.)
 
-    multiple_choice: ``ll`` per choice (in choice order) and ``gold``; loglikelihood: ``ll`` of the target and
+    multiple_choice: ``ll`` per choice (in choice order), ``gold`` and ``choice_len`` (each choice's length in
+    characters, as lm-eval's acc_norm counts it); loglikelihood: ``ll`` of the target and
     ``greedy``; loglikelihood_rolling: ``ll`` of the document plus the word/byte counts it is scored over.
     """
     out = []
@@ -273,6 +274,7 @@ def compact_samples(task, samples: list[dict]) -> list[dict]:
         if task.OUTPUT_TYPE == "multiple_choice":
             row["ll"] = [float(r[0]) for r in s["filtered_resps"]]
             row["gold"] = gold_index(task, s["doc"])
+            row["choice_len"] = [len(c) for c in task.doc_to_choice(s["doc"])]  # what acc_norm divides by
         elif task.OUTPUT_TYPE == "loglikelihood":
             ll, greedy = s["filtered_resps"][0]
             row.update(ll=float(ll), greedy=bool(greedy))

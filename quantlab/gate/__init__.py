@@ -2,18 +2,23 @@
 
 ``run_gate`` loads both references (a results.json, a run id or a run set from the store; ``REF@recipe``
 picks one recipe), pairs candidate runs with baseline runs, tests each policy metric on the documents both
-sides scored, and returns a verdict: ``pass``, ``regression`` (exit 3) or ``error`` (exit 1, fail closed:
-a metric, task or sample the policy needs is missing).
+sides scored, and returns a verdict: ``pass``, ``regression`` (exit 3), ``inconclusive`` (exit 0, or 3 when the
+policy says ``inconclusive: fail``) or ``error`` (exit 1, fail closed: a metric, task or sample the policy needs
+is missing).
+
+Each metric tests the null "true degradation ≤ margin" (the rule's max_drop or what its min_recovery allows; 0
+without either), so a candidate within tolerance fails with probability ≤ alpha; Holm's correction across the
+policy's metrics makes that hold for the whole comparison (family-wise). scripts/bench_gate.py measures it.
 """
 
 from __future__ import annotations
 
 from quantlab.errors import UsageError
 from quantlab.gate import stats
-from quantlab.gate.policy import BINARY, Policy, default_policy, load_policy
+from quantlab.gate.policy import BINARY, DERIVED, Policy, default_policy, load_policy
 from quantlab.gate.refs import load_ref
 
-EXIT_CODES = {"pass": 0, "regression": 3, "error": 1}
+EXIT_CODES = {"pass": 0, "regression": 3, "error": 1, "inconclusive": 0}  # inconclusive: 3 when the policy says fail
 # metrics computed from per-document log-likelihoods, and the count each is normalised by (None: documents)
 PER_DOCUMENT = {"perplexity": None, "word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
 
@@ -30,9 +35,11 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
                          "--tasks/--suite, or give --policy (e.g. metric: fidelity/kld_mean)")
     comparisons = [compare(b, c, policy, seed) for b, c in pairs]
     verdicts = {c["verdict"] for c in comparisons}
-    verdict = "error" if "error" in verdicts else "regression" if "regression" in verdicts else "pass"
-    return {"verdict": verdict, "exit_code": EXIT_CODES[verdict], "policy": policy.name, "alpha": policy.alpha,
-            "baseline": baseline, "candidate": candidate, "comparisons": comparisons}
+    verdict = next(v for v in ("error", "regression", "inconclusive", "pass") if v in verdicts or v == "pass")
+    code = EXIT_CODES["regression"] if verdict == "inconclusive" and policy.inconclusive == "fail" else EXIT_CODES[verdict]
+    return {"verdict": verdict, "exit_code": code, "policy": policy.name, "alpha": policy.alpha,
+            "inconclusive": policy.inconclusive, "baseline": baseline, "candidate": candidate,
+            "comparisons": comparisons}
 
 
 def pair_runs(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]]:
@@ -68,41 +75,56 @@ def _pair_by_model(base: list[dict], cand: list[dict]) -> list[tuple[dict, dict]
 
 
 def compare(base: dict, cand: dict, policy: Policy, seed: int) -> dict:
-    results = []
+    """Every policy metric of one candidate against its baseline: each metric's test at its margin, Holm's
+    correction across the metrics tested (one family per comparison), then each metric's verdict."""
+    tested, results = [], []
     for rule in policy.rules:
         try:
-            results.append(judge(rule, test_metric(base, cand, rule, seed)))
+            tested.append((rule, test_metric(base, cand, rule, seed)))
         except MissingData as exc:
             results.append({"metric": rule.name, "verdict": "error", "reason": str(exc)})
+    adjusted = stats.holm([t.p_value for _, t in tested])
+    family = len(tested)
+    results = [judge(rule, test, p, policy, family) for (rule, test), p in zip(tested, adjusted)] + results
     verdicts = {r["verdict"] for r in results}
-    verdict = "error" if "error" in verdicts else "regression" if "regression" in verdicts else "pass"
-    return {"baseline": base["label"], "candidate": cand["label"], "verdict": verdict, "metrics": results}
+    verdict = next(v for v in ("error", "regression", "inconclusive", "pass") if v in verdicts or v == "pass")
+    return {"baseline": base["label"], "candidate": cand["label"], "verdict": verdict, "metrics": results,
+            "family": family}
 
 
 class MissingData(Exception):
     """A metric, task or per-sample record the policy needs is absent (the gate fails closed)."""
 
 
-def judge(rule, test) -> dict:
-    drop, base = test.drop, test.baseline
-    reasons = []
-    if rule.max_drop is not None and drop > rule.max_drop + 1e-12:  # float noise: a drop of exactly max_drop passes
-        reasons.append(f"drop {drop:.4g} > max_drop {rule.max_drop:g}")
+def margin(rule, baseline: float) -> float:
+    """The degradation the rule tolerates: max_drop, or what min_recovery allows at this baseline (the smaller
+    when both are given), 0 when neither is."""
+    limits = [] if rule.max_drop is None else [rule.max_drop]
     if rule.min_recovery is not None:
-        recovery = test.candidate / base if rule.higher_is_better else base / test.candidate
-        if recovery < rule.min_recovery:
-            reasons.append(f"recovery {recovery:.3f} < min_recovery {rule.min_recovery:g}")
-    if rule.max_drop is None and rule.min_recovery is None and drop > 0:
-        reasons.append(f"degraded by {drop:.4g}")
-    significant = test.p_value < rule.alpha
-    if reasons and significant:
-        verdict, reason = "regression", f"{'; '.join(reasons)}, p = {test.p_value:.2g} < {rule.alpha:g}"
-    elif reasons:
-        verdict, reason = "pass", f"{'; '.join(reasons)} but not significant (p = {test.p_value:.2g} ≥ {rule.alpha:g})"
+        allowed = (1 - rule.min_recovery) * baseline if rule.higher_is_better else baseline * (1 / rule.min_recovery - 1)
+        limits.append(max(allowed, 0.0))
+    return min(limits) if limits else 0.0
+
+
+def judge(rule, test, p_adjusted: float, policy: Policy, family: int) -> dict:
+    """regression when Holm's adjusted p < alpha; inconclusive when not, but the test cannot tell a degradation
+    of twice the margin from the margin with 80 % power (see ``stats.detectable``, at Holm's first-step level
+    alpha / family); else pass."""
+    alpha = policy.alpha
+    found = stats.detectable(test, alpha / max(family, 1), rule.metric in BINARY)
+    null = f"drop ≤ {test.margin:.4g}"
+    ps = f"p = {test.p_value:.2g}, Holm p = {p_adjusted:.2g}"
+    if p_adjusted < alpha:
+        verdict, reason = "regression", f"drop {test.drop:.4g} beyond {null}: {ps} < {alpha:g}"
+    elif test.margin > 0 and (found is None or found > 2 * test.margin):
+        verdict = "inconclusive"
+        reason = (f"{ps}, but {test.n} documents detect a drop of {found:.4g} (> 2 x {test.margin:.4g}) with 80 % "
+                  f"power — use more documents" if found is not None else f"{ps}, but no spread to size the test by")
     else:
-        verdict, reason = "pass", "within the policy"
+        verdict, reason = "pass", f"{null} not rejected ({ps} ≥ {alpha:g})"
     return {"metric": rule.name, "verdict": verdict, "reason": reason, "max_drop": rule.max_drop,
-            "min_recovery": rule.min_recovery, "higher_is_better": rule.higher_is_better, **test.to_dict()}
+            "min_recovery": rule.min_recovery, "higher_is_better": rule.higher_is_better, "p_adjusted": p_adjusted,
+            "detectable": found, **test.to_dict()}
 
 
 def test_metric(base: dict, cand: dict, rule, seed: int):
@@ -115,24 +137,42 @@ def test_metric(base: dict, cand: dict, rule, seed: int):
         raise MissingData(f"{rule.task}: candidate {cand['label']} lacks {lost} of the baseline's "
                           f"{len(b_rows)} documents — evaluate both with the same tasks and --limit")
     b, c = [b_rows[i] for i in common], [c_rows[i] for i in common]
-    if rule.metric == "gold_logprob":
-        if any("ll" not in r or r.get("gold") is None for r in b + c):
-            raise MissingData(f"{rule.task}/gold_logprob needs multiple-choice log-likelihoods with a gold index")
-        return stats.paired_mean([stats.gold_logprob(r["ll"], r["gold"]) for r in b],
-                                 [stats.gold_logprob(r["ll"], r["gold"]) for r in c], rule.alpha, True, seed)
+    if rule.metric in DERIVED:
+        return _derived_test(b, c, rule, seed)
     if rule.metric in PER_DOCUMENT:
         key = PER_DOCUMENT[rule.metric]
         if any("ll" not in r or (key and key not in r) for r in b + c):
             raise MissingData(f"{rule.name} needs per-document log-likelihoods{f' and {key}' if key else ''}")
-        return stats.paired_perplexity([r["ll"] for r in b], [r["ll"] for r in c], [r[key] if key else 1 for r in b],
-                                       rule.alpha, seed, bits=rule.metric == "bits_per_byte")
+        counts = [r[key] if key else 1 for r in b]
+        lls = [[r["ll"] for r in rows] for rows in (b, c)]
+        bits = rule.metric == "bits_per_byte"
+        value = stats.paired_perplexity(lls[0], lls[0], counts, bits=bits).baseline
+        return stats.paired_perplexity(lls[0], lls[1], counts, margin(rule, value), seed, bits=bits)
     if any(rule.metric not in r for r in b + c):
         raise MissingData(f"{rule.name}: the per-sample scores have no '{rule.metric}' — "
-                          f"metrics there: {', '.join(sorted(k for k in b[0] if k not in ('doc_id', 'll', 'gold')))}")
+                          f"metrics there: {', '.join(sorted(k for k in b[0] if k not in SAMPLE_FIELDS))}")
     values_b, values_c = [r[rule.metric] for r in b], [r[rule.metric] for r in c]
+    tolerated = margin(rule, sum(values_b) / len(values_b))
     if rule.metric in BINARY:
-        return stats.paired_binary(values_b, values_c, rule.alpha, seed)
-    return stats.paired_mean(values_b, values_c, rule.alpha, rule.higher_is_better, seed)
+        return stats.paired_binary(values_b, values_c, tolerated, seed)
+    return stats.paired_mean(values_b, values_c, tolerated, rule.higher_is_better, seed)
+
+
+SAMPLE_FIELDS = ("doc_id", "ll", "gold", "choice_len", "greedy", "words", "bytes")
+
+
+def _derived_test(b: list[dict], c: list[dict], rule, seed: int):
+    """gold_logprob (length-normalised) and gold_logprob_sum from the choices' log-likelihoods."""
+    if any("ll" not in r or r.get("gold") is None for r in b + c):
+        raise MissingData(f"{rule.name} needs multiple-choice log-likelihoods with a gold index")
+    if rule.metric == "gold_logprob":
+        if any("choice_len" not in r for r in b + c):
+            raise MissingData(f"{rule.name} needs each choice's length, which samples from before quantlab kept "
+                              "them lack — evaluate again, or gate on gold_logprob_sum")
+        values = [[stats.gold_logprob(r["ll"], r["gold"], r["choice_len"]) for r in rows] for rows in (b, c)]
+    else:
+        values = [[stats.gold_logprob_sum(r["ll"], r["gold"]) for r in rows] for rows in (b, c)]
+    return stats.paired_mean(values[0], values[1], margin(rule, 0.0), True, seed)
 
 
 def _rows(run: dict, task: str) -> dict:
@@ -154,4 +194,4 @@ def _fidelity_test(base: dict, cand: dict, rule, seed: int):
         arrays.append(np.asarray(kld))
     if arrays[0].shape != arrays[1].shape:
         raise MissingData(f"{rule.name}: baseline and candidate scored different tokens — use the same text and windows")
-    return stats.paired_mean(arrays[0], arrays[1], rule.alpha, False, seed)  # over text windows
+    return stats.paired_mean(arrays[0], arrays[1], margin(rule, float(arrays[0].mean())), False, seed)  # windows

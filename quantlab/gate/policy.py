@@ -1,15 +1,21 @@
 """Gate policies are data: a YAML file listing metrics, their direction and how much loss each tolerates.
 
-    alpha: 0.05                       # significance level of every paired test
+    alpha: 0.05                       # family-wise: the chance that a candidate within tolerance fails
+    inconclusive: pass                # or fail: what an underpowered metric does to the exit code
     metrics:
-      - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/<kld_mean|ppl>
+      - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/kld_mean
         max_drop: 0.03                # absolute, in the metric's units
         min_recovery: 0.95            # candidate/baseline (baseline/candidate when lower is better)
       - metric: arc_easy/gold_logprob
         max_drop: 0.05
 
-A metric fails only when its paired test says the candidate is worse (p < alpha) and the degradation is
-beyond a threshold; with no threshold, any significant degradation fails.
+Each metric tests the null "the true degradation is at most the tolerance" (max_drop, or what min_recovery
+allows at the baseline's value, the smaller of the two; 0 with neither); Holm's correction across the metrics
+keeps the chance that any of them fails a candidate within tolerance at most alpha. A metric whose documents
+are too few to tell a degradation of twice its tolerance from the tolerance (80 % power) is inconclusive. The
+default is to pass it, with the verdict saying so and the degradation it could detect: a gate on a small suite
+should still let a good candidate through, and its false-fail rate is what alpha promises; a release gate that
+must not pass untested quality says ``inconclusive: fail``.
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ from quantlab.fsutil import load_yaml
 
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl"}
 BINARY = {"acc", "acc_norm", "exact_match"}
-DERIVED = {"gold_logprob"}  # computed from multiple-choice log-likelihoods
+DERIVED = {"gold_logprob", "gold_logprob_sum"}  # computed from multiple-choice log-likelihoods
 FIDELITY = {"kld_mean"}
-_METRIC_KEYS = {"metric", "direction", "max_drop", "min_recovery", "alpha"}
-_POLICY_KEYS = {"description", "alpha", "metrics"}
+_METRIC_KEYS = {"metric", "direction", "max_drop", "min_recovery"}
+_POLICY_KEYS = {"description", "alpha", "inconclusive", "metrics"}
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,6 @@ class MetricRule:
     higher_is_better: bool
     max_drop: float | None = None
     min_recovery: float | None = None
-    alpha: float = 0.05
 
     @property
     def name(self) -> str:
@@ -47,6 +52,7 @@ class Policy:
     name: str
     alpha: float
     rules: tuple[MetricRule, ...]
+    inconclusive: str = "pass"  # or "fail"
 
 
 def default_policy(tasks: dict[str, dict], alpha: float = 0.05) -> Policy:
@@ -56,9 +62,9 @@ def default_policy(tasks: dict[str, dict], alpha: float = 0.05) -> Policy:
     for task, info in sorted(tasks.items()):
         for metric in info.get("metrics", {}):
             if metric in BINARY or metric in LOWER_IS_BETTER:
-                rules.append(MetricRule(task, metric, metric not in LOWER_IS_BETTER, alpha=alpha))
+                rules.append(MetricRule(task, metric, metric not in LOWER_IS_BETTER))
         if info.get("output_type") == "multiple_choice":
-            rules.append(MetricRule(task, "gold_logprob", True, alpha=alpha))
+            rules.append(MetricRule(task, "gold_logprob", True))
     return Policy("default (any significant degradation)", alpha, tuple(rules))
 
 
@@ -69,14 +75,20 @@ def load_policy(path: str | Path) -> Policy:
         raise UsageError(f"Gate policy {path} needs a non-empty 'metrics:' list")
     _unknown(set(data) - _POLICY_KEYS, f"Gate policy {path}", _POLICY_KEYS)
     alpha = _alpha(data.get("alpha", 0.05), path)
-    rules = tuple(_rule(entry, alpha, path, n) for n, entry in enumerate(data["metrics"], 1))
-    return Policy(str(path), alpha, rules)
+    inconclusive = data.get("inconclusive", "pass")
+    if inconclusive not in ("pass", "fail"):
+        raise UsageError(f"Gate policy {path}: inconclusive must be 'pass' or 'fail' (got {inconclusive!r})")
+    rules = tuple(_rule(entry, path, n) for n, entry in enumerate(data["metrics"], 1))
+    return Policy(str(path), alpha, rules, inconclusive)
 
 
-def _rule(entry, alpha: float, path: Path, n: int) -> MetricRule:
+def _rule(entry, path: Path, n: int) -> MetricRule:
     where = f"Gate policy {path} metric {n}"
     if not isinstance(entry, dict) or "metric" not in entry:
         raise UsageError(f"{where}: each entry needs 'metric: <task>/<metric>', e.g. metric: arc_easy/acc")
+    if "alpha" in entry:
+        raise UsageError(f"{where}: alpha is the policy's, family-wise across its metrics (Holm) — set it once at "
+                         "the top of the policy")
     _unknown(set(entry) - _METRIC_KEYS, where, _METRIC_KEYS)
     task, sep, metric = str(entry["metric"]).partition("/")
     if not sep or not task or not metric:
@@ -92,7 +104,7 @@ def _rule(entry, alpha: float, path: Path, n: int) -> MetricRule:
             raise UsageError(f"{where}: {key} must be a number ≥ 0 (got {value!r})")
     if min_rec is not None and metric in DERIVED | FIDELITY:
         raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use max_drop")
-    return MetricRule(task, metric, direction == "higher", max_drop, min_rec, _alpha(entry.get("alpha", alpha), path))
+    return MetricRule(task, metric, direction == "higher", max_drop, min_rec)
 
 
 def _alpha(value, path) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantlab.fsutil import atomic_write_json, atomic_write_text
 
-ICON = {"pass": "PASS", "regression": "REGRESSION", "error": "ERROR"}
+ICON = {"pass": "PASS", "regression": "REGRESSION", "error": "ERROR", "inconclusive": "INCONCLUSIVE"}
 
 
 def _num(x) -> str:
@@ -13,21 +13,25 @@ def _num(x) -> str:
 
 def render_markdown(verdict: dict) -> str:
     lines = [f"## quantlab gate: {ICON[verdict['verdict']]}", "",
-             f"Baseline `{verdict['baseline']}`, candidate `{verdict['candidate']}`; policy `{verdict['policy']}`. "
-             "Drop = degradation in the metric's units (positive = worse); p = one-sided paired test that the "
-             "candidate is worse; detectable = the drop this many documents detect at the policy's alpha with 80 % power.",
+             f"Baseline `{verdict['baseline']}`, candidate `{verdict['candidate']}`; policy `{verdict['policy']}`, "
+             f"alpha {verdict['alpha']:g} family-wise, inconclusive metrics {verdict.get('inconclusive', 'pass')}. "
+             "Drop = degradation in the metric's units (positive = worse); null = the degradation tolerated; "
+             "p = one-sided paired test of the null, Holm p = adjusted across the comparison's metrics (regression "
+             "when < alpha); detectable = the true drop this many documents detect with 80 % power at alpha / metrics.",
              ""]
     for comp in verdict["comparisons"]:
         lines += [f"### {comp['candidate']} vs {comp['baseline']}: {ICON[comp['verdict']]}", "",
-                  "| metric | baseline | candidate | drop [95% CI] | p | test | n | detectable | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| metric | baseline | candidate | drop [95% CI] | null: drop ≤ | p | Holm p | test | n | detectable "
+                  "| verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in comp["metrics"]:
             if "drop" not in m:
-                lines.append(f"| {m['metric']} | | | | | | | | {ICON[m['verdict']]}: {m['reason']} |")
+                lines.append(f"| {m['metric']} | | | | | | | | | | {ICON[m['verdict']]}: {m['reason']} |")
                 continue
             lo, hi = m["ci95"]
             lines.append(f"| {m['metric']} | {_num(m['baseline'])} | {_num(m['candidate'])} | {_num(m['drop'])} "
-                         f"[{_num(lo)}, {_num(hi)}] | {m['p_value']:.2g} | {m['test']} | {m['n']} | "
+                         f"[{_num(lo)}, {_num(hi)}] | {_num(m['margin'])} | {m['p_value']:.2g} | {m['p_adjusted']:.2g} | "
+                         f"{m['test']} | {m['n']} | "
                          f"{_num(m['detectable'])} | {ICON[m['verdict']]}: {m['reason']} |")
         lines.append("")
     return "\n".join(lines)

@@ -1,8 +1,17 @@
-"""Paired tests for baseline-vs-candidate on the same documents (or tokens).
+"""Paired tests for baseline-vs-candidate on the same documents (or text windows).
 
-Every function takes per-item values of both sides in the same order and returns the candidate's
-degradation (positive = worse) with a one-sided p-value for "the candidate is worse", a 95 % bootstrap
-interval of the degradation and the smallest degradation the test would detect with 80 % power.
+Every test takes per-item values of both sides in the same order and a ``margin``: the degradation the
+policy tolerates. It tests the null "the candidate's true degradation is at most ``margin``" (positive =
+worse, in the metric's units) against "it is more", one-sided, so a candidate within tolerance fails with
+probability at most the level the p-value is compared to. It returns the degradation, its 95 % bootstrap
+interval, that p-value and the degradation's standard error (from which the gate sizes the degradation the
+test detects).
+
+- 0/1 scores at margin 0: McNemar's exact test on the discordant documents.
+- Everything else: a paired bootstrap whose replicates are recentred on the null (translation; Efron and
+  Tibshirani 1993, section 16.4): p = (1 + #{rep - estimate >= estimate - margin}) / (B + 1). The replicates'
+  spread about the estimate stands in for the estimate's spread about the truth. ``sign_flip`` is the exact
+  alternative for per-item differences at margin 0.
 """
 
 from __future__ import annotations
@@ -20,10 +29,10 @@ class Paired:
     candidate: float
     drop: float  # degradation in the metric's units: baseline - candidate if higher is better
     ci95: tuple[float, float]
-    p_value: float  # one-sided: P(a drop this large | no true change)
+    margin: float  # the null: true degradation <= margin
+    p_value: float  # one-sided: P(a degradation this far beyond the margin | the true one is the margin)
     test: str
-    detectable: float | None  # drop detectable at this alpha with 80 % power, from the observed spread
-    # (None when both sides are identical and the spread is zero)
+    se: float | None  # standard error of ``drop`` (None: both sides identical, no spread)
     n: int
     detail: dict
 
@@ -31,10 +40,11 @@ class Paired:
         return asdict(self)
 
 
-def _z(alpha: float) -> float:
+def z(level: float) -> float:
+    """The standard normal's upper ``level`` quantile."""
     from statistics import NormalDist
 
-    return NormalDist().inv_cdf(1 - alpha)
+    return NormalDist().inv_cdf(1 - level)
 
 
 def binomial_tail(k: int, n: int) -> float:
@@ -44,74 +54,147 @@ def binomial_tail(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
 
 
+def shifted_p(reps, estimate: float, margin: float) -> float:
+    """One-sided bootstrap p-value of "true degradation <= margin" from replicates of the degradation,
+    recentred on the null: the share of replicates at least as far above the estimate as the estimate is
+    above the margin, +1 smoothed."""
+    import numpy as np
+
+    reps = np.asarray(reps, float)
+    return float((np.count_nonzero(reps - estimate >= estimate - margin - 1e-12) + 1) / (reps.size + 1))
+
+
+def sign_flip(d, seed: int = 0, rounds: int = BOOTSTRAP) -> float:
+    """One-sided paired sign-flip permutation p-value of "mean(d) <= 0" for per-item degradations ``d``: each
+    round flips every item's sign at random (exact under a null symmetric about 0), +1 smoothed."""
+    import numpy as np
+
+    d = np.asarray(d, float)
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((-1.0, 1.0), size=(rounds, d.size))
+    return float((np.count_nonzero((signs * d).mean(axis=1) >= d.mean() - 1e-12) + 1) / (rounds + 1))
+
+
 def _bootstrap(values, stat, seed: int):
-    """Percentile 95 % interval of ``stat`` over resampled item indices; also returns the replicate array."""
+    """Percentile 95 % interval of ``stat`` over resampled item indices; also returns the replicate array.
+    ``stat`` maps arrays of shape (replicates, items) to one value per replicate."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     n = len(values[0])
-    reps = np.empty(BOOTSTRAP)
-    for b in range(BOOTSTRAP):
-        idx = rng.integers(0, n, n)
-        reps[b] = stat(*(v[idx] for v in values))
+    idx = rng.integers(0, n, (BOOTSTRAP, n))
+    reps = np.asarray(stat(*(np.asarray(v)[idx] for v in values)), float)
     return (float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))), reps
 
 
-def paired_binary(base, cand, alpha: float, seed: int = 0) -> Paired:
-    """0/1 scores (accuracy): exact one-sided McNemar on the discordant items."""
+def _bootstrap_discordant(lost: int, gained: int, n: int, seed: int):
+    """The document bootstrap of a paired 0/1 difference, drawn as what it is: resampling n documents draws
+    (lost*, gained*, rest) ~ Multinomial(n; lost/n, gained/n, rest/n), and the replicate is (lost* - gained*) / n."""
+    import numpy as np
+
+    if not n:
+        return (0.0, 0.0), np.zeros(BOOTSTRAP)
+    rng = np.random.default_rng(seed)
+    shares = np.array([lost, gained, n - lost - gained], float) / n
+    counts = rng.multinomial(n, shares, size=BOOTSTRAP)
+    reps = (counts[:, 0] - counts[:, 1]) / n
+    return (float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))), reps
+
+
+def _se(reps) -> float | None:
+    import numpy as np
+
+    se = float(np.std(reps, ddof=1))
+    return se or None
+
+
+def paired_binary(base, cand, margin: float = 0.0, seed: int = 0) -> Paired:
+    """0/1 scores (accuracy): McNemar's exact one-sided test at margin 0, else the recentred bootstrap."""
     import numpy as np
 
     b, c = np.asarray(base, float), np.asarray(cand, float)
     lost = int(((b == 1) & (c == 0)).sum())
     gained = int(((b == 0) & (c == 1)).sum())
     n = len(b)
-    ci, _ = _bootstrap((b, c), lambda x, y: x.mean() - y.mean(), seed)
-    discordant = (lost + gained) / n if n else 0.0
-    # McNemar needs at least k lost documents (and none gained) with 0.5**k < alpha, whatever the spread
-    floor = math.ceil(math.log2(1 / alpha)) / n if n else None
-    detectable = max((_z(alpha) + Z_POWER) * math.sqrt(discordant / n), floor) if n else None
-    return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=float(b.mean() - c.mean()), ci95=ci,
-                  p_value=binomial_tail(lost, lost + gained), test="McNemar exact, one-sided",
-                  detectable=detectable, n=n, detail={"lost": lost, "gained": gained})
+    ci, reps = _bootstrap_discordant(lost, gained, n, seed)
+    drop = float(b.mean() - c.mean())
+    if margin > 0:
+        p, test = shifted_p(reps, drop, margin), "paired bootstrap, recentred on the null"
+    else:
+        p, test = binomial_tail(lost, lost + gained), "McNemar exact, one-sided"
+    se = math.sqrt(max((lost + gained) / n - drop ** 2, 0.0) / n) if n else None
+    return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=drop, ci95=ci, margin=margin,
+                  p_value=p, test=test, se=se or None, n=n, detail={"lost": lost, "gained": gained})
 
 
-def paired_mean(base, cand, alpha: float, higher_is_better: bool = True, seed: int = 0) -> Paired:
-    """Per-item values whose mean is the metric (gold log-probability, per-token KLD): paired bootstrap.
-
-    p-value: share of bootstrap replicates of the mean degradation at or below zero (one-sided), +1 smoothed.
-    """
+def paired_mean(base, cand, margin: float = 0.0, higher_is_better: bool = True, seed: int = 0) -> Paired:
+    """Per-item values whose mean is the metric (gold log-probability, per-window KLD): the recentred paired
+    bootstrap of the mean degradation."""
     import numpy as np
 
     b, c = np.asarray(base, float), np.asarray(cand, float)
-    sign = 1.0 if higher_is_better else -1.0
-    d = sign * (b - c)  # per-item degradation
-    ci, reps = _bootstrap((d,), lambda x: x.mean(), seed)
-    n = len(d)
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    se = se or None  # identical sides: no spread to size a detectable drop from
-    return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=float(d.mean()), ci95=ci,
-                  p_value=float(((reps <= 0).sum() + 1) / (len(reps) + 1)), test="paired bootstrap of the mean",
-                  detectable=(_z(alpha) + Z_POWER) * se if se is not None else None, n=n, detail={})
+    d = (1.0 if higher_is_better else -1.0) * (b - c)  # per-item degradation
+    ci, reps = _bootstrap((d,), lambda x: x.mean(axis=1), seed)
+    drop = float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+    return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=drop, ci95=ci, margin=margin,
+                  p_value=shifted_p(reps, drop, margin), test="paired bootstrap of the mean, recentred on the null",
+                  se=se or None, n=len(d), detail={})
 
 
-def paired_perplexity(ll_base, ll_cand, counts, alpha: float, seed: int = 0, bits: bool = False) -> Paired:
+def paired_perplexity(ll_base, ll_cand, counts, margin: float = 0.0, seed: int = 0, bits: bool = False) -> Paired:
     """Perplexity exp(-Σ ll / Σ count) over documents (words, bytes or tokens), or with ``bits`` the bits per
-    count -Σ ll / (Σ count · ln 2) (lm-eval's bits_per_byte): paired document bootstrap."""
+    count -Σ ll / (Σ count · ln 2) (lm-eval's bits_per_byte): the recentred paired document bootstrap."""
     import numpy as np
 
     b, c, w = (np.asarray(x, float) for x in (ll_base, ll_cand, counts))
     if bits:
-        ppl = lambda ll, cnt: -ll.sum() / cnt.sum() / math.log(2)  # noqa: E731
+        ppl = lambda ll, cnt: -ll.sum(axis=-1) / cnt.sum(axis=-1) / math.log(2)  # noqa: E731
     else:
-        ppl = lambda ll, cnt: math.exp(-ll.sum() / cnt.sum())  # noqa: E731
+        ppl = lambda ll, cnt: np.exp(-ll.sum(axis=-1) / cnt.sum(axis=-1))  # noqa: E731
     ci, reps = _bootstrap((b, c, w), lambda x, y, z: ppl(y, z) - ppl(x, z), seed)
-    se = float(reps.std(ddof=1))
-    return Paired(baseline=ppl(b, w), candidate=ppl(c, w), drop=ppl(c, w) - ppl(b, w), ci95=ci,
-                  p_value=float(((reps <= 0).sum() + 1) / (len(reps) + 1)), test="paired document bootstrap",
-                  detectable=(_z(alpha) + Z_POWER) * se if se else None, n=len(b), detail={})
+    drop = float(ppl(c, w) - ppl(b, w))
+    return Paired(baseline=float(ppl(b, w)), candidate=float(ppl(c, w)), drop=drop, ci95=ci, margin=margin,
+                  p_value=shifted_p(reps, drop, margin), test="paired document bootstrap, recentred on the null",
+                  se=_se(reps), n=len(b), detail={})
 
 
-def gold_logprob(ll: list[float], gold: int) -> float:
-    """log P(gold | choices): log softmax over the choices' summed log-likelihoods."""
-    top = max(ll)
-    return ll[gold] - (top + math.log(sum(math.exp(x - top) for x in ll)))
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: reject where adjusted p < alpha and the family-wise error rate is at
+    most alpha, whatever the tests' dependence."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detectable(test: Paired, level: float, binary: bool) -> float | None:
+    """The true degradation this test detects with 80 % power at ``level``: margin + (z(level) + z(0.8)) · se.
+    0/1 scores need at least ceil(log2(1/level)) lost documents whatever the spread."""
+    if not test.n:
+        return None
+    floor = math.ceil(math.log2(1 / level)) / test.n if binary else None
+    if test.se is None:
+        return test.margin + floor if floor is not None else None
+    found = test.margin + (z(level) + Z_POWER) * test.se
+    return max(found, test.margin + floor) if floor is not None else found
+
+
+def _log_softmax_at(scores: list[float], i: int) -> float:
+    top = max(scores)
+    return scores[i] - (top + math.log(sum(math.exp(x - top) for x in scores)))
+
+
+def gold_logprob(ll: list[float], gold: int, lengths: list[int]) -> float:
+    """log of the gold choice's share of a softmax over the choices' length-normalised log-likelihoods
+    ll_j / len_j, len_j the length of choice j's text as lm-eval's acc_norm divides by it: acc_norm's argmax made
+    soft. Chance is log(1 / choices)."""
+    return _log_softmax_at([x / max(n, 1) for x, n in zip(ll, lengths)], gold)
+
+
+def gold_logprob_sum(ll: list[float], gold: int) -> float:
+    """log P(gold | choices) over the choices' summed log-likelihoods (acc's argmax made soft). Long choices
+    dominate it: a choice of many tokens has a far lower sum whatever its per-token fit."""
+    return _log_softmax_at(ll, gold)
