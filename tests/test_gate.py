@@ -179,15 +179,29 @@ def test_policy_thresholds_tolerate_a_drop_within_them(evaluated, tmp_path):
 
 
 def test_too_few_documents_for_the_tolerance_is_inconclusive_and_the_policy_decides(evaluated, tmp_path):
+    # The fp run answers every document right. Baseline: it with documents 3-5 made wrong; candidate: it with
+    # documents 0-2 made wrong. Three lost, three gained: no net drop, a spread 60 documents cannot resolve.
+    def edited(wrong):
+        data = json.loads(evaluated["fp"].read_text())
+        for i, row in enumerate(data["runs"][0]["accuracy"]["samples"]["arc_challenge"]):
+            assert row["acc"] == 1.0
+            row["acc"] = 0.0 if i in wrong else 1.0
+        return json.dumps(data)
+
+    (tmp_path / "base.json").write_text(edited({3, 4, 5}))
+    (tmp_path / "cand.json").write_text(edited({0, 1, 2}))
     policy = tmp_path / "tight.yaml"
     policy.write_text("metrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.01\n")
-    res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy,
+    res = _gate("--baseline", tmp_path / "base.json", "--candidate", tmp_path / "cand.json", "--policy", policy,
                 "--json-out", tmp_path / "v.json")
-    assert res.exit_code == 0 and "INCONCLUSIVE" in res.output  # 60 documents cannot resolve 0.02
+    assert res.exit_code == 0 and "INCONCLUSIVE" in res.output, res.output
     (metric,) = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]
-    assert metric["verdict"] == "inconclusive" and metric["detectable"] == pytest.approx(0.01 + 5 / ITEMS)
+    assert metric["verdict"] == "inconclusive" and metric["drop"] == 0 and metric["detail"] == {"lost": 3, "gained": 3}
+    assert metric["detectable"] == pytest.approx(0.01 + (stats.z(0.05) + stats.Z_POWER) * (6 / 60) ** 0.5 / 60 ** 0.5)
     policy.write_text("inconclusive: fail\nmetrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.01\n")
-    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy).exit_code == 3
+    assert _gate("--baseline", tmp_path / "base.json", "--candidate", tmp_path / "cand.json", "--policy", policy).exit_code == 3
+    # a rerun that agrees on every document is exact there: it passes, however few the documents
+    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy).exit_code == 0
 
 
 def test_missing_task_fails_closed(evaluated, tmp_path):

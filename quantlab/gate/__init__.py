@@ -109,17 +109,17 @@ def margin(rule, baseline: float) -> float:
 def judge(rule, test, p_adjusted: float, policy: Policy, family: int) -> dict:
     """regression when Holm's adjusted p < alpha; inconclusive when not, but the test cannot tell a degradation
     of twice the margin from the margin with 80 % power (see ``stats.detectable``, at Holm's first-step level
-    alpha / family); else pass."""
+    alpha / family); else pass. Sides that agree on every document (no spread) are exact there: pass."""
     alpha = policy.alpha
     found = stats.detectable(test, alpha / max(family, 1), rule.metric in BINARY)
     null = f"drop ≤ {test.margin:.4g}"
     ps = f"p = {test.p_value:.2g}, Holm p = {p_adjusted:.2g}"
     if p_adjusted < alpha:
         verdict, reason = "regression", f"drop {test.drop:.4g} beyond {null}: {ps} < {alpha:g}"
-    elif test.margin > 0 and (found is None or found > 2 * test.margin):
+    elif test.margin > 0 and test.se is not None and found > 2 * test.margin:
         verdict = "inconclusive"
         reason = (f"{ps}, but {test.n} documents detect a drop of {found:.4g} (> 2 x {test.margin:.4g}) with 80 % "
-                  f"power — use more documents" if found is not None else f"{ps}, but no spread to size the test by")
+                  "power — use more documents")
     else:
         verdict, reason = "pass", f"{null} not rejected ({ps} ≥ {alpha:g})"
     return {"metric": rule.name, "verdict": verdict, "reason": reason, "max_drop": rule.max_drop,
