@@ -29,7 +29,7 @@ from quantlab.plan.sizes import parse_size
 
 GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
-PHASES = ("capture", "layers", "head", "save")
+PHASES = ("capture", "layers", "head", "compare", "save")
 HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
 
 
@@ -156,10 +156,14 @@ def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, window
         return {**comp, **checkpoint_pages(layout, shapes, device)}
     weights = terms.weight_terms(layout, shapes, device)
     largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
+    # Layer by layer the comparison comes after the head: the batch's log-probs, one reference window read
+    # back and the row blocks' temporaries, with no layer or head slice held (quantlab.evaluate.fidelity.compare).
+    after = {"compare: candidate log-probs of the batch": windows * (fidelity.chunk_tokens - 1) * shapes.vocab * 4,
+             "compare: reference window and row blocks": compare["comparison"]}
     return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
             "layers: largest linear dequantized": largest * layout.dequantize_bytes_per_value(device),
             **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem),
-            **compare}
+            **after}
 
 
 def checkpoint_pages(layout, shapes, device: str) -> dict:
