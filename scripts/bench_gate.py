@@ -27,8 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantlab.gate import judge, margin  # noqa: E402
-from quantlab.gate import stats  # noqa: E402
+from quantlab.gate import judge, margin, stats  # noqa: E402
 from quantlab.gate.policy import BINARY, load_policy  # noqa: E402
 from quantlab.provenance import provenance  # noqa: E402
 
