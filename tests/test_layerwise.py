@@ -133,3 +133,35 @@ def test_a_gptq_layer_s_packed_weights_are_freed_when_it_is_released_without_a_c
     assert len(seen) == passes * len(run.layers) * per_layer
     # torch.compile may keep the tensors of the one call it traced last; nothing else may survive its layer
     assert alive <= per_layer
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_torchao_quantized_layer_is_freed_when_it_is_dropped_without_a_collection(bits):
+    """torchao's quantize_ binds each linear's extra_repr to the linear (a reference cycle); released, the layer
+    and its quantized weights go at once, with the cyclic collector off."""
+    import gc
+    import weakref
+
+    from torchao.quantization import quantize_
+
+    from quantlab.layerwise.quantize import release_quantized
+    from quantlab.methods import get_method
+    from quantlab.recipe import parse_recipe
+
+    recipe = parse_recipe("rtn-w8" if bits == 8 else "rtn-w4-g64")
+    config = get_method("rtn").torchao_config(recipe.config)
+    gc.disable()
+    try:
+        kept = []
+        for release in (False, True):
+            layer = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 128))
+            quantize_(layer, config)
+            ref = weakref.ref(layer[0])
+            if release:
+                release_quantized(layer)
+            del layer
+            kept.append(ref() is not None)
+        assert kept == [True, False]  # the cycle keeps an unreleased one alive; a released one is gone
+    finally:
+        gc.enable()
+        gc.collect()

@@ -69,8 +69,18 @@ def _quantized_layer(parts, i: int, torchao_config) -> tuple[dict, dict]:
         parts.reader.read_into(prefix + name, param.data)
     quantize_(layer, torchao_config)
     tensors, meta = flatten_tensor_state_dict({prefix + k: v for k, v in layer.state_dict().items()})
+    release_quantized(layer)
     del layer
     return tensors, {k: v for k, v in meta.items() if k != "tensor_names"}
+
+
+def release_quantized(layer) -> None:
+    """Break the reference cycle torchao's ``quantize_`` leaves on every linear it quantizes (its ``extra_repr``
+    is a method bound to the module, kept on the module), so the layer's quantized tensors go when the layer does,
+    not at the cyclic collector's next full pass: without this, up to 7 finished layers of qwen2.5-coder-1.5b
+    (0.33 GB at 8 bits) were alive at once."""
+    for module in layer.modules():
+        module.__dict__.pop("extra_repr", None)
 
 
 def _renamed(entries: dict, i: int, layers_prefix: str) -> dict:
