@@ -10,7 +10,7 @@ from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
 from quantlab.measure.cost import NO_COST, measure_cost, training_cost
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
-from quantlab.models import ModelSource
+from quantlab.models import ModelSource, load_config, meta_model
 from quantlab.plan.steps import LAYER_BY_LAYER
 from quantlab.provenance import device_info, versions
 from quantlab.recipe import Recipe
@@ -42,6 +42,8 @@ def quantize_step(payload: dict) -> dict:
     method = get_method(recipe.method)
     method.require(recipe.config)
     method.preload(recipe.config)
+    if payload.get("mode") == LAYER_BY_LAYER:  # the model's own code imported before the baseline, as the libraries
+        meta_model(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
     with atomic_dir(payload["target"]) as tmp:
         with measure_cost(source.path, device) as cost, measure_memory(preload=(), device=device) as held:
             quantize = method.quantize_layer_by_layer if payload.get("mode") == LAYER_BY_LAYER else method.quantize
