@@ -58,11 +58,6 @@ def test_a_candidate_at_the_margin_fails_at_most_alpha_of_the_time():
     assert beyond >= 80  # 0.5 beyond the margin at se 0.11: power about 0.99
 
 
-def test_sign_flip_is_exact_for_a_symmetric_null():
-    assert stats.sign_flip([1.0, 1.0, 1.0]) == pytest.approx(1 / 8, abs=0.02)  # all positive: 1 of 8 sign patterns
-    assert stats.sign_flip([1.0, -1.0] * 20) > 0.4
-
-
 def test_holm_adjusts_step_down():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert stats.holm([0.5]) == [0.5] and stats.holm([]) == []

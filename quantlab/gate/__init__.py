@@ -34,8 +34,7 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
         raise UsageError(f"{baseline} has no suite accuracy for the default policy to test — evaluate with "
                          "--tasks/--suite, or give --policy (e.g. metric: fidelity/kld_mean)")
     comparisons = [compare(b, c, policy, seed) for b, c in pairs]
-    verdicts = {c["verdict"] for c in comparisons}
-    verdict = next(v for v in ("error", "regression", "inconclusive", "pass") if v in verdicts or v == "pass")
+    verdict = _worst(c["verdict"] for c in comparisons)
     code = EXIT_CODES["regression"] if verdict == "inconclusive" and policy.inconclusive == "fail" else EXIT_CODES[verdict]
     return {"verdict": verdict, "exit_code": code, "policy": policy.name, "alpha": policy.alpha,
             "inconclusive": policy.inconclusive, "baseline": baseline, "candidate": candidate,
@@ -84,12 +83,15 @@ def compare(base: dict, cand: dict, policy: Policy, seed: int) -> dict:
         except MissingData as exc:
             results.append({"metric": rule.name, "verdict": "error", "reason": str(exc)})
     adjusted = stats.holm([t.p_value for _, t in tested])
-    family = len(tested)
-    results = [judge(rule, test, p, policy, family) for (rule, test), p in zip(tested, adjusted)] + results
-    verdicts = {r["verdict"] for r in results}
-    verdict = next(v for v in ("error", "regression", "inconclusive", "pass") if v in verdicts or v == "pass")
-    return {"baseline": base["label"], "candidate": cand["label"], "verdict": verdict, "metrics": results,
-            "family": family}
+    results = [judge(rule, test, p, policy, len(tested)) for (rule, test), p in zip(tested, adjusted)] + results
+    return {"baseline": base["label"], "candidate": cand["label"], "verdict": _worst(r["verdict"] for r in results),
+            "metrics": results}
+
+
+def _worst(verdicts) -> str:
+    """error over regression over inconclusive over pass."""
+    found = set(verdicts)
+    return next((v for v in ("error", "regression", "inconclusive") if v in found), "pass")
 
 
 class MissingData(Exception):
@@ -146,7 +148,7 @@ def test_metric(base: dict, cand: dict, rule, seed: int):
         counts = [r[key] if key else 1 for r in b]
         lls = [[r["ll"] for r in rows] for rows in (b, c)]
         bits = rule.metric == "bits_per_byte"
-        value = stats.paired_perplexity(lls[0], lls[0], counts, bits=bits).baseline
+        value = stats.perplexity(lls[0], counts, bits)
         return stats.paired_perplexity(lls[0], lls[1], counts, margin(rule, value), seed, bits=bits)
     if any(rule.metric not in r for r in b + c):
         raise MissingData(f"{rule.name}: the per-sample scores have no '{rule.metric}' — "

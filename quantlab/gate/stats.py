@@ -10,8 +10,7 @@ test detects).
 - 0/1 scores at margin 0: McNemar's exact test on the discordant documents.
 - Everything else: a paired bootstrap whose replicates are recentred on the null (translation; Efron and
   Tibshirani 1993, section 16.4): p = (1 + #{rep - estimate >= estimate - margin}) / (B + 1). The replicates'
-  spread about the estimate stands in for the estimate's spread about the truth. ``sign_flip`` is the exact
-  alternative for per-item differences at margin 0.
+  spread about the estimate stands in for the estimate's spread about the truth.
 """
 
 from __future__ import annotations
@@ -62,17 +61,6 @@ def shifted_p(reps, estimate: float, margin: float) -> float:
 
     reps = np.asarray(reps, float)
     return float((np.count_nonzero(reps - estimate >= estimate - margin - 1e-12) + 1) / (reps.size + 1))
-
-
-def sign_flip(d, seed: int = 0, rounds: int = BOOTSTRAP) -> float:
-    """One-sided paired sign-flip permutation p-value of "mean(d) <= 0" for per-item degradations ``d``: each
-    round flips every item's sign at random (exact under a null symmetric about 0), +1 smoothed."""
-    import numpy as np
-
-    d = np.asarray(d, float)
-    rng = np.random.default_rng(seed)
-    signs = rng.choice((-1.0, 1.0), size=(rounds, d.size))
-    return float((np.count_nonzero((signs * d).mean(axis=1) >= d.mean() - 1e-12) + 1) / (rounds + 1))
 
 
 def _bootstrap(values, stat, seed: int):
@@ -142,20 +130,26 @@ def paired_mean(base, cand, margin: float = 0.0, higher_is_better: bool = True, 
                   se=se or None, n=len(d), detail={})
 
 
+def perplexity(ll, counts, bits: bool = False):
+    """exp(-Σ ll / Σ count) over the last axis, or with ``bits`` -Σ ll / (Σ count · ln 2) (lm-eval's
+    bits_per_byte)."""
+    import numpy as np
+
+    ll, counts = np.asarray(ll, float), np.asarray(counts, float)
+    per_count = -ll.sum(axis=-1) / counts.sum(axis=-1)
+    return per_count / math.log(2) if bits else np.exp(per_count)
+
+
 def paired_perplexity(ll_base, ll_cand, counts, margin: float = 0.0, seed: int = 0, bits: bool = False) -> Paired:
-    """Perplexity exp(-Σ ll / Σ count) over documents (words, bytes or tokens), or with ``bits`` the bits per
-    count -Σ ll / (Σ count · ln 2) (lm-eval's bits_per_byte): the recentred paired document bootstrap."""
+    """``perplexity`` over documents (words, bytes or tokens), or bits per count: the recentred paired document
+    bootstrap of its degradation."""
     import numpy as np
 
     b, c, w = (np.asarray(x, float) for x in (ll_base, ll_cand, counts))
-    if bits:
-        ppl = lambda ll, cnt: -ll.sum(axis=-1) / cnt.sum(axis=-1) / math.log(2)  # noqa: E731
-    else:
-        ppl = lambda ll, cnt: np.exp(-ll.sum(axis=-1) / cnt.sum(axis=-1))  # noqa: E731
-    ci, reps = _bootstrap((b, c, w), lambda x, y, z: ppl(y, z) - ppl(x, z), seed)
-    drop = float(ppl(c, w) - ppl(b, w))
-    return Paired(baseline=float(ppl(b, w)), candidate=float(ppl(c, w)), drop=drop, ci95=ci, margin=margin,
-                  p_value=shifted_p(reps, drop, margin), test="paired document bootstrap, recentred on the null",
+    ci, reps = _bootstrap((b, c, w), lambda x, y, z: perplexity(y, z, bits) - perplexity(x, z, bits), seed)
+    base, cand = float(perplexity(b, w, bits)), float(perplexity(c, w, bits))
+    return Paired(baseline=base, candidate=cand, drop=cand - base, ci95=ci, margin=margin,
+                  p_value=shifted_p(reps, cand - base, margin), test="paired document bootstrap, recentred on the null",
                   se=_se(reps), n=len(b), detail={})
 
 
