@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
 from quantlab.evaluate.fidelity import DEFINITIONS as FIDELITY
+from quantlab.evaluate.flips import DEFINITION as FLIPS
 from quantlab.measure.cost import DEFINITIONS as COST
 from quantlab.measure.latency import DEFINITIONS as LATENCY
 from quantlab.measure.memory import DEFINITIONS as MEMORY
@@ -30,7 +31,7 @@ STEPS = ("quantize", "fidelity", "bench")
 
 def definitions(suite: bool) -> dict:
     """Every number's definition; the suite metrics' too when the runs have suite accuracy."""
-    return {**DEFINITIONS, **(SUITE_DEFINITIONS if suite else {})}
+    return {**DEFINITIONS, **({**SUITE_DEFINITIONS, "flips": FLIPS} if suite else {})}
 
 
 def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:

@@ -19,19 +19,24 @@ def _rows_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_table(results: dict) -> str:
-    header = ["recipe", "bits", "KLD mean [95% CI]", "top-1", "ppl (token)", "weights MiB", "disk MiB",
-              "peak MiB", "prefill ms", "decode tok/s b1", "b8", "quantize s"]
+    roofline = any(r["latency"].get("roofline_b1") for r in results["runs"])
+    header = ["recipe", "bits", "KLD mean [95% CI]", "KLD p99/max", "RMS Δp %", "ln PPL ratio", "top-1",
+              "ppl (token)", "weights MiB", "disk MiB", "peak MiB", "prefill ms", "decode tok/s b1", "b8"]
+    header += ["% roofline b1"] * roofline + ["quantize s"]
     rows = []
     for r in results["runs"]:
         f, m, lat, c = r["fidelity"], r["memory"], r["latency"], r["cost"]
         lo, hi = f["ci95"]["kld_mean"]
         rows.append([
             r["recipe"], str(r["bits"]), f"{f['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}]",
-            f"{f['top1_agreement']:.3f}", f"{f['ppl']:.2f}",
+            f"{f['kld_p99']:.3f}/{_fmt(f.get('kld_max'), '.2f')}", _fmt(f.get("dp_rms") and 100 * f["dp_rms"], ".2f"),
+            _fmt(f.get("ln_ppl_ratio"), "+.4f"), f"{f['top1_agreement']:.3f}", f"{f['ppl']:.2f}",
             f"{m['weights_bytes'] / MB:.1f}" + ("*" if m.get("planned") else ""), f"{m['disk_bytes'] / MB:.1f}",
             _fmt(m["peak_bytes"] and m["peak_bytes"] / MB, ".0f"),
             _fmt(lat["prefill_ms"], ".1f"), _fmt(lat["decode_tok_s"].get("1"), ".1f"),
-            _fmt(lat["decode_tok_s"].get("8"), ".1f"), _fmt(c.get("quantize_wall_s"), ".1f"),
+            _fmt(lat["decode_tok_s"].get("8"), ".1f"),
+            *[_fmt((lat.get("roofline_b1") or {}).get("percent_of_roofline"), ".0f")] * roofline,
+            _fmt(c.get("quantize_wall_s"), ".1f"),
         ])
     model = results["model"]
     notes = [f"model: {model['ref']} ({model['params'] / 1e6:.1f} M params, fingerprint {model['fingerprint'][:12]})"]
@@ -40,6 +45,11 @@ def render_table(results: dict) -> str:
     base = results["runs"][0]["fidelity"]
     notes.append(f"text: {results['text']['name']} — {base['tokens']} tokens in {base['chunks']} windows; "
                  f"fp token-level ppl {base['ppl_baseline']:.2f}; device {results['device']}")
+    notes.append("KLD nats/token; p99/max of per-token KLD; RMS Δp: root mean square of p_quant - p_fp of the next "
+                 "token, percentage points; ln PPL ratio = ln(PPL_quant/PPL_fp); the full llama.cpp-style statistics "
+                 "with intervals are in results.json and the report")
+    if roofline:
+        notes.append("% roofline b1: batch-1 decode's weight bytes per step x steps/s over the GPU's HBM bandwidth")
     for r in results["runs"]:
         if r.get("guard") and not r["guard"]["ok"]:
             notes.append(f"{r['recipe']}: FAILED the garbage guard — {'; '.join(r['guard']['reasons'])}")
@@ -93,6 +103,7 @@ def render_accuracy(runs: list[dict]) -> str:
     notes = [f"suite (lm-eval {runs[0]['accuracy']['lm_eval']['version']}, batch "
              f"{runs[0]['accuracy']['lm_eval']['batch_size']}): documents {n}; ± = 1.96 x lm-eval stderr"]
     notes += [f"{t}: {info['note']}" for t, info in tasks.items() if info.get("note")]
+    notes += _flips_notes(runs)
     for r in runs:
         parts = [f"{t} {rec['metric']} {_fmt(rec['recovered'], '.0%')}"
                  + (f" [{rec['ci95'][0]:.0%}, {rec['ci95'][1]:.0%}]" if rec.get("ci95") else "")
@@ -101,6 +112,22 @@ def render_accuracy(runs: list[dict]) -> str:
             twin = next(iter(r["accuracy"]["recovery"].values()))["twin"]
             notes.append(f"{r['recipe']}: recovers {', '.join(parts)} of the accuracy {twin} lost")
     return _rows_table(header, rows) + "\n" + "\n".join(notes)
+
+
+def _flips_notes(runs: list[dict]) -> list[str]:
+    """Per recipe, each task's flips against fp: the share of documents whose correctness changed."""
+    notes = []
+    for r in runs:
+        flips = r["accuracy"].get("flips") or {}
+        parts = [f"{t} {f['flips']:.1%} [{f['ci95']['flips'][0]:.1%}, {f['ci95']['flips'][1]:.1%}] "
+                 f"({f['right_to_wrong']:.1%} right→wrong, {f['wrong_to_right']:.1%} wrong→right)"
+                 for t, f in flips.items() if f.get("documents")]
+        if parts:
+            notes.append(f"{r['recipe']}: flips vs fp {'; '.join(parts)}")
+    if notes:
+        notes.insert(0, "flips: share of documents whose 0/1 score (acc_norm, else acc) differs from fp's; "
+                        "95 % Wilson intervals")
+    return notes
 
 
 def render_runs(rows: list[dict]) -> str:

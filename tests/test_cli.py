@@ -103,6 +103,51 @@ def test_gate_passes_a_rerun_and_reads_the_store(compared):
     assert all(stored[r["run_id"]]["fidelity"]["guard"] == r["guard"] for r in first["runs"])
 
 
+def test_flips_against_fp_are_in_results_the_store_and_the_report(compared):
+    from quantlab.gate.refs import read_samples
+
+    data = json.loads(compared["first"].stdout)
+    fp_rows = read_samples(compared["out"] / data["runs"][0]["accuracy"]["samples_path"])["arc_challenge"]
+    stored = {r["id"]: r for r in store.list_runs(compared["db"], data["run_set"])}
+    page = (compared["out"] / "report.html").read_text()
+    assert "flips" not in data["runs"][0]["accuracy"] or not data["runs"][0]["accuracy"]["flips"]
+    for run in data["runs"][1:]:
+        flips = run["accuracy"]["flips"]["arc_challenge"]
+        rows = read_samples(compared["out"] / run["accuracy"]["samples_path"])["arc_challenge"]
+        changed = sum(a["acc_norm"] != b["acc_norm"] for a, b in zip(fp_rows, rows))  # both sorted by doc_id
+        assert flips["metric"] == "acc_norm" and flips["documents"] == 12 and flips["counts"]["flips"] == changed
+        assert flips["right_to_wrong"] + flips["wrong_to_right"] == pytest.approx(flips["flips"])
+        assert stored[run["run_id"]]["accuracy"]["flips"]["arc_challenge"] == flips
+        assert f"{flips['flips']:.1%} [" in page
+    assert "flips" in data["definitions"]
+    nf4 = data["runs"][2]["fidelity"]  # the llama.cpp-style statistics, in the report and (compact) the table
+    assert "--kl-divergence</code> reports them" in page and f"{nf4['kld_p999']:.3f}" in page
+    assert f"{100 * nf4['dp_rms']:.3f}" in page and f"{nf4['ln_ppl_ratio']:+.4f}" in page
+    from quantlab.table import render_table
+
+    table = render_table(data)
+    assert "RMS Δp %" in table and f"{100 * nf4['dp_rms']:.2f}" in table and "flips vs fp arc_challenge" in table
+
+
+def test_gate_on_fidelity_kld_and_ppl_reads_the_store_run_set(compared, tmp_path):
+    first = json.loads(compared["first"].stdout)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("metrics:\n  - metric: fidelity/kld_mean\n    max_drop: 10.0\n")
+    res = _invoke("gate", "--baseline", f"{first['run_set']}@fp", "--candidate", f"{first['run_set']}@bnb-nf4",
+                  "--store", str(compared["db"]), "--policy", str(policy), "--json-out", str(tmp_path / "v.json"))
+    assert res.exit_code == 0, res.output
+    (kld,) = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]
+    nf4 = first["runs"][2]["fidelity"]
+    assert kld["n"] == 8 and kld["candidate"] == pytest.approx(nf4["kld_mean"]) and len(nf4["kld_per_window"]) == 8
+    policy.write_text("metrics:\n  - metric: fidelity/ppl\n    min_recovery: 0.5\n")  # token-level perplexity
+    res = _invoke("gate", "--baseline", f"{first['run_set']}@fp", "--candidate", f"{first['run_set']}@bnb-nf4",
+                  "--store", str(compared["db"]), "--policy", str(policy), "--json-out", str(tmp_path / "v.json"))
+    assert res.exit_code == 0, res.output
+    (ppl,) = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]
+    assert ppl["candidate"] == pytest.approx(nf4["ppl"]) and ppl["baseline"] == pytest.approx(nf4["ppl_baseline"])
+    assert ppl["margin"] == pytest.approx(nf4["ppl_baseline"])  # baseline x (1 / 0.5 - 1)
+
+
 def test_second_run_reuses_every_job_and_force_recomputes(compared):
     first = json.loads(compared["first"].stdout)
     assert first["jobs"] == {"jobs": 4, "already_stored": 0, "from_cache": 0, "computed": 4, "stored": 4,

@@ -27,6 +27,51 @@ def test_kl_against_hand_computed_example(tmp_path):
     np.testing.assert_allclose(per_token["nll_baseline"][0], [-np.log(0.5), -np.log(0.9)], atol=1e-6)
 
 
+def test_llama_cpp_statistics_against_hand_computed_example():
+    """Two windows of two predicted tokens, vocab 4, probabilities in powers of 2 so every statistic is known by hand.
+
+    position  p_fp               p_quant            next  KL        Δp     same top  NLL_fp  NLL_quant
+    1         (1/2,1/4,1/8,1/8)  (1/4,1/2,1/8,1/8)  0     ln2/4     -1/4   no        ln2     2 ln2
+    2         (1/4,1/4,1/4,1/4)  (1/4,1/4,1/4,1/4)  1     0         0      yes       2 ln2   2 ln2
+    3         (1/2,1/4,1/8,1/8)  (1/2,1/8,1/4,1/8)  1     ln2/8     -1/8   yes       2 ln2   3 ln2
+    4         (1/8,1/8,1/4,1/2)  (1/8,1/8,1/2,1/4)  2     ln2/4     +1/4   no        2 ln2   ln2
+    """
+    h, q4, e = 0.5, 0.25, 0.125
+    p = torch.tensor([[[h, q4, e, e], [q4, q4, q4, q4]], [[h, q4, e, e], [e, e, q4, h]]])
+    q = torch.tensor([[[q4, h, e, e], [q4, q4, q4, q4]], [[h, e, q4, e], [e, e, h, q4]]])
+
+    class Fixed:  # a model with its own log_probs, as quantlab.layerwise.LayerwiseModel has
+        def log_probs(self, batch):
+            return q.log()[batch[:, 0]]  # each window's first id is its index
+
+    ids = torch.tensor([[0, 0, 1], [1, 1, 2]])
+    per_token = fid.compare(Fixed(), ids, p.log().numpy(), batch_size=1)
+    ln2 = np.log(2)
+    np.testing.assert_allclose(per_token["kl"], [[ln2 / 4, 0], [ln2 / 8, ln2 / 4]], atol=1e-6)
+    s = fid.summarize(per_token, fid.FidelitySettings(bootstrap=50))
+    kl_sorted, dp_sorted = [0, ln2 / 8, ln2 / 4, ln2 / 4], [-1 / 4, -1 / 8, 0, 1 / 4]
+
+    def pct(values, q):  # linear interpolation between order statistics at rank q/100 * (n - 1)
+        rank = q / 100 * (len(values) - 1)
+        lo = int(rank)
+        return values[lo] + (rank - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+
+    expected = {
+        "kld_mean": 5 * ln2 / 32, "kld_median": 3 * ln2 / 16, "kld_p90": ln2 / 4, "kld_p99": ln2 / 4,
+        "kld_p999": ln2 / 4, "kld_max": ln2 / 4,
+        "dp_mean": -1 / 32, "dp_rms": 3 / 16,  # sqrt((1/16 + 0 + 1/64 + 1/16) / 4)
+        "dp_p999": 0.997 / 4, "dp_p99": 0.97 / 4, "dp_p1": -1 / 4 + 0.03 / 8, "dp_p01": -1 / 4 + 0.003 / 8,
+        "top1_agreement": 0.5, "ln_ppl_ratio": ln2 / 4,  # (8 ln2 - 7 ln2) / 4
+        "ppl": 4.0, "ppl_baseline": 2 ** 1.75,
+    }
+    assert expected["dp_p999"] == pytest.approx(pct(dp_sorted, 99.9)) and expected["kld_median"] == pytest.approx(pct(kl_sorted, 50))
+    for key, value in expected.items():
+        assert s[key] == pytest.approx(value, abs=1e-6), key
+        lo, hi = s["ci95"][key]
+        assert lo <= hi, key
+    assert set(expected) <= set(fid.DEFINITIONS)
+
+
 def test_identical_model_has_zero_kl_and_full_agreement(tiny_model, tiny_dir, tiny_text, tmp_path):
     from quantlab.models import load_tokenizer
 

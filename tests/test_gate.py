@@ -216,3 +216,45 @@ def test_a_default_gate_with_nothing_to_test_fails_closed(tmp_path):
     results.write_text(json.dumps({"runs": [{"recipe": "fp", "fidelity": {"kld_mean": 0.0}}]}))
     res = _gate("--baseline", results, "--candidate", results)
     assert res.exit_code == 1 and "no suite accuracy" in res.output
+
+
+def test_binomial_upper_tail_is_exact():
+    assert stats.binomial_upper(3, 10, 0.5) == pytest.approx(1 - (1 + 10 + 45) / 1024)
+    assert stats.binomial_upper(2, 5, 0.1) == pytest.approx(1 - 0.9 ** 5 - 5 * 0.1 * 0.9 ** 4)
+    assert stats.binomial_upper(0, 5, 0.0) == 1.0 and stats.binomial_upper(1, 5, 0.0) == 0.0
+    assert stats.binomial_upper(400, 2000, 0.1) < 1e-30  # log space: no underflow to nonsense, no overflow
+
+
+def test_flips_count_changed_documents_with_wilson_intervals():
+    from quantlab.evaluate.flips import flips, wilson
+
+    base = [{"doc_id": i, "acc": float(i < 6)} for i in range(10)]  # right on 0-5
+    cand = [{"doc_id": i, "acc": float(2 <= i < 8)} for i in range(10)]  # right on 2-7: 0, 1 lost; 6, 7 gained
+    out = flips(base, cand, "acc")
+    assert out["counts"] == {"right_to_wrong": 2, "wrong_to_right": 2, "flips": 4}
+    assert (out["right_to_wrong"], out["flips"], out["documents"]) == (0.2, 0.4, 10)
+    z = 1.959963984540054
+    assert wilson(0, 10)[1] == pytest.approx(z * z / (10 + z * z))  # Wilson's upper bound at 0 successes
+    lo, hi = out["ci95"]["flips"]
+    assert lo < 0.4 < hi and wilson(4, 10) == out["ci95"]["flips"]
+    # equal accuracy (0.6 both), yet 40 % of the answers changed: what flips show and accuracy hides
+    test = stats.paired_flips([r["acc"] for r in base], [r["acc"] for r in cand], margin=0.1)
+    assert test.drop == 0.4 and test.p_value == pytest.approx(stats.binomial_upper(4, 10, 0.1))
+
+
+def test_gate_on_flips_tolerates_its_share(evaluated, tmp_path):
+    data = json.loads(evaluated["fp"].read_text())
+    for row in data["runs"][0]["accuracy"]["samples"]["arc_challenge"][:10]:  # 10 of 60 documents change
+        row["acc_norm"] = 1.0 - row["acc_norm"]
+    (tmp_path / "cand.json").write_text(json.dumps(data))
+    policy = tmp_path / "flips.yaml"
+    for max_drop, code in ((0.5, 0), (0.05, 3)):
+        policy.write_text(f"metrics:\n  - metric: arc_challenge/flips\n    max_drop: {max_drop}\n")
+        res = _gate("--baseline", evaluated["fp"], "--candidate", tmp_path / "cand.json", "--policy", policy,
+                    "--json-out", tmp_path / "v.json")
+        assert res.exit_code == code, res.output
+        (m,) = json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]
+        assert m["detail"]["metric"] == "acc_norm" and m["drop"] == pytest.approx(10 / ITEMS)
+        assert m["p_value"] == pytest.approx(stats.binomial_upper(10, ITEMS, max_drop))
+    policy.write_text("metrics:\n  - metric: arc_challenge/flips\n")  # no tolerance: a rerun has no flips, passes
+    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy).exit_code == 0

@@ -21,11 +21,26 @@ from quantlab.provenance import library_version
 
 DEFINITIONS = {
     "kld_mean": "mean over predicted tokens of KL(fp || quant) over the full vocabulary, nats/token",
+    "kld_median": "median of per-token KL(fp || quant), nats",
+    "kld_p90": "90th percentile of per-token KL(fp || quant), nats",
     "kld_p99": "99th percentile of per-token KL(fp || quant), nats",
-    "top1_agreement": "fraction of tokens where quant's argmax equals fp's argmax",
+    "kld_p999": "99.9th percentile of per-token KL(fp || quant), nats",
+    "kld_max": "largest per-token KL(fp || quant), nats",
+    "dp_mean": "mean over tokens of Δp = p_quant(reference token) - p_fp(reference token), a probability difference",
+    "dp_rms": "root mean square of Δp",
+    "dp_p999": "99.9th percentile of Δp", "dp_p99": "99th percentile of Δp",
+    "dp_p1": "1st percentile of Δp", "dp_p01": "0.1th percentile of Δp",
+    "top1_agreement": "fraction of tokens where quant's argmax equals fp's argmax (llama.cpp's 'same top p')",
+    "ln_ppl_ratio": "ln(PPL_quant / PPL_fp) = mean NLL_quant - mean NLL_fp over the same tokens, nats/token",
     "ppl": "token-level perplexity exp(mean NLL) of the quantized model on the reference text",
     "ppl_baseline": "token-level perplexity of the fp baseline on the same tokens",
-    "ci95": "bootstrap 95% interval resampling text chunks",
+    "kld_per_window": "mean per-token KL(fp || quant) of each text window, in window order (what a fidelity/kld_mean "
+                      "gate pairs)",
+    "nll_per_window": "mean NLL of the quantized model's next tokens in each text window, nats/token (what a "
+                      "fidelity/ppl gate pairs; every window has the same number of tokens)",
+    "percentiles": "linear interpolation between order statistics (numpy's default, as llama.cpp's --kl-divergence)",
+    "ci95": "bootstrap 95% interval resampling text chunks; for p99.9 and max it says how much a few chunks drive "
+            "them and is no coverage guarantee",
 }
 
 
@@ -191,16 +206,30 @@ def compare_baseline_to_itself(ids, baseline) -> dict:
     return {"kl": np.zeros_like(nll), "agree": np.ones_like(nll), "nll": nll, "nll_baseline": nll.copy()}
 
 
+KLD_QUANTILES = {"kld_median": 50, "kld_p90": 90, "kld_p99": 99, "kld_p999": 99.9}
+DP_QUANTILES = {"dp_p999": 99.9, "dp_p99": 99, "dp_p1": 1, "dp_p01": 0.1}
+
+
 def _stats(per_token: dict, rows) -> dict:
+    """The statistics of DEFINITIONS over the chunks ``rows`` (an index array, repeated chunks allowed)."""
     import numpy as np
 
-    kl = per_token["kl"][rows]
+    kl = per_token["kl"][rows].ravel()
+    nll, nll_base = per_token["nll"][rows].ravel(), per_token["nll_baseline"][rows].ravel()
+    dp = np.exp(-nll) - np.exp(-nll_base)
+    kq = np.percentile(kl, list(KLD_QUANTILES.values()))
+    dq = np.percentile(dp, list(DP_QUANTILES.values()))
     return {
         "kld_mean": float(kl.mean()),
-        "kld_p99": float(np.percentile(kl, 99)),
+        **{k: float(v) for k, v in zip(KLD_QUANTILES, kq)},
+        "kld_max": float(kl.max()),
+        "dp_mean": float(dp.mean()),
+        "dp_rms": float(np.sqrt(np.mean(dp * dp))),
+        **{k: float(v) for k, v in zip(DP_QUANTILES, dq)},
         "top1_agreement": float(per_token["agree"][rows].mean()),
-        "ppl": float(np.exp(per_token["nll"][rows].mean())),
-        "ppl_baseline": float(np.exp(per_token["nll_baseline"][rows].mean())),
+        "ln_ppl_ratio": float(nll.mean() - nll_base.mean()),
+        "ppl": float(np.exp(nll.mean())),
+        "ppl_baseline": float(np.exp(nll_base.mean())),
     }
 
 
@@ -215,6 +244,8 @@ def summarize(per_token: dict, settings: FidelitySettings) -> dict:
     ci = {k: [float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5))]
           for k in point}
     return {**point, "tokens": int(per_token["kl"].size), "chunks": int(n), "ci95": ci,
+            "kld_per_window": [float(x) for x in per_token["kl"].mean(axis=1)],
+            "nll_per_window": [float(x) for x in per_token["nll"].mean(axis=1)],
             "ppl_kind": "token-level", "kld_unit": "nats/token",
             "ci_method": f"bootstrap over {n} text chunks, {settings.bootstrap} resamples, seed {settings.seed}"}
 

@@ -14,8 +14,10 @@ policy's metrics makes that hold for the whole comparison (family-wise). scripts
 from __future__ import annotations
 
 from quantlab.errors import UsageError
+from quantlab.evaluate.accuracy import primary_metric
+from quantlab.evaluate.flips import binary_metric
 from quantlab.gate import stats
-from quantlab.gate.policy import BINARY, DERIVED, Policy, default_policy, load_policy
+from quantlab.gate.policy import BINARY, DERIVED, FLIPS, Policy, default_policy, load_policy
 from quantlab.gate.refs import load_ref
 
 EXIT_CODES = {"pass": 0, "regression": 3, "error": 1, "inconclusive": 0}  # inconclusive: 3 when the policy says fail
@@ -141,6 +143,8 @@ def test_metric(base: dict, cand: dict, rule, seed: int):
     b, c = [b_rows[i] for i in common], [c_rows[i] for i in common]
     if rule.metric in DERIVED:
         return _derived_test(b, c, rule, seed)
+    if rule.metric == FLIPS:
+        return _flips_test(base, b, c, rule, seed)
     if rule.metric in PER_DOCUMENT:
         key = PER_DOCUMENT[rule.metric]
         if any("ll" not in r or (key and key not in r) for r in b + c):
@@ -177,6 +181,17 @@ def _derived_test(b: list[dict], c: list[dict], rule, seed: int):
     return stats.paired_mean(values[0], values[1], margin(rule, 0.0), True, seed)
 
 
+def _flips_test(base: dict, b: list[dict], c: list[dict], rule, seed: int):
+    """Flips on the task's primary 0/1 metric (acc_norm, else acc), as results.json counts them."""
+    info = ((base.get("accuracy") or {}).get("tasks") or {}).get(rule.task)
+    metric = binary_metric(b, primary_metric(info) if info else None)
+    if metric is None or binary_metric(c, metric) != metric:
+        raise MissingData(f"{rule.name} needs 0/1 per-sample scores (acc_norm or acc) on both sides")
+    test = stats.paired_flips([r[metric] for r in b], [r[metric] for r in c], margin(rule, 0.0), seed)
+    test.detail["metric"] = metric
+    return test
+
+
 def _rows(run: dict, task: str) -> dict:
     samples = run.get("samples") or {}
     if task not in samples:
@@ -186,14 +201,22 @@ def _rows(run: dict, task: str) -> dict:
 
 
 def _fidelity_test(base: dict, cand: dict, rule, seed: int):
+    """fidelity/kld_mean pairs the per-window mean KLD; fidelity/ppl the per-window mean NLL (the token-level
+    perplexity, every window the same number of tokens). Text windows are the paired items."""
     import numpy as np
 
+    key, what = ("per_chunk_kld", "KLD") if rule.metric == "kld_mean" else ("per_chunk_nll", "NLL")
     arrays = []
     for run in (base, cand):
-        kld = run.get("per_chunk_kld")
-        if kld is None:
-            raise MissingData(f"{run['label']} has no per-token KLD (fidelity per_token file) for {rule.name}")
-        arrays.append(np.asarray(kld))
+        values = run.get(key)
+        if values is None:
+            raise MissingData(f"{run['label']} has no per-window {what} for {rule.name} — its record predates it; "
+                              "run the comparison again")
+        arrays.append(np.asarray(values, float))
     if arrays[0].shape != arrays[1].shape:
         raise MissingData(f"{rule.name}: baseline and candidate scored different tokens — use the same text and windows")
-    return stats.paired_mean(arrays[0], arrays[1], margin(rule, float(arrays[0].mean())), False, seed)  # windows
+    if rule.metric == "kld_mean":
+        return stats.paired_mean(arrays[0], arrays[1], margin(rule, float(arrays[0].mean())), False, seed)
+    counts = np.ones_like(arrays[0])  # ll = -mean NLL per window, one count per window: exp(mean NLL)
+    value = float(stats.perplexity(-arrays[0], counts))
+    return stats.paired_perplexity(-arrays[0], -arrays[1], counts, margin(rule, value), seed)

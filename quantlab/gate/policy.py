@@ -3,11 +3,13 @@
     alpha: 0.05                       # family-wise: the chance that a candidate within tolerance fails
     inconclusive: pass                # or fail: what an underpowered metric does to the exit code
     metrics:
-      - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/kld_mean
+      - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/kld_mean, fidelity/ppl
         max_drop: 0.03                # absolute, in the metric's units
         min_recovery: 0.95            # candidate/baseline (baseline/candidate when lower is better)
       - metric: arc_easy/gold_logprob
         max_drop: 0.05
+      - metric: arc_easy/flips          # share of documents whose correctness changed (quantlab.evaluate.flips)
+        max_drop: 0.10                # the share tolerated; without it any flip fails
 
 Each metric tests the null "the true degradation is at most the tolerance" (max_drop, or what min_recovery
 allows at the baseline's value, the smaller of the two; 0 with neither); Holm's correction across the metrics
@@ -26,10 +28,11 @@ from pathlib import Path
 from quantlab.errors import UsageError
 from quantlab.fsutil import load_yaml
 
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl"}
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl", "flips"}
 BINARY = {"acc", "acc_norm", "exact_match"}
 DERIVED = {"gold_logprob", "gold_logprob_sum"}  # computed from multiple-choice log-likelihoods
-FIDELITY = {"kld_mean"}
+FLIPS = "flips"  # computed from both sides' 0/1 scores
+FIDELITY = {"kld_mean", "ppl"}
 _METRIC_KEYS = {"metric", "direction", "max_drop", "min_recovery"}
 _POLICY_KEYS = {"description", "alpha", "inconclusive", "metrics"}
 
@@ -94,7 +97,7 @@ def _rule(entry, path: Path, n: int) -> MetricRule:
     if not sep or not task or not metric:
         raise UsageError(f"{where}: '{entry['metric']}' is not <task>/<metric> — e.g. arc_easy/acc or fidelity/kld_mean")
     if task == "fidelity" and metric not in FIDELITY:
-        raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use fidelity/kld_mean")
+        raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use fidelity/kld_mean or fidelity/ppl")
     direction = entry.get("direction", "lower" if metric in LOWER_IS_BETTER else "higher")
     if direction not in ("higher", "lower"):
         raise UsageError(f"{where}: direction must be 'higher' or 'lower' (got {direction!r})")
@@ -102,7 +105,7 @@ def _rule(entry, path: Path, n: int) -> MetricRule:
     for key, value in (("max_drop", max_drop), ("min_recovery", min_rec)):
         if value is not None and (not isinstance(value, (int, float)) or value < 0):
             raise UsageError(f"{where}: {key} must be a number ≥ 0 (got {value!r})")
-    if min_rec is not None and metric in DERIVED | FIDELITY:
+    if min_rec is not None and metric in DERIVED | {"kld_mean", FLIPS}:
         raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use max_drop")
     return MetricRule(task, metric, direction == "higher", max_drop, min_rec)
 

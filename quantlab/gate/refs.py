@@ -2,7 +2,8 @@
 
 REF is a results.json (quantize-and-compare's, or ``eval --output``'s), a run id or a run set in the store;
 ``REF@recipe`` keeps only that recipe's runs (one per model in a run set of several models). Each run comes
-back as ``{label, model, recipe, accuracy, samples: {task: [rows]}, per_chunk_kld}``.
+back as ``{label, model, recipe, accuracy, samples: {task: [rows]}, per_chunk_kld, per_chunk_nll}`` (per text
+window: mean KLD and the model's mean NLL).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def _from_results(path: Path) -> list[dict]:
         samples = acc.get("samples")
         if samples is None and acc.get("samples_path"):
             samples = read_samples(path.parent / acc["samples_path"])
-        kld = _chunk_kld(path.parent / "per_token" / f"{safe_name(run['recipe'])}.npz")
+        kld = (run.get("fidelity") or {}).get("kld_per_window") or _chunk_kld(
+            path.parent / "per_token" / f"{safe_name(run['recipe'])}.npz")
         model = data["model"].get("ref") if isinstance(data.get("model"), dict) else data.get("model")
         out.append({"label": f"{path}@{run['recipe']}", "model": model, "recipe": run["recipe"], "accuracy": acc,
-                    "samples": samples or {}, "per_chunk_kld": kld})
+                    "samples": samples or {}, "per_chunk_kld": kld,
+                    "per_chunk_nll": (run.get("fidelity") or {}).get("nll_per_window")})
     return out
 
 
@@ -65,7 +68,9 @@ def _from_store(ref: str, store: str | None) -> list[dict]:
                          " — list runs with: quantlab runs")
     return [{"label": f"run {r['id'][:12]} {r['model_ref']}@{r['recipe']}", "model": r["model_ref"],
              "recipe": r["recipe"], "accuracy": r.get("accuracy") or {},
-             "samples": store_mod.read_samples(store, r["id"]), "per_chunk_kld": None} for r in runs]
+             "samples": store_mod.read_samples(store, r["id"]),
+             "per_chunk_kld": (r.get("fidelity") or {}).get("kld_per_window"),
+             "per_chunk_nll": (r.get("fidelity") or {}).get("nll_per_window")} for r in runs]
 
 
 def write_samples(path: Path, samples: dict) -> None:
@@ -82,6 +87,7 @@ def read_samples(path: Path) -> dict:
 
 
 def _chunk_kld(path: Path):
+    """Per-window mean KLD from a per-token file, for a results.json written before runs recorded it."""
     import numpy as np
 
     if not path.is_file():

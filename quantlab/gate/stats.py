@@ -53,6 +53,19 @@ def binomial_tail(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
 
 
+def binomial_upper(k: int, n: int, p: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, p), exactly (a sum of terms computed in log space)."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if p <= 0 or k > n:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+             for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
 def shifted_p(reps, estimate: float, margin: float) -> float:
     """One-sided bootstrap p-value of "true degradation <= margin" from replicates of the degradation,
     recentred on the null: the share of replicates at least as far above the estimate as the estimate is
@@ -128,6 +141,24 @@ def paired_mean(base, cand, margin: float = 0.0, higher_is_better: bool = True, 
     return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=drop, ci95=ci, margin=margin,
                   p_value=shifted_p(reps, drop, margin), test="paired bootstrap of the mean, recentred on the null",
                   se=se or None, n=len(d), detail={})
+
+
+def paired_flips(base, cand, margin: float = 0.0, seed: int = 0) -> Paired:
+    """The share of documents whose 0/1 score changed (``quantlab.evaluate.flips``) against the null "true share
+    ≤ margin": exact one-sided binomial test, p = P(Binomial(n, margin) ≥ changed). The baseline's share against
+    itself is 0, so the degradation is the share."""
+    import numpy as np
+
+    b, c = np.asarray(base, float), np.asarray(cand, float)
+    n = len(b)
+    lost, gained = int(((b == 1) & (c == 0)).sum()), int(((b == 0) & (c == 1)).sum())
+    share = (lost + gained) / n if n else 0.0
+    reps = np.random.default_rng(seed).binomial(n, share, BOOTSTRAP) / n if n else np.zeros(BOOTSTRAP)
+    se = math.sqrt(share * (1 - share) / n) if n else None
+    return Paired(baseline=0.0, candidate=share, drop=share,
+                  ci95=(float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))), margin=margin,
+                  p_value=binomial_upper(lost + gained, n, margin), test="exact binomial, one-sided", se=se or None,
+                  n=n, detail={"lost": lost, "gained": gained})
 
 
 def perplexity(ll, counts, bits: bool = False):

@@ -138,6 +138,39 @@ def _fit(view: dict) -> str:
               "Run <code>quantlab plan MODEL --json</code> for every term's definition.</p>" + advice)
 
 
+DISTRIBUTION = [("KLD median", "kld_median", ".4f", 1), ("KLD p90", "kld_p90", ".4f", 1), ("KLD p99", "kld_p99", ".4f", 1),
+                ("KLD p99.9", "kld_p999", ".3f", 1), ("KLD max", "kld_max", ".3f", 1),
+                ("Δp mean %", "dp_mean", "+.3f", 100), ("RMS Δp %", "dp_rms", ".3f", 100),
+                ("Δp p99.9 %", "dp_p999", "+.2f", 100), ("Δp p99 %", "dp_p99", "+.2f", 100),
+                ("Δp p1 %", "dp_p1", "+.2f", 100), ("Δp p0.1 %", "dp_p01", "+.2f", 100),
+                ("ln(PPL_q/PPL_fp)", "ln_ppl_ratio", "+.4f", 1)]
+
+
+def _distribution(view: dict) -> str:
+    """llama.cpp's --kl-divergence statistics, each with its chunk-bootstrap interval (a results.json written before
+    they existed has none, and its rows are left out)."""
+    rows = []
+    for r in view["rows"]:
+        f = r["fidelity"]
+        if "kld_median" not in f:
+            continue
+        ci = f.get("ci95") or {}
+        cells = [escape(r["recipe"])]
+        for _, key, spec, scale in DISTRIBUTION:
+            lo, hi = ci.get(key) or (None, None)
+            cells.append(format(scale * f[key], spec) + (f"<br><small>[{format(scale * lo, spec)}, "
+                                                          f"{format(scale * hi, spec)}]</small>" if lo is not None else ""))
+        rows.append(cells)
+    if not rows:
+        return ""
+    return ("<h3>Distribution of the per-token differences (as llama.cpp's <code>--kl-divergence</code> reports them)</h3>"
+            + _table(["recipe"] + [h for h, *_ in DISTRIBUTION], rows)
+            + "<p class='note'>KLD in nats per token. Δp = p_quant − p_fp of the reference (next) token, in percentage "
+              "points; its percentiles show the tokens the quantized model got most wrong (low) and most right (high). "
+              "Percentiles interpolate linearly between order statistics. Intervals: bootstrap over text windows; for "
+              "p99.9 and max they show how much a few windows drive the value, not a coverage guarantee.</p>")
+
+
 def _metrics(view: dict) -> str:
     fid, perf = [], []
     for r in view["rows"]:
@@ -147,16 +180,20 @@ def _metrics(view: dict) -> str:
         dec = {b: f"{v:.1f} ± {i / 2:.1f}" if i is not None else f"{v:.1f}" for b, (v, i) in r["decode"].items() if v}
         perf.append([escape(r["recipe"]),
                      _f(r["prefill_ms"], ".1f") + (f" ± {r['prefill_iqr'] / 2:.1f}" if r["prefill_iqr"] else ""),
-                     *(dec.get(b, "—") for b in ("1", "8")), _f(r["quantize_s"], ".1f"), _f(r["quantize_cpu_s"], ".1f"),
-                     escape(r["latency_skipped"] or "")])
+                     *(dec.get(b, "—") for b in ("1", "8")), _f(r["roofline"], ".0f"), _f(r["quantize_s"], ".1f"),
+                     _f(r["quantize_cpu_s"], ".1f"), escape(r["latency_skipped"] or "")])
     base = next((r["ppl_baseline"] for r in view["rows"] if r["ppl_baseline"]), None)
     return ("<h2>Fidelity against the fp baseline</h2>"
-            + _table(["recipe", "bits", "KLD mean [95% CI]", "top-1 [95% CI]", "ppl [95% CI]", "guard"], fid, wrap_last=True)
+            + _table(["recipe", "bits", "KLD mean [95% CI]", "same top-1 [95% CI]", "ppl [95% CI]", "guard"], fid,
+                     wrap_last=True)
             + f"<p class='note'>fp token-level perplexity {_f(base, '.2f')}. Intervals: bootstrap over text windows.</p>"
+            + _distribution(view)
             + "<h2>Latency and cost</h2>"
-            + _table(["recipe", "prefill ms", "decode tok/s b1", "decode tok/s b8", "quantize wall s", "quantize CPU s",
-                      "latency note"], perf, wrap_last=True)
-            + "<p class='note'>Medians of the timed repetitions ± half the interquartile range.</p>")
+            + _table(["recipe", "prefill ms", "decode tok/s b1", "decode tok/s b8", "% of HBM roofline b1",
+                      "quantize wall s", "quantize CPU s", "latency note"], perf, wrap_last=True)
+            + "<p class='note'>Medians of the timed repetitions ± half the interquartile range. % of HBM roofline "
+              "(CUDA only): batch-1 decode's bytes read per step (the weights) × steps/s over the GPU's HBM "
+              "bandwidth; — on CPU or on a GPU missing from the bandwidth table.</p>")
 
 
 def _accuracy(view: dict) -> str:
@@ -179,7 +216,30 @@ def _accuracy(view: dict) -> str:
     header = ["recipe"] + [f"{t} {primary_metric(first['tasks'][t]) if t in first['tasks'] else ''}" for t in tasks]
     n = ", ".join(f"{t} {i['n']}/{i['n_total']}" for t, i in first["tasks"].items())
     return ("<h2>Suite accuracy (lm-eval)</h2>" + _table(header, rows)
-            + f"<p class='note'>± = 1.96 × lm-eval's stderr (a 95 % interval); documents {escape(n)}.</p>")
+            + f"<p class='note'>± = 1.96 × lm-eval's stderr (a 95 % interval); documents {escape(n)}.</p>"
+            + _flips(view, tasks))
+
+
+def _flips(view: dict, tasks: list[str]) -> str:
+    """Each recipe's flips against fp per task: the share of documents whose correctness changed."""
+    rows = []
+    for r in view["rows"]:
+        flips = r["accuracy"].get("flips") or {}
+        if not flips:
+            continue
+        cells = [escape(r["recipe"])]
+        for t in tasks:
+            f = flips.get(t)
+            cells.append("—" if not f or not f.get("documents") else
+                         f"{f['flips']:.1%} [{f['ci95']['flips'][0]:.1%}, {f['ci95']['flips'][1]:.1%}]<br><small>"
+                         f"{f['right_to_wrong']:.1%} right→wrong, {f['wrong_to_right']:.1%} wrong→right</small>")
+        rows.append(cells)
+    if not rows:
+        return ""
+    return ("<h3>Flips against fp</h3>" + _table(["recipe"] + tasks, rows)
+            + "<p class='note'>The share of documents whose 0/1 score (acc_norm where lm-eval has it, else acc) "
+              "differs from fp's, over the documents both scored, with 95 % Wilson intervals. Accuracy can stay level "
+              "while answers change; flips show it (arXiv 2407.09141).</p>")
 
 
 def _definitions(view: dict) -> str:

@@ -59,6 +59,7 @@ def _row(run: dict, here: dict, gpu: dict) -> dict:
         "kld": f.get("kld_mean"), "kld_ci": (f.get("ci95") or {}).get("kld_mean"),
         "top1": f.get("top1_agreement"), "top1_ci": (f.get("ci95") or {}).get("top1_agreement"),
         "ppl": f.get("ppl"), "ppl_ci": (f.get("ci95") or {}).get("ppl"), "ppl_baseline": f.get("ppl_baseline"),
+        "fidelity": f,
         "weights": m.get("weights_bytes"), "disk": m.get("disk_bytes"), "peak": m.get("peak_bytes"),
         "predicted": pred.get("weights_bytes") if pred.get("applicable") else None,
         "predicted_parts": _parts(pred.get("components")) if pred.get("applicable") else None,
@@ -66,6 +67,7 @@ def _row(run: dict, here: dict, gpu: dict) -> dict:
         "decode": {b: (v, ((detail.get("decode_tok_s") or {}).get(b) or {}).get("iqr"))
                    for b, v in (lat.get("decode_tok_s") or {}).items()},
         "ms_per_token": 1000 / b1 if b1 else None, "latency_skipped": lat.get("skipped"),
+        "roofline": (lat.get("roofline_b1") or {}).get("percent_of_roofline"),
         "quantize_s": cost.get("quantize_wall_s"), "quantize_cpu_s": cost.get("quantize_cpu_s"),
         "training": cost.get("training"),
         "accuracy": run.get("accuracy") or {},

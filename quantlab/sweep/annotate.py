@@ -2,7 +2,8 @@
 
 Each job is computed alone, so three things wait for its peers: the garbage guard's comparison with
 round-to-nearest at the same bits, each trained recipe's recovered fraction over its PTQ twin (fidelity and
-task accuracy, paired on the twins' per-token values and per-sample scores), and the warning that a
+task accuracy, paired on the twins' per-token values and per-sample scores), each run's flips against fp
+(``quantlab.evaluate.flips``), and the warning that a
 calibrated recipe was calibrated on the evaluation text. Under a memory budget each run's steps are also
 judged against it (``quantlab.records.budget_check``: the record's ``memory.budget``), with a warning for a
 step that held more. They go into results.json and, in one transaction, into the stored rows, so
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from quantlab import store
 from quantlab.evaluate import guard
+from quantlab.evaluate.flips import add_flips
 from quantlab.evaluate.recovery import add_accuracy_recoveries, add_recoveries
 from quantlab.gate.refs import read_samples
 from quantlab.methods import get_method
@@ -66,6 +68,7 @@ def _recoveries(jobs: list, runs: list[dict]) -> None:
     if all(accs):
         samples = [read_samples(j.dir / "samples.json.gz") for j in jobs]
         add_accuracy_recoveries(recipes, accs, samples)
+        add_flips(recipes, accs, samples)
 
 
 def _calibration_overlaps(jobs: list, runs: list[dict]) -> list[str]:
