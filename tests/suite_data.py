@@ -60,3 +60,23 @@ def write_hellaswag(path: Path, seed: int = 0) -> Path:
                     "Home and Garden: How to fix a door. Check the hinges.\n0\nTighten them.\nPaint it.\n"
                     "Sell it.\nBurn it.\n")
     return path
+
+
+def write_lambada(path: Path, items: int, seed: int = 0) -> Path:
+    """lambada_openai's jsonl: {text}, a passage whose last word is the target."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": _sentence(rng, rng.randint(6, 14))}) + "\n" for _ in range(items)))
+    return path
+
+
+def write_wikitext(path: Path, pages: int, seed: int = 0) -> Path:
+    """wiki.test.raw: `` = Title = `` headings, each over a few raw lines (a page per heading)."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(pages):
+        lines += [" ", f" = {_sentence(rng, 2)} = ", " "]
+        lines += [f" {_sentence(rng, rng.randint(5, 30))} . " for _ in range(rng.randint(1, 4))]
+    path.write_text("\n".join(lines) + "\n")
+    return path

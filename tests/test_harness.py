@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from suite_data import write_arc, write_hellaswag, write_piqa, write_winogrande
+from suite_data import write_arc, write_hellaswag, write_lambada, write_piqa, write_wikitext, write_winogrande
 
 from quantlab.errors import DataError, UsageError
 from quantlab.evaluate.harness import HarnessSettings, check_tasks, prepare_tasks, run_tasks
@@ -24,6 +24,8 @@ def data_dir(tmp_path_factory) -> Path:
     write_winogrande(root / "winogrande", 10)
     write_piqa(root / "piqa", 10)
     write_hellaswag(root / "hellaswag" / "hellaswag_val_full.txt")
+    write_lambada(root / "lambada_openai" / "lambada_test.jsonl", 11)
+    write_wikitext(root / "wikitext2_raw" / "wiki.test.raw", 7)
     return root
 
 
@@ -111,14 +113,19 @@ def test_reruns_are_bit_identical_and_limit_takes_the_first_documents(tiny, data
     assert first == second and [r["doc_id"] for r in first] == [0, 1, 2, 3, 4]
 
 
+def _output(tiny, settings):
+    """A `quantlab eval --output` file's content for ``settings``."""
+    result = run_tasks(*tiny, settings, prepare_tasks(settings))
+    samples = {t: info.pop("samples") for t, info in result["tasks"].items()}
+    return {"model": "tiny", "runs": [{"recipe": "fp", "artifact": "x", "provenance": {"git_sha": str(settings.shard)},
+                                       "accuracy": {**result, "settings": settings.to_dict(), "samples": samples}}]}
+
+
 def test_shards_merge_into_the_unsharded_run(tiny, data_dir):
     from quantlab.evaluate.shards import merge_shards
 
     def output(settings):
-        result = run_tasks(*tiny, settings, prepare_tasks(settings))
-        samples = {t: info.pop("samples") for t, info in result["tasks"].items()}
-        return {"model": "tiny", "runs": [{"recipe": "fp", "artifact": "x", "provenance": {"git_sha": str(settings.shard)},
-                                           "accuracy": {**result, "settings": settings.to_dict(), "samples": samples}}]}
+        return _output(tiny, settings)
 
     tasks = ("arc_challenge", "piqa")
     full = output(HarnessSettings(tasks=tasks, data_dir=str(data_dir)))
@@ -142,6 +149,48 @@ def test_shards_merge_into_the_unsharded_run(tiny, data_dir):
         HarnessSettings(tasks=tasks, limit=3, shard=(0, 2))
     with pytest.raises(UsageError, match="is not a shard"):
         HarnessSettings(tasks=tasks, shard=(2, 2))
+
+
+def test_merged_perplexities_are_lm_evals_on_the_unsharded_run(tiny, data_dir):
+    """lambada_openai's perplexity is exp(-mean log-likelihood) over documents (its stderr lm-eval's bootstrap);
+    wikitext's word/byte perplexities and bits per byte are weighted by each document's words or bytes."""
+    from quantlab.evaluate.shards import merge_shards
+
+    tasks = ("lambada_openai", "wikitext")
+    settings = {"tasks": tasks, "data_dir": str(data_dir), "max_length": 128}
+    full = _output(tiny, HarnessSettings(**settings))["runs"][0]["accuracy"]["tasks"]
+    shards = [_output(tiny, HarnessSettings(**settings, shard=(i, 2))) for i in (0, 1)]
+    out = merge_shards(shards, ["a", "b"])
+    merged = out["runs"][0]["accuracy"]
+    assert "exp(-mean over documents" in out["definitions"]["perplexity"]
+    assert full["lambada_openai"]["aggregation"] == {"perplexity": "perplexity", "acc": "mean"}
+    assert full["wikitext"]["aggregation"]["bits_per_byte"] == "bits_per_byte"
+    for task, metrics in (("lambada_openai", ("perplexity", "acc")),
+                          ("wikitext", ("word_perplexity", "byte_perplexity", "bits_per_byte"))):
+        assert set(merged["tasks"][task]["metrics"]) == set(metrics) == set(full[task]["metrics"])
+        for metric in metrics:  # log-likelihoods move ~1e-6 with the batch's other documents (padding)
+            assert merged["tasks"][task]["metrics"][metric] == pytest.approx(full[task]["metrics"][metric], rel=1e-5)
+            want = full[task]["stderr"][metric]
+            assert merged["tasks"][task]["stderr"][metric] == (want if want is None else pytest.approx(want, rel=1e-4))
+    lambada = merged["samples"]["lambada_openai"]
+    assert merged["tasks"]["lambada_openai"]["metrics"]["perplexity"] == pytest.approx(
+        math.exp(-sum(r["ll"] for r in lambada) / len(lambada)))
+    assert full["lambada_openai"]["stderr"]["perplexity"] > 0  # lm-eval bootstrapped it
+
+
+def test_a_metric_without_per_document_values_is_not_merged(tiny, data_dir):
+    from quantlab.evaluate.shards import merge_shards
+
+    settings = {"tasks": ("wikitext",), "data_dir": str(data_dir), "max_length": 128}
+    shards = [_output(tiny, HarnessSettings(**settings, shard=(i, 2))) for i in (0, 1)]
+    for shard in shards:
+        for row in shard["runs"][0]["accuracy"]["samples"]["wikitext"]:
+            del row["words"]
+    with pytest.raises(UsageError, match="wikitext's word_perplexity needs each document's log-likelihood and words"):
+        merge_shards(shards, ["a", "b"])
+    shards[0]["runs"][0]["accuracy"]["tasks"]["wikitext"]["aggregation"]["word_perplexity"] = "median"
+    with pytest.raises(UsageError, match="aggregated by lm-eval's median, which quantlab cannot rebuild"):
+        merge_shards(shards, ["a", "b"])
 
 
 def test_user_task_yaml_via_include_path(tiny, tmp_path):

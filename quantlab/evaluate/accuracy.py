@@ -39,7 +39,12 @@ def split_samples(result: dict) -> dict:
 SUITE_DEFINITIONS = {
     "acc": "lm-eval accuracy: the choice with the highest summed log-likelihood is the gold one",
     "acc_norm": "lm-eval accuracy with each choice's log-likelihood divided by its length in characters",
-    "stderr": "lm-eval's standard error: closed form for means, bootstrap for perplexity",
+    "perplexity": "lm-eval's perplexity (lambada_openai): exp(-mean over documents of the target's log-likelihood)",
+    "word_perplexity": "lm-eval's exp(-Σ log-likelihood / Σ words) over documents (loglikelihood_rolling tasks)",
+    "byte_perplexity": "lm-eval's exp(-Σ log-likelihood / Σ UTF-8 bytes) over documents",
+    "bits_per_byte": "lm-eval's -Σ log-likelihood / (Σ UTF-8 bytes · ln 2) over documents",
+    "stderr": "lm-eval's standard error: closed form for means, bootstrap for perplexity, none for the weighted "
+              "perplexities and bits_per_byte",
     "gold_logprob": "log of the gold choice's share of a softmax over the choices' length-normalised log-likelihoods "
                     "(each choice's log-likelihood divided by its length in characters, as acc_norm divides it): "
                     "acc_norm made soft, in nats; chance is log(1 / choices)",

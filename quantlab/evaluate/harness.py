@@ -25,6 +25,9 @@ from quantlab.provenance import library_version
 from quantlab.quiet import quiet_libraries
 
 LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # lm-eval's own defaults
+# What each weighted perplexity of a loglikelihood_rolling task is normalised by, per document (lm-eval's
+# (loglikelihood, count) items): a sample row keeps the count under this name beside its ``ll``.
+COUNTS = {"word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,7 @@ def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTas
             "stderr": {k.split(",")[0].removesuffix("_stderr"): (v if isinstance(v, float) else None)
                        for k, v in res.items() if "_stderr," in k},
             "higher_is_better": out["higher_is_better"].get(name, {}),
+            "aggregation": aggregations(task),
             "n": out["n-samples"][name]["effective"], "n_total": out["n-samples"][name]["original"],
             "version": out["versions"].get(name), "num_fewshot": out["n-shot"].get(name),
             "output_type": task.OUTPUT_TYPE, **prepared.data.get(name, {}),
@@ -232,6 +236,13 @@ def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTas
     return {"tasks": tasks, "lm_eval": {"version": out.get("lm_eval_version"), "max_length": out.get("max_length"),
                                         "batch_size": settings.batch_size, "seeds": LM_EVAL_SEEDS,
                                         "bootstrap_iters": settings.bootstrap_iters}}
+
+
+def aggregations(task) -> dict[str, str]:
+    """Metric -> the name of the lm-eval function that aggregates its per-document values (``mean``,
+    ``perplexity``, ``weighted_perplexity``, ``bits_per_byte`` ...: lm_eval/api/metrics.py), so shards merge
+    the way lm-eval aggregates."""
+    return {metric: getattr(fn, "__name__", str(fn)) for metric, fn in task.aggregation().items()}
 
 
 def leaf_tasks(task_dict: dict) -> dict:
@@ -280,9 +291,9 @@ def compact_samples(task, samples: list[dict]) -> list[dict]:
             row.update(ll=float(ll), greedy=bool(greedy))
         elif task.OUTPUT_TYPE == "loglikelihood_rolling":
             row["ll"] = float(s["filtered_resps"][0])
-            for metric in ("word_perplexity", "byte_perplexity"):
+            for metric, count in COUNTS.items():
                 if isinstance(s.get(metric), (list, tuple)):
-                    row["words" if metric.startswith("word") else "bytes"] = s[metric][1]
+                    row[count] = s[metric][1]
         out.append(row)
     return out
 
