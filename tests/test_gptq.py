@@ -136,3 +136,22 @@ def test_quantizing_leaves_the_working_directory_clean(quantized, tmp_path, monk
     from gptqmodel.nn_modules.hooked_linear import STOP_FORWARD_EXCEPTION
 
     assert STOP_FORWARD_EXCEPTION.__traceback__ is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_weights_count_as_quantized_bytes(bits, gptq_artifacts, tiny_model):
+    """qweight, qzeros, scales, g_idx and the shift tables are the quantized weight: their bytes are the layout's
+    data and scales of every linear; the rest (embedding, norms, rotary tables) is unquantized, fp32 on CPU."""
+    from tiny import TINY_SHAPES
+
+    from quantlab.measure.memory import weight_bytes
+    from quantlab.methods.loading import load_recipe_model
+
+    target, _, recipe = gptq_artifacts[bits]
+    counted = weight_bytes(load_recipe_model(str(target), recipe, "cpu"))
+    layout = get_method("gptq").layout(recipe.config)
+    linears = [layout.linear_bytes(o, i, "cpu") for o, i in TINY_SHAPES.values()] * tiny_model.config.num_hidden_layers
+    assert counted["quantized_bytes"] == sum(b["data"] + b["scales"] for b in linears)
+    rest = sum(t.numel() * t.element_size() for n, t in [*tiny_model.named_parameters(), *tiny_model.named_buffers()]
+               if "proj" not in n)  # tied head once; the rotary tables are buffers
+    assert counted["unquantized_bytes"] == rest

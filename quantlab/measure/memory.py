@@ -4,7 +4,9 @@
 (absmax, code, nested statistics), so it undercounts 4-bit models by a few percent. Here each
 parameter is expanded into the tensors that actually hold its data: a bnb Params4bit into its packed
 bytes plus quant_state tensors, an Int8Params into int8 data plus row scales (SCB), a torchao tensor
-subclass into its flattened components (qdata, scale, zero_point).
+subclass into its flattened components (qdata, scale, zero_point). GPTQ's QuantLinear holds its weight in plain
+int32 and fp16 buffers (qweight, qzeros, scales, g_idx and its kernel's shift tables), counted as quantized by
+the module that holds them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from quantlab.fsutil import dir_bytes
 DEFINITIONS = {
     "weights_bytes": "bytes of all parameters and buffers as loaded, quantization statistics included, tied weights once",
     "disk_bytes": "bytes of the artifact's weight files",
+    "quantized_bytes": "bytes of the quantized weights with their statistics: int8/uint8 tensors (bitsandbytes, with "
+                       "their quant_state and row scales), tensor subclasses (torchao), and every tensor of a GPTQ "
+                       "packed linear but its bias (qweight, qzeros, scales, g_idx, shift tables)",
+    "unquantized_bytes": "bytes of everything else as loaded: embeddings, norms, an untied head, biases, buffers",
     "peak_bytes": "peak RSS of the bench process on CPU; max reserved CUDA memory on GPU",
     "held_peak_bytes": "what a step held at its peak above its libraries: peak RSS (VmHWM) minus RSS after the step's "
                        "libraries were imported; on CUDA, max reserved GPU memory. RSS counts the pages of a checkpoint "
@@ -67,17 +73,26 @@ def weight_bytes(model) -> dict:
     seen: set[int] = set()
     quantized = other = 0
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    packed = packed_linear_tensors(model)
     for _, t in tensors:
         if id(t) in seen:
             continue
         seen.add(id(t))
         nbytes = tensor_bytes(t)
-        is_quant = t.dtype in (torch.int8, torch.uint8) or type(t) not in (torch.Tensor, torch.nn.Parameter)
+        is_quant = (t.dtype in (torch.int8, torch.uint8) or type(t) not in (torch.Tensor, torch.nn.Parameter)
+                    or id(t) in packed)
         if is_quant:
             quantized += nbytes
         else:
             other += nbytes
     return {"weights_bytes": quantized + other, "quantized_bytes": quantized, "unquantized_bytes": other}
+
+
+def packed_linear_tensors(model) -> set[int]:
+    """ids of the tensors of GPTQ packed linears (a module holding a ``qweight``), its bias excepted."""
+    return {id(t) for module in model.modules() if hasattr(module, "qweight")
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            if name != "bias"}
 
 
 def peak_rss_bytes() -> int:
