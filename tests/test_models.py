@@ -40,3 +40,68 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="is a file, not a model directory"):
         resolve_model(str(f))
+
+
+def _write_gguf(path, file_type=None):
+    """A GGUF header like a Q4_K_M file's: many small F32 norms beside Q4_K, Q6_K, Q5_0 and Q8_0 weights
+    (zero bytes: only the header is read). Parameters: Q4_K 2048, Q6_K 512, F32 5 x 16, Q5_0 64, Q8_0 32."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    for i in range(5):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(16, np.float32))
+    for name, kind, rows, cols in (("blk.0.ffn_up.weight", "Q4_K", 4, 512), ("output.weight", "Q6_K", 2, 256),
+                                   ("blk.0.attn_k.weight", "Q5_0", 1, 64), ("blk.0.attn_v.weight", "Q8_0", 1, 32)):
+        qtype = gguf.GGMLQuantizationType[kind]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor(name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_note_names_the_file_type_and_the_parameter_mix(tmp_path):
+    import gguf
+
+    from quantlab.models import gguf_note, gguf_weights
+
+    path = _write_gguf(tmp_path / "m.Q4_K_M.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    file_type, mix = gguf_weights(path)
+    assert file_type == "Q4_K_M"
+    total = 2048 + 512 + 80 + 64 + 32
+    assert mix == [(k, pytest.approx(100 * n / total)) for k, n in
+                   (("Q4_K", 2048), ("Q6_K", 512), ("F32", 80), ("Q5_0", 64), ("Q8_0", 32))]
+    note = gguf_note(path, file_type, mix)
+    assert note.startswith("weights dequantized from GGUF Q4_K_M (m.Q4_K_M.gguf: Q4_K 75 %, Q6_K 19 %, F32 2.9 %, "
+                           "Q5_0 2.3 %, Q8_0 1.2 % of parameters)")
+    assert "the fp baseline is this GGUF dequantized, not the original bf16" in note and "dequantized F32" not in note
+    bare = _write_gguf(tmp_path / "bare.gguf")
+    assert gguf_weights(bare)[0] is None
+    assert "from a GGUF that does not record its file type (general.file_type) (bare.gguf: Q4_K 75 %" in \
+        gguf_note(bare, *gguf_weights(bare))
+
+
+def test_a_conversion_noted_before_the_mix_gets_the_new_note(tmp_path, quantlab_home):
+    """A cached conversion whose marker has the old note (the most frequent tensor type) is re-noted from the
+    header, without converting again."""
+    import json
+
+    import gguf
+
+    from quantlab.models import cached_sha256, convert_gguf
+
+    path = _write_gguf(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    target = quantlab_home / "models" / f"m-{cached_sha256(path)[:12]}"
+    target.mkdir(parents=True)
+    old = {"gguf": str(path), "weight_type": "F32", "note": "weights dequantized from GGUF F32 (m.gguf); the fp "
+                                                             "baseline is dequantized F32"}
+    (target / "quantlab-source.json").write_text(json.dumps(old))
+    folder, note = convert_gguf(path)
+    assert folder == target and note.startswith("weights dequantized from GGUF Q4_K_M (m.gguf: Q4_K 75 %")
+    marker = json.loads((target / "quantlab-source.json").read_text())
+    assert marker["note"] == note and marker["file_type"] == "Q4_K_M" and marker["tensor_types"]["Q6_K"] > 18
