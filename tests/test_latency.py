@@ -37,6 +37,22 @@ def test_measure_latency_keeps_raw_samples(tiny_model):
         assert result["decode_tok_s"][b]["median"] > 0 and result["decode_tok_s"][b]["n"] == 3
 
 
+def test_a_model_that_decodes_on_neither_cache_path_is_one_error(tiny_dir):
+    """Both trials fail (the prompt draws token ids past the embedding table): an error naming both failures,
+    not min() of nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.errors import MeasurementError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    model.config.vocab_size = 10**6
+    settings = lat.LatencySettings(prompt_tokens=8, decode_tokens=2, batch_sizes=(1,), repetitions=1)
+    with pytest.raises(MeasurementError, match=r"Decode failed on both KV-cache paths \(dynamic cache failed: "
+                                               r"IndexError: .*; static cache failed: IndexError: .*\), so its "
+                                               r"latency cannot be measured on cpu — fix"):
+        lat.measure_latency(model, settings, "cpu")
+
+
 def test_median_iqr():
     assert lat.median_iqr([1, 2, 3, 4, 5]) == {"median": 3.0, "iqr": 2.0, "n": 5}
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from quantlab.errors import MeasurementError
+
 # Peak HBM bandwidth in bytes/s of GPUs we know, by substring of the device name.
 HBM_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
                  "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12,
@@ -141,6 +143,10 @@ def choose_decode_path(model, settings: LatencySettings, device: str) -> dict:
             continue
         trials[path] = timer.samples[0]
     working = {p: t for p, t in trials.items() if isinstance(t, float)}
+    if not working:
+        failures = "; ".join(f"{p} cache {t}" for p, t in trials.items())
+        raise MeasurementError(f"Decode failed on both KV-cache paths ({failures}), so its latency cannot be "
+                               f"measured on {device} — fix what the errors name, or leave the recipe out")
     return {"chosen": min(working, key=working.get), "trial_s": trials}
 
 
