@@ -63,6 +63,23 @@ def test_roofline_fraction():
     assert lat.roofline("Some Unknown GPU", 1, 1) is None
 
 
+@pytest.mark.parametrize("key", list(lat.HBM_BANDWIDTH))
+def test_each_known_gpu_matches_its_own_entry(key):
+    """Every name in the table finds itself, not an entry that is a substring of it (L4 in L40S) or one it is a
+    substring of."""
+    assert lat.roofline(f"NVIDIA {key}", 1, 1)["gpu_key"] == key
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA L40", "L40"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"), ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"), ("NVIDIA A100-SXM4-40GB", "A100"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("Tesla T4", "T4"),
+    ("Tesla V100-SXM2-16GB", "V100"), ("NVIDIA GeForce RTX 4080", None), ("NVIDIA T400", None),
+])
+def test_device_names_match_whole_words(name, key):
+    assert (lat.roofline(name, 1, 1) or {}).get("gpu_key") == key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_compare_on_tiny_model(tiny_dir, tiny_text, tmp_path):

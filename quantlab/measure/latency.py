@@ -9,15 +9,18 @@ On CUDA, timings use CUDA events with synchronisation; on CPU, time.perf_counter
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
 from quantlab.errors import MeasurementError
 
-# Peak HBM bandwidth in bytes/s of GPUs we know, by substring of the device name.
+# Peak HBM bandwidth in bytes/s of GPUs we know (NVIDIA's datasheets), by the words of the device name
+# (``gpu_key``): "NVIDIA H100 80GB HBM3" is an H100 SXM, "NVIDIA A100-SXM4-40GB" an A100 at 1.555 TB/s.
 HBM_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
-                 "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12,
-                 "RTX 4090": 1.008e12, "RTX 5090": 1.792e12, "V100": 0.9e12, "T4": 0.32e12}
+                 "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12,
+                 "L40": 0.864e12, "L4": 0.3e12, "RTX 4090": 1.008e12, "RTX 5090": 1.792e12, "V100": 0.9e12,
+                 "T4": 0.32e12}
 
 
 DECODE_PATHS = {
@@ -193,9 +196,22 @@ def not_measured(settings: LatencySettings, reason: str) -> dict:
 
 def roofline(device_name: str, bytes_per_step: int, steps_per_s: float) -> dict | None:
     """Decode as % of the HBM roofline: each decode step reads at least the weights once."""
-    for key, bandwidth in HBM_BANDWIDTH.items():
-        if key in device_name:
-            achieved = bytes_per_step * steps_per_s
-            return {"bandwidth_bytes_s": bandwidth, "achieved_bytes_s": achieved,
-                    "percent_of_roofline": 100.0 * achieved / bandwidth, "gpu_key": key}
-    return None
+    key = gpu_key(device_name)
+    if key is None:
+        return None
+    bandwidth, achieved = HBM_BANDWIDTH[key], bytes_per_step * steps_per_s
+    return {"bandwidth_bytes_s": bandwidth, "achieved_bytes_s": achieved,
+            "percent_of_roofline": 100.0 * achieved / bandwidth, "gpu_key": key}
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The HBM_BANDWIDTH entry whose words appear in the device name as whole words, in a row (so "L4" is not
+    "NVIDIA L40S"); of several, the one with the most words ("H100 PCIe" over "H100"). None: not a GPU we know."""
+    words = _words(device_name)
+    found = [key for key in HBM_BANDWIDTH
+             if any(words[i:i + len(_words(key))] == _words(key) for i in range(len(words)))]
+    return max(found, key=lambda key: len(_words(key)), default=None)
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[\s_-]+", name.upper()) if w]
