@@ -187,3 +187,20 @@ def test_quantize_under_a_budget_warns_when_the_step_held_more_than_the_budget(t
     assert cost["budgeted"] is True and cost["held"]["held_peak_bytes"] > budget
     again = runner.invoke(cli, args)
     assert again.exit_code == 0 and "Warning" not in again.stderr and again.stdout.strip().endswith(str(artifact))
+
+
+def test_an_fp_dtype_candidate_plans_its_fidelity_step_at_the_settings_batch(tiny_dir):
+    """Only the fp baseline is its own reference; bf16 (another fp dtype) runs a comparison, planned like any
+    candidate's: at the settings' batch, fewer windows when a budget says so."""
+    from quantlab.plan.steps import NONE, fidelity_components, plan_fidelity
+    from quantlab.recipe import parse_recipe
+
+    shapes = model_shapes(load_config(tiny_dir))
+    settings = FidelitySettings(max_chunks=4, chunk_tokens=32, batch_size=3)
+    assert plan_fidelity(parse_recipe("fp"), shapes, settings, "cpu", None).mode == NONE
+    bf16 = parse_recipe("bf16")
+    plan = plan_fidelity(bf16, shapes, settings, "cpu", None)
+    assert (plan.mode, plan.batch) == (IN_MEMORY, 3)
+    two = step_peak(fidelity_components(bf16, shapes, settings, "cpu", IN_MEMORY, 2))
+    plan = plan_fidelity(bf16, shapes, settings, "cpu", two)
+    assert (plan.mode, plan.batch, plan.peak_bytes) == (IN_MEMORY, 2, two)

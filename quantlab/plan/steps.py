@@ -176,9 +176,15 @@ def checkpoint_pages(layout, shapes, device: str) -> dict:
     return {"checkpoint pages of the copied linears": w["linear_data"] + w["linear_scales"]}
 
 
+def is_reference(recipe) -> bool:
+    """The fp baseline itself (recipe ``fp``): its fidelity is the reference against itself, with no forward of
+    its own. Another fp dtype (bf16, fp16, fp32) is compared with the reference like any candidate."""
+    return recipe.name == "fp"
+
+
 def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> StepPlan:
     """In memory at the settings' batch, else with fewer windows, else layer by layer where the layout allows."""
-    if recipe.method == "fp":
+    if is_reference(recipe):
         return StepPlan("fidelity", NONE, 0, reason="the fp baseline is its own reference")
     layout = get_method(recipe.method).layout(recipe.config)
     modes = (IN_MEMORY, LAYER_BY_LAYER) if layout.layer_by_layer else (IN_MEMORY,)

@@ -26,7 +26,7 @@ from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
 from quantlab.methods.loading import load_recipe_model
 from quantlab.models import ModelSource, load_tokenizer, quantlab_home
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, is_reference
 from quantlab.recipe import Recipe, parse_recipe
 
 
@@ -73,7 +73,7 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
     base_gen = baseline_generation(baseline, ids, cache, device, plans.get("reference"))
     results = []
     for cand in tqdm(candidates, desc="fidelity", unit="model", leave=False):
-        if cand.recipe.name == "fp" and Path(cand.artifact).resolve() == Path(baseline.path).resolve():
+        if is_reference(cand.recipe) and Path(cand.artifact).resolve() == Path(baseline.path).resolve():
             per_token = fid.compare_baseline_to_itself(ids, logprobs)
             gen = base_gen
         else:

@@ -20,6 +20,7 @@ from quantlab.evaluate.flips import add_flips
 from quantlab.evaluate.recovery import add_accuracy_recoveries, add_recoveries
 from quantlab.gate.refs import read_samples
 from quantlab.methods import get_method
+from quantlab.plan.steps import is_reference
 from quantlab.records import budget_check, budget_warning
 
 
@@ -44,7 +45,7 @@ def _over_budget(jobs: list, runs: list[dict]) -> list[str]:
             continue
         check = run["memory"]["budget"] = budget_check(run, job.budget)
         for step in check["over"]:
-            plan = job.step("reference" if step == "fidelity" and job.recipe.method == "fp" else step)
+            plan = job.step("reference" if step == "fidelity" and is_reference(job.recipe) else step)
             warnings.append(budget_warning(run["recipe"], step, check["held_bytes"][step], job.budget, plan))
     return warnings
 
