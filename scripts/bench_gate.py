@@ -1,6 +1,7 @@
 """The gate's error rates, measured: simulated candidates with known true drops on real per-document scores.
 
     .venv/bin/python scripts/bench_gate.py [--replicates 1000] [--sizes 100,300,1000] [--churn 0,0.1]
+        [--recipes DIR]   # also: the real recipes' verdicts on disjoint 100-document slices
 
 The baseline is SmolLM2-135M's fp run on the full arc_easy, hellaswag and piqa sets
 (reports/smollm2-135m-suites/fp-*-full.json, per-document 0/1 scores). A candidate with true drop d is made
@@ -14,21 +15,27 @@ family-wise rate.
 
 The policy's gold_logprob metrics are not simulated (flipping answers defines no log-likelihoods); with them
 in the family Holm's correction only grows, so the rates here bound the full policy's false-fail rate.
+
+With ``--recipes DIR`` (``quantlab eval ... --output DIR/<recipe>.json`` files, fp.json among them, each task
+scored on the same first documents) the real recipes are gated against fp with the policy, exactly as
+``quantlab gate`` does, on each disjoint slice of ``--slice`` documents and on all of them together: how stable
+a verdict on one slice is. Rules of tasks the files lack are left out of the family.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantlab.gate import judge, margin, stats  # noqa: E402
-from quantlab.gate.policy import BINARY, load_policy  # noqa: E402
+from quantlab.evaluate.flips import wilson  # noqa: E402
+from quantlab.gate import compare, judge, margin, stats  # noqa: E402
+from quantlab.gate.policy import BINARY, Policy, load_policy  # noqa: E402
+from quantlab.gate.refs import load_ref  # noqa: E402
 from quantlab.provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +67,36 @@ def candidate(correct, drop: float, churn: float, rng):
     return cand
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    z = 1.96
-    p = k / n
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def sliced(run: dict, docs: set) -> dict:
+    """The run with only the documents ``docs`` of each task."""
+    return {**run, "samples": {t: [r for r in rows if r["doc_id"] in docs] for t, rows in run["samples"].items()}}
+
+
+def real_recipes(folder: Path, policy: Policy, size: int, seed: int) -> None:
+    """Each recipe's verdict against fp on each disjoint slice of ``size`` documents, and on all of them."""
+    runs = {p.stem: load_ref(str(p))[0] for p in sorted(folder.glob("*.json"))}
+    fp = runs.pop("fp")
+    tasks = set(fp["samples"])
+    rules = tuple(r for r in policy.rules if r.task in tasks)
+    family = Policy(policy.name, policy.alpha, rules, policy.inconclusive)
+    n = min(len(rows) for rows in fp["samples"].values())
+    docs = sorted({r["doc_id"] for r in next(iter(fp["samples"].values()))})[:n]
+    slices = [set(docs[i:i + size]) for i in range(0, n - size + 1, size)] + [set(docs)]
+    print(f"\nReal recipes against fp ({folder}): {', '.join(sorted(tasks))}, {n} documents each; the policy's "
+          f"{len(rules)} metrics of those tasks ({', '.join(r.name for r in rules)}), Holm across them; "
+          f"left out: {', '.join(r.name for r in policy.rules if r not in rules) or 'none'}")
+    print(f"slice k = documents {size}k .. {size}(k+1) - 1 of each task (disjoint); 'all' = the {n} together. "
+          "Per metric: P pass, I inconclusive, R regression, E error; then the comparison's verdict")
+    labels = [f"slice {k}" for k in range(len(slices) - 1)] + ["all"]
+    print(f"{'recipe':<14}" + "".join(f"{label:>{len(rules) + 15}}" for label in labels))
+    for name, run in runs.items():
+        cells = []
+        for part in slices:
+            comp = compare(sliced(fp, part), sliced(run, part), family, seed)
+            by_name = {m["metric"]: m["verdict"] for m in comp["metrics"]}
+            code = "".join(by_name[r.name][0].upper() for r in rules)
+            cells.append(f"{code} {comp['verdict']:<12}")
+        print(f"{name:<14}" + "".join(f"{c:>{len(rules) + 15}}" for c in cells))
 
 
 def main() -> None:
@@ -76,6 +108,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,300,1000")
     ap.add_argument("--churn", default="0,0.1")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", type=Path, default=None, help="folder of eval outputs, fp.json among them")
+    ap.add_argument("--slice", type=int, default=100)
     args = ap.parse_args()
     policy = load_policy(args.policy)
     scores = load_scores(FULL)
@@ -135,7 +169,10 @@ def main() -> None:
     for churn in churns:
         reach = [r["n"] for r in rows if r["churn"] == churn and r["kind"] == "power" and r["rate"] >= 0.8]
         print(f"churn {churn:g}: power ≥ 0.8 at 2 x max_drop from n = {min(reach) if reach else 'none of ' + args.sizes}")
-    prov = provenance("cpu", seeds={"bench": args.seed}, data={p.name: _sha(p) for p in FULL})
+    files = FULL + (sorted(args.recipes.glob("*.json")) if args.recipes else [])
+    if args.recipes:
+        real_recipes(args.recipes, policy, args.slice, args.seed)
+    prov = provenance("cpu", seeds={"bench": args.seed}, data={p.name: _sha(p) for p in files})
     print(f"wall {time.perf_counter() - started:.0f} s; versions numpy {np.__version__}; git {prov.get('git_sha')}; "
           f"data sha256 {', '.join(f'{k} {v[:12]}' for k, v in prov['data_sha256'].items())}")
 
