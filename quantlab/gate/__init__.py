@@ -16,13 +16,14 @@ from __future__ import annotations
 from quantlab.errors import UsageError
 from quantlab.evaluate.accuracy import primary_metric
 from quantlab.evaluate.flips import binary_metric
+from quantlab.evaluate.harness import COUNTS
 from quantlab.gate import stats
 from quantlab.gate.policy import BINARY, DERIVED, FLIPS, Policy, default_policy, load_policy
 from quantlab.gate.refs import load_ref
 
 EXIT_CODES = {"pass": 0, "regression": 3, "error": 1, "inconclusive": 0}  # inconclusive: 3 when the policy says fail
 # metrics computed from per-document log-likelihoods, and the count each is normalised by (None: documents)
-PER_DOCUMENT = {"perplexity": None, "word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
+PER_DOCUMENT = {"perplexity": None, **COUNTS}
 
 
 def run_gate(baseline: str, candidate: str, policy_path: str | None = None, store: str | None = None,
