@@ -137,6 +137,14 @@ def check_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem that holds (or would hold) ``path``: its nearest existing ancestor's."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def dir_bytes(path: str | Path, suffixes=(".safetensors", ".bin", ".pt", ".gguf")) -> int:
     """Bytes of the weight files in a model directory."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file() and p.suffix in suffixes)

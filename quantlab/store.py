@@ -6,6 +6,8 @@ are what ``quantlab runs`` lists and what later queries filter on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import json
 import sqlite3
@@ -15,7 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantlab.errors import StoreError
+from quantlab.fsutil import free_bytes
 from quantlab.models import quantlab_home
+
+#: PRAGMA application_id of a quantlab store ("qtlb"): how a store is told from another application's database
+APPLICATION_ID = 0x71746C62
 
 MIGRATIONS: list[str] = [
     # 1: runs, with the record of each (model, recipe) evaluation
@@ -59,6 +65,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN step_wall_s TEXT;
     """,
+    # 5: the schema marker: a database with tables and without it is another application's, never migrated
+    f"""
+    PRAGMA application_id = {APPLICATION_ID};
+    """,
 ]
 
 _JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "step_wall_s")
@@ -73,38 +83,85 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        migrate(conn)
+        try:
+            check_ours(conn, path)  # before anything writes: another application's database stays byte-identical
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
     except sqlite3.DatabaseError as exc:
+        if _is_full(exc):
+            raise disk_full(path, exc) from None
         raise StoreError(f"Cannot open store {path}: {exc} — pass another --store or move the file aside") from None
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full(path, exc) from None
         raise StoreError(f"Cannot create store {path}: {exc.strerror} — pass a writable --store") from None
     return conn
+
+
+def check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """A new (empty) database, or a quantlab store: its application_id, or from before there was one, schema
+    version ≥ 1 with a ``runs`` table. Anything else with tables is another application's: refused, untouched."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                         "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    legacy = app_id == 0 and schema_version(conn) >= 1 and "runs" in tables
+    if app_id not in (0, APPLICATION_ID) or (tables and app_id != APPLICATION_ID and not legacy):
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StoreError(f"{path} is not a quantlab store (another application's database"
+                         f"{f' with tables {shown}' if tables else ''}) — pass a new file with --store; "
+                         "quantlab did not change it")
+
+
+def _is_full(exc: Exception) -> bool:
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc)
+
+
+def disk_full(path: Path | None, exc: Exception) -> StoreError:
+    """The store's filesystem is full: the error names it, the free space left and the fix."""
+    path = path or default_store_path()
+    return StoreError(f"The filesystem holding the store {path} is full ({exc}; {free_bytes(path) / 1e6:.0f} MB "
+                      "free) — free space there, or pass --store on another disk; the store is unchanged")
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection, path: Path | None = None):
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error. SQLite rolls some failures back itself (a full
+    disk): then there is nothing to roll back, and the original error is the one raised, as a StoreError."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error) and _is_full(exc):
+            raise disk_full(path, exc) from None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise disk_full(path, exc) from None
+        raise
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-def migrate(conn: sqlite3.Connection) -> None:
+def migrate(conn: sqlite3.Connection, path: Path | None = None) -> None:
     """Apply each pending migration in its own transaction, bumping PRAGMA user_version."""
     current = schema_version(conn)
     if current > len(MIGRATIONS):
         raise StoreError(f"Store schema v{current} is newer than this quantlab (v{len(MIGRATIONS)}) — upgrade quantlab")
     for number, sql in enumerate(MIGRATIONS[current:], start=current + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(conn, path):
             if schema_version(conn) >= number:  # another process migrated it while this one waited for the lock
-                conn.execute("COMMIT")
                 continue
             for statement in filter(str.strip, sql.split(";")):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
 
 def insert_run(path: str | Path | None, record: dict, samples: dict | None = None,
@@ -123,42 +180,38 @@ def insert_run(path: str | Path | None, record: dict, samples: dict | None = Non
     row.update({c: json.dumps(record.get(c), default=str) for c in _JSON_COLUMNS})
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
+    path = Path(path or default_store_path())
     with closing(connect(path)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", list(row.values()))
-            for task, rows in (samples or {}).items():
-                blob = gzip.compress(json.dumps(rows, separators=(",", ":")).encode(), mtime=0)
-                conn.execute("INSERT INTO samples (run_id, task, data) VALUES (?, ?, ?)", (run_id, task, blob))
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK")
-            if unique_job and record.get("job_key"):
-                return None
-            raise
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            with transaction(conn, path):
+                conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", list(row.values()))
+                for task, rows in (samples or {}).items():
+                    blob = gzip.compress(json.dumps(rows, separators=(",", ":")).encode(), mtime=0)
+                    conn.execute("INSERT INTO samples (run_id, task, data) VALUES (?, ?, ?)", (run_id, task, blob))
+        except sqlite3.IntegrityError as exc:
+            if unique_job and record.get("job_key") and _job_stored(conn, row["run_set"], row["job_key"]):
+                return None  # another driver stored this job first: the unique (run set, job key) index held
+            raise StoreError(f"Cannot store run {run_id} ({row['recipe']}) in {path}: {exc} — nothing was stored; a "
+                             "record the store's schema refuses is a quantlab bug: report it with --debug's output") from exc
     return run_id
+
+
+def _job_stored(conn: sqlite3.Connection, run_set: str, job_key: str) -> bool:
+    return conn.execute("SELECT 1 FROM runs WHERE run_set = ? AND job_key = ?", (run_set, job_key)).fetchone() is not None
 
 
 def update_runs(path: str | Path | None, updates: dict[str, dict]) -> None:
     """Replace JSON columns of stored runs (run id -> {column: value}) in one transaction: the values a run
     set's jobs only have once all of them are in (the garbage guard against its peers, recoveries)."""
-    with closing(connect(path)) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for run_id, columns in updates.items():
-                bad = set(columns) - set(_JSON_COLUMNS)
-                if bad:
-                    raise StoreError(f"Cannot update column(s) {', '.join(sorted(bad))} of a stored run")
-                sets = ", ".join(f"{c} = ?" for c in columns)
-                conn.execute(f"UPDATE runs SET {sets} WHERE id = ?",
-                             [json.dumps(v, default=str) for v in columns.values()] + [run_id])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    path = Path(path or default_store_path())
+    with closing(connect(path)) as conn, transaction(conn, path):
+        for run_id, columns in updates.items():
+            bad = set(columns) - set(_JSON_COLUMNS)
+            if bad:
+                raise StoreError(f"Cannot update column(s) {', '.join(sorted(bad))} of a stored run")
+            sets = ", ".join(f"{c} = ?" for c in columns)
+            conn.execute(f"UPDATE runs SET {sets} WHERE id = ?",
+                         [json.dumps(v, default=str) for v in columns.values()] + [run_id])
 
 
 def list_runs(path: str | Path | None = None, run_set: str | None = None, limit: int | None = None) -> list[dict]:

@@ -50,8 +50,86 @@ def test_failed_insert_leaves_no_row(tmp_path):
     with pytest.raises(KeyError):
         store.insert_run(db, bad)
     run_id = store.insert_run(db, _record())
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.StoreError, match="UNIQUE constraint failed: runs.id"):
         store.insert_run(db, {**_record(), "id": run_id})
+    assert len(store.list_runs(db)) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"id": "same"}, "UNIQUE constraint failed: runs.id"),  # another job's run id
+    ({"model": {"ref": "m", "fingerprint": None}}, "NOT NULL constraint failed: runs.model_fingerprint"),
+])
+def test_a_constraint_other_than_the_job_index_is_raised_with_unique_job(tmp_path, bad, message):
+    db = tmp_path / "q.db"
+    store.insert_run(db, {**_record(), "id": "same", "job_key": "k1"}, unique_job=True)
+    with pytest.raises(store.StoreError, match=message):
+        store.insert_run(db, {**_record(), "job_key": "k2", **bad}, unique_job=True)
+    assert [r["job_key"] for r in store.list_runs(db)] == ["k1"]
+
+
+def _capped(monkeypatch):
+    """Each store connection may not grow the file beyond its size now: SQLite's own SQLITE_FULL, as on a
+    full disk, without filling one."""
+    connect = store.connect
+
+    def capped(path=None):
+        conn = connect(path)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        return conn
+
+    monkeypatch.setattr(store, "connect", capped)
+
+
+def test_a_full_disk_is_a_store_error_naming_it_and_the_transaction_is_undone(tmp_path, monkeypatch):
+    import random
+
+    db = tmp_path / "q.db"
+    kept = store.insert_run(db, _record())
+    rng = random.Random(0)
+    samples = {"arc_easy": [{"doc_id": i, "ll": [rng.random() for _ in range(4)]} for i in range(5000)]}
+    _capped(monkeypatch)
+    with pytest.raises(store.StoreError) as err:
+        store.insert_run(db, {**_record(run_set="full"), "job_key": "k"}, samples, unique_job=True)
+    message = str(err.value)
+    assert f"filesystem holding the store {db} is full" in message and "database or disk is full" in message
+    assert "MB free" in message and "cannot rollback" not in message and "\n" not in message
+    with pytest.raises(store.StoreError, match="is full"):
+        store.update_runs(db, {kept: {"fidelity": {"kld_mean": 0.2, "pad": "x" * 200_000}}})
+    monkeypatch.undo()
+    rows = store.list_runs(db)
+    assert [r["id"] for r in rows] == [kept] and rows[0]["fidelity"] == {"kld_mean": 0.1}
+
+
+def _foreign_db(path):
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT); "
+                       "INSERT INTO notes (body) VALUES ('keep me');")
+    conn.close()
+    return path
+
+
+def test_another_applications_database_is_refused_and_left_byte_identical(tmp_path):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    db = _foreign_db(tmp_path / "app.db")
+    before = db.read_bytes()
+    res = CliRunner().invoke(cli, ["runs", "--store", str(db)])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"Error: {db} is not a quantlab store") and "tables notes" in res.output
+    with pytest.raises(store.StoreError, match="not a quantlab store"):
+        store.insert_run(db, _record())
+    assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_an_empty_file_becomes_a_store_marked_as_quantlabs(tmp_path):
+    db = tmp_path / "new.db"
+    db.touch()
+    store.insert_run(db, _record())
+    conn = store.connect(db)
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == store.APPLICATION_ID
     assert len(store.list_runs(db)) == 1
 
 
