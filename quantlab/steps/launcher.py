@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from quantlab import errors
 from quantlab.errors import MeasurementError
-from quantlab.fsutil import scratch_dir
+from quantlab.fsutil import free_bytes, scratch_dir
+from quantlab.models import quantlab_home
 
 
 def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
@@ -27,10 +29,7 @@ def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
         except subprocess.TimeoutExpired:
             raise MeasurementError(f"The {step} step ran over {timeout:.0f} s — raise the timeout or use a smaller model") from None
         if not result_path.is_file():
-            raise MeasurementError(
-                f"The {step} subprocess died (exit code {proc.returncode}) — likely out of memory; "
-                "free memory or use a smaller model"
-            )
+            raise died(step, proc.returncode)
         result = json.loads(result_path.read_text())
     if "error" in result:
         err = result["error"]
@@ -41,3 +40,18 @@ def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
         exc.worker_traceback = err.get("traceback")
         raise exc
     return result
+
+
+def died(step: str, returncode: int) -> MeasurementError:
+    """Why a step process ended without a result, from its exit status. SIGBUS is a memory-mapped file that
+    could not be backed (a full disk under QUANTLAB_HOME, or a file truncated while mapped), not memory."""
+    if returncode == -signal.SIGBUS:
+        home = quantlab_home()
+        return MeasurementError(
+            f"The {step} subprocess was killed by SIGBUS — probably a full disk or a memory-mapped file truncated "
+            f"under it: QUANTLAB_HOME {home} has {free_bytes(home) / 1e9:.2f} GB free; free space there or point "
+            "QUANTLAB_HOME at a larger disk")
+    names = {s.value: s.name for s in signal.Signals}
+    how = f"killed by {names.get(-returncode, f'signal {-returncode}')}" if returncode < 0 else f"exit code {returncode}"
+    return MeasurementError(f"The {step} subprocess died ({how}) — likely out of memory; free memory or use a "
+                            "smaller model")
