@@ -38,7 +38,8 @@ def compared(tiny_dir, tiny_text, tmp_path_factory):
         second = _invoke(*args)
         swap = {"bnb-int8,bnb-nf4,rtn-w4-g32": "rtn-w4-g32", str(out / "r"): str(out / "forced")}
         forced = _invoke(*[swap.get(a, a) for a in args], "--force")
-    return {"first": first, "second": second, "forced": forced, "db": db, "out": out / "r", "home": home}
+    return {"first": first, "second": second, "forced": forced, "db": db, "out": out / "r", "home": home,
+            "args": args}
 
 
 def test_results_have_every_field(compared):
@@ -168,6 +169,37 @@ def test_second_run_reuses_every_job_and_force_recomputes(compared):
     for a, b in zip([first["runs"][0], first["runs"][3]], forced["runs"]):
         assert a["fidelity"]["kld_mean"] == pytest.approx(b["fidelity"]["kld_mean"], rel=1e-9, abs=1e-12)
         assert a["artifact"] == b["artifact"] and a["run_id"] != b["run_id"]
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_republishing_replaces_only_quantlabs_own_files_and_refuses_anyone_elses(compared, tmp_path, monkeypatch):
+    from quantlab.fsutil import MANIFEST
+
+    monkeypatch.setenv("QUANTLAB_HOME", str(compared["home"]))
+    out = tmp_path / "out"
+    shutil.copytree(compared["out"], out)  # a folder quantlab published: its manifest lists every file in it
+    assert sorted(json.loads((out / MANIFEST).read_text())["files"]) == sorted(set(_tree(out)) - {MANIFEST})
+    (out / "notes.txt").write_text("mine")
+    (out / "per_token" / "mine.npz").write_bytes(b"mine too")
+    before = _tree(out)
+    swap = {"bnb-int8,bnb-nf4,rtn-w4-g32": "rtn-w4-g32", str(compared["out"]): str(out),
+            str(compared["db"]): str(tmp_path / "s.db")}
+    args = [swap.get(a, a) for a in compared["args"]]
+    res = _invoke(*args)
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert f"--out {out} holds files quantlab did not write (notes.txt, per_token/mine.npz)" in res.stderr
+    assert _tree(out) == before and not (tmp_path / "s.db").exists()
+    (out / "notes.txt").unlink()
+    (out / "per_token" / "mine.npz").unlink()
+    res = _invoke(*args)  # the same jobs from the job cache: a smaller publication replaces the larger one
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["jobs"]["from_cache"] == 2
+    assert sorted(p.name for p in (out / "per_token").iterdir()) == ["fp.npz", "rtn-w4-g32.npz"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["fp.json.gz", "rtn-w4-g32.json.gz"]
+    assert sorted(json.loads((out / MANIFEST).read_text())["files"]) == sorted(set(_tree(out)) - {MANIFEST})
 
 
 def test_report_from_the_stored_run_set(compared, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from quantlab import store as store_mod
 from quantlab.errors import QuantlabError
-from quantlab.fsutil import atomic_write_json, file_lock, safe_name
+from quantlab.fsutil import atomic_write_json, claim_files, file_lock, remove_stale_temps, safe_name, settle_files
 from quantlab.models import count_params, load_config, quantlab_home, slug
 from quantlab.records import definitions
 from quantlab.report import ReportSettings, write_report
@@ -52,17 +52,15 @@ def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out:
 
 
 def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path, refused: list) -> dict:
+    """Stage the per-token and per-sample files, then replace only what quantlab's manifest in ``out`` lists
+    (fsutil.claim_files): a folder holding anyone else's files is refused before anything is written."""
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
+    remove_stale_temps(out / "publish")  # staging folders of publishers that were killed
+    staging = Path(tempfile.mkdtemp(prefix=f".publish.{os.getpid()}.", suffix=".tmp", dir=out))
     try:
         runs = [_run(job, rows[job.key], staging, out) for job in jobs]
         warnings = annotate(jobs, runs)
         store_annotations(store, runs)
-        for part in ("per_token", "samples"):  # replace the previous publication's files, then results.json
-            if (staging / part).exists():
-                if (out / part).exists():
-                    shutil.rmtree(out / part)
-                os.replace(staging / part, out / part)
         source = jobs[0].model
         params = count_params(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
         results = {"model": {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path,
@@ -71,10 +69,17 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
                    "definitions": definitions(any(r.get("accuracy") for r in runs)),
                    "warnings": warnings, "runs": runs, "refused": refused,
                    "max_memory_bytes": jobs[0].budget}
+        staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        previous = claim_files(out, ["results.json", "report.html", *staged])
+        for name in staged:  # the per-token values and per-sample scores first, then results.json
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, out / name)
         atomic_write_json(out / "results.json", results)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {**results, "results_path": str(out / "results.json"), "report_path": write_html_report(results, out)}
+    report = write_html_report(results, out)
+    settle_files(out, ["results.json", *staged] + (["report.html"] if report else []), previous)
+    return {**results, "results_path": str(out / "results.json"), "report_path": report}
 
 
 def _up_to_date(path: Path, run_set: str, keys: list[str]) -> dict | None:
