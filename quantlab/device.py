@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
+
+from quantlab.errors import UsageError
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto`` (or None): ``cuda`` when torch sees a GPU, else ``cpu``; anything else as given."""
+    """``auto`` (or None): ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` or ``cuda:N`` as given."""
     if device not in (None, "auto"):
+        if not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
+            raise UsageError(f"Unknown device {device!r} — use cpu, cuda, cuda:N or auto")
         return device
     import torch
 

@@ -248,8 +248,23 @@ def load_yaml(path: str | Path, what: str, missing_hint: str, error=UsageError):
     if not path.is_file():
         raise error(f"{what} {path} does not exist — {missing_hint}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror}) — check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}) — save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise error(f"{what} {path}{line}: invalid YAML — fix the syntax") from None
+        raise error(f"{what} {path}: {yaml_problem(exc)}") from None
+
+
+def yaml_problem(exc) -> str:
+    """One line for a PyYAML error: where, what, and the fix. A tag the safe loader has no constructor for
+    (``!!python/object/apply``) is refused, never run: quantlab reads plain YAML only."""
+    import yaml
+
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        return f"{where}{problem} — quantlab reads plain YAML (no Python or custom tags); remove the tag"
+    return f"{where}invalid YAML ({problem}) — fix the syntax"

@@ -86,6 +86,8 @@ def test_gold_logprob_is_normalised_by_each_choice_length_and_the_sum_form_is_na
     ("metrics: []\n", "non-empty 'metrics:'"),
     ("metrics:\n  - metric: arc_easy/acc\n    alpha: 0.01\n", "alpha is the policy's, family-wise"),
     ("inconclusive: maybe\nmetrics:\n  - metric: arc_easy/acc\n", "inconclusive must be 'pass' or 'fail'"),
+    ("metrics: !!python/object/apply:os.system ['true']\n", "line 1: could not determine a constructor for the tag"),
+    ("metrics: [\n", "line 2: invalid YAML"),
 ])
 def test_bad_policies_are_one_line_errors(tmp_path, text, match):
     path = tmp_path / "p.yaml"

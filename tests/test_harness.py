@@ -207,6 +207,18 @@ def test_user_task_yaml_via_include_path(tiny, tmp_path):
     assert result["note"] == "user task YAML"
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"task: !!python/object/apply:os.system ['true']\n", "line 1: could not determine a constructor for the tag"),
+    (b"task: \xff\n", "is not readable UTF-8 text"),
+])
+def test_an_unreadable_user_task_yaml_is_one_error_naming_it(tmp_path, content, message):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "bad.yaml").write_bytes(content)
+    with pytest.raises(UsageError, match=message) as err:
+        check_tasks(HarnessSettings(tasks=("my_task",), include_path=str(tmp_path / "tasks")))
+    assert str(tmp_path / "tasks" / "bad.yaml") in str(err.value)
+
+
 def test_suites_file_and_its_errors(tmp_path):
     from quantlab.evaluate.suites import load_suite, task_settings
 

@@ -93,20 +93,35 @@ def test_recipe_names_are_safe_in_file_names(tmp_path, tiny_dir, tiny_text):
     assert not (out.parent / "a").exists() and not (out / "a").exists()
 
 
+TAG = "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"
+
+
 @pytest.mark.parametrize("text, message", [
-    (None, "Sweep file {path} does not exist"),
-    ("recipes: [fp\n", "invalid YAML"),
-    ("recipes: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
+    (None, "Experiment file {path} does not exist"),
+    ("recipes: [fp\n", "Experiment file {path}: line 2: invalid YAML (expected ',' or ']'"),
+    ("recipes: !!python/object/apply:os.system ['touch {flag}']\n", "Experiment file {path}: line 1: " + TAG),
+    (b"recipes: [fp]\n\xff\xfe\n", "Experiment file {path} is not UTF-8 text (byte 14)"),
     ("- fp\n", "expected a mapping"),
+    ("recipes: [fp]\nevaluation: {chunks: -1}\n", "{path}: evaluation: chunks must be an integer ≥ 1 (got -1)"),
+    ("recipes: [fp]\nevaluation: {chunk_tokens: x}\n", "evaluation: chunk_tokens must be an integer ≥ 8 (got 'x')"),
+    ("recipes: [fp]\nevaluation: {text: 5}\n", "evaluation: text must be a non-empty string (got 5)"),
+    ("recipes: [fp]\nmeasure: {batch_sizes: x}\n", "batch_sizes must be a non-empty list of positive integers"),
+    ("recipes: [fp]\nmeasure: {repetitions: -3}\n", "measure: repetitions must be an integer ≥ 1 (got -3)"),
+    ("recipes: [fp]\ndata_dir: 5\n", "{path}: data_dir must be a non-empty string (got 5)"),
+    ("recipes: [fp]\ndevice: gpu\n", "Unknown device 'gpu' — use cpu, cuda, cuda:N or auto"),
 ])
-def test_a_missing_or_malformed_experiment_is_one_line(tmp_path, text, message):
-    path = tmp_path / "exp.yaml"
-    if text is not None:
-        path.write_text(text)
-    res = _invoke("quantize-and-compare", "--experiment", str(path), "--out", str(tmp_path / "out"))
+def test_a_missing_or_malformed_experiment_is_one_line(tmp_path, tiny_dir, text, message):
+    path, flag = tmp_path / "exp.yaml", tmp_path / "ran"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
+        path.write_text(text.replace("{flag}", str(flag)))
+    res = _invoke("quantize-and-compare", "--model", str(tiny_dir), "--experiment", str(path),
+                  "--out", str(tmp_path / "out"), "--store", str(tmp_path / "s.db"))
     lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2 and len(lines) == 1 and message.format(path=path) in lines[0], res.output
-    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+    assert res.exit_code == 2 and len(lines) == 1 and message.replace("{path}", str(path)) in lines[0], res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists() and not flag.exists()
+    assert not (tmp_path / "s.db").exists()
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,10 @@ recipes:
     ("recipes: []\n", "non-empty list"),
     ("recipes: [{method: rtn, bits: [4], group_sise: 32}]\n", "unknown key(s) group_sise for method 'rtn'"),
     ("recipes: [{name: x, method: rtn, bits: [4, 8]}]\n", "cannot carry one 'name'"),
+    ("recipes: [fp]\nmeasure: {batch_sizes: [1, 0]}\n", "batch_sizes must be a non-empty list of positive integers"),
+    ("recipes: [fp]\nmeasure: {warmup: -1}\n", "measure: warmup must be an integer ≥ 0 (got -1)"),
+    ("recipes: [fp]\nevaluation: {suite: [quick]}\n", "evaluation: suite must be a non-empty string"),
+    ("recipes: !!python/object/apply:os.system ['true']\n", "Sweep file"),
 ])
 def test_bad_sweep_files_name_the_problem(tmp_path, text, message):
     with pytest.raises((UsageError, RecipeError)) as info:

@@ -19,7 +19,7 @@ import yaml
 from quantlab.errors import DataError, MissingExtraError, UsageError
 from quantlab.evaluate.tasks import TASKS, convert
 from quantlab.evaluate.text import data_dir
-from quantlab.fsutil import atomic_dir, file_lock
+from quantlab.fsutil import atomic_dir, file_lock, yaml_problem
 from quantlab.models import cached_sha256, quantlab_home
 from quantlab.provenance import library_version
 from quantlab.quiet import quiet_libraries
@@ -96,8 +96,10 @@ def user_tasks(include_path: str | None) -> dict[str, Path]:
         try:
             text = path.read_text(encoding="utf-8")
             doc = yaml.load(text, Loader=_IgnoreTags)
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"{path} is not readable YAML ({exc.__class__.__name__}) — fix or remove it") from None
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+            raise UsageError(f"{path} is not readable UTF-8 text ({exc.__class__.__name__}) — fix or remove it") from None
+        except yaml.YAMLError as exc:
+            raise UsageError(f"Task file {path}: {yaml_problem(exc)}") from None
         if isinstance(doc, dict) and isinstance(doc.get("task"), str):
             found[doc["task"]] = path
     return found

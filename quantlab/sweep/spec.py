@@ -71,7 +71,8 @@ class Spec:
 def load_spec(path: str | Path, kind: str = "sweep") -> Spec:
     """A sweep (or experiment) file as a Spec; every problem is one error naming the file and the fix."""
     path = Path(path)
-    data = load_yaml(path, "Sweep file", "give a sweep YAML such as experiments/sweep-smollm2.yaml")
+    data = load_yaml(path, "Experiment file" if kind == "compare" else "Sweep file",
+                     "give a sweep YAML such as experiments/sweep-smollm2.yaml")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping with 'models' and 'recipes' — see experiments/")
     _check_keys(data, TOP_KEYS, f"{path}: top-level")
@@ -85,6 +86,7 @@ def load_spec(path: str | Path, kind: str = "sweep") -> Spec:
         raise UsageError(f"{path}: threads must be a positive integer (got {threads!r})")
     if not isinstance(data.get("trust_remote_code", False), bool):
         raise UsageError(f"{path}: trust_remote_code must be true or false")
+    _check_values(data, evaluation, measure, path)
     return Spec(kind=kind, label=path.stem, models=_models(data, path),
                 recipes=tuple(expand_recipes(data.get("recipes"), str(path))),
                 text=evaluation.get("text", data.get("text")), fidelity=_fidelity(evaluation),
@@ -139,6 +141,30 @@ def _latency(measure: dict, path: Path) -> LatencySettings:
         return LatencySettings.from_dict(measure)
     except TypeError as exc:
         raise UsageError(f"{path}: measure: {exc} — see experiments/sweep-smollm2.yaml") from None
+
+
+#: (section, key) -> the least value of an integer setting; None: a string
+_VALUES = {("", "device"): None, ("", "data_dir"): None, ("evaluation", "text"): None,
+           ("evaluation", "suite"): None, ("evaluation", "chunks"): 1, ("evaluation", "chunk_tokens"): 8,
+           ("measure", "repetitions"): 1, ("measure", "decode_tokens"): 1, ("measure", "prompt_tokens"): 1,
+           ("measure", "warmup"): 0}
+
+
+def _check_values(data: dict, evaluation: dict, measure: dict, path: Path) -> None:
+    """Each setting's type and range, before any model loads (the CLI's flags are checked the same way)."""
+    sections = {"": data, "evaluation": evaluation, "measure": measure}
+    for (section, key), least in _VALUES.items():
+        if key not in sections[section]:
+            continue
+        value, where = sections[section][key], f"{path}: {section + ': ' if section else ''}{key}"
+        if least is None and not (isinstance(value, str) and value):
+            raise UsageError(f"{where} must be a non-empty string (got {value!r})")
+        if least is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise UsageError(f"{where} must be an integer ≥ {least} (got {value!r})")
+    sizes = measure.get("batch_sizes", [1])
+    if not isinstance(sizes, list) or not sizes or not all(type(b) is int and b >= 1 for b in sizes):
+        raise UsageError(f"{path}: measure: batch_sizes must be a non-empty list of positive integers, e.g. [1, 8] "
+                         f"(got {sizes!r})")
 
 
 def _check_keys(data, allowed: tuple[str, ...], where: str) -> None:
