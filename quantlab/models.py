@@ -124,8 +124,21 @@ def gguf_reader(path: Path):
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, KeyError, IndexError ... on a damaged file
-        raise ModelLoadError(f"Could not read GGUF {path}: {_first_line(exc)} — the file is truncated or not a "
-                             "llama.cpp GGUF; download it again") from None
+        raise damaged_gguf(path, exc) from None
+
+
+def damaged_gguf(path: Path, exc: Exception) -> ModelLoadError:
+    """A GGUF the reader cannot parse: not a GGUF at all (its magic), or one cut short or corrupted."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        return ModelLoadError(f"Cannot read {path} ({err.strerror}) — check the path and its permissions")
+    if magic != b"GGUF":
+        return ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF') — pass a llama.cpp .gguf "
+                              "file or a model directory")
+    return ModelLoadError(f"GGUF file {path} is truncated or corrupt ({path.stat().st_size} bytes the GGUF reader "
+                          "cannot parse) — download it again")
 
 
 def gguf_weights(path: Path) -> tuple[str | None, list[tuple[str, float]]]:
@@ -221,7 +234,8 @@ def _convert_into(gguf: Path, digest: str, target: Path) -> None:
             quantization_config=GgufConfig(dequantize=True),
         )
     except Exception as exc:  # transformers raises many types for an unreadable GGUF
-        raise ModelLoadError(f"Could not read GGUF {gguf}: {_first_line(exc)} — check the file is a llama.cpp GGUF") from None
+        raise ModelLoadError(f"Could not convert GGUF {gguf}: {_first_line(exc)} — check the file is a llama.cpp GGUF "
+                             "of a causal LM transformers supports") from None
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

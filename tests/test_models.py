@@ -58,6 +58,25 @@ def _write_gguf(path, file_type=None):
         qtype = gguf.GGMLQuantizationType[kind]
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         writer.add_tensor(name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=qtype)
+    return _finish(writer, path)
+
+
+def _small_gguf(path):
+    """A valid llama.cpp GGUF (three fp32 tensors, llama metadata), written with the gguf package."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 32),
+                       (writer.add_feed_forward_length, 64), (writer.add_head_count, 4)):
+        add(value)
+    rng = np.random.default_rng(0)
+    for name, shape in (("token_embd.weight", (50, 32)), ("blk.0.attn_q.weight", (32, 32)), ("output_norm.weight", (32,))):
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    return _finish(writer, path)
+
+
+def _finish(writer, path):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -105,3 +124,29 @@ def test_a_conversion_noted_before_the_mix_gets_the_new_note(tmp_path, quantlab_
     assert folder == target and note.startswith("weights dequantized from GGUF Q4_K_M (m.gguf: Q4_K 75 %")
     marker = json.loads((target / "quantlab-source.json").read_text())
     assert marker["note"] == note and marker["file_type"] == "Q4_K_M" and marker["tensor_types"]["Q6_K"] > 18
+
+
+@pytest.mark.parametrize("keep", [100, 2000, -64])  # cut in the header, in the tensor index, in the data
+@pytest.mark.parametrize("command", [["plan"], ["quantize", "rtn-w8", "--model"]])
+def test_a_truncated_gguf_is_one_line_naming_it(tmp_path, quantlab_home, keep, command):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+    from quantlab.models import gguf_reader
+
+    whole = _small_gguf(tmp_path / "whole.gguf").read_bytes()
+    assert len(gguf_reader(tmp_path / "whole.gguf").tensors) == 3
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:keep])
+    res = CliRunner().invoke(cli, [*command, str(cut)])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"Error: GGUF file {cut} is truncated or corrupt ({len(whole[:keep])} bytes")
+    assert res.output.rstrip().endswith("download it again")
+    assert not [p for p in (quantlab_home / "models").glob("*") if not p.name.endswith(".lock")]  # nothing converted
+
+
+def test_a_file_named_gguf_that_is_not_one_says_so(tmp_path):
+    fake = tmp_path / "weights.gguf"
+    fake.write_text("hello")
+    with pytest.raises(ModelLoadError, match="is not a GGUF file \\(it does not start with 'GGUF'\\)"):
+        resolve_model(str(fake))

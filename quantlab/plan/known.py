@@ -11,7 +11,7 @@ from pathlib import Path
 from quantlab.catalog import named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import load_yaml
-from quantlab.models import fetched_path, load_config, named_gguf
+from quantlab.models import fetched_path, gguf_reader, load_config, named_gguf
 
 TABLE = Path(__file__).with_name("known_models.yaml")
 
@@ -40,7 +40,12 @@ def resolve_config(ref: str, trust_remote_code: bool = False):
     named = named_entry(ref) is not None and ("embedded" in named_entry(ref) or fetched_path(ref).is_file())
     if named or (path.suffix == ".gguf" and path.is_file()):
         gguf = named_gguf(ref) if named else path
-        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), f"GGUF metadata of {gguf.name}"
+        try:
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), f"GGUF metadata of {gguf.name}"
+        except Exception as exc:  # transformers raises struct.error, ValueError ... on a damaged GGUF
+            gguf_reader(gguf)  # a truncated or corrupt file is named so
+            raise ModelLoadError(f"Cannot read the config of GGUF {gguf}: {str(exc).strip()[:200]} — check it is "
+                                 "a llama.cpp GGUF of a causal LM transformers supports") from None
     hit = _lookup(ref)
     if hit:
         name, fields = hit
