@@ -208,6 +208,15 @@ def test_missing_task_fails_closed(evaluated, tmp_path):
     assert res.exit_code == 1 and "no per-sample scores for task 'hellaswag'" in res.output
 
 
+def test_an_unknown_metric_is_named_with_the_tasks_metrics(evaluated, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("metrics:\n  - metric: arc_challenge/acc\n  - metric: arc_challenge/accc\n")
+    res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy)
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert res.output == (f"Error: Gate policy {policy}: unknown metric 'arc_challenge/accc' — Did you mean "
+                          "'arc_challenge/acc'? arc_challenge's metrics: acc, acc_norm, gold_logprob, gold_logprob_sum\n")
+
+
 def test_bad_reference_is_exit_1_one_line(tmp_path):
     res = _gate("--baseline", tmp_path / "nope.json", "--candidate", tmp_path / "nope.json")
     assert res.exit_code == 1 and res.output.count("\n") == 1 and "does not exist" in res.output

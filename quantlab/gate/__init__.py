@@ -18,7 +18,7 @@ from quantlab.evaluate.accuracy import primary_metric
 from quantlab.evaluate.flips import binary_metric
 from quantlab.evaluate.harness import COUNTS
 from quantlab.gate import stats
-from quantlab.gate.policy import BINARY, DERIVED, FLIPS, Policy, default_policy, load_policy
+from quantlab.gate.policy import BINARY, DERIVED, FLIPS, Policy, check_metrics, default_policy, load_policy
 from quantlab.gate.refs import load_ref
 
 EXIT_CODES = {"pass": 0, "regression": 3, "error": 1, "inconclusive": 0}  # inconclusive: 3 when the policy says fail
@@ -33,6 +33,7 @@ def run_gate(baseline: str, candidate: str, policy_path: str | None = None, stor
     pairs = pair_runs(base_runs, cand_runs)
     first = base_runs[0].get("accuracy") or {}
     policy = load_policy(policy_path) if policy_path else default_policy(first.get("tasks", {}))
+    check_metrics(policy, first.get("tasks", {}))
     if not policy.rules:  # fail closed: a gate that tests nothing must not pass
         raise UsageError(f"{baseline} has no suite accuracy for the default policy to test — evaluate with "
                          "--tasks/--suite, or give --policy (e.g. metric: fidelity/kld_mean)")

@@ -22,6 +22,7 @@ must not pass untested quality says ``inconclusive: fail``.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,29 @@ def load_policy(path: str | Path) -> Policy:
         raise UsageError(f"Gate policy {path}: inconclusive must be 'pass' or 'fail' (got {inconclusive!r})")
     rules = tuple(_rule(entry, path, n) for n, entry in enumerate(data["metrics"], 1))
     return Policy(str(path), alpha, rules, inconclusive)
+
+
+def known_metrics(info: dict) -> list[str]:
+    """The metrics a task's results can be gated on: its own, the derived ones of a multiple-choice task, and
+    flips where it has a 0/1 accuracy."""
+    derived = sorted(DERIVED) if info.get("output_type") == "multiple_choice" else []
+    flips = [FLIPS] if {"acc", "acc_norm"} & set(info.get("metrics", {})) else []
+    return sorted(info.get("metrics", {})) + derived + flips
+
+
+def check_metrics(policy: Policy, tasks: dict[str, dict]) -> None:
+    """Each rule's metric is one its task has (``tasks``: the baseline's accuracy tasks) — a typo is named with
+    the task's metrics, not reported later as missing scores."""
+    for rule in policy.rules:
+        info = tasks.get(rule.task)
+        if rule.task == "fidelity" or info is None or not info.get("metrics"):
+            continue
+        known = known_metrics(info)
+        if rule.metric not in known:
+            close = difflib.get_close_matches(rule.metric, known, n=1)
+            hint = f"Did you mean '{rule.task}/{close[0]}'? " if close else ""
+            raise UsageError(f"Gate policy {policy.name}: unknown metric '{rule.name}' — {hint}{rule.task}'s metrics: "
+                             f"{', '.join(known)}")
 
 
 def _rule(entry, path: Path, n: int) -> MetricRule:
