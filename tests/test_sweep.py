@@ -137,6 +137,28 @@ def test_ray_executor_stores_into_the_one_store(tiny_sweep, tmp_path):
     assert local["run_set"] == summary["run_set"] and local["already_stored"] == 2 and len(_rows(db)) == 2
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="needs ray (setup installs it)")
+def test_an_unreachable_ray_cluster_is_one_line_naming_its_address(tiny_sweep, tmp_path):
+    import socket
+    import time
+
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    started = time.perf_counter()
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_sweep), "--executor", "ray", "--address", address,
+                                   "--store", str(tmp_path / "s.db"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
+    assert res.output.startswith(f"Error: Cannot reach the Ray cluster at {address} (Connection refused)")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "out").exists() and not (tmp_path / "s.db").exists()
+    res = CliRunner().invoke(cli, ["sweep", str(tiny_sweep), "--executor", "ray", "--address", "head-node"])
+    assert res.exit_code == 2 and "--address head-node is not HOST:PORT" in res.output
+
+
 def test_sweep_options_are_checked():
     from quantlab.sweep.driver import RunOptions
 

@@ -21,7 +21,7 @@ from quantlab.errors import UsageError
 from quantlab.fsutil import check_own_dir, check_writable_dir
 from quantlab.gate.refs import read_samples
 from quantlab.sweep.compute import job_provenance
-from quantlab.sweep.executors import EXECUTORS, execute
+from quantlab.sweep.executors import EXECUTORS, check_executor, execute
 from quantlab.sweep.jobs import Job
 from quantlab.sweep.plan import plan_jobs
 from quantlab.sweep.publish import publish_run_set
@@ -56,6 +56,7 @@ def run_spec(spec: Spec, opts: RunOptions, progress: Progress | None = None) -> 
     out = Path(opts.out) if opts.out else spec.default_out()
     check_writable_dir(out)
     check_own_dir(out)  # quantlab replaces only files it wrote there (fsutil.MANIFEST)
+    check_executor(opts.executor, opts.address)
     jobs = plan_jobs(spec)
     run_set = run_set_of(spec.run_set_prefix, jobs, opts.force)
     with _job_bar(len(jobs), opts.bar, progress) as report:
