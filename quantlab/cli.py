@@ -17,6 +17,7 @@ from quantlab.methods import all_methods, get_method, method_target
 from quantlab.models import fetch_model
 from quantlab.plan import PlanSettings, parse_size, plan_model
 from quantlab.plan.render import render_plan
+from quantlab.quiet import filter_library_noise
 from quantlab.recipe import DEFAULT_RECIPES, parse_recipe, parse_recipe_list
 from quantlab.records import budget_check
 from quantlab.report import ReportSettings, load_results, write_report
@@ -49,6 +50,7 @@ class QuantlabGroup(click.Group):
 def cli(ctx, debug):
     """quantlab: which 8-bit or 4-bit version of a causal LM keeps its quality, and what it costs."""
     ctx.ensure_object(dict)["debug"] = debug
+    filter_library_noise()
 
 
 def _call(fn, *args, **kwargs):
