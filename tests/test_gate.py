@@ -214,7 +214,7 @@ def test_an_unknown_metric_is_named_with_the_tasks_metrics(evaluated, tmp_path):
     res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["rerun"], "--policy", policy)
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert res.output == (f"Error: Gate policy {policy}: unknown metric 'arc_challenge/accc' — Did you mean "
-                          "'arc_challenge/acc'? arc_challenge's metrics: acc, acc_norm, gold_logprob, gold_logprob_sum\n")
+                          "'arc_challenge/acc'? arc_challenge's metrics: acc, acc_norm, gold_logprob, gold_logprob_sum, flips\n")
 
 
 def test_bad_reference_is_exit_1_one_line(tmp_path):

@@ -87,7 +87,7 @@ def _finish(writer, path):
 def test_gguf_note_names_the_file_type_and_the_parameter_mix(tmp_path):
     import gguf
 
-    from quantlab.models import gguf_note, gguf_weights
+    from quantlab.gguf_file import gguf_note, gguf_weights
 
     path = _write_gguf(tmp_path / "m.Q4_K_M.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
     file_type, mix = gguf_weights(path)
@@ -132,7 +132,7 @@ def test_a_truncated_gguf_is_one_line_naming_it(tmp_path, quantlab_home, keep, c
     from click.testing import CliRunner
 
     from quantlab.cli import cli
-    from quantlab.models import gguf_reader
+    from quantlab.gguf_file import gguf_reader
 
     whole = _small_gguf(tmp_path / "whole.gguf").read_bytes()
     assert len(gguf_reader(tmp_path / "whole.gguf").tensors) == 3

@@ -11,7 +11,8 @@ from pathlib import Path
 from quantlab.catalog import named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import load_yaml
-from quantlab.models import fetched_path, gguf_reader, load_config, named_gguf
+from quantlab.gguf_file import gguf_reader
+from quantlab.models import fetched_path, load_config, named_gguf
 
 TABLE = Path(__file__).with_name("known_models.yaml")
 
