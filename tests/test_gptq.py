@@ -94,6 +94,7 @@ def test_8bit_is_accuracy_only_on_cpu():
     assert method.layout(parse_recipe("gptq-w4-g64").config).latency_skipped("cpu") is None
 
 
+@pytest.mark.slow  # a whole quantize-and-compare with GPTQ calibration
 def test_calibrating_on_the_evaluation_text_warns(tiny_dir, tiny_text, tmp_path):
     from click.testing import CliRunner
 

@@ -72,6 +72,7 @@ def _rows(db):
             return []
 
 
+@pytest.mark.slow  # minutes: several sweep processes
 def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp_path, quantlab_home):
     db = tmp_path / "runs.db"
     out = tmp_path / "out"
@@ -123,6 +124,7 @@ def test_kill_9_midway_then_rerun_finishes_only_the_missing_jobs(tiny_sweep, tmp
     assert (out / "per_token" / "rtn-w4-g32.npz").is_file() and (out / "report.html").is_file()
 
 
+@pytest.mark.slow  # a local Ray cluster starts
 @pytest.mark.skipif(__import__("importlib").util.find_spec("ray") is None, reason="needs ray (setup installs it)")
 def test_ray_executor_stores_into_the_one_store(tiny_sweep, tmp_path):
     from quantlab.sweep.commands import run_sweep
@@ -177,6 +179,7 @@ def test_the_shipped_calibration_grid_names_each_point():
         "gptq-w4-g64 calibration=wikitext2_raw"]
 
 
+@pytest.mark.slow  # minutes: several sweep processes
 def test_sweeps_running_at_once_share_jobs_and_lose_nothing(tiny_sweep, tmp_path, quantlab_home):
     """Two drivers of one sweep and a third sweep sharing its artifacts, all at once into one store: each job
     is computed once (the other driver waits and reuses it), each run set holds each job once, and every
