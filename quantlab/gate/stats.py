@@ -46,13 +46,6 @@ def z(level: float) -> float:
     return NormalDist().inv_cdf(1 - level)
 
 
-def binomial_tail(k: int, n: int) -> float:
-    """P(X ≥ k) for X ~ Binomial(n, 1/2), exactly."""
-    if k <= 0:
-        return 1.0
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
-
-
 def binomial_upper(k: int, n: int, p: float) -> float:
     """P(X ≥ k) for X ~ Binomial(n, p), exactly (a sum of terms computed in log space)."""
     if k <= 0 or p >= 1:
@@ -122,7 +115,7 @@ def paired_binary(base, cand, margin: float = 0.0, seed: int = 0) -> Paired:
     if margin > 0:
         p, test = shifted_p(reps, drop, margin), "paired bootstrap, recentred on the null"
     else:
-        p, test = binomial_tail(lost, lost + gained), "McNemar exact, one-sided"
+        p, test = binomial_upper(lost, lost + gained, 0.5), "McNemar exact, one-sided"
     se = math.sqrt(max((lost + gained) / n - drop ** 2, 0.0) / n) if n else None
     return Paired(baseline=float(b.mean()), candidate=float(c.mean()), drop=drop, ci95=ci, margin=margin,
                   p_value=p, test=test, se=se or None, n=n, detail={"lost": lost, "gained": gained})
