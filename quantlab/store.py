@@ -96,7 +96,7 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
             raise disk_full(path, exc) from None
         raise StoreError(f"Cannot open store {path}: {exc} — pass another --store or move the file aside") from None
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if _is_full(exc):
             raise disk_full(path, exc) from None
         raise StoreError(f"Cannot create store {path}: {exc.strerror} — pass a writable --store") from None
     return conn
@@ -116,8 +116,12 @@ def check_ours(conn: sqlite3.Connection, path: Path) -> None:
                          "quantlab did not change it")
 
 
-def _is_full(exc: Exception) -> bool:
-    return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc)
+def _is_full(exc: BaseException) -> bool:
+    """A full filesystem, as SQLite (SQLITE_FULL) or the OS (ENOSPC) reports it."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
+                                               or "disk is full" in str(exc))
 
 
 def disk_full(path: Path | None, exc: Exception) -> StoreError:
@@ -139,9 +143,7 @@ def transaction(conn: sqlite3.Connection, path: Path | None = None):
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error) and _is_full(exc):
-            raise disk_full(path, exc) from None
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if _is_full(exc):
             raise disk_full(path, exc) from None
         raise
 
