@@ -175,12 +175,12 @@ def compare(model, ids, baseline, batch_size: int = 4) -> dict:
     for start in range(0, n, batch_size):
         lq_batch = _log_probs(model, ids[start:start + batch_size])
         for j in range(lq_batch.shape[0]):
-            _compare_window(lq_batch[j], torch.from_numpy(baseline[start + j]), targets[start + j], out)
-        del lq_batch  # the windows' views lived in _compare_window, so the batch is freed before the next forward
+            compare_window(lq_batch[j], torch.from_numpy(baseline[start + j]), targets[start + j], out)
+        del lq_batch  # the windows' views lived in compare_window, so the batch is freed before the next forward
     return {k: torch.stack(v).double().numpy() for k, v in out.items()}
 
 
-def _compare_window(lq, lp, target, out: dict) -> None:
+def compare_window(lq, lp, target, out: dict) -> None:
     """One window's per-token KL, agreement and NLLs appended to ``out``. A function of its own so that no
     view of the candidate's batch (``lq``) or the reference window (``lp``) outlives it: the next batch's
     forward then runs with neither held (one batch of log-probs plus a window, 0.78 GB on a 152k vocabulary)."""

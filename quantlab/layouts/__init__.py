@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from quantlab.models import load_causal_lm
+
 
 class Layout:
     libraries: ClassVar[tuple[str, ...]] = ()
@@ -28,6 +30,10 @@ class Layout:
         points, absmax and codebooks, group indices): the overhead memory calculators forget. Bias excluded.
         """
         raise NotImplementedError
+
+    def named_linear_bytes(self, name: str, out_features: int, in_features: int, device: str) -> dict[str, int]:
+        """``linear_bytes`` of the linear ``name``: the same for every linear but in a mixed layout."""
+        return self.linear_bytes(out_features, in_features, device)
 
     def note(self) -> str:
         """One line naming what ``linear_bytes`` counts, for the planner's arithmetic."""
@@ -51,6 +57,10 @@ class Layout:
         import torch
 
         return {"dtype": torch.float32 if device == "cpu" else "auto"}
+
+    def load(self, path: str, device: str, trust_remote_code: bool = False):
+        """The artifact at ``path`` loaded whole, with plain ``from_pretrained`` and ``load_kwargs``."""
+        return load_causal_lm(path, device=device, trust_remote_code=trust_remote_code, **self.load_kwargs(device))
 
     def latency_skipped(self, device: str) -> str | None:
         """None when latency can be measured on ``device``; otherwise the reason it is not."""

@@ -53,3 +53,19 @@ class GptqPackedLayout(Layout):
             return ("GPTQModel's 8-bit CPU kernel runs only in bf16, too slow to time beside the others: "
                     "accuracy-only on CPU")
         return None
+
+
+def unpack_weight(qweight, qzeros, scales, g_idx, bits: int):
+    """The (out, in) fp32 weight a GPTQ (v1 checkpoint format) linear stands for: ``scales[g] * (q - (z + 1))``, where
+    q packs ``32 / bits`` input rows per int32 of ``qweight`` (in * bits / 32, out), z packs as many output columns
+    per int32 of ``qzeros`` (groups, out * bits / 32), v1 storing each zero point minus one, and g = ``g_idx[i]``."""
+    import torch
+
+    per, mask = 32 // bits, (1 << bits) - 1
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    q = (qweight.unsqueeze(1) >> shifts.view(1, per, 1)) & mask  # (in / per, per, out)
+    q = q.reshape(-1, qweight.shape[-1])  # (in, out)
+    z = (qzeros.unsqueeze(-1) >> shifts.view(1, 1, per)) & mask  # (groups, out / per, per)
+    z = z.reshape(qzeros.shape[0], -1)[:, :scales.shape[1]] + 1  # (groups, out)
+    g = g_idx.long()
+    return (scales.float()[g] * (q - z[g]).float()).T.contiguous()

@@ -70,6 +70,6 @@ def _read_plugins() -> None:
 for _name, _target in (("fp", "quantlab.methods.fp:FpMethod"), ("bnb", "quantlab.methods.bnb:BnbMethod"),
                        ("rtn", "quantlab.methods.rtn:RtnMethod"), ("gptq", "quantlab.methods.gptq:GptqMethod"),
                        ("torchao", "quantlab.methods.torchao_ptq:TorchaoMethod"),
-                       ("qat", "quantlab.methods.qat:QatMethod")):
+                       ("qat", "quantlab.methods.qat:QatMethod"), ("fit", "quantlab.methods.fit:FitMethod")):
     register_method(_name, _target)
     _BUILTIN.add(_name)

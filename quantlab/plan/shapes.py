@@ -45,6 +45,7 @@ class ModelShapes:
     max_positions: int | None
     experts_per_token: int = 1
     notes: tuple[str, ...] = field(default_factory=tuple)
+    linear_biases: tuple[tuple[str, int], ...] = ()  # (linear name, bias elements) of each quantized linear's bias
 
     @property
     def quantized_weights(self) -> int:
@@ -62,7 +63,7 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
     model = meta_model(config, trust_remote_code)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and out.weight is inp.weight
-    linears, seen = [], set()
+    linears, biases, seen = [], [], set()
     parts = {"embeddings": 0, "lm_head": 0, "norms": 0, "biases": 0, "other": 0}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -76,6 +77,8 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
                 linears.append(LinearShape(full, p.shape[1], p.shape[2], count=p.shape[0]))
             else:
                 parts[_part(module, pname, inp, out)] += p.numel()
+                if isinstance(module, torch.nn.Linear) and module is not out and pname == "bias":
+                    biases.append((name, p.numel()))
     buffers = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
@@ -88,7 +91,7 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
         sliding_window=window, sliding_layers=sliding,
         max_positions=getattr(text, "max_position_embeddings", None),
-        experts_per_token=getattr(text, "num_experts_per_tok", None) or 1,
+        experts_per_token=getattr(text, "num_experts_per_tok", None) or 1, linear_biases=tuple(biases),
     )
 
 

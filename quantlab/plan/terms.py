@@ -25,7 +25,7 @@ def weight_terms(layout, shapes: ModelShapes, device: str) -> dict[str, int]:
     """Bytes of the model as loaded in ``layout`` (a ``quantlab.layouts.Layout``), by component."""
     data = scales = 0
     for lin in shapes.linears:
-        per = layout.linear_bytes(lin.out_features, lin.in_features, device)
+        per = layout.named_linear_bytes(lin.name, lin.out_features, lin.in_features, device)
         data += lin.count * per["data"]
         scales += lin.count * per["scales"]
     elem = layout.unquantized_dtype_bytes(device)

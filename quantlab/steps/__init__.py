@@ -12,4 +12,5 @@ STEPS = {
     "accuracy": "quantlab.steps.accuracy:accuracy_step",
     "bench": "quantlab.steps.bench:bench_step",
     "weights": "quantlab.steps.bench:weights_step",
+    "sensitivity": "quantlab.steps.fit:sensitivity_step",
 }

@@ -26,7 +26,7 @@ from quantlab.records import budget_check, budget_warning
 from quantlab.steps.accuracy import suite_result
 from quantlab.steps.bench import bench_artifact, weigh_artifact
 from quantlab.steps.fidelity import Candidate, measure_fidelity
-from quantlab.steps.quantize import ensure_artifact
+from quantlab.steps.fit import ensure_recipe_artifact
 from quantlab.sweep.driver import Progress, RunOptions, run_spec
 from quantlab.sweep.plan import reference_text, require_libraries, resolve_checked, resolved_data_dir
 from quantlab.sweep.spec import Spec, load_spec
@@ -62,8 +62,8 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     device = resolve_device(device)
     budget = resolve_budget(max_memory)
     plan = require_fits(plan_quantize(recipe, source_shapes(source), device, budget)) if budget is not None else None
-    art = ensure_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
-                          plan=plan.to_dict() if plan else None)
+    art = ensure_recipe_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
+                                 plan=plan.to_dict() if plan else None)
     art["warnings"] = []
     if budget is not None and not art["cached"]:  # what the quantize step held, against the budget
         check = budget_check({"cost": art["cost"]}, budget)

@@ -12,6 +12,7 @@ the job (on Ray, the node's), not by the driver. The store is written by the dri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -27,8 +28,8 @@ from quantlab.records import make_record
 from quantlab.steps.accuracy import accuracy_payload
 from quantlab.steps.bench import bench_artifact, planned_bench
 from quantlab.steps.fidelity import Candidate, fidelity_payload
+from quantlab.steps.fit import ensure_recipe_artifact
 from quantlab.steps.launcher import run_step
-from quantlab.steps.quantize import ensure_artifact
 from quantlab.sweep.jobs import Job
 
 
@@ -44,8 +45,10 @@ def run_job(payload: dict, force: bool = False) -> dict:
 
 
 def _compute(job: Job, force: bool) -> dict:
-    art = ensure_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
-                          plan=job.step("quantize"))
+    art = ensure_recipe_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
+                                 plan=job.step("quantize"))
+    job = dataclasses.replace(job, recipe=art.pop("recipe"))  # a fit recipe with its allocation
+    fit = art.pop("fit", None)
     build = hashlib.sha256(json.dumps(art["cost"], sort_keys=True, default=str).encode()).hexdigest()
     step = lambda name, compute: _kept_step(job, name, build, force, compute)  # noqa: E731
     fidelity, fid_dir = step("fidelity", lambda tmp: _fidelity(job, art["artifact"], tmp / "per_token.npz"))
@@ -57,7 +60,7 @@ def _compute(job: Job, force: bool) -> dict:
         shutil.copy2(fid_dir / "per_token.npz", tmp / "per_token.npz")
         if accuracy:
             shutil.copy2(acc_dir / "samples.json.gz", tmp / "samples.json.gz")
-        record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key,
+        record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key, "fit": fit,
                   "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
                   "provenance": job_provenance(job)}
         record["fidelity"]["per_token"] = str(job.dir / "per_token.npz")

@@ -1,0 +1,147 @@
+"""Per-unit sensitivity: the KLD against fp of the model with only one unit quantized, for every unit and format.
+
+The quantized weights are those the format's uniform GPTQ run produced (its artifact, unpacked to fp32): the
+unit's own GPTQ weights, not a proxy's. One at a time they replace the unit's weights in the fp model, and the
+model's log-probs on the sensitivity text are compared with the cached fp log-probs, token by token over the full
+vocabulary, as the fidelity step does. Blocks before the unit's compute what fp computes, so their outputs are
+captured once and each unit's forward starts at its own block (checked once against a full forward; a model
+whose decoder cannot start mid-way runs every forward whole).
+"""
+
+from __future__ import annotations
+
+from quantlab.evaluate import fidelity as fid
+from quantlab.layouts.gptq import unpack_weight
+
+START_TOLERANCE = 1e-3  # largest |Δ log p| allowed between a forward started mid-way and a whole one
+
+
+class Prefixes:
+    """Each decoder block's input on every window, from one fp forward, and forwards that start at a block."""
+
+    def __init__(self, model, ids, batch_size: int):
+        import torch
+
+        self.model, self.ids, self.batch = model, ids, batch_size
+        self.decoder = model.get_decoder()
+        self.layers = self.decoder.layers
+        self.inputs: list[list] = [[] for _ in range(len(self.layers) + 1)]  # the last: the final norm's input
+        hooks = [layer.register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                 for i, layer in enumerate(self.layers)]
+        hooks.append(self.decoder.norm.register_forward_pre_hook(self._capture(len(self.layers)), with_kwargs=True))
+        try:
+            with torch.inference_mode():
+                for start in range(0, ids.shape[0], batch_size):
+                    self.decoder(ids[start:start + batch_size], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.midway = self._check_midway()
+
+    def _capture(self, i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i].append(hidden.detach().clone())
+        return hook
+
+    def log_probs(self, block: int, batch_index: int):
+        """log p(next token) of batch ``batch_index``, the forward started at decoder block ``block``."""
+        import torch
+
+        if not self.midway:
+            block = 0
+        start = batch_index * self.batch
+        with torch.inference_mode():
+            if block == 0:
+                hidden = self.decoder(self.ids[start:start + self.batch], use_cache=False).last_hidden_state
+            else:
+                kept = self.decoder.layers
+                self.decoder.layers = torch.nn.ModuleList(list(kept)[block:])
+                try:
+                    hidden = self.decoder(inputs_embeds=self.inputs[block][batch_index],
+                                          position_ids=self._positions(batch_index), use_cache=False).last_hidden_state
+                finally:
+                    self.decoder.layers = kept
+            logits = self.model.get_output_embeddings()(hidden[:, :-1, :])
+            return torch.log_softmax(logits.float(), dim=-1)
+
+    def _positions(self, batch_index: int):
+        import torch
+
+        n, length = self.inputs[0][batch_index].shape[:2]
+        return torch.arange(length).unsqueeze(0).expand(n, -1)
+
+    def _check_midway(self) -> bool:
+        """Whether a forward started at the middle block gives the whole forward's log-probs."""
+        mid = len(self.layers) // 2
+        if mid == 0:
+            return False
+        self.midway = True
+        whole, started = self.log_probs(0, 0), self.log_probs(mid, 0)
+        return bool((whole - started).abs().max() <= START_TOLERANCE)
+
+    def batches(self) -> int:
+        return len(self.inputs[0])
+
+
+def unit_kld(prefixes: Prefixes, block: int, baseline) -> list[float]:
+    """Mean per-token KL(fp || model) of each window, the forward started at ``block``."""
+    out = {k: [] for k in ("kl", "agree", "nll", "nll_baseline")}
+    targets = prefixes.ids[:, 1:]
+    for b in range(prefixes.batches()):
+        lq = prefixes.log_probs(block, b)
+        for j in range(lq.shape[0]):
+            index = b * prefixes.batch + j
+            fid.compare_window(lq[j], _as_tensor(baseline[index]), targets[index], out)
+    return [float(k.double().mean()) for k in out["kl"]]
+
+
+def _as_tensor(array):
+    import torch
+
+    return torch.from_numpy(array)
+
+
+def swapped(model, weights: dict):
+    """A context manager: the named linears' weights replaced by ``weights`` (name -> (out, in) tensor), then put
+    back."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swap():
+        kept = {}
+        try:
+            for name, w in weights.items():
+                param = model.get_submodule(name).weight
+                kept[name] = param.data.clone()
+                param.data.copy_(w.to(param.dtype))
+            yield
+        finally:
+            for name, w in kept.items():
+                model.get_submodule(name).weight.data.copy_(w)
+
+    return swap()
+
+
+def gptq_weights(reader, names, bits: int) -> dict:
+    """The fp32 (out, in) weights of the GPTQ linears ``names`` in a checkpoint (a ``CheckpointReader``)."""
+    return {n: unpack_weight(reader.read(f"{n}.qweight"), reader.read(f"{n}.qzeros"), reader.read(f"{n}.scales"),
+                             reader.read(f"{n}.g_idx"), bits) for n in names}
+
+
+def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: dict, progress=None) -> dict:
+    """``{unit: {format: [KLD of each window]}}``: fp is 0 by definition; every other format has its
+    ``CheckpointReader`` in ``readers``."""
+    table = {u.name: {} for u in units}
+    windows = prefixes.ids.shape[0]
+    for fmt in formats:
+        for u in units:
+            if fmt.bits is None:
+                table[u.name][fmt.name] = [0.0] * windows
+                continue
+            weights = gptq_weights(readers[fmt.name], [n for n, _, _ in u.modules], fmt.bits)
+            with swapped(model, weights):
+                table[u.name][fmt.name] = unit_kld(prefixes, u.block, baseline)
+            if progress:
+                progress()
+    return table

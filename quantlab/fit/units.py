@@ -1,0 +1,81 @@
+"""Units and formats of a fit: what gets one format each, which formats it may take, and the bytes of each choice.
+
+A unit is a decoder block's quantizable linears together (``block``, the default) or one linear (``linear``). A
+format is ``fp`` (left unquantized, at the dtype the model is held in) or a GPTQ short name (``gptq-w8``,
+``gptq-w4-g64``): the formats GPTQModel's ``dynamic`` per-module overrides can mix in one checkpoint. The bytes
+of a unit in a format are the planner's (``quantlab.layouts.gptq_mixed``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from quantlab.errors import RecipeError
+from quantlab.plan.shapes import ModelShapes
+
+FP = "fp"
+GRANULARITIES = ("block", "linear")
+DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g128", "gptq-w4-g64")
+_GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int | None  # None: unquantized
+    group_size: int = -1
+
+
+def parse_format(name: str) -> Format:
+    """``fp`` or a symmetric GPTQ format without act-order (what GPTQModel's dynamic overrides vary per module)."""
+    if name == FP:
+        return Format(FP, None)
+    match = _GPTQ.fullmatch(name)
+    if not match:
+        raise RecipeError(f"Unknown fit format '{name}' — use fp or a GPTQ format: gptq-w8, gptq-w8-g128, "
+                          "gptq-w4-g128, gptq-w4-g64, gptq-w4-g32")
+    return Format(name, int(match.group(1)), int(match.group(2)) if match.group(2) else -1)
+
+
+def parse_formats(names) -> tuple[Format, ...]:
+    formats = tuple(parse_format(str(n).strip()) for n in names)
+    if len({f.name for f in formats}) != len(formats) or len(formats) < 2:
+        raise RecipeError("A fit needs at least two distinct formats — e.g. fp,gptq-w8,gptq-w4-g64")
+    return formats
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str  # the block's module path (``model.layers.3``) or the linear's
+    modules: tuple[tuple[str, int, int], ...]  # (linear name, out, in) of each linear in the unit
+    block: int  # the decoder block it lies in (the prefix a forward can start after)
+
+
+def model_units(shapes: ModelShapes, granularity: str = "block") -> list[UnitSpec]:
+    """The quantizable units in model order. Fused expert stacks are not GPTQ linears and are refused."""
+    if granularity not in GRANULARITIES:
+        raise RecipeError(f"fit units must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
+    if any(lin.count > 1 for lin in shapes.linears):
+        raise RecipeError("This model's experts are fused tensors, which GPTQModel's per-module formats do not "
+                          "cover — fit a dense model")
+    groups: dict[str, list] = {}
+    blocks: dict[str, int] = {}
+    for lin in shapes.linears:
+        match = re.match(r"^(.*?\.(\d+))\.", lin.name)
+        if not match:
+            raise RecipeError(f"{lin.name} lies in no numbered decoder block — fit cannot place it")
+        key = match.group(1) if granularity == "block" else lin.name
+        groups.setdefault(key, []).append((lin.name, lin.out_features, lin.in_features))
+        blocks[key] = int(match.group(2))
+    return [UnitSpec(k, tuple(v), blocks[k]) for k, v in groups.items()]
+
+
+def check_formats(formats, units: list[UnitSpec]) -> None:
+    """Every GPTQ format's group size must divide each unit's in-features."""
+    for f in formats:
+        if f.bits is not None and f.group_size > 0:
+            bad = sorted({k for u in units for _, _, k in u.modules if k % f.group_size})
+            if bad:
+                raise RecipeError(f"fit format {f.name}: group size {f.group_size} does not divide in-features "
+                                  f"{bad} of this model — drop it or use another group size")

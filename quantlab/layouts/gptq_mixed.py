@@ -1,0 +1,92 @@
+"""A GPTQ checkpoint with one format per module (GPTQModel ``dynamic`` overrides), as ``GPTQModel.load`` holds it.
+
+transformers' GPTQ integration (optimum) builds every linear at the checkpoint's base bits and group size and
+fails on the others' tensor shapes ("ignore_mismatched_sizes"), so this layout loads with GPTQModel's own loader,
+which reads the dynamic overrides. Its torch kernel (``BACKEND.TORCH``) is the one that takes 4- and 8-bit modules
+in one model, and it runs in fp16/bf16 only: the model loads in bf16 on every device, its unquantized modules
+(embeddings, norms, head, any linear left fp) too. A quantized module holds what ``GptqPackedLayout`` counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantlab.fit.units import FP, UnitSpec, parse_format
+from quantlab.layouts import Layout
+from quantlab.layouts.gptq import GPTQ_NOTE, GptqPackedLayout
+from quantlab.plan.shapes import ModelShapes
+from quantlab.plan.terms import weight_terms
+
+
+@dataclass(frozen=True)
+class GptqMixedLayout(Layout):
+    allocation: tuple[tuple[str, str], ...]  # (unit, format); empty until the fit is resolved
+    units: str = "block"
+    formats: tuple[str, ...] = ()
+    libraries = ("gptqmodel",)
+
+    def _format_of(self, name: str):
+        for unit, fmt in self.allocation:
+            if name == unit or name.startswith(unit + "."):
+                return parse_format(fmt)
+        # unresolved (or a linear outside every unit): the largest candidate, an upper bound
+        return max((parse_format(f) for f in self.formats or (FP,)), key=self._upper)
+
+    def _upper(self, fmt) -> tuple:
+        return (fmt.bits is None, fmt.bits or 0, -fmt.group_size if fmt.group_size > 0 else 0)
+
+    def linear_bytes(self, out_features, in_features, device):
+        raise NotImplementedError("a mixed layout's bytes depend on the linear: use named_linear_bytes")
+
+    def named_linear_bytes(self, name: str, out_features: int, in_features: int, device: str) -> dict[str, int]:
+        fmt = self._format_of(name)
+        if fmt.bits is None:
+            return {"data": out_features * in_features * self.unquantized_dtype_bytes(device), "scales": 0}
+        return GptqPackedLayout(fmt.bits, fmt.group_size).linear_bytes(out_features, in_features, device)
+
+    def named_bias_bytes(self, name: str, device: str) -> int:
+        return 2  # fp16 in a quantized module, bf16 in an unquantized one
+
+    def note(self):
+        return "GPTQ mixed (dynamic overrides): " + GPTQ_NOTE + "; modules left fp and the rest at bf16"
+
+    def unquantized_dtype_bytes(self, device):
+        return 2
+
+    def dequantize_bytes_per_value(self, device):
+        return 10  # GPTQModel's torch kernel at 8 bits, the larger of its two (see GptqPackedLayout)
+
+    def bias_dtype_bytes(self, device):
+        return 2
+
+    def load(self, path: str, device: str, trust_remote_code: bool = False):
+        """The HF model inside ``GPTQModel.load`` (torch kernel, bf16): what the artifact's manifest names."""
+        import contextlib
+        import io
+
+        import torch
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            from gptqmodel import BACKEND, GPTQModel
+
+            wrapped = GPTQModel.load(str(path), device=device, dtype=torch.bfloat16, backend=BACKEND.TORCH,
+                                     trust_remote_code=trust_remote_code)
+        return wrapped.model.eval()
+
+    def latency_skipped(self, device):
+        return None
+
+
+def unit_bytes(unit: UnitSpec, fmt: str, shapes: ModelShapes, device: str) -> int:
+    """Bytes the unit's linears (weights and biases) hold loaded in ``fmt``: the planner's terms of those linears."""
+    layout = GptqMixedLayout(((unit.name, fmt),))
+    names = {n for n, _, _ in unit.modules}
+    total = sum(sum(layout.named_linear_bytes(n, o, i, device).values()) for n, o, i in unit.modules)
+    return total + sum(b for n, b in shapes.linear_biases if n in names) * layout.bias_dtype_bytes(device)
+
+
+def fixed_bytes(units: list[UnitSpec], shapes: ModelShapes, device: str) -> int:
+    """Bytes of everything outside the units (embeddings, norms, head, other biases, buffers): the whole model's
+    planned bytes less the units', so that fixed + Σ unit bytes is ``weight_terms`` of the allocation exactly."""
+    layout = GptqMixedLayout(tuple((u.name, FP) for u in units))
+    return sum(weight_terms(layout, shapes, device).values()) - sum(unit_bytes(u, FP, shapes, device) for u in units)

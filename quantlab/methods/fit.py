@@ -1,0 +1,172 @@
+"""``fit-<budget>``: a GPTQ checkpoint with one format per unit, the allocation of least predicted KLD that fits.
+
+The recipe names a budget: weights bytes (``fit-180MiB``) or a GPU plan (``fit-gpu32GB-c8192-b1``: weights + KV
+cache + activations + runtime as ``quantlab plan`` counts them, so the weights get what is left). Before it is
+built the recipe is resolved (``quantlab.steps.fit``): each format's uniform GPTQ artifact is built (or reused),
+the sensitivity pass measures every unit in every format, and the allocation is solved exactly; the resolved
+config carries the allocation, so the artifact is cached by it. ``quantize`` then runs one GPTQ calibration with
+GPTQModel's ``dynamic`` per-module overrides: each module's bits and group size, or the module left unquantized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from quantlab.errors import RecipeError
+from quantlab.fit.units import DEFAULT_FORMATS, FP, GRANULARITIES, model_units, parse_format, parse_formats
+from quantlab.layouts.gptq_mixed import GptqMixedLayout
+from quantlab.methods.base import Method
+from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.gptq import GptqConfig
+from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
+from quantlab.models import load_config
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.sizes import parse_size
+
+_SIZE = r"([0-9]*\.?[0-9]+(?:[KMGT]i?B|B))"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    weights_budget: int | None = None  # bytes of weights as loaded, or None with gpu_mem
+    gpu_mem: int | None = None  # bytes of GPU memory for weights + KV cache + activations + runtime
+    context: int = 4096
+    batch: int = 1
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    units: str = "block"
+    sensitivity_chunks: int = 8  # windows of 256 tokens of the calibration text the sensitivity pass measures
+    calibration: str = "c4_calibration"
+    samples: int = 64
+    tokens: int = 256
+    seed: int = 0
+    allocation: tuple[tuple[str, str], ...] = ()  # (unit, format) in model order, once resolved
+
+    def __post_init__(self):
+        for name in ("weights_budget", "gpu_mem"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, parse_size(value))
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "allocation", tuple(tuple(pair) for pair in self.allocation))
+        if (self.weights_budget is None) == (self.gpu_mem is None):
+            raise RecipeError("A fit names one budget: weights_budget (e.g. 180MiB) or gpu_mem (e.g. 32GB)")
+        if (self.weights_budget or self.gpu_mem) <= 0 or self.context < 1 or self.batch < 1:
+            raise RecipeError("A fit's budget, context and batch must be positive — e.g. fit-180MiB")
+        if self.units not in GRANULARITIES:
+            raise RecipeError(f"fit units must be one of {', '.join(GRANULARITIES)} (got {self.units!r})")
+        if self.sensitivity_chunks < 1:
+            raise RecipeError("fit sensitivity_chunks must be ≥ 1 — e.g. 8")
+        parse_formats(self.formats)
+        GptqConfig(calibration=self.calibration, samples=self.samples, tokens=self.tokens, seed=self.seed)
+
+    @property
+    def bits(self) -> int:
+        """The fewest bits any unit has: of the allocation once resolved, else of the formats."""
+        chosen = {f for _, f in self.allocation} or set(self.formats)
+        return min((parse_format(f).bits or 16) for f in chosen)
+
+    def uniform(self, fmt: str) -> GptqConfig | None:
+        """The uniform GPTQ recipe of one format, with this fit's calibration (None for fp)."""
+        f = parse_format(fmt)
+        if f.bits is None:
+            return None
+        return GptqConfig(bits=f.bits, group_size=f.group_size, calibration=self.calibration, samples=self.samples,
+                          tokens=self.tokens, seed=self.seed)
+
+    def module_formats(self, shapes) -> dict[str, str]:
+        """Each quantizable linear's format under the allocation."""
+        chosen = dict(self.allocation)
+        return {name: chosen[u.name] for u in model_units(shapes, self.units) for name, _, _ in u.modules}
+
+
+class FitMethod(Method):
+    name = "fit"
+    config_cls = FitConfig
+    short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?")
+    example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1")
+
+    def config_from_match(self, match):
+        size = parse_size(match.group(2))
+        if not match.group(1):
+            if match.group(3) or match.group(4):
+                return None
+            return FitConfig(weights_budget=size)
+        return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1))
+
+    def short_name(self, config):
+        if config.weights_budget is not None:
+            return f"fit-{_size_text(config.weights_budget)}"
+        return f"fit-gpu{_size_text(config.gpu_mem)}-c{config.context}-b{config.batch}"
+
+    def explain_short_name(self, text):
+        return "write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>"
+
+    def layout(self, config):
+        return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats))
+
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
+        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+
+    def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
+        if not config.allocation:
+            raise RecipeError("A fit recipe is built once its allocation is solved — run it through quantlab fit, "
+                              "quantize-and-compare or a sweep, which resolve it")
+        shapes = model_shapes(load_config(source_dir, trust_remote_code), trust_remote_code)
+        per_module = config.module_formats(shapes)
+        base, dynamic = gptq_dynamic(per_module)
+        windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
+        gptqmodel = import_gptqmodel()
+        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+        run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), "dynamic": dynamic}, source_dir, out_dir, device,
+                      calib, trust_remote_code)
+        return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": LOADER,
+                "unit_formats": dict(config.allocation), "module_formats": per_module}
+
+
+LOADER = ("gptqmodel.GPTQModel.load(path): transformers' GPTQ integration (optimum) gives every module the "
+          "checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
+
+
+def _settings(fmt) -> dict:
+    """GPTQModel settings of a format as the uniform gptq recipe runs it (quantlab.methods.gptq)."""
+    gptq = GptqConfig(bits=fmt.bits, group_size=fmt.group_size)
+    return dict(bits=gptq.bits, group_size=gptq.group_size, desc_act=False, sym=True, damp_percent=gptq.damp_percent,
+                mse=gptq.mse, act_group_aware=gptq.group_size > 0)
+
+
+def gptq_dynamic(per_module: dict[str, str]):
+    """(base format, GPTQModel ``dynamic``): the most common quantized format is the base; every module in another
+    gets a ``+:`` override of its settings, every unquantized one a ``-:`` rule. Patterns match the whole name."""
+    counts: dict[str, int] = {}
+    for f in per_module.values():
+        if f != FP:
+            counts[f] = counts.get(f, 0) + 1
+    if not counts:
+        raise RecipeError("This allocation leaves every module unquantized — it is the fp model; lower the budget")
+    base = parse_format(max(counts, key=lambda f: (counts[f], f)))
+    dynamic = {}
+    for name, f in per_module.items():
+        pattern = f"^{re.escape(name)}$"
+        if f == FP:
+            dynamic[f"-:{pattern}"] = {}
+        elif f != base.name:
+            s = _settings(parse_format(f))
+            dynamic[f"+:{pattern}"] = {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware")}
+    return base, dynamic
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("GB", 10**9), ("MB", 10**6), ("KiB", 2**10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+def fit_fields() -> set[str]:
+    return {f.name for f in fields(FitConfig)}
+
+
+def resolved(config: FitConfig, allocation: dict[str, str]) -> FitConfig:
+    return replace(config, allocation=tuple(allocation.items()))

@@ -1,0 +1,160 @@
+"""Resolving a fit recipe: the formats' uniform GPTQ artifacts, the sensitivity pass (a step of its own, its table
+cached by content), and the exact allocation within the budget.
+
+The sensitivity text is the fit's calibration text (what GPTQ calibrates on), its first ``sensitivity_chunks``
+windows of 256 tokens: the reference text the fit is then judged on stays out of the choice. The fp log-probs
+of those windows are cached like the fidelity step's (``ensure_baseline``); the table's key is everything that
+changes it: model fingerprint, the formats' artifact keys, text sha256, windows, units, library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from quantlab import __version__
+from quantlab.evaluate import fidelity as fid
+from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.text import TextSource
+from quantlab.fit.allocate import Option, Unit, allocate
+from quantlab.fit.sensitivity import Prefixes, measure_table
+from quantlab.fit.units import FP, check_formats, model_units, parse_formats
+from quantlab.fsutil import atomic_dir, file_lock
+from quantlab.layerwise.weights import CheckpointReader
+from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.measure.cost import measure_cost
+from quantlab.methods.calibration import resolve_calibration
+from quantlab.methods.fit import resolved
+from quantlab.methods.loading import load_recipe_model
+from quantlab.models import ModelSource, load_config, load_tokenizer, quantlab_home
+from quantlab.plan import terms
+from quantlab.plan.shapes import model_shapes
+from quantlab.provenance import versions
+from quantlab.recipe import Recipe, parse_recipe
+from quantlab.steps.fidelity import ensure_baseline
+from quantlab.steps.launcher import run_step
+from quantlab.steps.quantize import ensure_artifact
+
+WINDOW_TOKENS = 256
+DEFINITIONS = {
+    "sensitivity": "mean per-token KL(fp || model) over the sensitivity windows with only that unit in that format "
+                   "(its weights from the format's uniform GPTQ artifact), every other unit fp; nats/token",
+    "predicted_kld": "the sum of the chosen formats' sensitivities over the units (assumes the units' KLDs add)",
+    "weights_bytes": "the planner's bytes of the model as GPTQModel.load holds it (bf16, packed GPTQ modules)",
+}
+
+
+def uniform_recipe(config, fmt: str) -> Recipe | None:
+    gptq = config.uniform(fmt)
+    if gptq is None:
+        return None
+    return Recipe(parse_recipe(fmt).name, "gptq", gptq)
+
+
+def ensure_sensitivity(source: ModelSource, config, device: str, threads: int | None = None,
+                       data_dir: str | None = None) -> dict:
+    """The sensitivity table of ``config``'s units and formats on ``source``, from its cache or a fresh step."""
+    formats = parse_formats(config.formats)
+    artifacts = {f.name: ensure_artifact(source, uniform_recipe(config, f.name), device, threads, data_dir=data_dir)
+                 ["artifact"] for f in formats if f.bits is not None}
+    text = resolve_calibration(config, Path(source.path), data_dir, source.trust_remote_code)
+    payload = {"source": source.to_dict(), "formats": [f.name for f in formats], "artifacts": artifacts,
+               "text": text.to_dict(), "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
+               "threads": threads}
+    key = hashlib.sha256(json.dumps({**{k: payload[k] for k in ("formats", "chunks", "units")},
+                                     "model": source.fingerprint, "text": text.sha256,
+                                     "artifacts": {k: Path(v).name for k, v in artifacts.items()},
+                                     "quantlab": __version__, "device": device.split(":")[0]},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    target = quantlab_home() / "sensitivity" / key
+    with file_lock(target.with_name(f".{key}.lock")):
+        if not (target / "table.json").is_file():
+            run_step("sensitivity", {**payload, "target": str(target)})
+    return {**json.loads((target / "table.json").read_text()), "path": str(target / "table.json")}
+
+
+def sensitivity_step(payload: dict) -> dict:
+    """Measure the table (``quantlab.fit.sensitivity``) into ``payload["target"]``."""
+    source = ModelSource.from_dict(payload["source"])
+    text = TextSource(**payload["text"])
+    settings = FidelitySettings(chunk_tokens=WINDOW_TOKENS, max_chunks=payload["chunks"], batch_size=4)
+    ids = fid.chunk_ids(load_tokenizer(source.path, source.trust_remote_code), text.read(), settings)
+    device = payload["device"]
+    cache, _ = ensure_baseline(source, ids, text, settings, device)
+    baseline, _ = fid.load_baseline(cache)
+    shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+    units = model_units(shapes, payload["units"])
+    formats = parse_formats(payload["formats"])
+    with measure_cost(source.path, device) as cost:
+        model = load_recipe_model(source.path, parse_recipe("fp"), device, source.trust_remote_code)
+        started = time.perf_counter()
+        prefixes = Prefixes(model, ids, settings.batch_size)
+        readers = {name: CheckpointReader(path) for name, path in payload["artifacts"].items()}
+        table = measure_table(model, prefixes, baseline, units, formats, readers)
+        forwards_s = time.perf_counter() - started
+    out = {"units": [{"name": u.name, "block": u.block, "modules": [m[0] for m in u.modules]} for u in units],
+           "formats": [f.name for f in formats], "granularity": payload["units"],
+           "kld": {u: {f: sum(v) / len(v) for f, v in row.items()} for u, row in table.items()},
+           "kld_per_window": table, "text": {"name": text.name, "sha256": text.sha256, "windows": int(ids.shape[0]),
+                                             "window_tokens": WINDOW_TOKENS},
+           "midway_forwards": prefixes.midway, "artifacts": payload["artifacts"],
+           "cost": {**{k: cost[k] for k in ("quantize_wall_s", "quantize_cpu_s", "quantize_peak_rss_bytes")},
+                    "forwards_wall_s": forwards_s, "definition": "wall/CPU seconds and peak RSS of the sensitivity "
+                    "step (fp model load, block inputs, one forward per unit and quantized format); the uniform "
+                    "GPTQ runs it reads are their own artifacts' costs"},
+           "versions": versions(), "definitions": DEFINITIONS}
+    with atomic_dir(payload["target"]) as tmp:
+        (tmp / "table.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    return {"path": payload["target"]}
+
+
+def fit_budget(config, shapes, device: str) -> int:
+    """The weights budget: given, or the GPU memory less KV cache, activations and runtime at the layout's dtype."""
+    if config.weights_budget is not None:
+        return config.weights_budget
+    elem = GptqMixedLayout(()).unquantized_dtype_bytes(device)
+    return (config.gpu_mem - terms.kv_cache_bytes(shapes, config.context, config.batch, elem)
+            - terms.activation_bytes(shapes, config.context, config.batch, elem) - terms.runtime_bytes(device))
+
+
+def solve(config, table: dict, shapes, device: str):
+    """The allocation of least predicted KLD within the budget, over the table's units and formats (``table`` None:
+    any allocation that fits, to check the budget can be met)."""
+    units = model_units(shapes, config.units)
+    formats = parse_formats(config.formats)
+    check_formats(formats, units)
+    kld = (lambda u, f: table["kld"][u][f]) if table else (lambda u, f: 0.0)
+    options = [Unit(u.name, tuple(Option(f.name, unit_bytes(u, f.name, shapes, device), kld(u.name, f.name))
+                                  for f in formats)) for u in units]
+    return allocate(options, fit_budget(config, shapes, device), fixed_bytes(units, shapes, device))
+
+
+def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
+                data_dir: str | None = None) -> tuple[Recipe, dict]:
+    """The fit recipe with its allocation, and what chose it (table path, predicted bytes and KLD, units per
+    format). A recipe already resolved is returned as it is."""
+    if recipe.config.allocation:
+        return recipe, {}
+    shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+    solve(recipe.config, None, shapes, device)  # a budget nothing meets is refused before the sensitivity pass
+    table = ensure_sensitivity(source, recipe.config, device, threads, data_dir)
+    alloc = solve(recipe.config, table, shapes, device)
+    counts = {f: sum(1 for v in alloc.formats.values() if v == f) for f in recipe.config.formats}
+    info = {"sensitivity_table": table["path"], "sensitivity_cost": table["cost"], "budget_bytes": alloc.budget,
+            "predicted_bytes": alloc.bytes, "predicted_kld": alloc.kld, "units_per_format": counts,
+            "unit_formats": alloc.formats, "fp_units": counts.get(FP, 0)}
+    return Recipe(recipe.name, recipe.method, resolved(recipe.config, alloc.formats)), info
+
+
+def ensure_recipe_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
+                           force: bool = False, data_dir: str | None = None, plan: dict | None = None) -> dict:
+    """``ensure_artifact``, a fit recipe resolved first: ``{"artifact", "cost", "cached", "recipe"}``, plus ``"fit"``
+    (what chose the allocation) for a fit."""
+    if recipe.method != "fit":
+        return {**ensure_artifact(source, recipe, device, threads, force=force, data_dir=data_dir, plan=plan),
+                "recipe": recipe}
+    resolved_recipe, info = resolve_fit(source, recipe, device, threads, data_dir)
+    art = ensure_artifact(source, resolved_recipe, device, threads, force=force, data_dir=data_dir, plan=plan)
+    return {**art, "recipe": resolved_recipe, "fit": info}

@@ -1,0 +1,148 @@
+"""Fit to a budget (issue 17), measured: budgets from below uniform 4-bit to above uniform 8-bit, side by side.
+
+For each budget the fit is resolved (sensitivity table, exact allocation), built with GPTQModel's dynamic
+overrides, loaded the way its manifest says (GPTQModel.load) in a fresh process and measured:
+
+- bytes: predicted (the planner's, the allocation's) against measured (every tensor of the loaded model) and the
+  budget; a budget below the smallest allocation is refused, and the refusal names the smallest;
+- KLD against fp on the reference text (WikiText-2 test, the fidelity step's 16 windows), beside uniform
+  gptq-w4-g64's and gptq-w8's; the goals: ≤ 0.5x gptq-w4-g64's at the budget halfway between the uniform
+  recipes' bytes, ≤ 0.8x at gptq-w4-g64's bytes + 5 %;
+- additivity: the predicted sum of the units' KLDs beside the KLD measured on the sensitivity windows themselves;
+- cost: the sensitivity pass's wall time beside one GPTQ run's (gptq-w4-g64's quantize step).
+
+The uniform bytes the budgets are placed by are the mixed layout's (bf16, as GPTQModel.load holds every
+format), so a budget compares like with like. Each finished row is kept in ``--state`` and reused, so an
+interrupted run resumes; artifacts, tables and fp log-probs are cached under QUANTLAB_HOME.
+
+    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units block] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def uniform_bytes(source, config, device: str) -> dict[str, int]:
+    from quantlab.fit.units import model_units, parse_formats
+    from quantlab.layouts.gptq_mixed import fixed_bytes, unit_bytes
+    from quantlab.sweep.commands import source_shapes
+
+    shapes = source_shapes(source)
+    units = model_units(shapes, config.units)
+    fixed = fixed_bytes(units, shapes, device)
+    return {f.name: fixed + sum(unit_bytes(u, f.name, shapes, device) for u in units)
+            for f in parse_formats(config.formats)}
+
+
+def budgets(b: dict[str, int]) -> list[tuple[str, int]]:
+    w4, w8, small = b["gptq-w4-g64"], b["gptq-w8"], b["gptq-w4-g128"]
+    return [("below every allocation", small - 1), ("between w4-g128 and w4-g64", (small + w4) // 2),
+            ("gptq-w4-g64 + 5 %", int(w4 * 1.05)), ("halfway w4-g64 .. w8", (w4 + w8) // 2),
+            ("gptq-w8", w8), ("gptq-w8 + 25 %", int(w8 * 1.25))]
+
+
+def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
+    from quantlab.evaluate.fidelity import FidelitySettings
+    from quantlab.steps.bench import weigh_artifact
+    from quantlab.steps.fit import WINDOW_TOKENS
+    from quantlab.sweep.commands import evaluate_model, quantize_model
+
+    art = quantize_model(model, recipe, "cpu", threads)
+    built = art["recipe"]
+    weights = weigh_artifact(built, art["artifact"], "cpu", (), threads, False)
+    fid = evaluate_model(art["artifact"], model, threads=threads)["fidelity"]
+    row = {"recipe": recipe.name, "artifact": art["artifact"], "measured_bytes": weights["weights"]["weights_bytes"],
+           "kld": fid["kld_mean"], "kld_ci95": fid["ci95"]["kld_mean"], "cost": art["cost"], "fit": art.get("fit")}
+    if additivity:
+        chunks = recipe.config.sensitivity_chunks
+        on_windows = evaluate_model(art["artifact"], model, text=recipe.config.calibration, threads=threads,
+                                    settings=FidelitySettings(chunk_tokens=WINDOW_TOKENS, max_chunks=chunks))
+        row["kld_sensitivity_windows"] = on_windows["fidelity"]["kld_mean"]
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--units", default="block")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")
+    args = ap.parse_args(argv)
+
+    from quantlab.errors import UsageError
+    from quantlab.methods.fit import FitConfig
+    from quantlab.models import resolve_model
+    from quantlab.provenance import provenance
+    from quantlab.recipe import Recipe, parse_recipe
+
+    state_path = Path(args.state)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def kept(key, compute):
+        if key not in state:
+            state[key] = compute()
+            state_path.write_text(json.dumps(state, indent=1, default=str))
+        return state[key]
+
+    source = resolve_model(args.model)
+    base = FitConfig(weights_budget=1, units=args.units)
+    sizes = uniform_bytes(source, base, "cpu")
+    uniform = {name: kept(name, lambda n=name: measure(args.model, parse_recipe(n), args.threads, False))
+               for name in ("gptq-w4-g64", "gptq-w8")}
+    rows = []
+    for label, budget in budgets(sizes):
+        config = FitConfig(weights_budget=budget, units=args.units)
+        recipe = Recipe(f"fit-{budget}B", "fit", config)
+        try:
+            row = kept(f"{args.units}:{budget}", lambda r=recipe: measure(args.model, r, args.threads, True))
+        except UsageError as exc:
+            row = {"refused": str(exc)}
+        rows.append((label, budget, row))
+    print(report(args, source, sizes, uniform, rows, provenance("cpu")))
+    return 0
+
+
+def report(args, source, sizes, uniform, rows, prov) -> str:
+    w4 = uniform["gptq-w4-g64"]["kld"]
+    lines = [f"# bench_fit: {args.model} ({source.note or source.ref}), units {args.units}, {args.threads} thread(s), "
+             f"CPU; git {prov.get('git_sha')}, {time.strftime('%Y-%m-%d')}",
+             "# the fp baseline is the model as quantlab resolves it (for smollm2-135m: the Q4_1 GGUF dequantized)",
+             "# KLD: mean per-token KL(fp || quant), nats/token, reference text WikiText-2 test, 16 x 256 tokens, "
+             "95 % chunk-bootstrap interval",
+             "# bytes: weights as loaded (every tensor, tied once); uniform bytes in the fit layout (bf16 via "
+             "GPTQModel.load): " + ", ".join(f"{k} {v}" for k, v in sizes.items()),
+             "# uniform recipes as quantlab builds them (transformers load, fp32 on CPU): "
+             + ", ".join(f"{k} KLD {v['kld']:.4f} [{v['kld_ci95'][0]:.4f}, {v['kld_ci95'][1]:.4f}], "
+                         f"{v['measured_bytes']} B" for k, v in uniform.items()),
+             "",
+             f"{'budget':<28} {'budget B':>11} {'predicted B':>11} {'measured B':>11} {'=':>2} {'KLD':>7} "
+             f"{'95% CI':>17} {'x w4g64':>7} {'pred ΣKLD':>9} {'meas@sens':>9}  units per format"]
+    for label, budget, row in rows:
+        if "refused" in row:
+            lines.append(f"{label:<28} {budget:>11} refused: {row['refused']}")
+            continue
+        fit = row["fit"]
+        ci = row["kld_ci95"]
+        lines.append(f"{label:<28} {budget:>11} {fit['predicted_bytes']:>11} {row['measured_bytes']:>11} "
+                     f"{'ok' if fit['predicted_bytes'] == row['measured_bytes'] <= budget else 'NO':>2} "
+                     f"{row['kld']:>7.4f} [{ci[0]:.4f}, {ci[1]:.4f}] {row['kld'] / w4:>7.2f} "
+                     f"{fit['predicted_kld']:>9.4f} {row['kld_sensitivity_windows']:>9.4f}  "
+                     + ", ".join(f"{k} {v}" for k, v in fit["units_per_format"].items()))
+    built = [r for _, _, r in rows if "fit" in r and r["fit"]]
+    if built:
+        cost = built[0]["fit"]["sensitivity_cost"]
+        lines += ["", f"sensitivity pass: {cost['quantize_wall_s']:.0f} s wall ({cost['forwards_wall_s']:.0f} s of "
+                      f"forwards), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS {cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
+                      f"one GPTQ run (gptq-w4-g64 quantize step): {uniform['gptq-w4-g64']['cost']['quantize_wall_s']:.0f} s wall",
+                  "pred ΣKLD: sum of the chosen formats' unit sensitivities (sensitivity windows: the first "
+                  "8 x 256 tokens of the calibration text); meas@sens: the fitted model's KLD on those windows"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
