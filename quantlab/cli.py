@@ -11,9 +11,11 @@ from quantlab import store as store_mod
 from quantlab.catalog import named_models
 from quantlab.errors import QuantlabError
 from quantlab.evaluate.shards import merge_shard_files
+from quantlab.fit.units import DEFAULT_FORMATS
 from quantlab.gate import run_gate
 from quantlab.gate.report import publish_verdict
 from quantlab.methods import all_methods, get_method, method_target
+from quantlab.methods.fit import FitConfig
 from quantlab.models import fetch_model
 from quantlab.plan import PlanSettings, parse_size, plan_model
 from quantlab.plan.render import render_plan
@@ -21,10 +23,10 @@ from quantlab.quiet import filter_library_noise
 from quantlab.recipe import DEFAULT_RECIPES, parse_recipe, parse_recipe_list
 from quantlab.records import budget_check
 from quantlab.report import ReportSettings, load_results, write_report
-from quantlab.sweep.commands import bench_model, evaluate, quantize_and_compare, quantize_model, run_sweep
+from quantlab.sweep.commands import bench_model, evaluate, fit_model, quantize_and_compare, quantize_model, run_sweep
 from quantlab.sweep.driver import RunOptions
 from quantlab.sweep.spec import compare_spec
-from quantlab.table import render_runs, render_table
+from quantlab.table import render_fit, render_runs, render_table
 
 
 class QuantlabGroup(click.Group):
@@ -138,6 +140,31 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
     for warning in result["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(result["artifact"])
+
+
+@cli.command("fit")
+@click.argument("model", required=False)
+@click.option("--weights-budget", default=None, help="Bytes of weights as loaded: 180MiB, 1.5GB (10^9), 2GiB.")
+@click.option("--gpu-mem", default=None, help="GPU memory for weights + KV cache + activations + runtime, e.g. 32GB.")
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="With --gpu-mem: tokens of context.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="With --gpu-mem: sequences at once.")
+@click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True,
+              help="Formats a unit may take: fp and GPTQ formats (gptq-w8, gptq-w4-g128, gptq-w4-g64, gptq-w4-g32).")
+@click.option("--units", default="block", show_default=True, type=click.Choice(["block", "linear"]),
+              help="One format per decoder block's linears, or per linear.")
+@click.option("--text", default=None, help="Reference text the fit is measured on (default wikitext2_raw).")
+@click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_common
+def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, units, text, data_dir, as_json, device, threads,
+            trust_remote_code):
+    """Fit MODEL (default smollm2-135m) to a budget: one format per unit, least predicted KLD; build and measure it."""
+    if (weights_budget is None) == (gpu_mem is None):
+        raise click.UsageError("Give one budget: --weights-budget SIZE or --gpu-mem SIZE")
+    config = FitConfig(weights_budget=weights_budget, gpu_mem=gpu_mem, context=context, batch=batch, units=units,
+                       formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
+    result = _call(fit_model, model, config, device or "auto", threads or 1, data_dir, text, trust_remote_code)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else render_fit(result))
 
 
 @cli.command("eval")

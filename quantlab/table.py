@@ -139,3 +139,20 @@ def render_runs(rows: list[dict]) -> str:
                      _fmt(f.get("kld_mean"), ".4f"), _fmt(f.get("top1_agreement"), ".3f"),
                      _fmt(m.get("weights_bytes") and m["weights_bytes"] / MB, ".1f")])
     return _rows_table(header, body) if body else "No runs stored yet — run quantlab quantize-and-compare"
+
+
+def render_fit(result: dict) -> str:
+    """``quantlab fit``'s answer: the allocation, its predicted and measured bytes, predicted and measured KLD."""
+    fit, fid = result["fit"], result["fidelity"]
+    lo, hi = fid["ci95"]["kld_mean"]
+    per = ", ".join(f"{f} {n}" for f, n in fit["units_per_format"].items())
+    ok = "within" if result["measured_bytes"] <= fit["budget_bytes"] else "OVER"
+    return "\n".join([
+        f"{result['recipe']}: {len(fit['unit_formats'])} units — {per}",
+        f"bytes: budget {fit['budget_bytes']:,}, predicted {fit['predicted_bytes']:,}, measured {result['measured_bytes']:,} "
+        f"({ok} the budget; weights as loaded, every tensor)",
+        f"KLD: predicted {fit['predicted_kld']:.4f} (sum of the units' sensitivities on the calibration text), "
+        f"measured {fid['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}] nats/token on {result['text']['name']}",
+        f"load: {result['loader']}",
+        f"artifact: {result['artifact']}",
+    ])

@@ -17,9 +17,9 @@ from pathlib import Path
 from quantlab.errors import RecipeError
 from quantlab.fit.units import DEFAULT_FORMATS, FP, GRANULARITIES, model_units, parse_format, parse_formats
 from quantlab.layouts.gptq_mixed import GptqMixedLayout
-from quantlab.methods.base import Method
+from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_windows, resolve_calibration
-from quantlab.methods.gptq import GptqConfig
+from quantlab.methods.gptq import GptqConfig, GptqMethod
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
@@ -103,6 +103,15 @@ class FitMethod(Method):
     def explain_short_name(self, text):
         return "write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>"
 
+    def check_model(self, config, linear_shapes):
+        for fmt in parse_formats(config.formats):
+            if fmt.bits is not None:
+                check_group_size(fmt.group_size, linear_shapes)
+
+    def quantize_peak(self, config, sizes, device):
+        """The GPTQ calibration's (``GptqMethod.quantize_peak``; the sensitivity pass is a step of its own)."""
+        return GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
+
     def layout(self, config):
         return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats))
 
@@ -155,6 +164,10 @@ def gptq_dynamic(per_module: dict[str, str]):
             s = _settings(parse_format(f))
             dynamic[f"+:{pattern}"] = {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware")}
     return base, dynamic
+
+
+def _smallest(config) -> str:
+    return min((f for f in config.formats if f != FP), key=lambda f: parse_format(f).bits)
 
 
 def _size_text(n: int) -> str:

@@ -143,6 +143,7 @@ def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int |
     alloc = solve(recipe.config, table, shapes, device)
     counts = {f: sum(1 for v in alloc.formats.values() if v == f) for f in recipe.config.formats}
     info = {"sensitivity_table": table["path"], "sensitivity_cost": table["cost"], "budget_bytes": alloc.budget,
+            "sensitivity": {k: table[k] for k in ("units", "formats", "granularity", "kld", "text")},
             "predicted_bytes": alloc.bytes, "predicted_kld": alloc.kld, "units_per_format": counts,
             "unit_formats": alloc.formats, "fp_units": counts.get(FP, 0)}
     return Recipe(recipe.name, recipe.method, resolved(recipe.config, alloc.formats)), info

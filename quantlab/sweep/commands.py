@@ -18,6 +18,8 @@ from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import parse_shard, task_settings
 from quantlab.fsutil import atomic_write_json, check_writable_dir
 from quantlab.measure.latency import LatencySettings
+from quantlab.methods import get_method
+from quantlab.methods.fit import LOADER
 from quantlab.models import load_config, resolve_model
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
@@ -71,6 +73,22 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
             art["warnings"].append(budget_warning(recipe.name, "quantize", check["held_bytes"]["quantize"], budget,
                                                   plan.to_dict()))
     return art
+
+
+def fit_model(model: str | None, config, device: str = "auto", threads: int = 1, data_dir: str | None = None,
+              text: str | None = None, trust_remote_code: bool = False) -> dict:
+    """Resolve, build and measure one fit (``quantlab.methods.fit``): the allocation, the bytes as loaded the way
+    the artifact's manifest says, in a fresh process, and the fidelity against the fp model."""
+    method = get_method("fit")
+    recipe = Recipe(method.short_name(config), "fit", config)
+    device = resolve_device(device)
+    art = quantize_model(model, recipe, device, threads, trust_remote_code, data_dir)
+    built = art["recipe"]
+    weights = weigh_artifact(built, art["artifact"], device, (), threads, trust_remote_code)
+    fid = evaluate_model(art["artifact"], model, text=text, data_dir=data_dir, device=device, threads=threads,
+                         trust_remote_code=trust_remote_code)
+    return {"recipe": built.name, "artifact": art["artifact"], "fit": art["fit"], "loader": LOADER,
+            "measured_bytes": weights["weights"]["weights_bytes"], "fidelity": fid["fidelity"], "text": fid["text"]}
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),

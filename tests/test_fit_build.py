@@ -1,0 +1,158 @@
+"""A fit on the tiny model: units, the planner's bytes, the GPTQ dynamic overrides, the sensitivity pass's parts,
+the recipe names, and (slow) a mixed artifact that reloads, without quantlab, with the formats the allocation chose."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from quantlab.errors import RecipeError
+from quantlab.fit.units import model_units, parse_format, parse_formats
+from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.methods.fit import FitConfig, gptq_dynamic
+from quantlab.models import load_config
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.terms import weight_terms
+from quantlab.recipe import Recipe, parse_recipe
+
+FORMATS = ("fp", "gptq-w8", "gptq-w4-g32")
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_dir):
+    return model_shapes(load_config(tiny_dir))
+
+
+def test_units_are_blocks_or_linears(shapes):
+    blocks, linears = model_units(shapes, "block"), model_units(shapes, "linear")
+    assert [u.name for u in blocks] == ["model.layers.0", "model.layers.1"]
+    assert len(linears) == 14 and {u.block for u in linears} == {0, 1}
+    assert sum(len(u.modules) for u in blocks) == len(linears)
+
+
+@pytest.mark.parametrize("granularity", ["block", "linear"])
+def test_fixed_plus_units_is_the_planners_bytes_of_the_allocation(shapes, granularity):
+    units = model_units(shapes, granularity)
+    rng = random.Random(0)
+    for _ in range(5):
+        alloc = tuple((u.name, rng.choice(FORMATS)) for u in units)
+        planned = sum(weight_terms(GptqMixedLayout(alloc), shapes, "cpu").values())
+        summed = fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, f, shapes, "cpu") for u, (_, f) in
+                                                         zip(units, alloc))
+        assert summed == planned
+
+
+def test_a_unit_in_fewer_bits_has_fewer_bytes(shapes):
+    u = model_units(shapes, "block")[0]
+    sizes = [unit_bytes(u, f, shapes, "cpu") for f in ("fp", "gptq-w8", "gptq-w4-g32")]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+
+
+def test_dynamic_overrides_name_every_module_off_the_base_format():
+    per_module = {"m.layers.0.a": "gptq-w4-g64", "m.layers.0.b": "gptq-w4-g64", "m.layers.1.a": "gptq-w8",
+                  "m.layers.1.b": "fp"}
+    base, dynamic = gptq_dynamic(per_module)
+    assert (base.bits, base.group_size) == (4, 64)
+    assert dynamic == {r"+:^m\.layers\.1\.a$": {"bits": 8, "group_size": -1, "mse": 0.0, "act_group_aware": False},
+                       r"-:^m\.layers\.1\.b$": {}}
+    with pytest.raises(RecipeError, match="every module unquantized"):
+        gptq_dynamic({"a": "fp"})
+
+
+def test_fit_recipe_names_round_trip():
+    r = parse_recipe("fit-180MiB")
+    assert r.config.weights_budget == 180 * 2**20 and r.name == "fit-180MiB"
+    g = parse_recipe("fit-gpu32GB-c8192-b2")
+    assert (g.config.gpu_mem, g.config.context, g.config.batch) == (32 * 10**9, 8192, 2)
+    resolved = Recipe(r.name, "fit", FitConfig(weights_budget=1000, allocation=(("u", "gptq-w8"),)))
+    assert Recipe.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+    assert resolved.bits == 8 and r.bits == 4
+
+
+@pytest.mark.parametrize("bad, message", [("fit-180", "Invalid recipe"), ("fit-10MiB-c5", "Invalid recipe")])
+def test_bad_fit_names_are_explained(bad, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(bad)
+
+
+def test_bad_fit_configs_name_the_fix():
+    with pytest.raises(RecipeError, match="one budget"):
+        FitConfig()
+    with pytest.raises(RecipeError, match="Unknown fit format"):
+        FitConfig(weights_budget=10, formats=("fp", "gptq-w3"))
+    with pytest.raises(RecipeError, match="two distinct formats"):
+        parse_formats(["gptq-w8"])
+    assert parse_format("gptq-w4-g128").group_size == 128
+
+
+def test_unpacked_gptq_weights_are_what_the_loaded_kernel_computes(gptq_artifacts):
+    import torch
+
+    from quantlab.fit.sensitivity import gptq_weights
+    from quantlab.layerwise.weights import CheckpointReader
+    from quantlab.methods.loading import load_recipe_model
+
+    for bits, (path, _, recipe) in gptq_artifacts.items():
+        model = load_recipe_model(str(path), recipe, "cpu")
+        names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+        for name, w in gptq_weights(CheckpointReader(path), names, bits).items():
+            x = torch.randn(4, w.shape[1])
+            with torch.inference_mode():
+                y = model.get_submodule(name)(x).float()
+            # the kernels compute in bf16 or fp16 on CPU: a relative error of a few 1e-3; a wrong unpack is O(1)
+            assert (y - x @ w.T).abs().max() <= 2e-2 * y.abs().max()
+
+
+def test_forwards_started_mid_way_are_the_whole_forward(tiny_model):
+    import torch
+
+    from quantlab.fit.sensitivity import Prefixes
+
+    ids = torch.randint(3, tiny_model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    prefixes = Prefixes(tiny_model, ids, batch_size=2)
+    assert prefixes.midway and prefixes.batches() == 2
+    whole = prefixes.log_probs(0, 1)
+    for block in (1, 2):  # 2: only the final norm and head
+        assert torch.allclose(prefixes.log_probs(block, 1), whole, atol=1e-5)
+
+
+RELOAD = """
+import json, sys, torch
+from gptqmodel import BACKEND, GPTQModel
+model = GPTQModel.load(sys.argv[1], device="cpu", dtype=torch.bfloat16, backend=BACKEND.TORCH).model
+out = {}
+for name, m in model.named_modules():
+    if hasattr(m, "qweight"):
+        group = m.group_size if m.group_size != m.in_features else -1
+        out[name] = f"gptq-w{m.bits}" + (f"-g{group}" if group > 0 else "")
+    elif type(m).__name__ == "Linear" and name != "lm_head":
+        out[name] = "fp"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gptq_calib, shapes):
+    from quantlab.measure.memory import weight_bytes
+    from quantlab.methods.loading import load_recipe_model
+    from quantlab.models import resolve_model
+    from quantlab.recipe import recipe_from_mapping
+    from quantlab.steps.fit import ensure_recipe_artifact
+
+    recipe = recipe_from_mapping({"method": "fit", "weights_budget": 150_000, "formats": list(FORMATS),
+                                  "units": "linear", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
+                                  "sensitivity_chunks": 2}, "test")
+    art = ensure_recipe_artifact(resolve_model(str(tiny_dir)), recipe, "cpu", 1)
+    chosen = art["recipe"].config.module_formats(shapes)
+    assert len(set(chosen.values())) >= 2  # a real mix
+    reloaded = subprocess.run([sys.executable, "-c", RELOAD, art["artifact"]], capture_output=True, text=True,
+                              check=True)
+    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == chosen
+    measured = weight_bytes(load_recipe_model(art["artifact"], art["recipe"], "cpu"))["weights_bytes"]
+    assert measured == art["fit"]["predicted_bytes"] <= 150_000
+    manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
+    assert manifest["method_notes"]["module_formats"] == chosen and "GPTQModel.load" in manifest["method_notes"]["loader"]
