@@ -98,13 +98,27 @@ def expand_recipes(items, where: str) -> list[Recipe]:
             continue
         if not isinstance(item, dict):
             raise RecipeError(f"{at}: expected a recipe name or mapping, got {type(item).__name__}")
-        grid = {k: v for k, v in item.items() if isinstance(v, list)}
+        grid = {k: v for k, v in item.items() if _is_axis(item.get("method"), k, v)}
         if "name" in item and grid:
             raise RecipeError(f"{at}: a grid (list-valued {', '.join(grid)}) cannot carry one 'name' — drop it")
         for values in itertools.product(*grid.values()):
             recipe = recipe_from_mapping({**item, **dict(zip(grid, values))}, at)
-            out.append(_grid_name(recipe, dict(zip(grid, values))))
+            out.append(_grid_name(recipe, dict(zip(grid, values)), grid))
     return _distinct(out, where)
+
+
+def _is_axis(method_name, key: str, value) -> bool:
+    """A list value is a grid axis, except for a parameter that is itself a list (a fit's formats): there only a
+    list of lists is one."""
+    if not isinstance(value, list):
+        return False
+    try:
+        fields = {f.name: f for f in dataclasses.fields(get_method(str(method_name)).config_cls)}
+    except RecipeError:
+        return True
+    field = fields.get(key)
+    listed = field is not None and isinstance(field.default, tuple)
+    return not listed or all(isinstance(v, list) for v in value)
 
 
 def _distinct(recipes: list[Recipe], where: str) -> list[Recipe]:
@@ -120,13 +134,24 @@ def _distinct(recipes: list[Recipe], where: str) -> list[Recipe]:
     return list(by_name.values())
 
 
-def _grid_name(recipe: Recipe, varied: dict) -> Recipe:
+def _grid_name(recipe: Recipe, varied: dict, axes: dict) -> Recipe:
     """Append ``key=value`` for each varied parameter the method's short name does not already show."""
+    if not varied:
+        return recipe
     method = get_method(recipe.method)
     shown = method.short_name(recipe.config)
-    default = method.config_cls()
+    try:
+        default = method.config_cls()
+    except RecipeError:  # a method with a required parameter (a fit's budget)
+        default = None
     hidden = []
     for key, value in varied.items():
+        if default is None:  # shown when another point of the axis leaves the short name unchanged
+            other = next(v for v in axes[key] if v != value) if len(set(map(str, axes[key]))) > 1 else value
+            probe = recipe_from_mapping({**recipe.params(), "method": recipe.method, key: other}, "grid")
+            if method.short_name(probe.config) == shown:
+                hidden.append(f"{key}={value}")
+            continue
         probe = dataclasses.replace(recipe.config, **{key: getattr(default, key)})
         if method.short_name(probe) == shown and value != getattr(default, key) or key in _ALWAYS_SHOWN:
             hidden.append(f"{key}={value}")

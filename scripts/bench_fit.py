@@ -135,10 +135,16 @@ def report(args, source, sizes, uniform, rows, prov) -> str:
                      + ", ".join(f"{k} {v}" for k, v in fit["units_per_format"].items()))
     built = [r for _, _, r in rows if "fit" in r and r["fit"]]
     if built:
+        from quantlab.artifacts import read_manifest
+
         cost = built[0]["fit"]["sensitivity_cost"]
+        table = json.loads(Path(built[0]["fit"]["sensitivity_table"]).read_text())
+        runs = ", ".join(f"{name} {read_manifest(path)['cost']['quantize_wall_s']:.0f} s"
+                         for name, path in table["artifacts"].items())
         lines += ["", f"sensitivity pass: {cost['quantize_wall_s']:.0f} s wall ({cost['forwards_wall_s']:.0f} s of "
                       f"forwards), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS {cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
-                      f"one GPTQ run (gptq-w4-g64 quantize step): {uniform['gptq-w4-g64']['cost']['quantize_wall_s']:.0f} s wall",
+                      f"one GPTQ run, quantize step wall: {runs} (the uniform artifacts it reads; each built once, "
+                      "then shared with uniform recipes; a run built earlier at other threads or load shows that)",
                   "pred ΣKLD: sum of the chosen formats' unit sensitivities (sensitivity windows: the first "
                   "8 x 256 tokens of the calibration text); meas@sens: the fitted model's KLD on those windows"]
     return "\n".join(lines)

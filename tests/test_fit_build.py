@@ -156,3 +156,15 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     assert measured == art["fit"]["predicted_bytes"] <= 150_000
     manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
     assert manifest["method_notes"]["module_formats"] == chosen and "GPTQModel.load" in manifest["method_notes"]["loader"]
+
+
+def test_a_fits_formats_list_is_one_parameter_and_a_list_of_lists_a_grid():
+    from quantlab.recipe import expand_recipes
+
+    recipes = expand_recipes([{"method": "fit", "weights_budget": [150000, 200000], "formats": list(FORMATS)},
+                              {"method": "fit", "weights_budget": 150000,
+                               "formats": [["fp", "gptq-w8"], ["fp", "gptq-w4-g32"]]}], "test")
+    assert [r.config.formats for r in recipes] == [FORMATS, FORMATS, ("fp", "gptq-w8"), ("fp", "gptq-w4-g32")]
+    assert [r.name for r in recipes][:2] == ["fit-150000B", "fit-200000B"]
+    assert len({r.name for r in recipes}) == 4
+    assert FitConfig(weights_budget=10, formats="fp, gptq-w8").formats == ("fp", "gptq-w8")

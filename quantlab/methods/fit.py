@@ -48,7 +48,8 @@ class FitConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, parse_size(value))
-        object.__setattr__(self, "formats", tuple(self.formats))
+        formats = self.formats.split(",") if isinstance(self.formats, str) else self.formats
+        object.__setattr__(self, "formats", tuple(str(f).strip() for f in formats))
         object.__setattr__(self, "allocation", tuple(tuple(pair) for pair in self.allocation))
         if (self.weights_budget is None) == (self.gpu_mem is None):
             raise RecipeError("A fit names one budget: weights_budget (e.g. 180MiB) or gpu_mem (e.g. 32GB)")
