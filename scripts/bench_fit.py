@@ -56,7 +56,7 @@ def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
     built = art["recipe"]
     weights = weigh_artifact(built, art["artifact"], "cpu", (), threads, False)
     fid = evaluate_model(art["artifact"], model, threads=threads)["fidelity"]
-    row = {"recipe": recipe.name, "artifact": art["artifact"], "measured_bytes": weights["weights"]["weights_bytes"],
+    row = {"recipe": recipe.name, "artifact": art["artifact"], "measured_bytes": weights["weights_bytes"],
            "kld": fid["kld_mean"], "kld_ci95": fid["ci95"]["kld_mean"], "cost": art["cost"], "fit": art.get("fit")}
     if additivity:
         chunks = recipe.config.sensitivity_chunks
