@@ -151,8 +151,8 @@ def render_fit(result: dict) -> str:
         f"{result['recipe']}: {len(fit['unit_formats'])} units — {per}",
         f"bytes: budget {fit['budget_bytes']:,}, predicted {fit['predicted_bytes']:,}, measured {result['measured_bytes']:,} "
         f"({ok} the budget; weights as loaded, every tensor)",
-        f"KLD: predicted {fit['predicted_kld']:.4f} (sum of the units' sensitivities on the calibration text), "
-        f"measured {fid['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}] nats/token on {result['text']['name']}",
+        f"KLD: predicted {fit['predicted_kld']:.4g} (sum of the units' sensitivities on the calibration text), "
+        f"measured {fid['kld_mean']:.4g} [{lo:.4g}, {hi:.4g}] nats/token on {result['text']['name']}",
         f"load: {result['loader']}",
         f"artifact: {result['artifact']}",
     ])

@@ -168,3 +168,22 @@ def test_a_fits_formats_list_is_one_parameter_and_a_list_of_lists_a_grid():
     assert [r.name for r in recipes][:2] == ["fit-150000B", "fit-200000B"]
     assert len({r.name for r in recipes}) == 4
     assert FitConfig(weights_budget=10, formats="fp, gptq-w8").formats == ("fp", "gptq-w8")
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Give one budget"),
+    (["--weights-budget", "1MB", "--gpu-mem", "32GB"], "Give one budget"),
+    (["--weights-budget", "1MB", "--formats", "fp,gptq-w3"], "Unknown fit format 'gptq-w3'"),
+    (["--weights-budget", "1MB", "--formats", "fp,gptq-w4-g128"], "group size 128 does not divide"),
+    (["--weights-budget", "1000B", "--formats", "fp,gptq-w4-g32"], "the smallest that can be met is {least} bytes"),
+])
+def test_quantlab_fit_refuses_bad_input_in_one_line(tiny_dir, shapes, args, message):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    units = model_units(shapes, "block")
+    least = fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, "gptq-w4-g32", shapes, "cpu") for u in units)
+    message = message.format(least=least)
+    result = CliRunner().invoke(cli, ["fit", str(tiny_dir), *args], obj={})
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output

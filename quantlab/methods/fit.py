@@ -135,8 +135,9 @@ class FitMethod(Method):
                 "unit_formats": dict(config.allocation), "module_formats": per_module}
 
 
-LOADER = ("gptqmodel.GPTQModel.load(path): transformers' GPTQ integration (optimum) gives every module the "
-          "checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
+LOADER = ("from gptqmodel import BACKEND, GPTQModel; GPTQModel.load(path, backend=BACKEND.TORCH, "
+          "dtype=torch.bfloat16).model — not transformers' from_pretrained, whose GPTQ integration (optimum) builds "
+          "every module at the checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
 
 
 def _settings(fmt) -> dict:
