@@ -40,8 +40,8 @@ def uniform_bytes(source, config, device: str) -> dict[str, int]:
 
 
 def budgets(b: dict[str, int]) -> list[tuple[str, int]]:
-    w4, w8, small = b["gptq-w4-g64"], b["gptq-w8"], b["gptq-w4-g128"]
-    return [("below every allocation", small - 1), ("between w4-g128 and w4-g64", (small + w4) // 2),
+    w4, w8 = b["gptq-w4-g64"], b["gptq-w8"]
+    return [("below every allocation", min(b.values()) - 1), ("gptq-w4-g64 + 2 %", int(w4 * 1.02)),
             ("gptq-w4-g64 + 5 %", int(w4 * 1.05)), ("halfway w4-g64 .. w8", (w4 + w8) // 2),
             ("gptq-w8", w8), ("gptq-w8 + 25 %", int(w8 * 1.25))]
 

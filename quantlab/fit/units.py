@@ -16,7 +16,7 @@ from quantlab.plan.shapes import ModelShapes
 
 FP = "fp"
 GRANULARITIES = ("block", "linear")
-DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g128", "gptq-w4-g64")
+DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g64", "gptq-w4-g32")  # each divides SmolLM2's 576 and 1536
 _GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
 
 
