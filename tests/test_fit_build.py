@@ -187,3 +187,15 @@ def test_quantlab_fit_refuses_bad_input_in_one_line(tiny_dir, shapes, args, mess
     message = message.format(least=least)
     result = CliRunner().invoke(cli, ["fit", str(tiny_dir), *args], obj={})
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_gpu_budget_leaves_the_weights_what_quantlab_plan_does_not_give_the_rest(tiny_dir, shapes):
+    from quantlab.plan import PlanSettings, plan_model
+    from quantlab.steps.fit import fit_budget
+
+    config = FitConfig(gpu_mem=10**9, context=512, batch=2)
+    row = plan_model(str(tiny_dir), PlanSettings(gpu_mem=10**9, context=512, batch=2, device="cuda",
+                                                 recipes=(parse_recipe("gptq-w4-g32"),)))["recipes"][0]
+    rest = sum(row["components"][k] for k in ("kv_cache", "activations", "runtime"))
+    assert fit_budget(config, shapes, "cuda") == 10**9 - rest
+    assert fit_budget(FitConfig(weights_budget=12345), shapes, "cuda") == 12345
