@@ -31,7 +31,7 @@ from quantlab.methods.loading import load_recipe_model
 from quantlab.models import ModelSource, load_config, load_tokenizer, quantlab_home
 from quantlab.plan import terms
 from quantlab.plan.shapes import model_shapes
-from quantlab.provenance import versions
+from quantlab.provenance import library_version, versions
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.steps.fidelity import ensure_baseline
 from quantlab.steps.launcher import run_step
@@ -66,7 +66,8 @@ def ensure_sensitivity(source: ModelSource, config, device: str, threads: int | 
     key = hashlib.sha256(json.dumps({**{k: payload[k] for k in ("formats", "chunks", "units")},
                                      "model": source.fingerprint, "text": text.sha256,
                                      "artifacts": {k: Path(v).name for k, v in artifacts.items()},
-                                     "quantlab": __version__, "device": device.split(":")[0]},
+                                     "quantlab": __version__, "device": device.split(":")[0],
+                                     "libs": {n: library_version(n) for n in ("torch", "transformers")}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / key
     with file_lock(target.with_name(f".{key}.lock")):
