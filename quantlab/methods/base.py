@@ -24,6 +24,9 @@ class Method:
     example_names: ClassVar[tuple[str, ...]]
     libraries: ClassVar[tuple[str, ...]] = ()
     writes_artifact: ClassVar[bool] = True
+    #: whether a recipe is resolved from measurements before ``quantize`` (a fit: its allocation), so that
+    #: ``quantize`` of the recipe as written refuses
+    resolved_first: ClassVar[bool] = False
 
     def parse_short_name(self, text: str) -> Any | None:
         """Return a config for a short name this method owns, else None."""

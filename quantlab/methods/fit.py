@@ -87,6 +87,7 @@ class FitMethod(Method):
     config_cls = FitConfig
     short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?")
     example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1")
+    resolved_first = True
 
     def config_from_match(self, match):
         size = parse_size(match.group(2))
@@ -103,6 +104,10 @@ class FitMethod(Method):
 
     def explain_short_name(self, text):
         return "write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>"
+
+    def libraries_for(self, config):
+        """GPTQ's (its uniform artifacts are built and read through transformers) and the mixed layout's."""
+        return tuple(dict.fromkeys(GptqMethod().libraries_for(None) + GptqMixedLayout(()).libraries))
 
     def check_model(self, config, linear_shapes):
         for fmt in parse_formats(config.formats):

@@ -25,6 +25,7 @@ from quantlab.fsutil import atomic_dir, file_lock
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.measure.cost import measure_cost
+from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
 from quantlab.methods.fit import resolved
 from quantlab.methods.loading import load_recipe_model
@@ -154,7 +155,7 @@ def ensure_recipe_artifact(source: ModelSource, recipe: Recipe, device: str, thr
                            force: bool = False, data_dir: str | None = None, plan: dict | None = None) -> dict:
     """``ensure_artifact``, a fit recipe resolved first: ``{"artifact", "cost", "cached", "recipe"}``, plus ``"fit"``
     (what chose the allocation) for a fit."""
-    if recipe.method != "fit":
+    if not get_method(recipe.method).resolved_first:
         return {**ensure_artifact(source, recipe, device, threads, force=force, data_dir=data_dir, plan=plan),
                 "recipe": recipe}
     resolved_recipe, info = resolve_fit(source, recipe, device, threads, data_dir)
