@@ -48,6 +48,7 @@ def budgets(b: dict[str, int]) -> list[tuple[str, int]]:
 
 def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
     from quantlab.evaluate.fidelity import FidelitySettings
+    from quantlab.provenance import provenance
     from quantlab.steps.bench import weigh_artifact
     from quantlab.steps.fit import WINDOW_TOKENS
     from quantlab.sweep.commands import evaluate_model, quantize_model
@@ -57,7 +58,8 @@ def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
     weights = weigh_artifact(built, art["artifact"], "cpu", (), threads, False)
     fid = evaluate_model(art["artifact"], model, threads=threads)["fidelity"]
     row = {"recipe": recipe.name, "artifact": art["artifact"], "measured_bytes": weights["weights_bytes"],
-           "kld": fid["kld_mean"], "kld_ci95": fid["ci95"]["kld_mean"], "cost": art["cost"], "fit": art.get("fit")}
+           "kld": fid["kld_mean"], "kld_ci95": fid["ci95"]["kld_mean"], "cost": art["cost"], "fit": art.get("fit"),
+           "git_sha": provenance("cpu").get("git_sha")}
     if additivity:
         chunks = recipe.config.sensitivity_chunks
         on_windows = evaluate_model(art["artifact"], model, text=recipe.config.calibration, threads=threads,
@@ -149,6 +151,8 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
                      f"{row['kld']:>7.4f} [{ci[0]:.4f}, {ci[1]:.4f}] {row['kld'] / w4:>7.2f} "
                      f"{fit['predicted_kld']:>9.4f} {row['kld_sensitivity_windows']:>9.4f}  "
                      + ", ".join(f"{k} {v}" for k, v in fit["units_per_format"].items()))
+    shas = sorted({str(r.get("git_sha")) for r in [*uniform.values(), *(r for _, _, r in rows)] if "refused" not in r})
+    lines.append(f"rows computed at git {', '.join(shas)}")
     built = [r for _, _, r in rows if "fit" in r and r["fit"]]
     if built:
         from quantlab.artifacts import read_manifest
