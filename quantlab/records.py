@@ -8,6 +8,7 @@ from __future__ import annotations
 from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
 from quantlab.evaluate.fidelity import DEFINITIONS as FIDELITY
 from quantlab.evaluate.flips import DEFINITION as FLIPS
+from quantlab.fit.allocate import DEFINITION as FIT
 from quantlab.measure.cost import DEFINITIONS as COST
 from quantlab.measure.latency import DEFINITIONS as LATENCY
 from quantlab.measure.memory import DEFINITIONS as MEMORY
@@ -29,9 +30,10 @@ DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST, **BUDGET, **WALL}
 STEPS = ("quantize", "fidelity", "bench")
 
 
-def definitions(suite: bool) -> dict:
-    """Every number's definition; the suite metrics' too when the runs have suite accuracy."""
-    return {**DEFINITIONS, **({**SUITE_DEFINITIONS, "flips": FLIPS} if suite else {})}
+def definitions(suite: bool, fit: bool = False) -> dict:
+    """Every number's definition; the suite metrics' too when the runs have suite accuracy, and ``fit``'s when
+    one of them is a fit."""
+    return {**DEFINITIONS, **({**SUITE_DEFINITIONS, "flips": FLIPS} if suite else {}), **(FIT if fit else {})}
 
 
 def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:

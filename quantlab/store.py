@@ -69,9 +69,14 @@ MIGRATIONS: list[str] = [
     f"""
     PRAGMA application_id = {APPLICATION_ID};
     """,
+    # 6: what chose a fit recipe's allocation (quantlab.steps.fit.resolve_fit); NULL for every other run
+    """
+    ALTER TABLE runs ADD COLUMN fit TEXT;
+    """,
 ]
 
-_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "step_wall_s")
+_JSON_COLUMNS = ("params", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "step_wall_s",
+                 "fit")
 
 
 def default_store_path() -> Path:

@@ -1,3 +1,4 @@
+import json
 import sqlite3
 
 import pytest
@@ -17,7 +18,7 @@ def test_schema_after_migrations(tmp_path):
     cols = [r[1] for r in conn.execute("PRAGMA table_info(runs)")]
     assert cols == ["id", "run_set", "created_at", "model_ref", "model_fingerprint", "recipe", "method", "bits",
                     "params", "artifact", "fidelity", "memory", "latency", "cost", "provenance", "accuracy", "job_key",
-                    "step_wall_s"]
+                    "step_wall_s", "fit"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(samples)")] == ["run_id", "task", "data"]
     assert "runs_run_set_job" in [r[1] for r in conn.execute("PRAGMA index_list(runs)")]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -150,8 +151,39 @@ def test_v1_store_migrates_and_keeps_its_runs(tmp_path):
                  "'{}', '{}', '{}')")
     conn.close()
     rows = store.list_runs(db)
-    assert [r["id"] for r in rows] == ["old"] and rows[0]["accuracy"] is None
+    assert [r["id"] for r in rows] == ["old"] and rows[0]["accuracy"] is None and rows[0]["fit"] is None
     assert store.read_samples(db, "old") == {}
+
+
+FIT = {"sensitivity_table": "/h/sensitivity/k/table.json", "sensitivity_cost": {"forwards_wall_s": 2.0},
+       "budget_bytes": 204800,
+       "sensitivity": {"units": [{"name": "model.layers.0", "block": 0, "modules": ["model.layers.0.mlp.up_proj"]},
+                                 {"name": "model.layers.1", "block": 1, "modules": ["model.layers.1.mlp.up_proj"]}],
+                       "formats": ["fp", "gptq-w8"], "granularity": "block",
+                       "kld": {"model.layers.0": {"fp": 0.0, "gptq-w8": 0.002},
+                               "model.layers.1": {"fp": 0.0, "gptq-w8": 0.003}},
+                       "text": {"name": "c4_calibration", "sha256": "0" * 64, "windows": 8, "window_tokens": 256}},
+       "predicted_bytes": 190000, "predicted_kld": 0.002, "units_per_format": {"fp": 1, "gptq-w8": 1},
+       "unit_formats": {"model.layers.0": "gptq-w8", "model.layers.1": "fp"}, "fp_units": 1}
+
+
+def test_v5_store_migrates_to_a_fit_column_that_round_trips(tmp_path):
+    """A store written before fits (schema v5) gains the fit column; its runs read back with fit None."""
+    db = tmp_path / "q.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(";".join(store.MIGRATIONS[:5]) + "; PRAGMA user_version = 5;")
+    conn.execute("INSERT INTO runs (id, run_set, created_at, model_ref, model_fingerprint, recipe, method, bits, "
+                 "params, artifact, provenance) VALUES ('old', 'rs0', 't', 'm', 'f', 'fp', 'fp', 16, '{}', '/a', '{}')")
+    conn.close()
+    assert store.schema_version(store.connect(db)) == len(store.MIGRATIONS)
+    fit_id = store.insert_run(db, {**_record(recipe="fit-200KiB"), "method": "fit", "fit": FIT})
+    plain_id = store.insert_run(db, _record())
+    rows = {r["id"]: r for r in store.list_runs(db)}
+    assert rows["old"]["fit"] is None and rows[plain_id]["fit"] is None
+    assert rows[fit_id]["fit"] == FIT
+    conn = store.connect(db)
+    assert conn.execute("SELECT fit FROM runs WHERE id = ?", (plain_id,)).fetchone()[0] == "null"
+    assert json.loads(conn.execute("SELECT fit FROM runs WHERE id = ?", (fit_id,)).fetchone()[0]) == FIT
 
 
 def test_samples_round_trip_in_the_run_transaction(tmp_path):

@@ -14,6 +14,21 @@ from dataclasses import dataclass
 
 from quantlab.errors import UsageError
 
+DEFINITION = {
+    "fit": "a fit recipe's allocation and what chose it (None for every other recipe). sensitivity: the table it "
+           "was chosen from (units in model order, formats, granularity, text: the sensitivity text, the first "
+           "windows of the fit's calibration text, not the reference text), whose kld[unit][format] is the mean "
+           "per-token KL(fp || model) in nats/token with only that unit in that format (its weights from the "
+           "format's uniform GPTQ artifact) against the fp model on the sensitivity text, every other unit fp (fp: 0); "
+           "unit_formats: the format chosen for each unit, units_per_format and fp_units their counts; "
+           "predicted_kld: the sum over the units of their chosen formats' KLDs in that table (it assumes the units' "
+           "KLDs add; fidelity.kld_mean is what the fit measured on the reference text); predicted_bytes: the "
+           "planner's exact weight bytes of the allocation (the model as GPTQModel.load holds it), compared with "
+           "memory.weights_bytes as loaded; budget_bytes: the weights budget the allocation keeps, given or what a "
+           "GPU plan leaves for the weights; sensitivity_table and sensitivity_cost: the cached table's path and "
+           "what measuring it cost",
+}
+
 
 @dataclass(frozen=True)
 class Option:

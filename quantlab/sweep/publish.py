@@ -66,7 +66,7 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
         results = {"model": {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path,
                              "note": source.note, "params": params, "trust_remote_code": source.trust_remote_code},
                    "run_set": run_set, "text": jobs[0].text.to_dict(), "device": jobs[0].device,
-                   "definitions": definitions(any(r.get("accuracy") for r in runs)),
+                   "definitions": definitions(any(r.get("accuracy") for r in runs), any(r.get("fit") for r in runs)),
                    "warnings": warnings, "runs": runs, "refused": refused,
                    "max_memory_bytes": jobs[0].budget}
         staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -98,6 +98,8 @@ def _run(job, row: dict, staging: Path, out: Path) -> dict:
     run = {k: row[k] for k in ("recipe", "method", "bits", "params", "artifact", "fidelity", "memory", "latency",
                                "cost", "step_wall_s", "accuracy", "provenance", "job_key")}
     run.update(guard=row["fidelity"].get("guard"), run_id=row["id"])
+    if row.get("fit"):  # what chose a fit recipe's allocation
+        run["fit"] = row["fit"]
     try:  # what the job knew beside its stored columns
         record = json.loads((src / "result.json").read_text())
         run.update({k: record[k] for k in ("artifact_cached", "threads") if k in record})
