@@ -3,17 +3,22 @@ the CLI, and the page opened in headless Chromium."""
 
 import copy
 import json
+import math
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
+from quantlab import store
 from quantlab.cli import cli
+from quantlab.records import definitions
 from quantlab.report import ReportSettings, load_results, render_report, write_report
 from quantlab.report.pareto import pareto_front
+from quantlab.sweep.publish import _run as published_run
 
 
 def test_pareto_front_lower_and_higher_is_better():
@@ -121,6 +126,108 @@ def test_report_writes_atomically_and_rejects_bad_input(results, tmp_path):
 def test_no_recipe_within_tolerance_says_so(results):
     page = render_report(results, ReportSettings(max_kld=0.05, gpu_mem=1000))
     assert "<div class='verdict none'>No recipe both fits" in page
+
+
+FIT_FORMATS = ["fp", "gptq-w8", "gptq-w4-g64", "gptq-w4-g32"]
+FIT_KLD = {"model.layers.0": {"fp": 0.0, "gptq-w8": 0.00123, "gptq-w4-g64": 0.0456, "gptq-w4-g32": 0.0321},
+           "model.layers.1": {"fp": 0.0, "gptq-w8": 0.00234, "gptq-w4-g64": 0.0789, "gptq-w4-g32": 0.0654}}
+FIT_CHOSEN = {"model.layers.0": "gptq-w8", "model.layers.1": "gptq-w4-g32"}
+
+
+def _fit_run():
+    """A fit run of the tiny model, its ``fit`` field shaped as ``quantlab.steps.fit.resolve_fit`` builds it."""
+    params = {"weights_budget": 204800, "gpu_mem": None, "context": 4096, "batch": 1, "formats": FIT_FORMATS,
+              "units": "block", "sensitivity_chunks": 8, "calibration": "c4_calibration", "samples": 64, "tokens": 256,
+              "seed": 0, "allocation": [list(pair) for pair in FIT_CHOSEN.items()]}
+    run = _run("fit-200KiB", "fit", 4, params, 0.0712, 0.93, 75_600, 35.0, 4.0, 0.55)
+    units = [{"name": u, "block": i, "modules": [f"{u}.self_attn.q_proj", f"{u}.mlp.down_proj"]}
+             for i, u in enumerate(FIT_KLD)]
+    run["fit"] = {"sensitivity_table": "/home/q/sensitivity/abc/table.json",
+                  "sensitivity_cost": {"quantize_wall_s": 3.5, "forwards_wall_s": 2.0},
+                  "budget_bytes": 204_800,
+                  "sensitivity": {"units": units, "formats": FIT_FORMATS, "granularity": "block", "kld": FIT_KLD,
+                                  "text": {"name": "c4_calibration", "sha256": "0" * 64, "windows": 8,
+                                           "window_tokens": 256}},
+                  "predicted_bytes": 75_552, "predicted_kld": 0.00123 + 0.0654,
+                  "units_per_format": {"fp": 0, "gptq-w8": 1, "gptq-w4-g64": 0, "gptq-w4-g32": 1},
+                  "unit_formats": dict(FIT_CHOSEN), "fp_units": 0}
+    return run
+
+
+def _cells(page: str, kind: str) -> dict[str, tuple[str, str]]:
+    """The heat map's cells (``heat``) or chosen marks (``chosen``): id -> (tooltip, the path's fill)."""
+    found = re.findall(rf'<g id="({kind}-[a-z0-9-]+)"><title>([^<]*)</title>\s*<path [^>]*?style="fill: ?([^;"]+)',
+                       page)
+    return {gid: (tip, fill) for gid, tip, fill in found}
+
+
+def test_a_fit_run_has_its_heat_map_and_predictions_beside_measurements(results):
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize, to_hex
+
+    results["runs"].append(_fit_run())
+    page = render_report(results, ReportSettings(max_kld=0.05))
+    p = _Page()
+    p.feed(page)
+    assert "Fit to a budget" in p.h2 and p.tags.count("svg") == 7  # the heat map beside the 6 other charts
+    assert "script" not in p.tags and "image" not in p.tags  # vector cells, no bitmap
+    cells, marks = _cells(page, "heat"), _cells(page, "chosen")
+    assert len(cells) == len(FIT_KLD) * len(FIT_FORMATS) and len(page.split('<g id="heat-')) - 1 == len(cells)
+    logs = [math.log10(v) for row in FIT_KLD.values() for v in row.values() if v > 0]
+    norm = Normalize(min(logs), max(logs))
+    for i, (unit, row) in enumerate(FIT_KLD.items()):
+        for j, fmt in enumerate(FIT_FORMATS):
+            tip, fill = cells[f"heat-fit-200kib-sensitivity-per-unit-and-format-{i}-{j}"]
+            assert tip.startswith(f"{unit} in {fmt}: KLD {row[fmt]:.3g} nats/token")
+            assert tip.endswith("(chosen)") == (FIT_CHOSEN[unit] == fmt), tip
+            want = "#ffffff" if row[fmt] == 0 else to_hex(colormaps["viridis"](norm(math.log10(row[fmt]))))
+            assert fill == want, (unit, fmt, fill, want)
+    assert sorted(t for t, _ in marks.values()) == [f"{u}: chosen {f}, KLD {FIT_KLD[u][f]:.3g} nats/token"
+                                                    for u, f in FIT_CHOSEN.items()]
+    assert all(fill == "none" for _, fill in marks.values())
+    table = page[page.index("<h2>Fit to a budget</h2>"):]
+    table = table[table.index("<table>"):table.index("</table>")]
+    for text in ("fit-200KiB", "0.20<br><small>204,800 B</small>", "0.07<br><small>75,552 B</small>",
+                 "<small>75,600 B</small>", "0.0666", "0.0712 [0.0641, 0.0783]", "1.07", "gptq-w8 1, gptq-w4-g64 0"):
+        assert text in table, text
+    assert "bnb-int8" not in table and "<td>fp</td>" not in table  # one row per fit run only
+
+
+def test_a_fit_run_sits_on_the_pareto_plots_and_every_table(results):
+    results["runs"].append(_fit_run())
+    page = render_report(results, ReportSettings(max_kld=0.05))
+    for chart in ("KLD vs weight memory", "Top-1 agreement vs weight memory", "KLD vs decode latency"):
+        svg = next(s for s in page.split("<svg")[1:] if f">{chart}<" in s)
+        assert "<title>fit-200KiB: " in svg, chart
+    memory = page[page.index("<h2>Memory"):page.index("<h2>Fit on a")]
+    gpu = page[page.index("<h2>Fit on a"):page.index("<h2>Fit to a budget")]
+    assert re.search(r"<td>fit-200KiB</td><td>[0-9.]+</td><td>0\.07</td>", memory)  # predicted beside measured
+    assert "<td>fit-200KiB</td>" in gpu and "<td>fit-200KiB</td>" in page[page.index("<h2>Fidelity"):]
+
+
+def test_a_report_without_fit_runs_has_no_fit_section(results):
+    page = render_report(results, ReportSettings(max_kld=0.05))
+    assert "Fit to a budget" not in page and 'id="heat-' not in page and 'id="chosen-' not in page
+
+
+def test_a_stored_fit_run_is_published_and_reported_with_its_fit(results, tmp_path):
+    db = tmp_path / "q.db"
+    model = {"ref": "tiny", "fingerprint": "f" * 64}
+    fit_run = _fit_run()
+    ids = {r["recipe"]: store.insert_run(db, {**r, "run_set": "rs", "model": model, "job_key": r["recipe"]})
+           for r in (results["runs"][0], fit_run)}
+    rows = {r["recipe"]: r for r in store.list_runs(db, "rs")}
+    assert rows["fit-200KiB"]["fit"] == fit_run["fit"] and rows["fp"]["fit"] is None
+    for name in ids:
+        (tmp_path / name).mkdir()
+    out = {name: published_run(SimpleNamespace(dir=tmp_path / name, recipe=SimpleNamespace(name=name)), rows[name],
+                               tmp_path / "staging", tmp_path / "out") for name in ids}
+    assert out["fit-200KiB"]["fit"] == fit_run["fit"] and "fit" not in out["fp"]
+    assert "predicted_kld" in definitions(False, True)["fit"] and "fit" not in definitions(False)
+    page = render_report({**results, "runs": list(out.values())}, ReportSettings())
+    assert "<h2>Fit to a budget</h2>" in page and len(_cells(page, "chosen")) == len(FIT_CHOSEN)
+    stored = render_report(load_results(run_set="rs", store=str(db)), ReportSettings())
+    assert "<h2>Fit to a budget</h2>" in stored and "<small>75,552 B</small>" in stored
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

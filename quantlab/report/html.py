@@ -40,8 +40,8 @@ def render(view: dict) -> str:
     ]
     if model.get("note"):
         body.append(f"<p class='note'><b>Baseline:</b> {escape(model['note'])}</p>")
-    body += [_verdict(view), _charts(view), _memory(view), _fit(view), _metrics(view), _accuracy(view),
-             _definitions(view), _provenance(view)]
+    body += [_verdict(view), _charts(view), _memory(view), _fit(view), _budget_fits(view), _metrics(view),
+             _accuracy(view), _definitions(view), _provenance(view)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width,initial-scale=1'>"
             f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>\n"
@@ -136,6 +136,33 @@ def _fit(view: dict) -> str:
                       "headroom GB", "max context"], rows, classes)
             + "<p class='note'>Predicted for CUDA (unquantized parts in bf16) from the config; GB = 10^9 bytes. "
               "Run <code>quantlab plan MODEL --json</code> for every term's definition.</p>" + advice)
+
+
+def _budget_fits(view: dict) -> str:
+    """Each fit run's sensitivity table (heat map) and one table of its predictions beside its measurements."""
+    fits = view["fits"]
+    if not fits:
+        return ""
+    figs = "".join(f"<figure>{f['svg']}<figcaption>{escape(f['title'])} ({escape(str(f['granularity']))} units, "
+                   f"{len(f['units'])} × {len(f['formats'])}): log10 of the KLD with only that unit in that format, "
+                   f"on {escape(str(f['text'].get('name', 'the sensitivity text')))}; black outline: the format the "
+                   "fit chose; white: fp (KLD 0). Hover a cell for its value.</figcaption></figure>"
+                   for f in fits if f["svg"])
+    mib = lambda b: "—" if b is None else f"{b / MIB:.2f}<br><small>{b:,} B</small>"  # noqa: E731
+    rows = []
+    for f in fits:
+        ratio = f["measured_kld"] / f["predicted_kld"] if f["measured_kld"] is not None and f["predicted_kld"] else None
+        rows.append([escape(f["recipe"]), mib(f["budget_bytes"]), mib(f["predicted_bytes"]), mib(f["measured_bytes"]),
+                     _f(f["predicted_kld"], ".4f"), _ci(f["measured_kld"], f["measured_kld_ci"], ".4f"),
+                     _f(ratio, ".2f"), escape(", ".join(f"{k} {v}" for k, v in f["units_per_format"].items()))])
+    return ("<h2>Fit to a budget</h2>" + (f"<div class='grid'>{figs}</div>" if figs else "")
+            + _table(["recipe", "budget MiB", "predicted MiB", "measured MiB", "predicted KLD", "measured KLD [95% CI]",
+                      "measured ÷ predicted", "units per format"], rows, wrap_last=True)
+            + "<p class='note'>Budget: the weights budget the allocation keeps. Predicted: the planner's exact weight "
+              "bytes of the allocation, and the sum over the units of their chosen formats' KLDs in the sensitivity "
+              "table (each measured with only that unit quantized, against fp, on the sensitivity text: the first "
+              "windows of the calibration text). Measured: the weights as loaded, and KLD mean on the reference text "
+              "(the fidelity table's). A fit sits on the Pareto plots above as any other recipe.</p>")
 
 
 DISTRIBUTION = [("KLD median", "kld_median", ".4f", 1), ("KLD p90", "kld_p90", ".4f", 1), ("KLD p99", "kld_p99", ".4f", 1),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+import os
 import re
 
 from quantlab.report.pareto import pareto_front
@@ -125,3 +126,60 @@ def memory_bars_svg(rows: list[dict], unit: float, unit_name: str) -> str:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", frameon=False)
     return _to_svg(fig, tips)
+
+
+def sensitivity_heatmap_svg(units: list[str], formats: list[str], kld: dict, chosen: dict[str, str], title: str) -> str:
+    """A fit's sensitivity table: units (rows, model order from the top) × formats (columns), each cell coloured by
+    log10 of the unit's KLD in that format, the chosen format of each unit outlined in black. ``kld``: unit ->
+    format -> nats/token; a KLD of 0 (fp) has no logarithm and is drawn white, a missing one grey."""
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+    from matplotlib.patheffects import Normal, Stroke
+
+    value = lambda u, f: (kld.get(u) or {}).get(f)  # noqa: E731
+    logs = [math.log10(v) for u in units for f in formats if (v := value(u, f)) is not None and v > 0]
+    lo, hi = (min(logs), max(logs)) if logs else (-6.0, 0.0)
+    norm, cmap = Normalize(lo - 0.5 * (hi == lo), hi + 0.5 * (hi == lo)), colormaps["viridis"]
+    n, prefix, slug = len(units), _common_prefix(units), re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    fig = _figure(2.2 + 1.0 * len(formats), min(18.0, 1.3 + 0.24 * n))
+    ax = fig.add_subplot()
+    tips, halo = {}, [Stroke(linewidth=3.4, foreground="white"), Normal()]  # visible on dark and light cells
+    for i, u in enumerate(units):
+        y = n - 1 - i
+        for j, f in enumerate(formats):
+            v = value(u, f)
+            colour = "#dddddd" if v is None else "#ffffff" if v <= 0 else cmap(norm(math.log10(v)))
+            gid = f"heat-{slug}-{i}-{j}"
+            ax.add_patch(Rectangle((j, y), 1, 1, facecolor=colour, edgecolor="#bbbbbb", lw=0.4, gid=gid))
+            tips[gid] = f"{u} in {f}: KLD {_kld_text(v)} nats/token" + (" (chosen)" if chosen.get(u) == f else "")
+        if chosen.get(u) in formats:
+            gid = f"chosen-{slug}-{i}"
+            ax.add_patch(Rectangle((formats.index(chosen[u]) + 0.08, y + 0.08), 0.84, 0.84, fill=False,
+                                   edgecolor="black", lw=1.6, gid=gid, path_effects=halo))
+            tips[gid] = f"{u}: chosen {chosen[u]}, KLD {_kld_text(value(u, chosen[u]))} nats/token"
+    ax.set_xlim(0, len(formats))
+    ax.set_ylim(0, n)
+    ax.xaxis.tick_top()
+    ax.set_xticks([j + 0.5 for j in range(len(formats))], formats, fontsize=8)
+    ax.set_yticks([n - 0.5 - i for i in range(n)], [u[len(prefix):] for u in units],
+                  fontsize=8 if n <= 40 else max(3.0, 320 / n))
+    ax.set_ylabel(f"unit ({prefix}…)" if prefix else "unit")
+    ax.set_title(title, fontsize=10, pad=18)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=ax, fraction=0.08, pad=0.04)
+    bar.solids.set_rasterized(False)  # vector, like the rest: no embedded bitmap
+    bar.set_label("log10 KLD, nats/token", fontsize=8)
+    return _to_svg(fig, tips)
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted module path all ``names`` share (``model.layers.``), left off the row labels."""
+    shared = os.path.commonprefix(names) if names else ""
+    return shared[:shared.rfind(".") + 1]
+
+
+def _kld_text(value) -> str:
+    return "—" if value is None else f"{value:.3g}"

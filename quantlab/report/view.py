@@ -6,6 +6,7 @@ from quantlab.errors import QuantlabError
 from quantlab.evaluate.accuracy import primary_metric
 from quantlab.plan import PlanSettings, plan_model
 from quantlab.recipe import Recipe
+from quantlab.report.fit import fit_views
 from quantlab.report.plots import memory_bars_svg, method_style, pareto_svg
 
 MIB = 2**20
@@ -24,6 +25,7 @@ def build(data: dict, settings) -> dict:
         "charts": _charts(rows, device, styles, data),
         "memory_chart": _memory_chart(rows),
         "tasks": _tasks(runs),
+        "fits": fit_views(runs, rows),
     }
 
 
