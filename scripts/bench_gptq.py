@@ -52,9 +52,9 @@ def main() -> None:
 
     from quantlab.evaluate.text import resolve_text
     from quantlab.models import resolve_model
-    from quantlab.sweep.commands import bench_model
     from quantlab.provenance import provenance
     from quantlab.recipe import parse_recipe
+    from quantlab.sweep.commands import bench_model
 
     source = resolve_model(args.model)
     text = resolve_text(None)

@@ -107,8 +107,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     direct_nf4(source.path, tmp / "nf4")  # warm-up: first loads pay for imports and page cache
     fp_model, q_model = quantlab_load(source.path), quantlab_load(tmp / "nf4")
-    from quantlab.sweep.commands import quantize_model
     from quantlab.recipe import parse_recipe
+    from quantlab.sweep.commands import quantize_model
 
     artifact = quantize_model(args.model, parse_recipe("bnb-nf4"), "cpu")["artifact"]
     quantlab_eval(artifact, args.model, settings)  # warm-up; fills the baseline cache, as a second run finds it

@@ -78,9 +78,9 @@ def main() -> None:
     ap.add_argument("--prefill-recipes", default="fp,bnb-nf4")
     args = ap.parse_args()
 
-    from quantlab.sweep.commands import weigh_model
     from quantlab.plan import PlanSettings, plan_model
     from quantlab.provenance import provenance
+    from quantlab.sweep.commands import weigh_model
 
     contexts = tuple(int(c) for c in args.contexts.split(","))
     device = "cuda" if args.device.startswith("cuda") else "cpu"
