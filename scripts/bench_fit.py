@@ -13,14 +13,19 @@ overrides, loaded the way its manifest says (GPTQModel.load) in a fresh process 
 
 The uniform bytes the budgets are placed by are the mixed layout's (bf16, as GPTQModel.load holds every
 format), so a budget compares like with like. Each finished row is kept in ``--state`` and reused, so an
-interrupted run resumes; artifacts, tables and fp log-probs are cached under QUANTLAB_HOME.
+interrupted run resumes; artifacts, sensitivity columns and fp log-probs are cached under QUANTLAB_HOME. Each
+format is taken in turn (its uniform row, then its sensitivity column, while its artifact is at hand), so a run
+too long for one machine can go on on another: keep ``--state`` and ``--columns`` (the columns measured so far)
+where the next machine finds them, and ``--report-only`` prints what is there, headed PARTIAL if rows are missing.
 
-    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units block] [--threads 1]
+    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units block] [--formats ...] [--threads 1]
+        [--state FILE] [--columns DIR] [--report-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -85,8 +90,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--units", default="block")
+    ap.add_argument("--formats", default=None, help="comma-separated (default: the fit's default formats)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")
+    ap.add_argument("--columns", default=None, help="a folder the sensitivity columns are kept in and read back "
+                    "from, so a run spread over machines measures each column once")
+    ap.add_argument("--report-only", action="store_true", help="print what --state holds, computing nothing")
     args = ap.parse_args(argv)
 
     from quantlab.errors import UsageError
@@ -100,19 +109,25 @@ def main(argv=None) -> int:
 
     def kept(key, compute):
         if key not in state:
+            if args.report_only:
+                return None
             state[key] = compute()
-            state_path.write_text(json.dumps(state, indent=1, default=str))
+            atomic_write_text(state_path, json.dumps(state, indent=1, default=str))
         return state[key]
 
     source = resolve_model(args.model)
-    base = FitConfig(weights_budget=1, units=args.units)
+    base = FitConfig(weights_budget=1, units=args.units, **({"formats": args.formats} if args.formats else {}))
     sizes = uniform_bytes(source, base, "cpu")
-    uniform = {name: kept(name, lambda n=name: measure(args.model, parse_recipe(n), args.threads, False))
-               for name in ("gptq-w4-g64", "gptq-w8")}
+    uniform = {}
+    for fmt in base.formats:  # a format's uniform row and its column while its artifact is at hand
+        if fmt in ("gptq-w4-g64", "gptq-w8"):
+            uniform[fmt] = kept(fmt, lambda n=fmt: measure(args.model, parse_recipe(n), args.threads, False))
+        if fmt != "fp" and not args.report_only:
+            column(source, base, fmt, args.threads, args.columns)
     floor = kept("bf16", lambda: held_in(source, parse_recipe("bf16"), args.threads))
     rows = []
     for label, budget in budgets(sizes):
-        config = FitConfig(weights_budget=budget, units=args.units)
+        config = dataclasses.replace(base, weights_budget=budget)
         recipe = Recipe(f"fit-{budget}B", "fit", config)
         try:
             row = kept(f"{args.units}:{budget}", lambda r=recipe: measure(args.model, r, args.threads, True))
@@ -123,8 +138,38 @@ def main(argv=None) -> int:
     return 0
 
 
+def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
+    """Measure (or find) one format's sensitivity column; with ``keep``, read it from there first and copy it
+    there once measured (a column is a cache entry keyed by content: its file name is its key)."""
+    from quantlab.methods.calibration import resolve_calibration
+    from quantlab.models import quantlab_home
+    from quantlab.steps.fit import ensure_column
+
+    text = resolve_calibration(config, Path(source.path))
+    if keep:
+        for kept in Path(keep).glob("*.json"):
+            target = quantlab_home() / "sensitivity" / "columns" / kept.stem / "table.json"
+            if not target.is_file():
+                atomic_write_text(target, kept.read_text())
+    col = ensure_column(source, config, fmt, text, "cpu", threads, None)
+    if keep:
+        path = Path(col["path"])
+        atomic_write_text(Path(keep) / f"{path.parent.name}.json", path.read_text())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from quantlab.fsutil import atomic_write_text as write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(path, text)
+
+
 def report(args, source, sizes, uniform, rows, prov, floor) -> str:
-    w4 = uniform["gptq-w4-g64"]["kld"]
+    missing = [k for k, v in uniform.items() if v is None] + (["bf16"] if floor is None else []) \
+        + [label for label, _, row in rows if row is None]
+    uniform = {k: v for k, v in uniform.items() if v is not None}
+    floor = floor or {"kld": float("nan"), "kld_ci95": [float("nan")] * 2}
+    w4 = uniform["gptq-w4-g64"]["kld"] if "gptq-w4-g64" in uniform else float("nan")
     lines = [f"# bench_fit: {args.model} ({source.note or source.ref}), units {args.units}, {args.threads} thread(s), "
              f"CPU; git {prov.get('git_sha')}, {time.strftime('%Y-%m-%d')}",
              "# the fp baseline is the model as quantlab resolves it (for smollm2-135m: the Q4_1 GGUF dequantized)",
@@ -141,6 +186,9 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
              f"{'budget':<28} {'budget B':>11} {'predicted B':>11} {'measured B':>11} {'=':>2} {'KLD':>7} "
              f"{'95% CI':>17} {'x w4g64':>7} {'pred ΣKLD':>9} {'meas@sens':>9}  units per format"]
     for label, budget, row in rows:
+        if row is None:
+            lines.append(f"{label:<28} {budget:>11} not yet computed")
+            continue
         if "refused" in row:
             lines.append(f"{label:<28} {budget:>11} refused: {row['refused']}")
             continue
@@ -151,22 +199,22 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
                      f"{row['kld']:>7.4f} [{ci[0]:.4f}, {ci[1]:.4f}] {row['kld'] / w4:>7.2f} "
                      f"{fit['predicted_kld']:>9.4f} {row['kld_sensitivity_windows']:>9.4f}  "
                      + ", ".join(f"{k} {v}" for k, v in fit["units_per_format"].items()))
-    shas = sorted({str(r.get("git_sha")) for r in [*uniform.values(), *(r for _, _, r in rows)] if "refused" not in r})
+    shas = sorted({str(r.get("git_sha")) for r in [*uniform.values(), *(r for _, _, r in rows)] if r and "refused" not in r})
     lines.append(f"rows computed at git {', '.join(shas)}")
-    built = [r for _, _, r in rows if "fit" in r and r["fit"]]
+    built = [r for _, _, r in rows if r and r.get("fit")]
     if built:
-        from quantlab.artifacts import read_manifest
-
         cost = built[0]["fit"]["sensitivity_cost"]
-        table = json.loads(Path(built[0]["fit"]["sensitivity_table"]).read_text())
-        runs = ", ".join(f"{name} {read_manifest(path)['cost']['quantize_wall_s']:.0f} s"
-                         for name, path in table["artifacts"].items())
+        runs = ", ".join(f"{name} {wall:.0f} s" for name, wall in cost["gptq_runs_wall_s"].items())
+        columns = ", ".join(f"{name} {c['quantize_wall_s']:.0f} s" for name, c in cost["columns"].items())
         lines += ["", f"sensitivity pass: {cost['quantize_wall_s']:.0f} s wall ({cost['forwards_wall_s']:.0f} s of "
-                      f"forwards), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS {cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
+                      f"forwards; per format's column: {columns}), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS "
+                      f"{cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
                       f"one GPTQ run, quantize step wall: {runs} (the uniform artifacts it reads; each built once, "
                       "then shared with uniform recipes; a run built earlier at other threads or load shows that)",
                   "pred ΣKLD: sum of the chosen formats' unit sensitivities (sensitivity windows: the first "
                   "8 x 256 tokens of the calibration text); meas@sens: the fitted model's KLD on those windows"]
+    if missing:
+        lines.insert(0, "# PARTIAL: not yet computed: " + ", ".join(missing))
     return "\n".join(lines)
 
 

@@ -3,10 +3,13 @@ the recipe names, and (slow) a mixed artifact that reloads, without quantlab, wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +160,18 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
     assert manifest["method_notes"]["module_formats"] == chosen and "GPTQModel.load" in manifest["method_notes"]["loader"]
 
+    # each format's column is cached on its own: a table of fewer formats reuses it, its artifact no longer needed
+    from quantlab.steps.fit import ensure_sensitivity
+
+    table = json.loads(open(art["fit"]["sensitivity_table"]).read())
+    for path in table["artifacts"].values():
+        shutil.rmtree(path)  # the test's own cache (QUANTLAB_HOME is a temp dir)
+    fewer = dataclasses.replace(recipe.config, formats=("fp", "gptq-w8"))
+    again = ensure_sensitivity(resolve_model(str(tiny_dir)), fewer, "cpu", 1)
+    assert again["columns"] == {"gptq-w8": table["columns"]["gptq-w8"]} and again["formats"] == ["fp", "gptq-w8"]
+    assert again["kld"] == {u: {f: row[f] for f in ("fp", "gptq-w8")} for u, row in table["kld"].items()}
+    assert not any(Path(p).exists() for p in table["artifacts"].values())
+
 
 def test_a_fits_formats_list_is_one_parameter_and_a_list_of_lists_a_grid():
     from quantlab.recipe import expand_recipes
@@ -199,3 +214,28 @@ def test_a_gpu_budget_leaves_the_weights_what_quantlab_plan_does_not_give_the_re
     rest = sum(row["components"][k] for k in ("kv_cache", "activations", "runtime"))
     assert fit_budget(config, shapes, "cuda") == 10**9 - rest
     assert fit_budget(FitConfig(weights_budget=12345), shapes, "cuda") == 12345
+
+
+def _column(fmt: str, klds: dict, wall: float, peak) -> dict:
+    return {"formats": [fmt], "units": [{"name": u} for u in klds], "granularity": "block",
+            "text": {"windows": 2}, "versions": {}, "definitions": {}, "midway_forwards": True,
+            "kld_per_window": {u: {fmt: v} for u, v in klds.items()}, "artifacts": {fmt: f"/a/{fmt}"},
+            "artifact_costs": {fmt: {"quantize_wall_s": 100 * wall}},
+            "path": f"/c/{fmt}/table.json",
+            "cost": {"quantize_wall_s": wall, "quantize_cpu_s": 2 * wall, "forwards_wall_s": wall / 2,
+                     "quantize_peak_rss_bytes": peak}}
+
+
+def test_columns_join_into_one_table_in_format_order_fp_zero_costs_summed():
+    from quantlab.steps.fit import joined_table
+
+    w4 = _column("gptq-w4-g32", {"b0": [0.2, 0.4], "b1": [0.1, 0.1]}, 10.0, 500)
+    w8 = _column("gptq-w8", {"b0": [0.02, 0.04], "b1": [0.0, 0.02]}, 6.0, 700)
+    table = joined_table(["fp", "gptq-w8", "gptq-w4-g32"], [w4, w8])
+    assert table["formats"] == ["fp", "gptq-w8", "gptq-w4-g32"]
+    assert table["kld"]["b0"] == pytest.approx({"fp": 0.0, "gptq-w8": 0.03, "gptq-w4-g32": 0.3})
+    assert table["kld_per_window"]["b1"]["fp"] == [0.0, 0.0]
+    assert table["cost"]["quantize_wall_s"] == 16.0 and table["cost"]["quantize_peak_rss_bytes"] == 700
+    assert table["cost"]["gptq_runs_wall_s"] == {"gptq-w4-g32": 1000.0, "gptq-w8": 600.0}
+    assert table["artifacts"] == {"gptq-w4-g32": "/a/gptq-w4-g32", "gptq-w8": "/a/gptq-w8"}
+    assert table["columns"] == {"gptq-w4-g32": "/c/gptq-w4-g32/table.json", "gptq-w8": "/c/gptq-w8/table.json"}

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from quantlab import __version__
+from quantlab.artifacts import artifact_path, read_manifest
 from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
 from quantlab.fit.sensitivity import Prefixes, measure_table
-from quantlab.fit.units import FP, check_formats, model_units, parse_formats
+from quantlab.fit.units import FP, check_formats, model_units, parse_format, parse_formats
 from quantlab.fsutil import atomic_dir, file_lock
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
@@ -56,25 +57,72 @@ def uniform_recipe(config, fmt: str) -> Recipe | None:
 
 def ensure_sensitivity(source: ModelSource, config, device: str, threads: int | None = None,
                        data_dir: str | None = None) -> dict:
-    """The sensitivity table of ``config``'s units and formats on ``source``, from its cache or a fresh step."""
+    """The sensitivity table of ``config``'s units and formats on ``source``: one column per quantized format,
+    each cached by content on its own (so a format's uniform artifact is needed only until its column is
+    measured), put together in format order."""
     formats = parse_formats(config.formats)
-    artifacts = {f.name: ensure_artifact(source, uniform_recipe(config, f.name), device, threads, data_dir=data_dir)
-                 ["artifact"] for f in formats if f.bits is not None}
     text = resolve_calibration(config, Path(source.path), data_dir, source.trust_remote_code)
-    payload = {"source": source.to_dict(), "formats": [f.name for f in formats], "artifacts": artifacts,
-               "text": text.to_dict(), "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
-               "threads": threads}
-    key = hashlib.sha256(json.dumps({**{k: payload[k] for k in ("formats", "chunks", "units")},
-                                     "model": source.fingerprint, "text": text.sha256,
-                                     "artifacts": {k: Path(v).name for k, v in artifacts.items()},
-                                     "quantlab": __version__, "device": device.split(":")[0],
-                                     "libs": {n: library_version(n) for n in ("torch", "transformers")}},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    columns = {f.name: ensure_column(source, config, f.name, text, device, threads, data_dir)
+               for f in formats if f.bits is not None}
+    key = hashlib.sha256(json.dumps({"formats": [f.name for f in formats], "columns": {
+        k: Path(v["path"]).parent.name for k, v in columns.items()}}, sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / key
+    table = joined_table([f.name for f in formats], list(columns.values()))
     with file_lock(target.with_name(f".{key}.lock")):
         if not (target / "table.json").is_file():
-            run_step("sensitivity", {**payload, "target": str(target)})
+            with atomic_dir(target) as tmp:
+                (tmp / "table.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return {**table, "path": str(target / "table.json")}
+
+
+def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, device: str, threads: int | None,
+                  data_dir: str | None) -> dict:
+    """One format's column of the table, from its cache or a fresh step (which builds the format's uniform GPTQ
+    artifact first if that is not cached). Its key is everything that changes it: model fingerprint, the
+    artifact's key, text sha256, windows, units, quantlab and library versions, device type."""
+    recipe = uniform_recipe(config, fmt)
+    artifact = artifact_path(source, recipe, device, data_dir)
+    key = hashlib.sha256(json.dumps({"formats": [fmt], "chunks": config.sensitivity_chunks, "units": config.units,
+                                     "model": source.fingerprint, "text": text.sha256,
+                                     "artifacts": {fmt: artifact.name}, "quantlab": __version__,
+                                     "device": device.split(":")[0],
+                                     "libs": {n: library_version(n) for n in ("torch", "transformers")}},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    target = quantlab_home() / "sensitivity" / "columns" / key
+    with file_lock(target.with_name(f".{key}.lock")):
+        if not (target / "table.json").is_file():
+            built = ensure_artifact(source, recipe, device, threads, data_dir=data_dir)["artifact"]
+            run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built},
+                                     "text": text.to_dict(), "chunks": config.sensitivity_chunks,
+                                     "units": config.units, "device": device, "threads": threads,
+                                     "target": str(target)})
     return {**json.loads((target / "table.json").read_text()), "path": str(target / "table.json")}
+
+
+def joined_table(formats: list[str], columns: list[dict]) -> dict:
+    """The columns (each a table of one quantized format) as one table over ``formats``, fp's KLD 0 by definition;
+    its cost is the columns' summed (peak: the largest), each column's kept under ``columns``."""
+    first = columns[0]
+    windows = first["text"]["windows"]
+    per_window = {u["name"]: {f: [0.0] * windows for f in formats} for u in first["units"]}
+    for col in columns:
+        for unit, row in col["kld_per_window"].items():
+            per_window[unit].update({f: v for f, v in row.items() if f in col["formats"]})
+    summed = {k: sum(c["cost"][k] for c in columns) for k in ("quantize_wall_s", "quantize_cpu_s", "forwards_wall_s")}
+    peaks = [c["cost"]["quantize_peak_rss_bytes"] for c in columns if c["cost"]["quantize_peak_rss_bytes"]]
+    cost = {**summed, "quantize_peak_rss_bytes": max(peaks, default=None),
+            "columns": {c["formats"][0]: c["cost"] for c in columns},
+            "gptq_runs_wall_s": {k: v["quantize_wall_s"] for c in columns for k, v in c["artifact_costs"].items()},
+            "definition": "the sum over the columns (one sensitivity step per quantized format: fp model load, "
+                          "block inputs, one forward per unit) of wall and CPU seconds; peak RSS: the largest "
+                          "column's; the uniform GPTQ runs the columns read are their own artifacts' costs (gptq_runs_wall_s: "
+                          "each one's quantize step wall seconds)"}
+    return {**{k: first[k] for k in ("units", "granularity", "text", "versions", "definitions")},
+            "formats": list(formats), "kld_per_window": per_window,
+            "kld": {u: {f: sum(v) / len(v) for f, v in row.items()} for u, row in per_window.items()},
+            "midway_forwards": {c["formats"][0]: c["midway_forwards"] for c in columns},
+            "artifacts": {k: v for c in columns for k, v in c["artifacts"].items()},
+            "columns": {c["formats"][0]: c["path"] for c in columns}, "cost": cost}
 
 
 def sensitivity_step(payload: dict) -> dict:
@@ -88,7 +136,7 @@ def sensitivity_step(payload: dict) -> dict:
     baseline, _ = fid.load_baseline(cache)
     shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
     units = model_units(shapes, payload["units"])
-    formats = parse_formats(payload["formats"])
+    formats = tuple(parse_format(n) for n in payload["formats"])  # a column: one format
     with measure_cost(source.path, device) as cost:
         model = load_recipe_model(source.path, parse_recipe("fp"), device, source.trust_remote_code)
         started = time.perf_counter()
@@ -102,6 +150,7 @@ def sensitivity_step(payload: dict) -> dict:
            "kld_per_window": table, "text": {"name": text.name, "sha256": text.sha256, "windows": int(ids.shape[0]),
                                              "window_tokens": WINDOW_TOKENS},
            "midway_forwards": prefixes.midway, "artifacts": payload["artifacts"],
+           "artifact_costs": {k: read_manifest(v)["cost"] for k, v in payload["artifacts"].items()},
            "cost": {**{k: cost[k] for k in ("quantize_wall_s", "quantize_cpu_s", "quantize_peak_rss_bytes")},
                     "forwards_wall_s": forwards_s, "definition": "wall/CPU seconds and peak RSS of the sensitivity "
                     "step (fp model load, block inputs, one forward per unit and quantized format); the uniform "
