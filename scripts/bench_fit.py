@@ -44,11 +44,16 @@ def uniform_bytes(source, config, device: str) -> dict[str, int]:
             for f in parse_formats(config.formats)}
 
 
-def budgets(b: dict[str, int]) -> list[tuple[str, int]]:
+BUDGETS = ("below", "w4+2%", "w4+5%", "halfway", "w8", "w8+25%")
+
+
+def budgets(b: dict[str, int], keys=BUDGETS) -> list[tuple[str, int]]:
+    """The budgets named by ``keys``, in that order: (label, bytes)."""
     w4, w8 = b["gptq-w4-g64"], b["gptq-w8"]
-    return [("below every allocation", min(b.values()) - 1), ("gptq-w4-g64 + 2 %", int(w4 * 1.02)),
-            ("gptq-w4-g64 + 5 %", int(w4 * 1.05)), ("halfway w4-g64 .. w8", (w4 + w8) // 2),
-            ("gptq-w8", w8), ("gptq-w8 + 25 %", int(w8 * 1.25))]
+    every = {"below": ("below every allocation", min(b.values()) - 1), "w4+2%": ("gptq-w4-g64 + 2 %", int(w4 * 1.02)),
+             "w4+5%": ("gptq-w4-g64 + 5 %", int(w4 * 1.05)), "halfway": ("halfway w4-g64 .. w8", (w4 + w8) // 2),
+             "w8": ("gptq-w8", w8), "w8+25%": ("gptq-w8 + 25 %", int(w8 * 1.25))}
+    return [every[k] for k in keys]
 
 
 def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")
     ap.add_argument("--columns", default=None, help="a folder the sensitivity columns are kept in and read back "
                     "from, so a run spread over machines measures each column once")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="which budgets, in the order to compute them "
+                    f"(default {','.join(BUDGETS)})")
     ap.add_argument("--report-only", action="store_true", help="print what --state holds, computing nothing")
     args = ap.parse_args(argv)
 
@@ -126,7 +133,11 @@ def main(argv=None) -> int:
             column(source, base, fmt, args.threads, args.columns)
     floor = kept("bf16", lambda: held_in(source, parse_recipe("bf16"), args.threads))
     rows = []
-    for label, budget in budgets(sizes):
+    keys = [k.strip() for k in args.budgets.split(",")]
+    unknown = sorted(set(keys) - set(BUDGETS))
+    if unknown:
+        ap.error(f"unknown budget {', '.join(unknown)}: choose from {','.join(BUDGETS)}")
+    for label, budget in budgets(sizes, keys):
         config = dataclasses.replace(base, weights_budget=budget)
         recipe = Recipe(f"fit-{budget}B", "fit", config)
         try:
