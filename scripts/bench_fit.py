@@ -207,9 +207,15 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
         ci = row["kld_ci95"]
         lines.append(f"{label:<28} {budget:>11} {fit['predicted_bytes']:>11} {row['measured_bytes']:>11} "
                      f"{'ok' if fit['predicted_bytes'] == row['measured_bytes'] <= budget else 'NO':>2} "
-                     f"{row['kld']:>7.4f} [{ci[0]:.4f}, {ci[1]:.4f}] {row['kld'] / w4:>7.2f} "
+                     f"{row['kld']:>7.4f} [{ci[0]:.4f}, {ci[1]:.4f}] {row['kld'] / w4:>7.3f} "
                      f"{fit['predicted_kld']:>9.4f} {row['kld_sensitivity_windows']:>9.4f}  "
                      + ", ".join(f"{k} {v}" for k, v in fit["units_per_format"].items()))
+    goals = {"gptq-w4-g64 + 5 %": 0.8, "halfway w4-g64 .. w8": 0.5}
+    for label, _, row in rows:
+        if label in goals and row and "refused" not in row:
+            ratio = row["kld"] / w4
+            lines.append(f"goal at {label}: KLD <= {goals[label]} x gptq-w4-g64's: {ratio:.4f} x, "
+                         + ("met" if ratio <= goals[label] else "NOT met"))
     shas = sorted({str(r.get("git_sha")) for r in [*uniform.values(), *(r for _, _, r in rows)] if r and "refused" not in r})
     lines.append(f"rows computed at git {', '.join(shas)}")
     built = [r for _, _, r in rows if r and r.get("fit")]
