@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     from quantlab.models import resolve_model
     from quantlab.provenance import provenance
     from quantlab.recipe import Recipe, parse_recipe
+    from quantlab.steps.fit import solve
+    from quantlab.sweep.commands import source_shapes
 
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     source = resolve_model(args.model)
     base = FitConfig(weights_budget=1, units=args.units, **({"formats": args.formats} if args.formats else {}))
     sizes = uniform_bytes(source, base, "cpu")
+    shapes = source_shapes(source)
     uniform = {}
     for fmt in base.formats:  # a format's uniform row and its column while its artifact is at hand
         if fmt in ("gptq-w4-g64", "gptq-w8"):
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
         config = dataclasses.replace(base, weights_budget=budget)
         recipe = Recipe(f"fit-{budget}B", "fit", config)
         try:
+            solve(config, None, shapes, "cpu")  # a budget nothing meets is refused before any work (as a fit is)
             row = kept(f"{args.units}:{budget}", lambda r=recipe: measure(args.model, r, args.threads, True))
         except UsageError as exc:
             row = {"refused": str(exc)}
