@@ -18,7 +18,7 @@ format is taken in turn (its uniform row, then its sensitivity column, while its
 too long for one machine can go on on another: keep ``--state`` and ``--columns`` (the columns measured so far)
 where the next machine finds them, and ``--report-only`` prints what is there, headed PARTIAL if rows are missing.
 
-    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units block] [--formats ...] [--threads 1]
+    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units linear] [--formats ...] [--threads 1]
         [--state FILE] [--columns DIR] [--report-only]
 """
 
@@ -94,7 +94,7 @@ def held_in(source, recipe, threads: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--units", default="block")
+    ap.add_argument("--units", default="linear")
     ap.add_argument("--formats", default=None, help="comma-separated (default: the fit's default formats)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")

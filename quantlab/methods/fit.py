@@ -35,7 +35,7 @@ class FitConfig:
     context: int = 4096
     batch: int = 1
     formats: tuple[str, ...] = DEFAULT_FORMATS
-    units: str = "block"
+    units: str = "linear"  # one format per linear: measured better than per block (reports/bench/fit-linear.txt)
     sensitivity_chunks: int = 8  # windows of 256 tokens of the calibration text the sensitivity pass measures
     calibration: str = "c4_calibration"
     samples: int = 64
