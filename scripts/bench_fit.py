@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from quantlab.errors import UsageError
+    from quantlab.fsutil import atomic_write_text
     from quantlab.methods.fit import FitConfig
     from quantlab.models import resolve_model
     from quantlab.provenance import provenance
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
 def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
     """Measure (or find) one format's sensitivity column; with ``keep``, read it from there first and copy it
     there once measured (a column is a cache entry keyed by content: its file name is its key)."""
+    from quantlab.fsutil import atomic_write_text
     from quantlab.methods.calibration import resolve_calibration
     from quantlab.models import quantlab_home
     from quantlab.steps.fit import ensure_column
@@ -170,13 +172,6 @@ def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
     if keep:
         path = Path(col["path"])
         atomic_write_text(Path(keep) / f"{path.parent.name}.json", path.read_text())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from quantlab.fsutil import atomic_write_text as write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path, text)
 
 
 def report(args, source, sizes, uniform, rows, prov, floor) -> str:

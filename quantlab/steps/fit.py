@@ -115,8 +115,8 @@ def joined_table(formats: list[str], columns: list[dict]) -> dict:
             "gptq_runs_wall_s": {k: v["quantize_wall_s"] for c in columns for k, v in c["artifact_costs"].items()},
             "definition": "the sum over the columns (one sensitivity step per quantized format: fp model load, "
                           "block inputs, one forward per unit) of wall and CPU seconds; peak RSS: the largest "
-                          "column's; the uniform GPTQ runs the columns read are their own artifacts' costs (gptq_runs_wall_s: "
-                          "each one's quantize step wall seconds)"}
+                          "column's; the uniform GPTQ runs the columns read are their own artifacts' costs "
+                          "(gptq_runs_wall_s: each one's quantize step wall seconds)"}
     return {**{k: first[k] for k in ("units", "granularity", "text", "versions", "definitions")},
             "formats": list(formats), "kld_per_window": per_window,
             "kld": {u: {f: sum(v) / len(v) for f, v in row.items()} for u, row in per_window.items()},
