@@ -152,17 +152,19 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
               help="Formats a unit may take: fp and GPTQ formats (gptq-w8, gptq-w4-g128, gptq-w4-g64, gptq-w4-g32).")
 @click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "linear"]),
               help="One format per linear, or per decoder block's linears (a sensitivity pass 7x cheaper, a worse fit).")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16"]),
+              help="What the fit is held in (GPTQModel's torch kernel): fp16 as vLLM runs GPTQ, bf16 if fp16 overflows.")
 @click.option("--text", default=None, help="Reference text the fit is measured on (default wikitext2_raw).")
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
-def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, units, text, data_dir, as_json, device, threads,
-            trust_remote_code):
+def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, units, dtype, text, data_dir, as_json, device,
+            threads, trust_remote_code):
     """Fit MODEL (default smollm2-135m) to a budget: one format per unit, least predicted KLD; build and measure it."""
     if (weights_budget is None) == (gpu_mem is None):
         raise click.UsageError("Give one budget: --weights-budget SIZE or --gpu-mem SIZE")
     config = FitConfig(weights_budget=weights_budget, gpu_mem=gpu_mem, context=context, batch=batch, units=units,
-                       formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
+                       dtype=dtype, formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
     result = _call(fit_model, model, config, device or "auto", threads or 1, data_dir, text, trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render_fit(result))
 

@@ -11,15 +11,16 @@ overrides, loaded the way its manifest says (GPTQModel.load) in a fresh process 
 - additivity: the predicted sum of the units' KLDs beside the KLD measured on the sensitivity windows themselves;
 - cost: the sensitivity pass's wall time beside one GPTQ run's (gptq-w4-g64's quantize step).
 
-The uniform bytes the budgets are placed by are the mixed layout's (bf16, as GPTQModel.load holds every
-format), so a budget compares like with like. Each finished row is kept in ``--state`` and reused, so an
+The uniform bytes the budgets are placed by are the mixed layout's (the fit's dtype, as GPTQModel.load holds
+every format), so a budget compares like with like; the fp model held in that dtype alone is measured too (part of
+every fit's KLD). Each finished row is kept in ``--state`` and reused, so an
 interrupted run resumes; artifacts, sensitivity columns and fp log-probs are cached under QUANTLAB_HOME. Each
 format is taken in turn (its uniform row, then its sensitivity column, while its artifact is at hand), so a run
 too long for one machine can go on on another: keep ``--state`` and ``--columns`` (the columns measured so far)
 where the next machine finds them, and ``--report-only`` prints what is there, headed PARTIAL if rows are missing.
 
-    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units linear] [--formats ...] [--threads 1]
-        [--state FILE] [--columns DIR] [--report-only]
+    .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units linear] [--formats ...]
+        [--dtype float16] [--threads 1] [--state FILE] [--columns DIR] [--report-only]
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def measure(model: str, recipe, threads: int, additivity: bool) -> dict:
 
 
 def held_in(source, recipe, threads: int) -> dict:
-    """The fp model loaded at another dtype (``recipe``: bf16) against fp, on the same reference text."""
+    """The fp model loaded at another dtype (``recipe``: fp16 or bf16) against fp, on the same reference text."""
     from quantlab.device import torch_threads
     from quantlab.evaluate.fidelity import FidelitySettings
     from quantlab.steps.fidelity import Candidate, measure_fidelity
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--units", default="linear")
     ap.add_argument("--formats", default=None, help="comma-separated (default: the fit's default formats)")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="what the fit is held in")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")
     ap.add_argument("--columns", default=None, help="a folder the sensitivity columns are kept in and read back "
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
 
     from quantlab.errors import UsageError
     from quantlab.fsutil import atomic_write_text
-    from quantlab.methods.fit import FitConfig
+    from quantlab.methods.fit import DTYPES, FitConfig
     from quantlab.models import resolve_model
     from quantlab.provenance import provenance
     from quantlab.recipe import Recipe, parse_recipe
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
         return state[key]
 
     source = resolve_model(args.model)
-    base = FitConfig(weights_budget=1, units=args.units, **({"formats": args.formats} if args.formats else {}))
+    base = FitConfig(weights_budget=1, units=args.units, dtype=args.dtype,
+                     **({"formats": args.formats} if args.formats else {}))
     sizes = uniform_bytes(source, base, "cpu")
     shapes = source_shapes(source)
     uniform = {}
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
             uniform[fmt] = kept(fmt, lambda n=fmt: measure(args.model, parse_recipe(n), args.threads, False))
         if fmt != "fp" and not args.report_only:
             column(source, base, fmt, args.threads, args.columns)
-    floor = kept("bf16", lambda: held_in(source, parse_recipe("bf16"), args.threads))
+    held = DTYPES[args.dtype]  # the fp recipe of that dtype: fp16 or bf16
+    floor = kept(held, lambda: held_in(source, parse_recipe(held), args.threads))
     rows = []
     keys = [k.strip() for k in args.budgets.split(",")]
     unknown = sorted(set(keys) - set(BUDGETS))
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
         recipe = Recipe(f"fit-{budget}B", "fit", config)
         try:
             solve(config, None, shapes, "cpu")  # a budget nothing meets is refused before any work (as a fit is)
-            row = kept(f"{args.units}:{budget}", lambda r=recipe: measure(args.model, r, args.threads, True))
+            row = kept(f"{args.units}:{held}:{budget}", lambda r=recipe: measure(args.model, r, args.threads, True))
         except UsageError as exc:
             row = {"refused": str(exc)}
         rows.append((label, budget, row))
@@ -175,22 +179,26 @@ def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
 
 
 def report(args, source, sizes, uniform, rows, prov, floor) -> str:
-    missing = [k for k, v in uniform.items() if v is None] + (["bf16"] if floor is None else []) \
+    from quantlab.methods.fit import DTYPES
+
+    held = DTYPES[args.dtype]
+    missing = [k for k, v in uniform.items() if v is None] + ([held] if floor is None else []) \
         + [label for label, _, row in rows if row is None]
     uniform = {k: v for k, v in uniform.items() if v is not None}
     floor = floor or {"kld": float("nan"), "kld_ci95": [float("nan")] * 2}
     w4 = uniform["gptq-w4-g64"]["kld"] if "gptq-w4-g64" in uniform else float("nan")
-    lines = [f"# bench_fit: {args.model} ({source.note or source.ref}), units {args.units}, {args.threads} thread(s), "
+    lines = [f"# bench_fit: {args.model} ({source.note or source.ref}), units {args.units}, held in {args.dtype}, "
+             f"{args.threads} thread(s), "
              f"CPU; git {prov.get('git_sha')}, {time.strftime('%Y-%m-%d')}",
              "# the fp baseline is the model as quantlab resolves it (for smollm2-135m: the Q4_1 GGUF dequantized)",
              "# KLD: mean per-token KL(fp || quant), nats/token, reference text WikiText-2 test, 16 x 256 tokens, "
              "95 % chunk-bootstrap interval",
-             "# bytes: weights as loaded (every tensor, tied once); uniform bytes in the fit layout (bf16 via "
+             f"# bytes: weights as loaded (every tensor, tied once); uniform bytes in the fit layout ({held} via "
              "GPTQModel.load): " + ", ".join(f"{k} {v}" for k, v in sizes.items()),
              "# uniform recipes as quantlab builds them (transformers load, fp32 on CPU): "
              + ", ".join(f"{k} KLD {v['kld']:.4f} [{v['kld_ci95'][0]:.4f}, {v['kld_ci95'][1]:.4f}], "
                          f"{v['measured_bytes']} B" for k, v in uniform.items()),
-             f"# the fit is held in bf16 (GPTQModel's torch kernel); the fp model held in bf16 alone has KLD "
+             f"# the fit is held in {held} (GPTQModel's torch kernel); the fp model held in {held} alone has KLD "
              f"{floor['kld']:.4f} [{floor['kld_ci95'][0]:.4f}, {floor['kld_ci95'][1]:.4f}]: part of every fit's KLD",
              "",
              f"{'budget':<28} {'budget B':>11} {'predicted B':>11} {'measured B':>11} {'=':>2} {'KLD':>7} "

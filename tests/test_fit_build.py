@@ -16,6 +16,7 @@ import pytest
 from quantlab.errors import RecipeError
 from quantlab.fit.units import model_units, parse_format, parse_formats
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.methods import get_method
 from quantlab.methods.fit import FitConfig, gptq_dynamic
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
@@ -74,9 +75,14 @@ def test_fit_recipe_names_round_trip():
     resolved = Recipe(r.name, "fit", FitConfig(weights_budget=1000, allocation=(("u", "gptq-w8"),)))
     assert Recipe.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
     assert resolved.bits == 8 and r.bits == 4
+    assert r.config.dtype == "float16"  # held as vLLM runs GPTQ; -bf16 names the other
+    b = parse_recipe("fit-gpu32GB-c8192-b2-bf16")
+    assert b.config.dtype == "bfloat16" and b.name == get_method("fit").short_name(b.config) == "fit-gpu32GB-c8192-b2-bf16"
+    assert get_method("fit").layout(b.config).dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("bad, message", [("fit-180", "Invalid recipe"), ("fit-10MiB-c5", "Invalid recipe")])
+@pytest.mark.parametrize("bad, message", [("fit-180", "Invalid recipe"), ("fit-10MiB-c5", "Invalid recipe"),
+                                          ("fit-10MiB-fp32", "Invalid recipe")])
 def test_bad_fit_names_are_explained(bad, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe(bad)
@@ -85,6 +91,8 @@ def test_bad_fit_names_are_explained(bad, message):
 def test_bad_fit_configs_name_the_fix():
     with pytest.raises(RecipeError, match="one budget"):
         FitConfig()
+    with pytest.raises(RecipeError, match="fit dtype must be one of float16, bfloat16"):
+        FitConfig(weights_budget=10, dtype="float32")
     with pytest.raises(RecipeError, match="Unknown fit format"):
         FitConfig(weights_budget=10, formats=("fp", "gptq-w3"))
     with pytest.raises(RecipeError, match="two distinct formats"):
@@ -126,8 +134,8 @@ def test_forwards_started_mid_way_are_the_whole_forward(tiny_model):
 RELOAD = """
 import json, sys, torch
 from gptqmodel import BACKEND, GPTQModel
-model = GPTQModel.load(sys.argv[1], device="cpu", dtype=torch.bfloat16, backend=BACKEND.TORCH).model
-out = {}
+model = GPTQModel.load(sys.argv[1], device="cpu", dtype=getattr(torch, sys.argv[2]), backend=BACKEND.TORCH).model
+out = {"(embedding dtype)": str(model.get_input_embeddings().weight.dtype)}
 for name, m in model.named_modules():
     if hasattr(m, "qweight"):
         group = m.group_size if m.group_size != m.in_features else -1
@@ -152,13 +160,13 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     art = ensure_recipe_artifact(resolve_model(str(tiny_dir)), recipe, "cpu", 1)
     chosen = art["recipe"].config.module_formats(shapes)
     assert len(set(chosen.values())) >= 2  # a real mix
-    reloaded = subprocess.run([sys.executable, "-c", RELOAD, art["artifact"]], capture_output=True, text=True,
-                              check=True)
-    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == chosen
+    reloaded = subprocess.run([sys.executable, "-c", RELOAD, art["artifact"], recipe.config.dtype],
+                              capture_output=True, text=True, check=True)
+    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"(embedding dtype)": "torch.float16", **chosen}
     measured = weight_bytes(load_recipe_model(art["artifact"], art["recipe"], "cpu"))["weights_bytes"]
     assert measured == art["fit"]["predicted_bytes"] <= 150_000
     manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
-    assert manifest["method_notes"]["module_formats"] == chosen and "GPTQModel.load" in manifest["method_notes"]["loader"]
+    assert manifest["method_notes"]["module_formats"] == chosen and "dtype=torch.float16" in manifest["method_notes"]["loader"]
 
     # each format's column is cached on its own: a table of fewer formats reuses it, its artifact no longer needed
     from quantlab.steps.fit import ensure_sensitivity

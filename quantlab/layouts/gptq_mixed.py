@@ -3,8 +3,10 @@
 transformers' GPTQ integration (optimum) builds every linear at the checkpoint's base bits and group size and
 fails on the others' tensor shapes ("ignore_mismatched_sizes"), so this layout loads with GPTQModel's own loader,
 which reads the dynamic overrides. Its torch kernel (``BACKEND.TORCH``) is the one that takes 4- and 8-bit modules
-in one model, and it runs in fp16/bf16 only: the model loads in bf16 on every device, its unquantized modules
-(embeddings, norms, head, any linear left fp) too. A quantized module holds what ``GptqPackedLayout`` counts.
+in one model, and it runs in fp16/bf16 only: the model loads in the fit's dtype (fp16 by default, as vLLM runs
+GPTQ; bf16 for a model whose activations overflow fp16) on every device, its unquantized modules (embeddings,
+norms, head, any linear left fp) too: two bytes a value either way. A quantized module holds what
+``GptqPackedLayout`` counts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class GptqMixedLayout(Layout):
     allocation: tuple[tuple[str, str], ...]  # (unit, format); empty until the fit is resolved
     units: str = "block"
     formats: tuple[str, ...] = ()
+    dtype: str = "float16"  # held in: float16 or bfloat16, two bytes either way
     libraries = ("gptqmodel",)
 
     def _format_of(self, name: str):
@@ -45,10 +48,10 @@ class GptqMixedLayout(Layout):
         return GptqPackedLayout(fmt.bits, fmt.group_size).linear_bytes(out_features, in_features, device)
 
     def named_bias_bytes(self, name: str, device: str) -> int:
-        return 2  # fp16 in a quantized module, bf16 in an unquantized one
+        return 2  # fp16 in a quantized module, the held dtype in an unquantized one
 
     def note(self):
-        return "GPTQ mixed (dynamic overrides): " + GPTQ_NOTE + "; modules left fp and the rest at bf16"
+        return "GPTQ mixed (dynamic overrides): " + GPTQ_NOTE + f"; modules left fp and the rest at {self.dtype}"
 
     def unquantized_dtype_bytes(self, device):
         return 2
@@ -60,7 +63,7 @@ class GptqMixedLayout(Layout):
         return 2
 
     def load(self, path: str, device: str, trust_remote_code: bool = False):
-        """The HF model inside ``GPTQModel.load`` (torch kernel, bf16): what the artifact's manifest names."""
+        """The HF model inside ``GPTQModel.load`` (torch kernel, the fit's dtype): what the artifact's manifest names."""
         import contextlib
         import io
 
@@ -69,8 +72,8 @@ class GptqMixedLayout(Layout):
         with contextlib.redirect_stdout(io.StringIO()):
             from gptqmodel import BACKEND, GPTQModel
 
-            wrapped = GPTQModel.load(str(path), device=device, dtype=torch.bfloat16, backend=BACKEND.TORCH,
-                                     trust_remote_code=trust_remote_code)
+            wrapped = GPTQModel.load(str(path), device=device, dtype=getattr(torch, self.dtype),
+                                     backend=BACKEND.TORCH, trust_remote_code=trust_remote_code)
         return wrapped.model.eval()
 
     def latency_skipped(self, device):

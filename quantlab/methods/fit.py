@@ -26,6 +26,7 @@ from quantlab.plan.shapes import model_shapes
 from quantlab.plan.sizes import parse_size
 
 _SIZE = r"([0-9]*\.?[0-9]+(?:[KMGT]i?B|B))"
+DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # what GPTQModel's torch kernel runs in; a name's suffix for each
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class FitConfig:
     samples: int = 64
     tokens: int = 256
     seed: int = 0
+    dtype: str = "float16"  # the fit is held in: fp16 as vLLM runs GPTQ; bfloat16 for a model that overflows fp16
     allocation: tuple[tuple[str, str], ...] = ()  # (unit, format) in model order, once resolved
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class FitConfig:
             raise RecipeError("A fit's budget, context and batch must be positive — e.g. fit-180MiB")
         if self.units not in GRANULARITIES:
             raise RecipeError(f"fit units must be one of {', '.join(GRANULARITIES)} (got {self.units!r})")
+        if self.dtype not in DTYPES:
+            raise RecipeError(f"fit dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.sensitivity_chunks < 1:
             raise RecipeError("fit sensitivity_chunks must be ≥ 1 — e.g. 8")
         parse_formats(self.formats)
@@ -85,25 +89,29 @@ class FitConfig:
 class FitMethod(Method):
     name = "fit"
     config_cls = FitConfig
-    short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?")
-    example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1")
+    short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?(?:-(bf16))?")
+    example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1", "fit-180MiB-bf16")
     resolved_first = True
 
     def config_from_match(self, match):
         size = parse_size(match.group(2))
+        dtype = "bfloat16" if match.group(5) else "float16"
         if not match.group(1):
             if match.group(3) or match.group(4):
                 return None
-            return FitConfig(weights_budget=size)
-        return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1))
+            return FitConfig(weights_budget=size, dtype=dtype)
+        return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1),
+                         dtype=dtype)
 
     def short_name(self, config):
+        held = "" if config.dtype == "float16" else f"-{DTYPES[config.dtype]}"
         if config.weights_budget is not None:
-            return f"fit-{_size_text(config.weights_budget)}"
-        return f"fit-gpu{_size_text(config.gpu_mem)}-c{config.context}-b{config.batch}"
+            return f"fit-{_size_text(config.weights_budget)}{held}"
+        return f"fit-gpu{_size_text(config.gpu_mem)}-c{config.context}-b{config.batch}{held}"
 
     def explain_short_name(self, text):
-        return "write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>"
+        return ("write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>, "
+                "-bf16 at the end to hold it in bf16 (fit-180MiB-bf16)")
 
     def libraries_for(self, config):
         """GPTQ's (its uniform artifacts are built and read through transformers) and the mixed layout's."""
@@ -119,7 +127,7 @@ class FitMethod(Method):
         return GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
 
     def layout(self, config):
-        return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats))
+        return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats), config.dtype)
 
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
         return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
@@ -136,13 +144,15 @@ class FitMethod(Method):
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
         run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), "dynamic": dynamic}, source_dir, out_dir, device,
                       calib, trust_remote_code)
-        return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": LOADER,
+        return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": loader(config.dtype),
                 "unit_formats": dict(config.allocation), "module_formats": per_module}
 
 
-LOADER = ("from gptqmodel import BACKEND, GPTQModel; GPTQModel.load(path, backend=BACKEND.TORCH, "
-          "dtype=torch.bfloat16).model — not transformers' from_pretrained, whose GPTQ integration (optimum) builds "
-          "every module at the checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
+def loader(dtype: str) -> str:
+    """How a fit artifact loads (its manifest's ``loader``), held in ``dtype``."""
+    return (f"from gptqmodel import BACKEND, GPTQModel; GPTQModel.load(path, backend=BACKEND.TORCH, "
+            f"dtype=torch.{dtype}).model — not transformers' from_pretrained, whose GPTQ integration (optimum) "
+            "builds every module at the checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
 
 
 def _settings(fmt) -> dict:

@@ -44,7 +44,8 @@ DEFINITIONS = {
     "sensitivity": "mean per-token KL(fp || model) over the sensitivity windows with only that unit in that format "
                    "(its weights from the format's uniform GPTQ artifact), every other unit fp; nats/token",
     "predicted_kld": "the sum of the chosen formats' sensitivities over the units (assumes the units' KLDs add)",
-    "weights_bytes": "the planner's bytes of the model as GPTQModel.load holds it (bf16, packed GPTQ modules)",
+    "weights_bytes": "the planner's bytes of the model as GPTQModel.load holds it (unquantized parts in the fit's "
+                     "dtype, fp16 by default; packed GPTQ modules)",
 }
 
 
