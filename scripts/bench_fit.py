@@ -20,7 +20,7 @@ too long for one machine can go on on another: keep ``--state`` and ``--columns`
 where the next machine finds them, and ``--report-only`` prints what is there, headed PARTIAL if rows are missing.
 
     .venv/bin/python scripts/bench_fit.py [--model smollm2-135m] [--units linear] [--formats ...]
-        [--dtype float16] [--threads 1] [--state FILE] [--columns DIR] [--report-only]
+        [--dtype float16] [--samples 64] [--threads 1] [--state FILE] [--columns DIR] [--report-only]
 """
 
 from __future__ import annotations
@@ -33,25 +33,31 @@ import time
 from pathlib import Path
 
 
-def uniform_bytes(source, config, device: str) -> dict[str, int]:
-    from quantlab.fit.units import model_units, parse_formats
+def uniform_bytes(source, config, device: str) -> tuple[dict[str, int], int]:
+    """Each format's uniform recipe's bytes in the fit layout: every linear in that format, an untied head fp (as a
+    uniform gptq recipe leaves it), and the smallest allocation's bytes (every unit in its smallest format)."""
+    from quantlab.fit.units import FP, HEAD, model_units, parse_formats
     from quantlab.layouts.gptq_mixed import fixed_bytes, unit_bytes
     from quantlab.sweep.commands import source_shapes
 
     shapes = source_shapes(source)
     units = model_units(shapes, config.units)
     fixed = fixed_bytes(units, shapes, device)
-    return {f.name: fixed + sum(unit_bytes(u, f.name, shapes, device) for u in units)
-            for f in parse_formats(config.formats)}
+    sizes = {f.name: fixed + sum(unit_bytes(u, FP if u.name == HEAD else f.name, shapes, device) for u in units)
+             for f in parse_formats(config.formats)}
+    # the smallest allocation: every unit (the head too) in its smallest format
+    least = fixed + sum(min(unit_bytes(u, f.name, shapes, device) for f in parse_formats(config.formats))
+                        for u in units)
+    return sizes, least
 
 
 BUDGETS = ("below", "w4+2%", "w4+5%", "halfway", "w8", "w8+25%")
 
 
-def budgets(b: dict[str, int], keys=BUDGETS) -> list[tuple[str, int]]:
+def budgets(b: dict[str, int], least: int, keys=BUDGETS) -> list[tuple[str, int]]:
     """The budgets named by ``keys``, in that order: (label, bytes)."""
     w4, w8 = b["gptq-w4-g64"], b["gptq-w8"]
-    every = {"below": ("below every allocation", min(b.values()) - 1), "w4+2%": ("gptq-w4-g64 + 2 %", int(w4 * 1.02)),
+    every = {"below": ("below every allocation", least - 1), "w4+2%": ("gptq-w4-g64 + 2 %", int(w4 * 1.02)),
              "w4+5%": ("gptq-w4-g64 + 5 %", int(w4 * 1.05)), "halfway": ("halfway w4-g64 .. w8", (w4 + w8) // 2),
              "w8": ("gptq-w8", w8), "w8+25%": ("gptq-w8 + 25 %", int(w8 * 1.25))}
     return [every[k] for k in keys]
@@ -99,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=None, help="comma-separated (default: the fit's default formats)")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="what the fit is held in")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=None, help="GPTQ calibration windows of every run (default: "
+                    "the fit's, 64)")
     ap.add_argument("--state", default="/tmp/quantlab-bench-fit.json")
     ap.add_argument("--columns", default=None, help="a folder the sensitivity columns are kept in and read back "
                     "from, so a run spread over machines measures each column once")
@@ -129,13 +137,15 @@ def main(argv=None) -> int:
 
     source = resolve_model(args.model)
     base = FitConfig(weights_budget=1, units=args.units, dtype=args.dtype,
-                     **({"formats": args.formats} if args.formats else {}))
-    sizes = uniform_bytes(source, base, "cpu")
+                     **({"formats": args.formats} if args.formats else {}),
+                     **({"samples": args.samples} if args.samples else {}))
+    sizes, least = uniform_bytes(source, base, "cpu")
     shapes = source_shapes(source)
     uniform = {}
     for fmt in base.formats:  # a format's uniform row and its column while its artifact is at hand
         if fmt in ("gptq-w4-g64", "gptq-w8"):
-            uniform[fmt] = kept(fmt, lambda n=fmt: measure(args.model, parse_recipe(n), args.threads, False))
+            recipe = Recipe(parse_recipe(fmt).name, "gptq", base.uniform(fmt))  # the artifact its column reads
+            uniform[fmt] = kept(fmt, lambda r=recipe: measure(args.model, r, args.threads, False))
         if fmt != "fp" and not args.report_only:
             column(source, base, fmt, args.threads, args.columns)
     held = DTYPES[args.dtype]  # the fp recipe of that dtype: fp16 or bf16
@@ -145,7 +155,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(keys) - set(BUDGETS))
     if unknown:
         ap.error(f"unknown budget {', '.join(unknown)}: choose from {','.join(BUDGETS)}")
-    for label, budget in budgets(sizes, keys):
+    for label, budget in budgets(sizes, least, keys):
         config = dataclasses.replace(base, weights_budget=budget)
         recipe = Recipe(f"fit-{budget}B", "fit", config)
         try:
@@ -178,6 +188,12 @@ def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
         atomic_write_text(Path(keep) / f"{path.parent.name}.json", path.read_text())
 
 
+def uniform_samples(args) -> int:
+    from quantlab.methods.fit import FitConfig
+
+    return args.samples or FitConfig(weights_budget=1).samples
+
+
 def report(args, source, sizes, uniform, rows, prov, floor) -> str:
     from quantlab.methods.fit import DTYPES
 
@@ -188,13 +204,14 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
     floor = floor or {"kld": float("nan"), "kld_ci95": [float("nan")] * 2}
     w4 = uniform["gptq-w4-g64"]["kld"] if "gptq-w4-g64" in uniform else float("nan")
     lines = [f"# bench_fit: {args.model} ({source.note or source.ref}), units {args.units}, held in {args.dtype}, "
-             f"{args.threads} thread(s), "
+             f"GPTQ calibration {uniform_samples(args)} windows, {args.threads} thread(s), "
              f"CPU; git {prov.get('git_sha')}, {time.strftime('%Y-%m-%d')}",
              "# the fp baseline is the model as quantlab resolves it (for smollm2-135m: the Q4_1 GGUF dequantized)",
              "# KLD: mean per-token KL(fp || quant), nats/token, reference text WikiText-2 test, 16 x 256 tokens, "
              "95 % chunk-bootstrap interval",
              f"# bytes: weights as loaded (every tensor, tied once); uniform bytes in the fit layout ({held} via "
-             "GPTQModel.load): " + ", ".join(f"{k} {v}" for k, v in sizes.items()),
+             "GPTQModel.load, an untied head fp as uniform recipes leave it): "
+             + ", ".join(f"{k} {v}" for k, v in sizes.items()),
              "# uniform recipes as quantlab builds them (transformers load, fp32 on CPU): "
              + ", ".join(f"{k} KLD {v['kld']:.4f} [{v['kld_ci95'][0]:.4f}, {v['kld_ci95'][1]:.4f}], "
                          f"{v['measured_bytes']} B" for k, v in uniform.items()),
@@ -229,12 +246,15 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
     if built:
         cost = built[0]["fit"]["sensitivity_cost"]
         runs = ", ".join(f"{name} {wall:.0f} s" for name, wall in cost["gptq_runs_wall_s"].items())
+        heads = cost.get("head_runs_wall_s")
+        heads = ("; the head-only GPTQ runs the head's sensitivity reads, quantize step wall: "
+                 + ", ".join(f"{name} {wall:.0f} s" for name, wall in heads.items())) if heads else ""
         columns = ", ".join(f"{name} {c['quantize_wall_s']:.0f} s" for name, c in cost["columns"].items())
         lines += ["", f"sensitivity pass: {cost['quantize_wall_s']:.0f} s wall ({cost['forwards_wall_s']:.0f} s of "
                       f"forwards; per format's column: {columns}), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS "
                       f"{cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
                       f"one GPTQ run, quantize step wall: {runs} (the uniform artifacts it reads; each built once, "
-                      "then shared with uniform recipes; a run built earlier at other threads or load shows that)",
+                      f"then shared with uniform recipes; a run built earlier at other threads or load shows that){heads}",
                   "pred ΣKLD: sum of the chosen formats' unit sensitivities (sensitivity windows: the first "
                   "8 x 256 tokens of the calibration text); meas@sens: the fitted model's KLD on those windows"]
     if missing:

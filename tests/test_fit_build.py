@@ -17,7 +17,7 @@ from quantlab.errors import RecipeError
 from quantlab.fit.units import model_units, parse_format, parse_formats
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.methods import get_method
-from quantlab.methods.fit import FitConfig, gptq_dynamic
+from quantlab.methods.fit import FitConfig, gptq_dynamic, head_settings
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.terms import weight_terms
@@ -29,6 +29,27 @@ FORMATS = ("fp", "gptq-w8", "gptq-w4-g32")
 @pytest.fixture(scope="module")
 def shapes(tiny_dir):
     return model_shapes(load_config(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from tiny import build_qwen2_dir
+
+    return build_qwen2_dir(tmp_path_factory.mktemp("qwen") / "q")  # untied head, qkv biases
+
+
+@pytest.fixture(scope="module")
+def qwen_shapes(qwen_dir):
+    return model_shapes(load_config(qwen_dir))
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    """The tiny Llama with a head of its own (the tiny Qwen2's tokenizer class tokenizes nothing of a word-level
+    vocabulary)."""
+    from tiny import build_llama_dir
+
+    return build_llama_dir(tmp_path_factory.mktemp("untied") / "llama", tied=False)
 
 
 def test_units_are_blocks_or_linears(shapes):
@@ -48,6 +69,42 @@ def test_fixed_plus_units_is_the_planners_bytes_of_the_allocation(shapes, granul
         summed = fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, f, shapes, "cpu") for u, (_, f) in
                                                          zip(units, alloc))
         assert summed == planned
+
+
+def test_an_untied_head_is_a_unit_after_every_block_and_a_tied_one_is_not(shapes, qwen_shapes):
+    assert "lm_head" not in {u.name for u in model_units(shapes, "linear")}  # tied to the embedding
+    for granularity in ("block", "linear"):
+        head = model_units(qwen_shapes, granularity)[-1]
+        assert (head.name, head.block) == ("lm_head", qwen_shapes.layers)
+        assert head.modules == (("lm_head", qwen_shapes.head.out_features, qwen_shapes.head.in_features),)
+
+
+@pytest.mark.parametrize("granularity", ["block", "linear"])
+def test_with_the_head_a_unit_fixed_plus_units_is_still_the_planners_bytes(qwen_shapes, granularity):
+    units = model_units(qwen_shapes, granularity)
+    fp_head = sum(weight_terms(GptqMixedLayout(()), qwen_shapes, "cpu").values())
+    for fmt in FORMATS:  # the head alone in each format, then random mixes
+        alloc = tuple((u.name, fmt if u.name == "lm_head" else "fp") for u in units)
+        planned = weight_terms(GptqMixedLayout(alloc), qwen_shapes, "cpu")
+        assert (planned["lm_head"] < qwen_shapes.head.weights * 2) == (fmt != "fp")
+        assert (sum(planned.values()) < fp_head) == (fmt != "fp")
+    rng = random.Random(1)
+    for _ in range(5):
+        alloc = tuple((u.name, rng.choice(FORMATS)) for u in units)
+        planned = sum(weight_terms(GptqMixedLayout(alloc), qwen_shapes, "cpu").values())
+        assert planned == fixed_bytes(units, qwen_shapes, "cpu") + sum(
+            unit_bytes(u, f, qwen_shapes, "cpu") for u, (_, f) in zip(units, alloc))
+
+
+def test_a_quantized_head_is_gptqmodels_lm_head_with_its_own_settings_and_an_fp_one_no_rule():
+    per_module = {"m.layers.0.a": "gptq-w4-g32", "lm_head": "gptq-w8"}
+    base, dynamic = gptq_dynamic(per_module)
+    s = head_settings(per_module, dynamic)
+    assert s["lm_head"] is True
+    assert s["dynamic"][r"+:^lm_head$"] == {"bits": 8, "group_size": -1, "mse": 0.0, "act_group_aware": False,
+                                            "sym": True, "desc_act": False}
+    fp = head_settings({**per_module, "lm_head": "fp"}, gptq_dynamic({**per_module, "lm_head": "fp"})[1])
+    assert fp == {"lm_head": False, "dynamic": {}}
 
 
 def test_a_unit_in_fewer_bits_has_fewer_bytes(shapes):
@@ -140,7 +197,7 @@ for name, m in model.named_modules():
     if hasattr(m, "qweight"):
         group = m.group_size if m.group_size != m.in_features else -1
         out[name] = f"gptq-w{m.bits}" + (f"-g{group}" if group > 0 else "")
-    elif type(m).__name__ == "Linear" and name != "lm_head":
+    elif type(m).__name__ == "Linear":
         out[name] = "fp"
 print(json.dumps(out))
 """
@@ -162,7 +219,8 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     assert len(set(chosen.values())) >= 2  # a real mix
     reloaded = subprocess.run([sys.executable, "-c", RELOAD, art["artifact"], recipe.config.dtype],
                               capture_output=True, text=True, check=True)
-    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"(embedding dtype)": "torch.float16", **chosen}
+    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"(embedding dtype)": "torch.float16",
+                                                                     "lm_head": "fp", **chosen}  # tied: no unit
     measured = weight_bytes(load_recipe_model(art["artifact"], art["recipe"], "cpu"))["weights_bytes"]
     assert measured == art["fit"]["predicted_bytes"] <= 150_000
     manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
@@ -179,6 +237,40 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     assert again["columns"] == {"gptq-w8": table["columns"]["gptq-w8"]} and again["formats"] == ["fp", "gptq-w8"]
     assert again["kld"] == {u: {f: row[f] for f in ("fp", "gptq-w8")} for u, row in table["kld"].items()}
     assert not any(Path(p).exists() for p in table["artifacts"].values())
+
+
+@pytest.mark.slow
+def test_an_untied_head_is_measured_from_its_head_only_artifact_quantized_and_reloaded(untied_dir, gptq_calib):
+    from quantlab.measure.memory import weight_bytes
+    from quantlab.methods.loading import load_recipe_model
+    from quantlab.models import resolve_model
+    from quantlab.recipe import recipe_from_mapping
+    from quantlab.steps.fit import ensure_recipe_artifact
+
+    shapes = model_shapes(load_config(untied_dir))
+    units = model_units(shapes, "linear")
+    size = {f: {u.name: unit_bytes(u, f, shapes, "cpu") for u in units} for f in ("fp", "gptq-w4-g32")}
+    fixed = fixed_bytes(units, shapes, "cpu")
+    # one byte short of the head fp with every other unit at its smallest: the head must be quantized
+    budget = fixed + size["fp"]["lm_head"] + sum(v for k, v in size["gptq-w4-g32"].items() if k != "lm_head") - 1
+    recipe = recipe_from_mapping({"method": "fit", "weights_budget": budget, "formats": list(FORMATS),
+                                  "units": "linear", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
+                                  "sensitivity_chunks": 2}, "test")
+    art = ensure_recipe_artifact(resolve_model(str(untied_dir)), recipe, "cpu", 1)
+    chosen = art["recipe"].config.module_formats(shapes)
+    assert chosen["lm_head"] != "fp" and len(set(chosen.values())) >= 2
+    reloaded = subprocess.run([sys.executable, "-c", RELOAD, art["artifact"], "float16"], capture_output=True,
+                              text=True, check=True)
+    assert json.loads(reloaded.stdout.strip().splitlines()[-1]) == {"(embedding dtype)": "torch.float16", **chosen}
+    measured = weight_bytes(load_recipe_model(art["artifact"], art["recipe"], "cpu"))["weights_bytes"]
+    assert measured == art["fit"]["predicted_bytes"] <= budget
+
+    table = json.loads(open(art["fit"]["sensitivity_table"]).read())
+    for fmt in ("gptq-w8", "gptq-w4-g32"):  # each format's head-only GPTQ run: the head in fmt, every linear fp
+        head_only = json.loads(open(f"{table['head_artifacts'][fmt]}/quantlab.json").read())["method_notes"]
+        assert {k: v for k, v in head_only["module_formats"].items() if v != "fp"} == {"lm_head": fmt}
+        assert table["kld"]["lm_head"][fmt] > 0 and table["cost"]["head_runs_wall_s"][fmt] > 0
+    assert table["kld"]["lm_head"]["gptq-w4-g32"] > table["kld"]["lm_head"]["gptq-w8"]
 
 
 def test_a_fits_formats_list_is_one_parameter_and_a_list_of_lists_a_grid():

@@ -31,8 +31,9 @@ def build_tokenizer():
 
 
 def build_llama_dir(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0,
-                    init_std: float = 0.02) -> Path:
-    """Save a random-init Llama (hidden and intermediate divisible by 32 and 64) plus its tokenizer.
+                    init_std: float = 0.02, tied: bool = True) -> Path:
+    """Save a random-init Llama (hidden and intermediate divisible by 32 and 64) plus its tokenizer; ``tied``
+    False gives it an output head of its own.
 
     A larger ``init_std`` gives peaked next-token distributions, so 4-bit quantization visibly hurts.
     """
@@ -43,7 +44,7 @@ def build_llama_dir(path: Path, hidden: int = 64, intermediate: int = 128, layer
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                         max_position_embeddings=512, tie_word_embeddings=True, initializer_range=init_std,
+                         max_position_embeddings=512, tie_word_embeddings=tied, initializer_range=init_std,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(config).eval()
     path.mkdir(parents=True, exist_ok=True)

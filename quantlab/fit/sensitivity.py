@@ -11,6 +11,7 @@ whose decoder cannot start mid-way runs every forward whole).
 from __future__ import annotations
 
 from quantlab.evaluate import fidelity as fid
+from quantlab.fit.units import HEAD
 from quantlab.layouts.gptq import unpack_weight
 
 START_TOLERANCE = 1e-3  # largest |Δ log p| allowed between a forward started mid-way and a whole one
@@ -129,9 +130,11 @@ def gptq_weights(reader, names, bits: int) -> dict:
                              reader.read(f"{n}.g_idx"), bits) for n in names}
 
 
-def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: dict, progress=None) -> dict:
+def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: dict, progress=None,
+                  head_readers: dict | None = None) -> dict:
     """``{unit: {format: [KLD of each window]}}``: fp is 0 by definition; every other format has its
-    ``CheckpointReader`` in ``readers``."""
+    ``CheckpointReader`` in ``readers`` (the format's uniform GPTQ artifact), and in ``head_readers`` where the
+    untied head is a unit (its head-only artifact: a uniform one leaves the head fp)."""
     table = {u.name: {} for u in units}
     windows = prefixes.ids.shape[0]
     for fmt in formats:
@@ -139,7 +142,8 @@ def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: 
             if fmt.bits is None:
                 table[u.name][fmt.name] = [0.0] * windows
                 continue
-            weights = gptq_weights(readers[fmt.name], [n for n, _, _ in u.modules], fmt.bits)
+            reader = (head_readers or {}).get(fmt.name) if u.name == HEAD else readers[fmt.name]
+            weights = gptq_weights(reader, [n for n, _, _ in u.modules], fmt.bits)
             with swapped(model, weights):
                 table[u.name][fmt.name] = unit_kld(prefixes, u.block, baseline)
             if progress:

@@ -1,6 +1,9 @@
 """Units and formats of a fit: what gets one format each, which formats it may take, and the bytes of each choice.
 
-A unit is a decoder block's quantizable linears together (``block``, the default) or one linear (``linear``). A
+A unit is a decoder block's quantizable linears together (``block``) or one linear (``linear``, the default), and
+an untied output head (``lm_head``) is a unit of its own at either granularity: GPTQModel quantizes it
+(``lm_head=True``) but refuses a head tied to the input embedding, and a tied head could only be quantized by
+untying it, which adds bytes, since the embedding stays unquantized. A
 format is ``fp`` (left unquantized, at the dtype the model is held in) or a GPTQ short name (``gptq-w8``,
 ``gptq-w4-g64``): the formats GPTQModel's ``dynamic`` per-module overrides can mix in one checkpoint. The bytes
 of a unit in a format are the planner's (``quantlab.layouts.gptq_mixed``).
@@ -16,6 +19,7 @@ from quantlab.plan.shapes import ModelShapes
 
 FP = "fp"
 GRANULARITIES = ("block", "linear")
+HEAD = "lm_head"  # the output head's module name, as GPTQModel's model definitions name it
 DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g64", "gptq-w4-g32")  # each divides SmolLM2's 576 and 1536
 _GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
 
@@ -68,7 +72,10 @@ def model_units(shapes: ModelShapes, granularity: str = "block") -> list[UnitSpe
         key = match.group(1) if granularity == "block" else lin.name
         groups.setdefault(key, []).append((lin.name, lin.out_features, lin.in_features))
         blocks[key] = int(match.group(2))
-    return [UnitSpec(k, tuple(v), blocks[k]) for k, v in groups.items()]
+    units = [UnitSpec(k, tuple(v), blocks[k]) for k, v in groups.items()]
+    if shapes.head is not None and shapes.head.name == HEAD:  # the forward reaches it after every block
+        units.append(UnitSpec(HEAD, ((HEAD, shapes.head.out_features, shapes.head.in_features),), shapes.layers))
+    return units
 
 
 def check_formats(formats, units: list[UnitSpec]) -> None:

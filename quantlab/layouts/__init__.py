@@ -35,6 +35,12 @@ class Layout:
         """``linear_bytes`` of the linear ``name``: the same for every linear but in a mixed layout."""
         return self.linear_bytes(out_features, in_features, device)
 
+    def head_bytes(self, head, elements: int, device: str) -> int:
+        """Bytes of the output head's ``elements`` (weight and bias; 0 when tied to the embedding); ``head`` is its
+        shape (a ``LinearShape``) when untied, else None. Every layout here leaves it unquantized; a mixed one may
+        not."""
+        return elements * self.unquantized_dtype_bytes(device)
+
     def note(self) -> str:
         """One line naming what ``linear_bytes`` counts, for the planner's arithmetic."""
         return ""

@@ -23,13 +23,13 @@ class GptqPackedLayout(Layout):
     libraries = ("gptqmodel", "optimum")
 
     def linear_bytes(self, out_features, in_features, device):
-        """qweight packs 32/bits values per int32, fp16 scales and int32-packed zeros per group, an int32 group
-        index per input feature, and two (1, 32/bits) int32 shift tables. CUDA kernels (Marlin, ExLlama) may
-        repack; predicted as loaded."""
+        """qweight packs 32/bits values per int32 along the input, fp16 scales and int32-packed zeros (packed along
+        the output, the last word padded) per group, an int32 group index per input feature, and two (1, 32/bits)
+        int32 shift tables. CUDA kernels (Marlin, ExLlama) may repack; predicted as loaded."""
         groups = groups_of(self.group_size, in_features)
         per_int32 = 32 // self.bits
-        data = in_features * out_features * self.bits // 8
-        scales = (groups * out_features * 2 + groups * out_features * self.bits // 8 + in_features * 4
+        data = -(-in_features // per_int32) * 4 * out_features
+        scales = (groups * out_features * 2 + groups * -(-out_features // per_int32) * 4 + in_features * 4
                   + 2 * per_int32 * 4)
         return {"data": data, "scales": scales}
 

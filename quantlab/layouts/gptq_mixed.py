@@ -47,6 +47,15 @@ class GptqMixedLayout(Layout):
             return {"data": out_features * in_features * self.unquantized_dtype_bytes(device), "scales": 0}
         return GptqPackedLayout(fmt.bits, fmt.group_size).linear_bytes(out_features, in_features, device)
 
+    def head_bytes(self, head, elements: int, device: str) -> int:
+        """An untied head allocated a GPTQ format is packed like any linear (its bias, if any, fp16); else the
+        held dtype's bytes."""
+        fmt = parse_format(dict(self.allocation).get(head.name, FP)) if head is not None else parse_format(FP)
+        if fmt.bits is None:
+            return elements * self.unquantized_dtype_bytes(device)
+        packed = GptqPackedLayout(fmt.bits, fmt.group_size).linear_bytes(head.out_features, head.in_features, device)
+        return sum(packed.values()) + (elements - head.weights) * self.bias_dtype_bytes(device)
+
     def named_bias_bytes(self, name: str, device: str) -> int:
         return 2  # fp16 in a quantized module, the held dtype in an unquantized one
 
@@ -81,15 +90,18 @@ class GptqMixedLayout(Layout):
 
 
 def unit_bytes(unit: UnitSpec, fmt: str, shapes: ModelShapes, device: str) -> int:
-    """Bytes the unit's linears (weights and biases) hold loaded in ``fmt``: the planner's terms of those linears."""
+    """Bytes the unit's linears (weights and biases) hold loaded in ``fmt``: the planner's terms of those linears
+    (of the head's, for the untied head's unit)."""
     layout = GptqMixedLayout(((unit.name, fmt),))
+    if shapes.head is not None and unit.name == shapes.head.name:
+        return layout.head_bytes(shapes.head, shapes.unquantized["lm_head"], device)
     names = {n for n, _, _ in unit.modules}
     total = sum(sum(layout.named_linear_bytes(n, o, i, device).values()) for n, o, i in unit.modules)
     return total + sum(b for n, b in shapes.linear_biases if n in names) * layout.bias_dtype_bytes(device)
 
 
 def fixed_bytes(units: list[UnitSpec], shapes: ModelShapes, device: str) -> int:
-    """Bytes of everything outside the units (embeddings, norms, head, other biases, buffers): the whole model's
+    """Bytes of everything outside the units (embeddings, norms, a tied head, other biases, buffers): the whole model's
     planned bytes less the units', so that fixed + Σ unit bytes is ``weight_terms`` of the allocation exactly."""
     layout = GptqMixedLayout(tuple((u.name, FP) for u in units))
     return sum(weight_terms(layout, shapes, device).values()) - sum(unit_bytes(u, FP, shapes, device) for u in units)

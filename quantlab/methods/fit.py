@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.fit.units import DEFAULT_FORMATS, FP, GRANULARITIES, model_units, parse_format, parse_formats
-from quantlab.layouts.gptq_mixed import GptqMixedLayout
+from quantlab.fit.units import DEFAULT_FORMATS, FP, GRANULARITIES, HEAD, model_units, parse_format, parse_formats
+from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_windows, resolve_calibration
 from quantlab.methods.gptq import GptqConfig, GptqMethod
@@ -142,8 +142,8 @@ class FitMethod(Method):
         windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
         gptqmodel = import_gptqmodel()
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-        run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), "dynamic": dynamic}, source_dir, out_dir, device,
-                      calib, trust_remote_code)
+        run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), **head_settings(per_module, dynamic)}, source_dir,
+                      out_dir, device, calib, trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": loader(config.dtype),
                 "unit_formats": dict(config.allocation), "module_formats": per_module}
 
@@ -181,6 +181,33 @@ def gptq_dynamic(per_module: dict[str, str]):
             s = _settings(parse_format(f))
             dynamic[f"+:{pattern}"] = {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware")}
     return base, dynamic
+
+
+def head_settings(per_module: dict[str, str], dynamic: dict) -> dict:
+    """``lm_head`` and ``dynamic`` for GPTQModel: a head allocated a GPTQ format is quantized (``lm_head=True``)
+    with its own settings spelled out (else GPTQModel gives it 8 bits, groups of 32); a head left fp is simply not
+    quantized, so no rule names it."""
+    pattern = f"^{re.escape(HEAD)}$"
+    dynamic = {k: v for k, v in dynamic.items() if k not in (f"-:{pattern}", f"+:{pattern}")}
+    fmt = per_module.get(HEAD, FP)
+    if fmt == FP:
+        return {"dynamic": dynamic, "lm_head": False}
+    s = _settings(parse_format(fmt))
+    return {"dynamic": {**dynamic, f"+:{pattern}": {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware",
+                                                                      "sym", "desc_act")}}, "lm_head": True}
+
+
+def head_only(config: FitConfig, fmt: str, shapes) -> FitConfig:
+    """The fit with only the untied head in ``fmt``, every linear left fp: where the head's sensitivity in ``fmt`` is
+    read from. GPTQModel calibrates the head on the fp model's final hidden states, so this is the head's GPTQ
+    weights with only that unit quantized, at the cost of one fp calibration forward and one solve (a uniform gptq
+    recipe leaves the head fp). Its budget is its own bytes, so every fit of that model and format shares it."""
+    units = model_units(shapes, "linear")
+    allocation = tuple((u.name, fmt if u.name == HEAD else FP) for u in units)
+    size = fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, f, shapes, "cpu") for u, (_, f) in
+                                                   zip(units, allocation))
+    return FitConfig(weights_budget=size, formats=(FP, fmt), units="linear", calibration=config.calibration,
+                     samples=config.samples, tokens=config.tokens, seed=config.seed, allocation=allocation)
 
 
 def _smallest(config) -> str:

@@ -46,6 +46,7 @@ class ModelShapes:
     experts_per_token: int = 1
     notes: tuple[str, ...] = field(default_factory=tuple)
     linear_biases: tuple[tuple[str, int], ...] = ()  # (linear name, bias elements) of each quantized linear's bias
+    head: LinearShape | None = None  # the output linear when it is not tied to the input embedding
 
     @property
     def quantized_weights(self) -> int:
@@ -63,7 +64,7 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
     model = meta_model(config, trust_remote_code)
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and out.weight is inp.weight
-    linears, biases, seen = [], [], set()
+    linears, biases, seen, head = [], [], set(), None
     parts = {"embeddings": 0, "lm_head": 0, "norms": 0, "biases": 0, "other": 0}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
@@ -71,6 +72,8 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
                 continue
             seen.add(id(p))
             full = f"{name}.{pname}" if name else pname
+            if module is out and not tied and isinstance(module, torch.nn.Linear) and pname == "weight":
+                head = LinearShape(name, module.out_features, module.in_features)
             if isinstance(module, torch.nn.Linear) and module is not out and pname == "weight":
                 linears.append(LinearShape(name, module.out_features, module.in_features))
             elif type(module).__name__.endswith("Experts") and p.dim() == 3:
@@ -92,6 +95,7 @@ def model_shapes(config, trust_remote_code: bool = False) -> ModelShapes:
         sliding_window=window, sliding_layers=sliding,
         max_positions=getattr(text, "max_position_embeddings", None),
         experts_per_token=getattr(text, "num_experts_per_tok", None) or 1, linear_biases=tuple(biases),
+        head=head,
     )
 
 

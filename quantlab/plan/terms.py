@@ -3,8 +3,8 @@
 Units are bytes. Definitions:
 
 - linear data / scales: ``Layout.linear_bytes`` of every quantized linear weight (see quantlab/layouts/);
-- unquantized: embeddings, lm_head (unless tied: counted once), norms, biases and routers at the dtype the
-  method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one; GPTQ biases fp16); buffers
+- unquantized: embeddings, lm_head (unless tied: counted once; a fit's mixed GPTQ layout may quantize an untied
+  one, ``Layout.head_bytes``), norms, biases and routers at the dtype the method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one; GPTQ biases fp16); buffers
   at their own dtype;
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes, where a sliding-window
   layer holds at most ``sliding_window`` tokens (GQA through kv_heads);
@@ -34,7 +34,7 @@ def weight_terms(layout, shapes: ModelShapes, device: str) -> dict[str, int]:
         "linear_data": data,
         "linear_scales": scales,
         "embeddings": parts["embeddings"] * elem,
-        "lm_head": parts["lm_head"] * elem,
+        "lm_head": layout.head_bytes(shapes.head, parts["lm_head"], device),
         "norms_biases_other": (parts["norms"] + parts["other"]) * elem
                               + parts["biases"] * layout.bias_dtype_bytes(device),
         "buffers": shapes.buffer_bytes,

@@ -21,14 +21,14 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
 from quantlab.fit.sensitivity import Prefixes, measure_table
-from quantlab.fit.units import FP, check_formats, model_units, parse_format, parse_formats
+from quantlab.fit.units import FP, HEAD, check_formats, model_units, parse_format, parse_formats
 from quantlab.fsutil import atomic_dir, file_lock
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.measure.cost import measure_cost
 from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
-from quantlab.methods.fit import resolved
+from quantlab.methods.fit import head_only, resolved
 from quantlab.methods.loading import load_recipe_model
 from quantlab.models import ModelSource, load_config, load_tokenizer, quantlab_home
 from quantlab.plan import terms
@@ -50,10 +50,18 @@ DEFINITIONS = {
 
 
 def uniform_recipe(config, fmt: str) -> Recipe | None:
+    """The artifact a format's sensitivity is read from: its uniform GPTQ recipe (None for fp)."""
     gptq = config.uniform(fmt)
     if gptq is None:
         return None
     return Recipe(parse_recipe(fmt).name, "gptq", gptq)
+
+
+def head_recipe(config, fmt: str, shapes) -> Recipe | None:
+    """Where the untied head's sensitivity in ``fmt`` is read from (``head_only``); None when the head is no unit."""
+    if not any(u.name == HEAD for u in model_units(shapes, config.units)) or parse_format(fmt).bits is None:
+        return None
+    return Recipe(f"{parse_recipe(fmt).name}-head-only", "fit", head_only(config, fmt, shapes))
 
 
 def ensure_sensitivity(source: ModelSource, config, device: str, threads: int | None = None,
@@ -81,22 +89,27 @@ def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, devic
     """One format's column of the table, from its cache or a fresh step (which builds the format's uniform GPTQ
     artifact first if that is not cached). Its key is everything that changes it: model fingerprint, the
     artifact's key, text sha256, windows, units, quantlab and library versions, device type."""
-    recipe = uniform_recipe(config, fmt)
-    artifact = artifact_path(source, recipe, device, data_dir)
+    shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+    recipes = {fmt: uniform_recipe(config, fmt)}
+    head = head_recipe(config, fmt, shapes)
+    if head is not None:
+        recipes[HEAD] = head
+    paths = {k: artifact_path(source, r, device, data_dir).name for k, r in recipes.items()}
     key = hashlib.sha256(json.dumps({"formats": [fmt], "chunks": config.sensitivity_chunks, "units": config.units,
                                      "model": source.fingerprint, "text": text.sha256,
-                                     "artifacts": {fmt: artifact.name}, "quantlab": __version__,
-                                     "device": device.split(":")[0],
+                                     "artifacts": {fmt: paths[fmt], **({HEAD: paths[HEAD]} if head else {})},
+                                     "quantlab": __version__, "device": device.split(":")[0],
                                      "libs": {n: library_version(n) for n in ("torch", "transformers")}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / "columns" / key
     with file_lock(target.with_name(f".{key}.lock")):
         if not (target / "table.json").is_file():
-            built = ensure_artifact(source, recipe, device, threads, data_dir=data_dir)["artifact"]
-            run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built},
-                                     "text": text.to_dict(), "chunks": config.sensitivity_chunks,
-                                     "units": config.units, "device": device, "threads": threads,
-                                     "target": str(target)})
+            built = {k: ensure_artifact(source, r, device, threads, data_dir=data_dir)["artifact"]
+                     for k, r in recipes.items()}
+            run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built[fmt]},
+                                     "head_artifact": built.get(HEAD), "text": text.to_dict(),
+                                     "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
+                                     "threads": threads, "target": str(target)})
     return {**json.loads((target / "table.json").read_text()), "path": str(target / "table.json")}
 
 
@@ -114,15 +127,19 @@ def joined_table(formats: list[str], columns: list[dict]) -> dict:
     cost = {**summed, "quantize_peak_rss_bytes": max(peaks, default=None),
             "columns": {c["formats"][0]: c["cost"] for c in columns},
             "gptq_runs_wall_s": {k: v["quantize_wall_s"] for c in columns for k, v in c["artifact_costs"].items()},
+            "head_runs_wall_s": {c["formats"][0]: c["head_artifact_cost"]["quantize_wall_s"] for c in columns
+                                 if c.get("head_artifact_cost")},
             "definition": "the sum over the columns (one sensitivity step per quantized format: fp model load, "
                           "block inputs, one forward per unit) of wall and CPU seconds; peak RSS: the largest "
                           "column's; the uniform GPTQ runs the columns read are their own artifacts' costs "
-                          "(gptq_runs_wall_s: each one's quantize step wall seconds)"}
+                          "(gptq_runs_wall_s: each one's quantize step wall seconds; head_runs_wall_s: each head-only GPTQ run's, where "
+                          "the untied head is a unit)"}
     return {**{k: first[k] for k in ("units", "granularity", "text", "versions", "definitions")},
             "formats": list(formats), "kld_per_window": per_window,
             "kld": {u: {f: sum(v) / len(v) for f, v in row.items()} for u, row in per_window.items()},
             "midway_forwards": {c["formats"][0]: c["midway_forwards"] for c in columns},
             "artifacts": {k: v for c in columns for k, v in c["artifacts"].items()},
+            "head_artifacts": {c["formats"][0]: c["head_artifact"] for c in columns if c.get("head_artifact")},
             "columns": {c["formats"][0]: c["path"] for c in columns}, "cost": cost}
 
 
@@ -143,7 +160,9 @@ def sensitivity_step(payload: dict) -> dict:
         started = time.perf_counter()
         prefixes = Prefixes(model, ids, settings.batch_size)
         readers = {name: CheckpointReader(path) for name, path in payload["artifacts"].items()}
-        table = measure_table(model, prefixes, baseline, units, formats, readers)
+        head = payload.get("head_artifact")
+        table = measure_table(model, prefixes, baseline, units, formats, readers,
+                              head_readers={f.name: CheckpointReader(head) for f in formats} if head else None)
         forwards_s = time.perf_counter() - started
     out = {"units": [{"name": u.name, "block": u.block, "modules": [m[0] for m in u.modules]} for u in units],
            "formats": [f.name for f in formats], "granularity": payload["units"],
@@ -151,7 +170,10 @@ def sensitivity_step(payload: dict) -> dict:
            "kld_per_window": table, "text": {"name": text.name, "sha256": text.sha256, "windows": int(ids.shape[0]),
                                              "window_tokens": WINDOW_TOKENS},
            "midway_forwards": prefixes.midway, "artifacts": payload["artifacts"],
+           "head_artifact": payload.get("head_artifact"),
            "artifact_costs": {k: read_manifest(v)["cost"] for k, v in payload["artifacts"].items()},
+           "head_artifact_cost": read_manifest(payload["head_artifact"])["cost"] if payload.get("head_artifact")
+           else None,
            "cost": {**{k: cost[k] for k in ("quantize_wall_s", "quantize_cpu_s", "quantize_peak_rss_bytes")},
                     "forwards_wall_s": forwards_s, "definition": "wall/CPU seconds and peak RSS of the sensitivity "
                     "step (fp model load, block inputs, one forward per unit and quantized format); the uniform "
