@@ -339,3 +339,35 @@ def test_columns_join_into_one_table_in_format_order_fp_zero_costs_summed():
     assert table["cost"]["gptq_runs_wall_s"] == {"gptq-w4-g32": 1000.0, "gptq-w8": 600.0}
     assert table["artifacts"] == {"gptq-w4-g32": "/a/gptq-w4-g32", "gptq-w8": "/a/gptq-w8"}
     assert table["columns"] == {"gptq-w4-g32": "/c/gptq-w4-g32/table.json", "gptq-w8": "/c/gptq-w8/table.json"}
+
+
+def test_a_module_parked_on_disk_under_two_accelerate_hooks_is_moved_back():
+    """What a quantized head's calibration meets in GPTQModel 7.6: the final norm offloaded under a SequentialHook,
+    which its ``move_to`` refuses; ``restore_sequential_offload`` brings the weights back."""
+    import torch
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from gptqmodel.utils.model import move_to
+    from gptqmodel.utils.torch import CPU
+
+    from quantlab.methods.gptqmodel_runner import restore_sequential_offload
+
+    norm = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    kept = {k: v.clone() for k, v in norm.state_dict().items()}
+    add_hook_to_module(norm, AlignDevicesHook(execution_device=CPU))
+    add_hook_to_module(norm, AlignDevicesHook(execution_device=CPU, offload=True, weights_map=dict(kept)), append=True)
+    assert norm.weight.is_meta
+    with pytest.raises(NotImplementedError, match="without offload hooks"):
+        move_to(norm, CPU)
+
+    class Model:  # GPTQModel's post_quantize on a CPU run moves the module to the CPU
+        def post_quantize(self, module):
+            return move_to(module, CPU)
+
+    model = Model()
+    restore_sequential_offload(model)
+    restored = model.post_quantize(norm)
+    assert not restored.weight.is_meta and torch.equal(restored.weight, kept["weight"])
+    plain = torch.nn.Linear(2, 2)
+    assert model.post_quantize(plain) is plain  # every other module: GPTQModel's own path

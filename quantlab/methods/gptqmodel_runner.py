@@ -37,6 +37,7 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
         offload = str(Path(scratch) / "offload")
         qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
         model = GPTQModel.load(str(source_dir), qconfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        restore_sequential_offload(model)
         # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
         with contextlib.chdir(scratch):
             if calib is None:
@@ -49,6 +50,31 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
     (Path(out_dir) / "quant_log.csv").unlink(missing_ok=True)
     for name in ("config.json", "quantize_config.json"):
         _drop_path(Path(out_dir) / name, offload)
+
+
+def restore_sequential_offload(model) -> None:
+    """Let GPTQModel 7.6 move back a disk-offloaded module that carries two accelerate hooks.
+
+    Its ``post_quantize`` moves a module with ``move_to``, which restores a module whose weights are parked on disk
+    (meta tensors) only when accelerate's ``has_offloaded_params`` sees its offload hook, and that looks for one
+    ``AlignDevicesHook``. A module that got a second hook carries a ``SequentialHook`` instead and is refused
+    ("Cannot move a module that still contains meta tensors without offload hooks"): with ``lm_head=True`` that is
+    the final norm, which the head's calibration inputs go through (its hooks: one aligning, one offloading). Such
+    a module is restored the way ``move_to`` restores an offloaded one (``undo_offload_to_disk``); every other
+    module goes through GPTQModel's own ``post_quantize``."""
+    from gptqmodel.utils.model import _module_has_meta_tensors
+    from gptqmodel.utils.offload import undo_offload_to_disk
+    from gptqmodel.utils.torch import CPU
+
+    post_quantize = model.post_quantize
+
+    def post_quantize_restoring(module):
+        hooks = getattr(getattr(module, "_hf_hook", None), "hooks", None)
+        if hooks and any(getattr(h, "offload", False) for h in hooks) and _module_has_meta_tensors(module):
+            return undo_offload_to_disk(module, device=CPU)
+        return post_quantize(module)
+
+    model.post_quantize = post_quantize_restoring
 
 
 def release_stop_forward() -> None:
