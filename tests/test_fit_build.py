@@ -371,3 +371,23 @@ def test_a_module_parked_on_disk_under_two_accelerate_hooks_is_moved_back():
     assert not restored.weight.is_meta and torch.equal(restored.weight, kept["weight"])
     plain = torch.nn.Linear(2, 2)
     assert model.post_quantize(plain) is plain  # every other module: GPTQModel's own path
+
+
+def test_a_resolved_fits_quantize_plan_keeps_its_fp_linears_and_solves_a_quantized_head(qwen_shapes):
+    from quantlab.plan.steps import plan_quantize, step_peak
+
+    units = model_units(qwen_shapes, "linear")
+    base = FitConfig(weights_budget=10**9, formats=FORMATS, units="linear")
+    unresolved = plan_quantize(Recipe("fit", "fit", base), qwen_shapes, "cpu", None).components
+    quantized = dataclasses.replace(base, allocation=tuple((u.name, "fp" if u.name == "lm_head" else "gptq-w8")
+                                                           for u in units))
+    assert plan_quantize(Recipe("fit", "fit", quantized), qwen_shapes, "cpu", None).components == {
+        **unresolved, "fp linears, kept once read": 0}
+    fp_first = {units[0].name}
+    mixed = dataclasses.replace(base, allocation=tuple(
+        (u.name, "fp" if u.name in fp_first else "gptq-w4-g32") for u in units))
+    comp = plan_quantize(Recipe("fit", "fit", mixed), qwen_shapes, "cpu", None).components
+    first = next(lin for lin in qwen_shapes.linears if lin.name == units[0].name)
+    assert comp["fp linears, kept once read"] == first.weights * 4
+    assert comp["head: its solve (weight, quantized copy, error; fp32)"] == 3 * qwen_shapes.head.weights * 4
+    assert step_peak(comp) > step_peak(unresolved)

@@ -123,8 +123,25 @@ class FitMethod(Method):
                 check_group_size(fmt.group_size, linear_shapes)
 
     def quantize_peak(self, config, sizes, device):
-        """The GPTQ calibration's (``GptqMethod.quantize_peak``; the sensitivity pass is a step of its own)."""
-        return GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
+        """The GPTQ calibration's (``GptqMethod.quantize_peak``; the sensitivity pass is a step of its own), and, once
+        the allocation is solved, what it adds: GPTQModel parks a module on disk only once it has quantized it, so
+        every linear left fp stays in memory once read (all of them by the save), and a quantized head is solved
+        in a phase of its own (the head read through a memory map and into a copy; its weight, quantized copy and
+        error in fp32; the calibration inputs)."""
+        gptq = GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
+        if not config.allocation:
+            return gptq
+        shapes = sizes["shapes"]
+        elem = 4 if device == "cpu" else 2
+        per_module = config.module_formats(shapes)
+        kept = sum(lin.weights for lin in shapes.linears if per_module.get(lin.name) == FP) * elem
+        extra = {"fp linears, kept once read": kept}
+        if per_module.get(HEAD, FP) != FP and shapes.head is not None:
+            head = shapes.head.weights
+            extra |= {"head: the head, mapped and copied": 2 * head * elem, "head: its solve (weight, quantized "
+                      "copy, error; fp32)": 3 * head * 4,
+                      "head: calibration inputs": config.samples * config.tokens * shapes.hidden * 4}
+        return {**gptq, **extra}
 
     def layout(self, config):
         return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats), config.dtype)
