@@ -10,6 +10,8 @@ machine reaches no hub; the reference text is random words. Checks:
   planner        the planner's predicted total beside measured max reserved at two contexts (weights step)
   bnb-int8/nf4   bitsandbytes quantize on CUDA, then bench
   gptq           GPTQ quantize on CUDA (GPTQModel), then decode through the kernel GPTQModel picks
+  fit            a fit's mixed GPTQ checkpoint (fp, gptq-w8, gptq-w4-g64 across blocks) built on CUDA, loaded as its
+                 manifest says (GPTQModel.load, torch kernel), its bytes beside the planner's, then bench
   torchao-int4   torchao int4 weight-only on CUDA, then bench
   budget         quantize-and-compare under --max-memory below the bf16 model: the reference layer by layer on CUDA
   ray            a one-GPU sweep on the Ray executor (skipped when ray is not importable)
@@ -127,7 +129,29 @@ def bench_check(model: Path, recipe, device: str, small: bool) -> dict:
             "prefill_ms": (lat.get("prefill_ms") or {}).get("median"), "decode_tok_s": {
                 b: v.get("median") for b, v in lat.get("decode_tok_s", {}).items()},
             "roofline_b1": lat.get("roofline_b1"), "decode_path": lat.get("decode_path"), "skipped": lat.get("skipped"),
-            "kernel": _kernel(art["artifact"], r, device) if r.method == "gptq" else None}
+            "kernel": _kernel(art["artifact"], r, device) if r.method in ("gptq", "fit") else None}
+
+
+def fit_check(model: Path, text: Path, device: str, small: bool) -> dict:
+    """A fit's CUDA path without its sensitivity pass (the GPU's minutes go to the build): an allocation cycling
+    gptq-w4-g64, gptq-w8 and fp over the decoder blocks, built in one GPTQModel calibration with dynamic overrides,
+    loaded as its manifest says and benched; its weights bytes beside the planner's prediction."""
+    from quantlab.fit.units import model_units
+    from quantlab.methods.fit import FitConfig
+    from quantlab.models import load_config
+    from quantlab.plan.shapes import model_shapes
+    from quantlab.plan.steps import layout_weights
+    from quantlab.recipe import Recipe
+
+    shapes = model_shapes(load_config(model))
+    cycle = ("gptq-w4-g64", "gptq-w8", "fp")
+    allocation = tuple((u.name, cycle[i % len(cycle)]) for i, u in enumerate(model_units(shapes, "block")))
+    recipe = Recipe("fit-gpu-check", "fit", FitConfig(weights_budget=10**12, formats=("fp", "gptq-w8", "gptq-w4-g64"),
+                                                      units="block", calibration=str(text), samples=16, tokens=128,
+                                                      allocation=allocation))
+    row = bench_check(model, recipe, device, small)
+    predicted = layout_weights(recipe, shapes, "cpu" if device == "cpu" else "cuda")
+    return {**row, "predicted_weights_bytes": predicted, "bytes_equal": predicted == row["weights_bytes"]}
 
 
 def _kernel(artifact: str, recipe, device: str) -> str | None:
@@ -135,7 +159,7 @@ def _kernel(artifact: str, recipe, device: str) -> str | None:
     from quantlab.methods.loading import load_recipe_model
 
     model = load_recipe_model(artifact, recipe, device)
-    names = {type(m).__name__ for m in model.modules() if "QuantLinear" in type(m).__name__}
+    names = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
     return ", ".join(sorted(names)) or None
 
 
@@ -222,6 +246,7 @@ def main() -> None:
     for recipe in ("fp", "bnb-int8", "bnb-nf4", "torchao-w4-g32", gptq_recipe(text)):
         label = recipe if isinstance(recipe, str) else recipe.name
         checks.run(f"{label}:{small.name}", bench_check, small, recipe, args.device, args.small, need=30)
+    checks.run(f"fit:{small.name}", fit_check, small, text, args.device, args.small, need=60)
     checks.run(f"planner:{small.name}", planner_check, small, args.device, args.small)
     checks.run("budget", budget_check, small, text, args.device, need=40)
     checks.run("ray", ray_check, small, text, args.device, need=60)
