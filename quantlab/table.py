@@ -141,6 +141,22 @@ def render_runs(rows: list[dict]) -> str:
     return _rows_table(header, body) if body else "No runs stored yet — run quantlab quantize-and-compare"
 
 
+def _off_base(unit_formats: dict[str, str], most: int = 12) -> list[str]:
+    """One line per format but the most common: the units in it (the first ``most``; the manifest lists all)."""
+    by_format: dict[str, list[str]] = {}
+    for unit, fmt in unit_formats.items():
+        by_format.setdefault(fmt, []).append(unit)
+    if len(by_format) < 2:
+        return []
+    base = max(by_format, key=lambda f: len(by_format[f]))
+    lines = []
+    for fmt, units in by_format.items():
+        if fmt != base:
+            more = f", … {len(units) - most} more (the artifact's quantlab.json lists every unit)" if len(units) > most else ""
+            lines.append(f"  {fmt}: {', '.join(units[:most])}{more}")
+    return [f"units not in {base}:", *lines]
+
+
 def render_fit(result: dict) -> str:
     """``quantlab fit``'s answer: the allocation, its predicted and measured bytes, predicted and measured KLD."""
     fit, fid = result["fit"], result["fidelity"]
@@ -148,7 +164,7 @@ def render_fit(result: dict) -> str:
     per = ", ".join(f"{f} {n}" for f, n in fit["units_per_format"].items())
     ok = "within" if result["measured_bytes"] <= fit["budget_bytes"] else "OVER"
     return "\n".join([
-        f"{result['recipe']}: {len(fit['unit_formats'])} units — {per}",
+        f"{result['recipe']}: {len(fit['unit_formats'])} units — {per}", *_off_base(fit["unit_formats"]),
         f"bytes: budget {fit['budget_bytes']:,}, predicted {fit['predicted_bytes']:,}, measured {result['measured_bytes']:,} "
         f"({ok} the budget; weights as loaded, every tensor)",
         f"KLD: predicted {fit['predicted_kld']:.4g} (sum of the units' sensitivities on the calibration text), "

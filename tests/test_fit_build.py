@@ -391,3 +391,21 @@ def test_a_resolved_fits_quantize_plan_keeps_its_fp_linears_and_solves_a_quantiz
     assert comp["fp linears, kept once read"] == first.weights * 4
     assert comp["head: its solve (weight, quantized copy, error; fp32)"] == 3 * qwen_shapes.head.weights * 4
     assert step_peak(comp) > step_peak(unresolved)
+
+
+def test_quantlab_fits_answer_names_the_units_off_the_most_common_format():
+    from quantlab.table import render_fit
+
+    formats = {f"model.layers.{i}": "gptq-w4-g64" for i in range(20)}
+    formats |= {"model.layers.2": "gptq-w8", "lm_head": "fp"} | {f"model.layers.{i}": "gptq-w8" for i in range(5, 19)}
+    result = {"recipe": "fit-1GB", "fit": {"unit_formats": formats, "units_per_format": {}, "budget_bytes": 10,
+                                          "predicted_bytes": 9, "predicted_kld": 0.1},
+              "fidelity": {"kld_mean": 0.1, "ci95": {"kld_mean": [0.09, 0.11]}}, "measured_bytes": 9,
+              "text": {"name": "t"}, "loader": "GPTQModel.load", "artifact": "/a"}
+    lines = render_fit(result).splitlines()
+    assert lines[1] == "units not in gptq-w8:"  # 15 blocks in gptq-w8, 5 in gptq-w4-g64
+    assert lines[2] == "  gptq-w4-g64: model.layers.0, model.layers.1, model.layers.3, model.layers.4, model.layers.19"
+    assert lines[3] == "  fp: lm_head"
+    many = {f"u{i}": "gptq-w8" if i % 2 else "fp" for i in range(41)}  # fp 21, gptq-w8 20
+    line = render_fit({**result, "fit": {**result["fit"], "unit_formats": many}}).splitlines()[2]
+    assert line.startswith("  gptq-w8: u1, u3,") and line.endswith("… 8 more (the artifact's quantlab.json lists every unit)")
