@@ -152,7 +152,8 @@ def _off_base(unit_formats: dict[str, str], most: int = 12) -> list[str]:
     lines = []
     for fmt, units in by_format.items():
         if fmt != base:
-            more = f", … {len(units) - most} more (the artifact's quantlab.json lists every unit)" if len(units) > most else ""
+            more = (f", … {len(units) - most} more (the artifact's quantlab.json lists every unit)"
+                    if len(units) > most else "")
             lines.append(f"  {fmt}: {', '.join(units[:most])}{more}")
     return [f"units not in {base}:", *lines]
 

@@ -254,7 +254,8 @@ def report(args, source, sizes, uniform, rows, prov, floor) -> str:
                       f"forwards; per format's column: {columns}), {cost['quantize_cpu_s']:.0f} s CPU, peak RSS "
                       f"{cost['quantize_peak_rss_bytes'] / 1e9:.2f} GB; "
                       f"one GPTQ run, quantize step wall: {runs} (the uniform artifacts it reads; each built once, "
-                      f"then shared with uniform recipes; a run built earlier at other threads or load shows that){heads}",
+                      "then shared with uniform recipes; a run built earlier at other threads or load shows "
+                      f"that){heads}",
                   "pred ΣKLD: sum of the chosen formats' unit sensitivities (sensitivity windows: the first "
                   "8 x 256 tokens of the calibration text); meas@sens: the fitted model's KLD on those windows"]
     if missing:

@@ -408,4 +408,5 @@ def test_quantlab_fits_answer_names_the_units_off_the_most_common_format():
     assert lines[3] == "  fp: lm_head"
     many = {f"u{i}": "gptq-w8" if i % 2 else "fp" for i in range(41)}  # fp 21, gptq-w8 20
     line = render_fit({**result, "fit": {**result["fit"], "unit_formats": many}}).splitlines()[2]
-    assert line.startswith("  gptq-w8: u1, u3,") and line.endswith("… 8 more (the artifact's quantlab.json lists every unit)")
+    assert line.startswith("  gptq-w8: u1, u3,")
+    assert line.endswith("… 8 more (the artifact's quantlab.json lists every unit)")

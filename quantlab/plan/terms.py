@@ -4,8 +4,8 @@ Units are bytes. Definitions:
 
 - linear data / scales: ``Layout.linear_bytes`` of every quantized linear weight (see quantlab/layouts/);
 - unquantized: embeddings, lm_head (unless tied: counted once; a fit's mixed GPTQ layout may quantize an untied
-  one, ``Layout.head_bytes``), norms, biases and routers at the dtype the method leaves them in (fp32 on CPU, bf16 on CUDA unless the recipe names one; GPTQ biases fp16); buffers
-  at their own dtype;
+  one, ``Layout.head_bytes``), norms, biases and routers at the dtype the method leaves them in (fp32 on CPU, bf16
+  on CUDA unless the recipe names one; GPTQ biases fp16); buffers at their own dtype;
 - KV cache: 2 (K and V) x layers x kv_heads x head_dim x tokens x batch x bytes, where a sliding-window
   layer holds at most ``sliding_window`` tokens (GQA through kv_heads);
 - prefill activations: the transient peak of one forward over the prompt; see ``activation_bytes``;

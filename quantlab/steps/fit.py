@@ -132,8 +132,8 @@ def joined_table(formats: list[str], columns: list[dict]) -> dict:
             "definition": "the sum over the columns (one sensitivity step per quantized format: fp model load, "
                           "block inputs, one forward per unit) of wall and CPU seconds; peak RSS: the largest "
                           "column's; the uniform GPTQ runs the columns read are their own artifacts' costs "
-                          "(gptq_runs_wall_s: each one's quantize step wall seconds; head_runs_wall_s: each head-only GPTQ run's, where "
-                          "the untied head is a unit)"}
+                          "(gptq_runs_wall_s: each one's quantize step wall seconds; head_runs_wall_s: each "
+                          "head-only GPTQ run's, where the untied head is a unit)"}
     return {**{k: first[k] for k in ("units", "granularity", "text", "versions", "definitions")},
             "formats": list(formats), "kld_per_window": per_window,
             "kld": {u: {f: sum(v) / len(v) for f, v in row.items()} for u, row in per_window.items()},
