@@ -165,6 +165,9 @@ def main(argv=None) -> int:
             row = {"refused": str(exc)}
         rows.append((label, budget, row))
     print(report(args, source, sizes, uniform, rows, provenance("cpu"), floor))
+    heads = head_runs(args, base, shapes)
+    if heads:
+        print(heads)
     return 0
 
 
@@ -186,6 +189,31 @@ def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
     if keep:
         path = Path(col["path"])
         atomic_write_text(Path(keep) / f"{path.parent.name}.json", path.read_text())
+
+
+def head_runs(args, config, shapes) -> str:
+    """Each kept column's head-only GPTQ run: the quantize step's planned peak (``quantlab plan``'s, for that
+    allocation) beside what it held, and its wall time."""
+    from quantlab.fit.units import HEAD, model_units
+    from quantlab.methods.fit import head_only
+    from quantlab.plan.steps import plan_quantize, step_peak
+    from quantlab.recipe import Recipe
+
+    if not args.columns or not any(u.name == HEAD for u in model_units(shapes, config.units)):
+        return ""
+    lines = []
+    for path in sorted(Path(args.columns).glob("*.json")):
+        col = json.loads(path.read_text())
+        cost = col.get("head_artifact_cost")
+        if not cost:
+            continue
+        fmt = col["formats"][0]
+        recipe = Recipe(f"{fmt}-head-only", "fit", head_only(config, fmt, shapes))
+        planned = step_peak(plan_quantize(recipe, shapes, "cpu", None).components)
+        held = cost["held"]["held_peak_bytes"]
+        lines.append(f"head-only {fmt}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
+                     f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
+    return "\n".join(["# the head-only GPTQ runs (held: peak RSS above the step's RSS after its imports)", *lines])
 
 
 def uniform_samples(args) -> int:
