@@ -191,6 +191,8 @@ def gptq_dynamic(per_module: dict[str, str]):
     base = parse_format(max(counts, key=lambda f: (counts[f], f)))
     dynamic = {}
     for name, f in per_module.items():
+        if name == HEAD:  # GPTQModel's lm_head switch, not a dynamic rule, decides it (head_settings)
+            continue
         pattern = f"^{re.escape(name)}$"
         if f == FP:
             dynamic[f"-:{pattern}"] = {}
@@ -205,7 +207,6 @@ def head_settings(per_module: dict[str, str], dynamic: dict) -> dict:
     with its own settings spelled out (else GPTQModel gives it 8 bits, groups of 32); a head left fp is simply not
     quantized, so no rule names it."""
     pattern = f"^{re.escape(HEAD)}$"
-    dynamic = {k: v for k, v in dynamic.items() if k not in (f"-:{pattern}", f"+:{pattern}")}
     fmt = per_module.get(HEAD, FP)
     if fmt == FP:
         return {"dynamic": dynamic, "lm_head": False}
