@@ -389,7 +389,12 @@ def test_a_resolved_fits_quantize_plan_keeps_its_fp_linears_and_solves_a_quantiz
     comp = plan_quantize(Recipe("fit", "fit", mixed), qwen_shapes, "cpu", None).components
     first = next(lin for lin in qwen_shapes.linears if lin.name == units[0].name)
     assert comp["fp linears, kept once read"] == first.weights * 4
-    assert comp["head: its solve (weight, quantized copy, error; fp32)"] == 3 * qwen_shapes.head.weights * 4
+    head = qwen_shapes.head
+    solve = (3 * head.weights + head.out_features * max(head.in_features - 128, 0)) * 4  # 4-bit: the clipping search's
+    assert comp["head: its clipping search or solve, the larger (fp32)"] == max(solve, 5 * head.weights * 4)
+    eight = dataclasses.replace(mixed, allocation=tuple((n, "gptq-w8" if f != "fp" else f) for n, f in mixed.allocation))
+    assert plan_quantize(Recipe("fit", "fit", eight), qwen_shapes, "cpu", None).components[
+        "head: its clipping search or solve, the larger (fp32)"] == solve  # 8 bits: no clipping search (mse 0)
     assert step_peak(comp) > step_peak(unresolved)
 
 

@@ -26,6 +26,7 @@ from quantlab.plan.shapes import model_shapes
 from quantlab.plan.sizes import parse_size
 
 _SIZE = r"([0-9]*\.?[0-9]+(?:[KMGT]i?B|B))"
+GPTQ_BLOCK = 128  # the columns GPTQModel 7.6 solves at a time (``GPTQ.quantize(blocksize=128)``)
 DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # what GPTQModel's torch kernel runs in; a name's suffix for each
 
 
@@ -126,8 +127,12 @@ class FitMethod(Method):
         """The GPTQ calibration's (``GptqMethod.quantize_peak``; the sensitivity pass is a step of its own), and, once
         the allocation is solved, what it adds: GPTQModel parks a module on disk only once it has quantized it, so
         every linear left fp stays in memory once read (all of them by the save), and a quantized head is solved
-        in a phase of its own (the head read through a memory map and into a copy; its weight, quantized copy and
-        error in fp32; the calibration inputs)."""
+        in a phase of its own: the head read through a memory map and into a copy, the calibration inputs, and the
+        larger of GPTQModel 7.6's two steps on the head (``quantization/gptq.py`` ``quantize``, in fp32): the
+        clipping search a format with ``mse`` runs over the whole weight before the solve (the weight's copy and
+        four of its size: each grid point's quantized copy, built while the last one is held, and its two
+        intermediates, ``quantizer.py`` ``quantize``), and the solve (the copy, the quantized copy and the losses,
+        and the first block's error carried to the columns after it, ``Err1.matmul(Hinv[i1:i2, i2:])``)."""
         gptq = GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
         if not config.allocation:
             return gptq
@@ -138,8 +143,10 @@ class FitMethod(Method):
         extra = {"fp linears, kept once read": kept}
         if per_module.get(HEAD, FP) != FP and shapes.head is not None:
             head = shapes.head.weights
-            extra |= {"head: the head, mapped and copied": 2 * head * elem, "head: its solve (weight, quantized "
-                      "copy, error; fp32)": 3 * head * 4,
+            solve = 3 * head + shapes.head.out_features * max(shapes.head.in_features - GPTQ_BLOCK, 0)
+            search = 5 * head if _settings(parse_format(per_module[HEAD]))["mse"] else 0
+            extra |= {"head: the head, mapped and copied": 2 * head * elem,
+                      "head: its clipping search or solve, the larger (fp32)": max(solve, search) * 4,
                       "head: calibration inputs": config.samples * config.tokens * shapes.hidden * 4}
         return {**gptq, **extra}
 
