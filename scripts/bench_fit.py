@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     heads = head_runs(args, base, shapes)
     if heads:
         print(heads)
+    builds = build_runs(base, shapes, rows)
+    if builds:
+        print(builds)
     return 0
 
 
@@ -214,6 +217,26 @@ def head_runs(args, config, shapes) -> str:
         lines.append(f"head-only {fmt}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
                      f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
     return "\n".join(["# the head-only GPTQ runs (held: peak RSS above the step's RSS after its imports)", *lines])
+
+
+def build_runs(config, shapes, rows) -> str:
+    """Each fit row's build (one GPTQ calibration with its allocation): the quantize step's planned peak beside what
+    it held, and its wall time."""
+    from quantlab.plan.steps import plan_quantize, step_peak
+    from quantlab.recipe import Recipe
+
+    lines = []
+    for label, budget, row in rows:
+        if not row or "refused" in row:
+            continue
+        resolved = dataclasses.replace(config, weights_budget=budget,
+                                       allocation=tuple(row["fit"]["unit_formats"].items()))
+        planned = step_peak(plan_quantize(Recipe(row["recipe"], "fit", resolved), shapes, "cpu", None).components)
+        cost = row["cost"]
+        held = cost["held"]["held_peak_bytes"]
+        lines.append(f"{label}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
+                     f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
+    return "\n".join(["# the fit builds (held: peak RSS above the step's RSS after its imports)", *lines]) if lines else ""
 
 
 def uniform_samples(args) -> int:
