@@ -150,8 +150,9 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="With --gpu-mem: sequences at once.")
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True,
               help="Formats a unit may take: fp and GPTQ formats (gptq-w8, gptq-w4-g128, gptq-w4-g64, gptq-w4-g32).")
-@click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "linear"]),
-              help="One format per linear, or per decoder block's linears (a sensitivity pass 7x cheaper, a worse fit).")
+@click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "fused", "linear"]),
+              help="One format per linear; per fused projection as vLLM runs them (q,k,v; gate,up; each other linear: "
+                   "what vLLM can load); or per decoder block's linears (a sensitivity pass 7x cheaper, a worse fit).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16"]),
               help="What the fit is held in (GPTQModel's torch kernel): fp16 as vLLM runs GPTQ, bf16 if fp16 overflows.")
 @click.option("--text", default=None, help="Reference text the fit is measured on (default wikitext2_raw).")

@@ -171,5 +171,6 @@ def render_fit(result: dict) -> str:
         f"KLD: predicted {fit['predicted_kld']:.4g} (sum of the units' sensitivities on the calibration text), "
         f"measured {fid['kld_mean']:.4g} [{lo:.4g}, {hi:.4g}] nats/token on {result['text']['name']}",
         f"load: {result['loader']}",
+        *([f"vllm: {result['vllm']}"] if result.get("vllm") else []),
         f"artifact: {result['artifact']}",
     ])

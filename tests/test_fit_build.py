@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from quantlab.errors import RecipeError
-from quantlab.fit.units import model_units, parse_format, parse_formats
+from quantlab.fit.units import model_units, parse_format, parse_formats, split_fused
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.methods import get_method
-from quantlab.methods.fit import FitConfig, gptq_dynamic, head_settings
+from quantlab.methods.fit import FitConfig, gptq_dynamic, head_settings, vllm_note
 from quantlab.models import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.terms import weight_terms
@@ -59,7 +59,7 @@ def test_units_are_blocks_or_linears(shapes):
     assert sum(len(u.modules) for u in blocks) == len(linears)
 
 
-@pytest.mark.parametrize("granularity", ["block", "linear"])
+@pytest.mark.parametrize("granularity", ["block", "fused", "linear"])
 def test_fixed_plus_units_is_the_planners_bytes_of_the_allocation(shapes, granularity):
     units = model_units(shapes, granularity)
     rng = random.Random(0)
@@ -122,6 +122,46 @@ def test_dynamic_overrides_name_every_module_off_the_base_format():
                        r"-:^m\.layers\.1\.b$": {}}
     with pytest.raises(RecipeError, match="every module unquantized"):
         gptq_dynamic({"a": "fp"})
+
+
+def test_dynamic_rules_name_each_fused_projection_so_gptqmodel_and_vllm_both_apply_them():
+    import re
+
+    from gptqmodel.quantization.config import dynamic_get
+
+    attn, mlp = "model.layers.3.self_attn", "model.layers.3.mlp"
+    per_module = {f"{attn}.{p}_proj": "gptq-w4-g64" for p in "qkv"} | {f"{attn}.o_proj": "gptq-w8"}
+    per_module |= {f"{mlp}.gate_proj": "fp", f"{mlp}.up_proj": "fp", f"{mlp}.down_proj": "gptq-w8"}
+    per_module |= {f"model.layers.{i}.self_attn.q_proj": "gptq-w8" for i in range(4, 9)}
+    base, dynamic = gptq_dynamic(per_module)
+    assert base.name == "gptq-w8"
+    assert list(dynamic) == [r"+:^model\.layers\.3\.self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)$",
+                             r"-:^model\.layers\.3\.mlp\.(?:gate_proj|up_proj|gate_up_proj)$"]
+    for name, fmt in per_module.items():  # GPTQModel's own resolution, linear by linear
+        got = dynamic_get(dynamic, name)
+        assert (got is False) if fmt == "fp" else (got is None if fmt == "gptq-w8" else got["bits"] == 4)
+    vllm = {f"{attn}.qkv_proj": "+", f"{mlp}.gate_up_proj": "-", f"{attn}.o_proj": None, f"{mlp}.down_proj": None}
+    for layer, kind in vllm.items():  # vLLM's: re.match of each rule on the fused layer's name, first match wins
+        hit = next((k[0] for k in dynamic if re.match(k[2:], layer)), None)
+        assert hit == kind
+    assert vllm_note(per_module).startswith("vLLM's GPTQ path")
+    per_module[f"{attn}.k_proj"] = "gptq-w8"  # q, v in 4 bits, k in 8: vLLM cannot build that qkv_proj
+    _, dynamic = gptq_dynamic(per_module)
+    assert r"+:^model\.layers\.3\.self_attn\.q_proj$" in dynamic and not any("qkv" in k for k in dynamic)
+    assert split_fused(per_module) == [f"{attn}.qkv_proj"]
+    assert vllm_note(per_module).startswith("not loadable by vLLM: 1 fused projection(s)")
+
+
+def test_fused_units_are_the_projections_vllm_runs_as_one_matmul(untied_dir):
+    shapes = model_shapes(load_config(untied_dir))
+    names = [u.name for u in model_units(shapes, "fused")]
+    assert names[:4] == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+                         "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"] and names[-1] == "lm_head"
+    units = model_units(shapes, "fused")
+    assert [m[0] for m in units[0].modules] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert len(names) == 4 * shapes.layers + 1
+    linear = model_units(shapes, "linear")
+    assert sorted(m for u in units for m in u.modules) == sorted(m for u in linear for m in u.modules)
 
 
 def test_fit_recipe_names_round_trip():
@@ -212,7 +252,7 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     from quantlab.steps.fit import ensure_recipe_artifact
 
     recipe = recipe_from_mapping({"method": "fit", "weights_budget": 150_000, "formats": list(FORMATS),
-                                  "units": "linear", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
+                                  "units": "fused", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
                                   "sensitivity_chunks": 2}, "test")
     art = ensure_recipe_artifact(resolve_model(str(tiny_dir)), recipe, "cpu", 1)
     chosen = art["recipe"].config.module_formats(shapes)
@@ -225,6 +265,9 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
     assert measured == art["fit"]["predicted_bytes"] <= 150_000
     manifest = json.loads(open(f"{art['artifact']}/quantlab.json").read())
     assert manifest["method_notes"]["module_formats"] == chosen and "dtype=torch.float16" in manifest["method_notes"]["loader"]
+    rules = json.loads(open(f"{art['artifact']}/config.json").read())["quantization_config"]["dynamic"]
+    assert rules and all(r.endswith(("qkv_proj)$", "gate_up_proj)$", "o_proj$", "down_proj$")) for r in rules)
+    assert manifest["method_notes"]["vllm"].startswith("vLLM's GPTQ path")  # fused units: no projection split
 
     # each format's column is cached on its own: a table of fewer formats reuses it, its artifact no longer needed
     from quantlab.steps.fit import ensure_sensitivity
@@ -254,7 +297,7 @@ def test_an_untied_head_is_measured_from_its_head_only_artifact_quantized_and_re
     # one byte short of the head fp with every other unit at its smallest: the head must be quantized
     budget = fixed + size["fp"]["lm_head"] + sum(v for k, v in size["gptq-w4-g32"].items() if k != "lm_head") - 1
     recipe = recipe_from_mapping({"method": "fit", "weights_budget": budget, "formats": list(FORMATS),
-                                  "units": "linear", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
+                                  "units": "fused", "calibration": str(gptq_calib), "samples": 16, "tokens": 64,
                                   "sensitivity_chunks": 2}, "test")
     art = ensure_recipe_artifact(resolve_model(str(untied_dir)), recipe, "cpu", 1)
     chosen = art["recipe"].config.module_formats(shapes)

@@ -1,7 +1,8 @@
 """Units and formats of a fit: what gets one format each, which formats it may take, and the bytes of each choice.
 
-A unit is a decoder block's quantizable linears together (``block``) or one linear (``linear``, the default), and
-an untied output head (``lm_head``) is a unit of its own at either granularity: GPTQModel quantizes it
+A unit is a decoder block's quantizable linears together (``block``), the linears vLLM runs as one matmul together
+(``fused``: q, k and v; gate and up; every other linear alone, as vLLM's Llama and Qwen2 ``packed_modules_mapping``
+fuse them), or one linear (``linear``, the default), and an untied output head (``lm_head``) is a unit of its own at either granularity: GPTQModel quantizes it
 (``lm_head=True``) but refuses a head tied to the input embedding, and a tied head could only be quantized by
 untying it, which adds bytes, since the embedding stays unquantized. A
 format is ``fp`` (left unquantized, at the dtype the model is held in) or a GPTQ short name (``gptq-w8``,
@@ -18,7 +19,11 @@ from quantlab.errors import RecipeError
 from quantlab.plan.shapes import ModelShapes
 
 FP = "fp"
-GRANULARITIES = ("block", "linear")
+GRANULARITIES = ("block", "fused", "linear")
+# vLLM's fused projections (``packed_modules_mapping`` of its Llama, Qwen2 and Mistral models): the linears it loads
+# into one matmul, which therefore take one quantization format together
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
 HEAD = "lm_head"  # the output head's module name, as GPTQModel's model definitions name it
 DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g64", "gptq-w4-g32")  # each divides SmolLM2's 576 and 1536
 _GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
@@ -69,13 +74,29 @@ def model_units(shapes: ModelShapes, granularity: str = "block") -> list[UnitSpe
         match = re.match(r"^(.*?\.(\d+))\.", lin.name)
         if not match:
             raise RecipeError(f"{lin.name} lies in no numbered decoder block — fit cannot place it")
-        key = match.group(1) if granularity == "block" else lin.name
+        key = {"block": match.group(1), "fused": fused_name(lin.name)}.get(granularity, lin.name)
         groups.setdefault(key, []).append((lin.name, lin.out_features, lin.in_features))
         blocks[key] = int(match.group(2))
     units = [UnitSpec(k, tuple(v), blocks[k]) for k, v in groups.items()]
     if shapes.head is not None and shapes.head.name == HEAD:  # the forward reaches it after every block
         units.append(UnitSpec(HEAD, ((HEAD, shapes.head.out_features, shapes.head.in_features),), shapes.layers))
     return units
+
+
+def fused_name(module: str) -> str:
+    """The name vLLM gives the fused projection a linear is loaded into (``model.layers.3.self_attn.q_proj`` ->
+    ``model.layers.3.self_attn.qkv_proj``), or the linear's own name when vLLM runs it alone."""
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{FUSED[leaf]}" if leaf in FUSED and parent else module
+
+
+def split_fused(per_module: dict[str, str]) -> list[str]:
+    """The fused projections whose linears were given different formats: a checkpoint with any loads with
+    GPTQModel.load but not in vLLM, which builds each fused projection in one format."""
+    seen: dict[str, set] = {}
+    for name, fmt in per_module.items():
+        seen.setdefault(fused_name(name), set()).add(fmt)
+    return [name for name, fmts in seen.items() if len(fmts) > 1]
 
 
 def check_formats(formats, units: list[UnitSpec]) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from quantlab.errors import RecipeError
-from quantlab.fit.units import DEFAULT_FORMATS, FP, GRANULARITIES, HEAD, model_units, parse_format, parse_formats
+from quantlab.fit.units import (DEFAULT_FORMATS, FP, GRANULARITIES, HEAD, fused_name, model_units, parse_format,
+                                 parse_formats, split_fused)
 from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_windows, resolve_calibration
@@ -169,7 +170,7 @@ class FitMethod(Method):
         run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), **head_settings(per_module, dynamic)}, source_dir,
                       out_dir, device, calib, trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": loader(config.dtype),
-                "unit_formats": dict(config.allocation), "module_formats": per_module}
+                "vllm": vllm_note(per_module), "unit_formats": dict(config.allocation), "module_formats": per_module}
 
 
 def loader(dtype: str) -> str:
@@ -177,6 +178,18 @@ def loader(dtype: str) -> str:
     return (f"from gptqmodel import BACKEND, GPTQModel; GPTQModel.load(path, backend=BACKEND.TORCH, "
             f"dtype=torch.{dtype}).model — not transformers' from_pretrained, whose GPTQ integration (optimum) "
             "builds every module at the checkpoint's base bits and group size, ignoring the per-module dynamic overrides")
+
+
+def vllm_note(formats: dict[str, str]) -> str:
+    """Whether vLLM can build the checkpoint (its manifest's ``vllm``), from the format of each module or unit: vLLM
+    reads the same ``dynamic`` rules but builds each fused projection (q, k, v; gate, up) in one format."""
+    split = split_fused(formats)
+    if not split:
+        return ("vLLM's GPTQ path reads the same dynamic rules, each naming its fused projection (not run here: "
+                "no GPU)")
+    return (f"not loadable by vLLM: {len(split)} fused projection(s) split across formats ({', '.join(split[:2])}"
+            f"{', ...' if len(split) > 2 else ''}), which vLLM builds in one format each — fit with --units fused "
+            "or block for a vLLM checkpoint")
 
 
 def _settings(fmt) -> dict:
@@ -188,7 +201,10 @@ def _settings(fmt) -> dict:
 
 def gptq_dynamic(per_module: dict[str, str]):
     """(base format, GPTQModel ``dynamic``): the most common quantized format is the base; every module in another
-    gets a ``+:`` override of its settings, every unquantized one a ``-:`` rule. Patterns match the whole name."""
+    gets a ``+:`` override of its settings, every unquantized one a ``-:`` rule. Each rule covers the linears of one
+    fused projection when they share a format, and its pattern names the fused projection too
+    (``^model\\.layers\\.3\\.self_attn\\.(?:q_proj|k_proj|v_proj|qkv_proj)$``): GPTQModel matches it to each linear,
+    vLLM (``re.match`` on the name of the layer it builds) to the fused one. Patterns match the whole name."""
     counts: dict[str, int] = {}
     for f in per_module.values():
         if f != FP:
@@ -196,16 +212,24 @@ def gptq_dynamic(per_module: dict[str, str]):
     if not counts:
         raise RecipeError("This allocation leaves every module unquantized — it is the fp model; lower the budget")
     base = parse_format(max(counts, key=lambda f: (counts[f], f)))
+    groups: dict[str, list[str]] = {}
+    for name in per_module:
+        if name != HEAD:  # GPTQModel's lm_head switch, not a dynamic rule, decides it (head_settings)
+            groups.setdefault(fused_name(name), []).append(name)
     dynamic = {}
-    for name, f in per_module.items():
-        if name == HEAD:  # GPTQModel's lm_head switch, not a dynamic rule, decides it (head_settings)
-            continue
-        pattern = f"^{re.escape(name)}$"
-        if f == FP:
-            dynamic[f"-:{pattern}"] = {}
-        elif f != base.name:
-            s = _settings(parse_format(f))
-            dynamic[f"+:{pattern}"] = {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware")}
+    for fused, names in groups.items():
+        if len({per_module[n] for n in names}) == 1 and fused not in names:
+            parent = fused.rpartition(".")[0]
+            leaves = [n.rpartition(".")[2] for n in names] + [fused.rpartition(".")[2]]
+            rules = [(f"^{re.escape(parent)}\\.(?:{'|'.join(leaves)})$", per_module[names[0]])]
+        else:
+            rules = [(f"^{re.escape(n)}$", per_module[n]) for n in names]
+        for pattern, f in rules:
+            if f == FP:
+                dynamic[f"-:{pattern}"] = {}
+            elif f != base.name:
+                s = _settings(parse_format(f))
+                dynamic[f"+:{pattern}"] = {k: s[k] for k in ("bits", "group_size", "mse", "act_group_aware")}
     return base, dynamic
 
 

@@ -19,7 +19,7 @@ from quantlab.evaluate.suites import parse_shard, task_settings
 from quantlab.fsutil import atomic_write_json, check_writable_dir
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
-from quantlab.methods.fit import loader
+from quantlab.methods.fit import loader, vllm_note
 from quantlab.models import load_config, resolve_model
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
@@ -88,7 +88,7 @@ def fit_model(model: str | None, config, device: str = "auto", threads: int = 1,
     fid = evaluate_model(art["artifact"], model, text=text, data_dir=data_dir, device=device, threads=threads,
                          trust_remote_code=trust_remote_code)
     return {"recipe": built.name, "artifact": art["artifact"], "fit": art["fit"], "loader": loader(built.config.dtype),
-            "measured_bytes": weights["weights_bytes"], "fidelity": fid["fidelity"], "text": fid["text"]}
+            "vllm": vllm_note(art["fit"]["unit_formats"]), "measured_bytes": weights["weights_bytes"], "fidelity": fid["fidelity"], "text": fid["text"]}
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),
