@@ -73,13 +73,13 @@ def test_fixed_plus_units_is_the_planners_bytes_of_the_allocation(shapes, granul
 
 def test_an_untied_head_is_a_unit_after_every_block_and_a_tied_one_is_not(shapes, qwen_shapes):
     assert "lm_head" not in {u.name for u in model_units(shapes, "linear")}  # tied to the embedding
-    for granularity in ("block", "linear"):
+    for granularity in ("block", "fused", "linear"):
         head = model_units(qwen_shapes, granularity)[-1]
         assert (head.name, head.block) == ("lm_head", qwen_shapes.layers)
         assert head.modules == (("lm_head", qwen_shapes.head.out_features, qwen_shapes.head.in_features),)
 
 
-@pytest.mark.parametrize("granularity", ["block", "linear"])
+@pytest.mark.parametrize("granularity", ["block", "fused", "linear"])
 def test_with_the_head_a_unit_fixed_plus_units_is_still_the_planners_bytes(qwen_shapes, granularity):
     units = model_units(qwen_shapes, granularity)
     fp_head = sum(weight_terms(GptqMixedLayout(()), qwen_shapes, "cpu").values())
