@@ -347,6 +347,28 @@ def test_quantlab_fit_refuses_bad_input_in_one_line(tiny_dir, shapes, args, mess
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
+def test_quantlab_fit_builds_measures_and_answers_within_the_budget(tiny_dir, tiny_text, shapes):
+    from click.testing import CliRunner
+
+    from quantlab.cli import cli
+
+    units = model_units(shapes, "fused")
+    fp, w4 = (fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, f, shapes, "cpu") for u in units)
+              for f in ("fp", "gptq-w4-g32"))
+    args = ["fit", str(tiny_dir), "--weights-budget", f"{(fp + w4) // 2}B", "--formats", "fp,gptq-w4-g32",
+            "--units", "fused", "--text", str(tiny_text)]
+    result = CliRunner().invoke(cli, [*args, "--json"], obj={})
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)  # stdout alone: progress goes to stderr
+    assert out["measured_bytes"] == out["fit"]["predicted_bytes"] <= (fp + w4) // 2
+    assert set(out["fit"]["unit_formats"].values()) == {"fp", "gptq-w4-g32"}  # halfway: a real mix
+    assert out["vllm"].startswith("vLLM's GPTQ path") and out["fidelity"]["kld_mean"] > 0
+    text = CliRunner().invoke(cli, args, obj={})  # built once: the answer again, from the cache
+    assert text.exit_code == 0 and f"measured {out['measured_bytes']:,} (within the budget" in text.stdout
+    assert "vllm: vLLM's GPTQ path" in text.stdout and "load: from gptqmodel import" in text.stdout
+
+
 def test_a_gpu_budget_leaves_the_weights_what_quantlab_plan_does_not_give_the_rest(tiny_dir, shapes):
     from quantlab.plan import PlanSettings, plan_model
     from quantlab.steps.fit import fit_budget
