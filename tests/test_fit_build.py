@@ -107,10 +107,11 @@ def test_a_quantized_head_is_gptqmodels_lm_head_with_its_own_settings_and_an_fp_
     assert fp == {"lm_head": False, "dynamic": {}}
 
 
-def test_a_unit_in_fewer_bits_has_fewer_bytes(shapes):
-    u = model_units(shapes, "block")[0]
-    sizes = [unit_bytes(u, f, shapes, "cpu") for f in ("fp", "gptq-w8", "gptq-w4-g32")]
-    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+@pytest.mark.parametrize("granularity", ["block", "fused", "linear"])
+def test_a_unit_in_fewer_bits_has_fewer_bytes(shapes, granularity):
+    for u in model_units(shapes, granularity)[:4]:  # fused: qkv_proj, o_proj, gate_up_proj, down_proj
+        sizes = [unit_bytes(u, f, shapes, "cpu") for f in ("fp", "gptq-w8", "gptq-w4-g32")]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3, u.name
 
 
 def test_dynamic_overrides_name_every_module_off_the_base_format():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantlab.fit.units import FP, UnitSpec, parse_format
+from quantlab.fit.units import FP, UnitSpec, fused_name, parse_format
 from quantlab.layouts import Layout
 from quantlab.layouts.gptq import GPTQ_NOTE, GptqPackedLayout
 from quantlab.plan.shapes import ModelShapes
@@ -29,8 +29,9 @@ class GptqMixedLayout(Layout):
     libraries = ("gptqmodel",)
 
     def _format_of(self, name: str):
+        fused = fused_name(name)  # a fused unit (``...qkv_proj``) holds the linears vLLM loads into it
         for unit, fmt in self.allocation:
-            if name == unit or name.startswith(unit + "."):
+            if name == unit or name.startswith(unit + ".") or fused == unit:
                 return parse_format(fmt)
         # unresolved (or a linear outside every unit): the largest candidate, an upper bound
         return max((parse_format(f) for f in self.formats or (FP,)), key=self._upper)
