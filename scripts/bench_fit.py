@@ -199,44 +199,38 @@ def head_runs(args, config, shapes) -> str:
     allocation) beside what it held, and its wall time."""
     from quantlab.fit.units import HEAD, model_units
     from quantlab.methods.fit import head_only
-    from quantlab.plan.steps import plan_quantize, step_peak
-    from quantlab.recipe import Recipe
 
     if not args.columns or not any(u.name == HEAD for u in model_units(shapes, config.units)):
         return ""
     lines = []
     for path in sorted(Path(args.columns).glob("*.json")):
         col = json.loads(path.read_text())
-        cost = col.get("head_artifact_cost")
-        if not cost:
-            continue
-        fmt = col["formats"][0]
-        recipe = Recipe(f"{fmt}-head-only", "fit", head_only(config, fmt, shapes))
-        planned = step_peak(plan_quantize(recipe, shapes, "cpu", None).components)
-        held = cost["held"]["held_peak_bytes"]
-        lines.append(f"head-only {fmt}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
-                     f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
+        if col.get("head_artifact_cost"):
+            fmt = col["formats"][0]
+            lines.append(planned_vs_held(f"head-only {fmt}", f"{fmt}-head-only", head_only(config, fmt, shapes),
+                                         shapes, col["head_artifact_cost"]))
     return "\n".join(["# the head-only GPTQ runs (held: peak RSS above the step's RSS after its imports)", *lines])
 
 
 def build_runs(config, shapes, rows) -> str:
     """Each fit row's build (one GPTQ calibration with its allocation): the quantize step's planned peak beside what
     it held, and its wall time."""
+    lines = [planned_vs_held(label, row["recipe"], dataclasses.replace(
+        config, weights_budget=budget, allocation=tuple(row["fit"]["unit_formats"].items())), shapes, row["cost"])
+        for label, budget, row in rows if row and "refused" not in row]
+    return "\n".join(["# the fit builds (held: peak RSS above the step's RSS after its imports)", *lines]) \
+        if lines else ""
+
+
+def planned_vs_held(label: str, name: str, config, shapes, cost: dict) -> str:
+    """One fit quantize step's line: ``quantlab plan``'s peak for that resolved config beside what the step held."""
     from quantlab.plan.steps import plan_quantize, step_peak
     from quantlab.recipe import Recipe
 
-    lines = []
-    for label, budget, row in rows:
-        if not row or "refused" in row:
-            continue
-        resolved = dataclasses.replace(config, weights_budget=budget,
-                                       allocation=tuple(row["fit"]["unit_formats"].items()))
-        planned = step_peak(plan_quantize(Recipe(row["recipe"], "fit", resolved), shapes, "cpu", None).components)
-        cost = row["cost"]
-        held = cost["held"]["held_peak_bytes"]
-        lines.append(f"{label}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
-                     f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
-    return "\n".join(["# the fit builds (held: peak RSS above the step's RSS after its imports)", *lines]) if lines else ""
+    planned = step_peak(plan_quantize(Recipe(name, "fit", config), shapes, "cpu", None).components)
+    held = cost["held"]["held_peak_bytes"]
+    return (f"{label}: quantize planned {planned / 1e9:.2f} GB, held {held / 1e9:.2f} GB "
+            f"(planned/held {planned / held:.2f}), {cost['quantize_wall_s']:.0f} s wall")
 
 
 def uniform_samples(args) -> int:

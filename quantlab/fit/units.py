@@ -2,9 +2,9 @@
 
 A unit is a decoder block's quantizable linears together (``block``), the linears vLLM runs as one matmul together
 (``fused``: q, k and v; gate and up; every other linear alone, as vLLM's Llama and Qwen2 ``packed_modules_mapping``
-fuse them), or one linear (``linear``, the default), and an untied output head (``lm_head``) is a unit of its own at either granularity: GPTQModel quantizes it
-(``lm_head=True``) but refuses a head tied to the input embedding, and a tied head could only be quantized by
-untying it, which adds bytes, since the embedding stays unquantized. A
+fuse them), or one linear (``linear``, the default), and an untied output head (``lm_head``) is a unit of its own
+at every granularity: GPTQModel quantizes it (``lm_head=True``) but refuses a head tied to the input embedding,
+and a tied head could only be quantized by untying it, which adds bytes, since the embedding stays unquantized. A
 format is ``fp`` (left unquantized, at the dtype the model is held in) or a GPTQ short name (``gptq-w8``,
 ``gptq-w4-g64``): the formats GPTQModel's ``dynamic`` per-module overrides can mix in one checkpoint. The bytes
 of a unit in a format are the planner's (``quantlab.layouts.gptq_mixed``).

@@ -88,7 +88,8 @@ def fit_model(model: str | None, config, device: str = "auto", threads: int = 1,
     fid = evaluate_model(art["artifact"], model, text=text, data_dir=data_dir, device=device, threads=threads,
                          trust_remote_code=trust_remote_code)
     return {"recipe": built.name, "artifact": art["artifact"], "fit": art["fit"], "loader": loader(built.config.dtype),
-            "vllm": vllm_note(art["fit"]["unit_formats"]), "measured_bytes": weights["weights_bytes"], "fidelity": fid["fidelity"], "text": fid["text"]}
+            "vllm": vllm_note(art["fit"]["unit_formats"]), "measured_bytes": weights["weights_bytes"],
+            "fidelity": fid["fidelity"], "text": fid["text"]}
 
 
 def weigh_model(model: str | None, recipe: Recipe, device: str = "cpu", contexts: tuple[int, ...] = (),
