@@ -54,3 +54,12 @@ def resolve_target(ref: str, trust_remote_code: bool = False) -> tuple[str, Reci
         check_model_dir(Path(ref), trust_remote_code)
         return str(Path(ref).resolve()), Recipe.from_dict(manifest["recipe"])
     return resolve_model(ref, trust_remote_code).path, parse_recipe("fp")
+
+
+def source_fingerprint(ref: str, trust_remote_code: bool = False) -> str:
+    """The fingerprint of the model ``ref`` is, or was quantized from (an artifact's manifest names its source):
+    what tells two evaluations of the same model from two of different ones."""
+    manifest = read_manifest(ref) if Path(ref).is_dir() else None
+    if manifest and (manifest.get("source") or {}).get("fingerprint"):
+        return manifest["source"]["fingerprint"]
+    return resolve_model(ref, trust_remote_code).fingerprint

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError, UsageError
-from quantlab.fsutil import load_yaml
+from quantlab.fsutil import ensure_dir, load_yaml, naming_full_disk
 
 TABLE = Path(__file__).with_name("named_models.yaml")
 _BLOCK = 1 << 22
@@ -55,9 +55,10 @@ def chunked_entry(name: str) -> dict:
 def assemble_chunks(name: str, target: Path) -> None:
     """Download, check and concatenate every chunk of ``name`` into ``target`` (written only when all match)."""
     spec = chunked_entry(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     whole = hashlib.sha256()
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+    with naming_full_disk(target.parent, target.name), \
+            tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
         assembled = Path(tmp) / target.name
         with open(assembled, "wb") as out:
             for n, part in enumerate(spec["parts"], 1):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 
 import click
 
@@ -13,7 +14,8 @@ from quantlab.errors import QuantlabError
 from quantlab.evaluate.shards import merge_shard_files
 from quantlab.fit.units import DEFAULT_FORMATS
 from quantlab.gate import run_gate
-from quantlab.gate.report import publish_verdict
+from quantlab.gate.report import check_verdict_outputs, publish_verdict
+from quantlab.interrupts import Interrupted, on_signals
 from quantlab.methods import all_methods, get_method, method_target
 from quantlab.methods.fit import FitConfig
 from quantlab.models import fetch_model
@@ -25,16 +27,30 @@ from quantlab.records import budget_check
 from quantlab.report import ReportSettings, load_results, write_report
 from quantlab.sweep.commands import bench_model, evaluate, fit_model, quantize_and_compare, quantize_model, run_sweep
 from quantlab.sweep.driver import RunOptions
-from quantlab.sweep.spec import compare_spec
+from quantlab.sweep.spec import MAX_JOBS, compare_spec
 from quantlab.table import render_fit, render_runs, render_table
 
 
 class QuantlabGroup(click.Group):
     """Turns library errors into ``Error: ...`` with the error's exit code; tracebacks only with --debug."""
 
+    def main(self, *args, **kwargs):
+        """Ctrl-C or SIGTERM anywhere in a command: the way out cleans up (``quantlab.interrupts``), then one
+        line and exit 130 (SIGINT) or 143 (SIGTERM), where click would print "Aborted!" and exit 1."""
+        try:
+            with on_signals():
+                return super().main(*args, **kwargs)
+        except Interrupted as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(exc.exit_code)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Interrupted:
+            if ctx.obj and ctx.obj.get("debug"):  # where it was interrupted
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            raise
         except QuantlabError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 tb = getattr(exc, "worker_traceback", None)
@@ -43,6 +59,30 @@ class QuantlabGroup(click.Group):
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:  # one line like every other error, not click's usage block
+            if (ctx.obj and ctx.obj.get("debug")) or type(exc).__name__ == "NoArgsIsHelpError":
+                raise
+            click.echo(_usage_line(exc, ctx), err=True)
+            ctx.exit(exc.exit_code)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The group's own options (``quantlab --bogus``) fail as one line too."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            if "--debug" in args or type(exc).__name__ == "NoArgsIsHelpError":  # bare `quantlab`: click's help
+                raise
+            click.echo(_usage_line(exc, None, info_name), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
+
+
+def _usage_line(exc: click.UsageError, ctx, name: str = "quantlab") -> str:
+    """click's usage error as ``Error: <what> — <fix>``; click's own messages get the command's --help as the fix."""
+    message = exc.format_message().rstrip(".")
+    if " — " in message:
+        return f"Error: {message}"
+    where = exc.ctx.command_path if exc.ctx else (ctx.command_path if ctx else name)
+    return f"Error: {message} — see {where} --help"
 
 
 @click.group(cls=QuantlabGroup)
@@ -146,8 +186,8 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
 @click.argument("model", required=False)
 @click.option("--weights-budget", default=None, help="Bytes of weights as loaded: 180MiB, 1.5GB (10^9), 2GiB.")
 @click.option("--gpu-mem", default=None, help="GPU memory for weights + KV cache + activations + runtime, e.g. 32GB.")
-@click.option("--context", default=4096, show_default=True, type=click.IntRange(1), help="With --gpu-mem: tokens of context.")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="With --gpu-mem: sequences at once.")
+@click.option("--context", default=None, type=click.IntRange(1), help="With --gpu-mem: tokens of context (default 4096).")
+@click.option("--batch", default=None, type=click.IntRange(1), help="With --gpu-mem: sequences at once (default 1).")
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True,
               help="Formats a unit may take: fp and GPTQ formats (gptq-w8, gptq-w4-g128, gptq-w4-g64, gptq-w4-g32).")
 @click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "fused", "linear"]),
@@ -164,8 +204,11 @@ def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, units, dtyp
     """Fit MODEL (default smollm2-135m) to a budget: one format per unit, least predicted KLD; build and measure it."""
     if (weights_budget is None) == (gpu_mem is None):
         raise click.UsageError("Give one budget: --weights-budget SIZE or --gpu-mem SIZE")
-    config = FitConfig(weights_budget=weights_budget, gpu_mem=gpu_mem, context=context, batch=batch, units=units,
-                       dtype=dtype, formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
+    if weights_budget is not None and (context or batch):
+        raise click.UsageError("--context and --batch size the KV cache within --gpu-mem; a --weights-budget fit "
+                               "holds no cache — drop them, or give --gpu-mem")
+    config = FitConfig(weights_budget=weights_budget, gpu_mem=gpu_mem, context=context or 4096, batch=batch or 1,
+                       units=units, dtype=dtype, formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
     result = _call(fit_model, model, config, device or "auto", threads or 1, data_dir, text, trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render_fit(result))
 
@@ -214,11 +257,15 @@ def merge_shards_cmd(shards, output):
 @click.option("--summary", default=None, type=click.Path(dir_okay=False), help="Write a Markdown summary here.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False), help="Write the verdict JSON here.")
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
+@click.option("--allow-other-model", is_flag=True,
+              help="Gate a candidate of another model than the baseline's (refused otherwise: say you mean it).")
 @click.pass_context
-def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store):
+def gate_cmd(ctx, baseline, candidate, policy, summary, json_out, store, allow_other_model):
     """Paired tests of candidate vs baseline per-sample scores: exit 0 pass, 3 regression, 1 error."""
     try:
-        verdict = _call(run_gate, baseline, candidate, policy, store)
+        check_verdict_outputs(summary, json_out)
+        verdict = _call(run_gate, baseline, candidate, policy, store, allow_other_model=allow_other_model,
+                        outputs={"--summary": summary, "--json-out": json_out})
     except QuantlabError as exc:  # the gate's contract: 0 pass, 3 regression, 1 any error
         if ctx.obj.get("debug"):
             raise
@@ -281,8 +328,11 @@ def report_cmd(results, run_set, store, model, out, gpu_mem, context, batch, max
 @click.option("--store", default=None, help="SQLite store (default QUANTLAB_HOME/quantlab.db).")
 @click.option("--out", default=None, help="Output dir for results.json and report.html (default reports/<file>-<date>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--max-jobs", default=None, type=click.IntRange(1),
+              help=f"The most jobs (models x recipes) the sweep may have (default {MAX_JOBS}); a larger grid is "
+                   "refused before it is expanded.")
 @_budget
-def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json, max_memory):
+def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as_json, max_jobs, max_memory):
     """Run every job of SWEEP_FILE (models x recipes): cached by content, resumable after a kill."""
     def progress(job, record, cached):
         f = record["fidelity"]
@@ -292,7 +342,7 @@ def sweep_cmd(sweep_file, executor, address, max_parallel, force, store, out, as
                    + (f" — over the memory budget in: {', '.join(over)}" if over else ""), err=True)
 
     opts = RunOptions(executor=executor, address=address, max_parallel=max_parallel, force=force, store=store, out=out)
-    summary = _call(run_sweep, sweep_file, opts, progress, max_memory)
+    summary = _call(run_sweep, sweep_file, opts, progress, max_memory, max_jobs)
     for warning in summary["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     for refusal in summary["refused"]:

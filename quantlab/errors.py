@@ -35,3 +35,7 @@ class StoreError(QuantlabError):
 
 class MeasurementError(QuantlabError):
     """An isolated measurement subprocess failed."""
+
+
+class DiskFullError(QuantlabError):
+    """A write ran out of space; the message names the folder and its free space."""

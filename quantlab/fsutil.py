@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 
-from quantlab.errors import UsageError
+from quantlab.errors import DiskFullError, UsageError
 
 
 def safe_name(name: str) -> str:
@@ -29,6 +28,75 @@ def safe_name(name: str) -> str:
     return f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def ensure_dir(path: str | Path) -> Path:
+    """``path`` as a folder, made if missing. A regular file where a folder belongs (QUANTLAB_HOME itself, one of
+    its folders, an output's parent) is a one-line error naming that file, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        home = os.environ.get("QUANTLAB_HOME")
+        what = "QUANTLAB_HOME " if home and Path(home).expanduser().absolute() == blocker.absolute() else ""
+        raise UsageError(f"{what}{blocker} is a file where quantlab needs a folder"
+                         f"{f' (for {path})' if blocker != path else ''} — move or rename that file"
+                         f"{_home_hint(path, ', or point QUANTLAB_HOME at another folder')}") from None
+    except PermissionError:
+        raise UsageError(f"Cannot create the folder {path} (permission denied) — choose a writable location"
+                         f"{_home_hint(path, ', e.g. set QUANTLAB_HOME')}") from None
+    except OSError as exc:
+        if is_disk_full(exc, path):
+            raise full_disk(path, path.name) from None
+        raise
+    return path
+
+
+def _home_hint(path: Path, hint: str) -> str:
+    home = os.environ.get("QUANTLAB_HOME") or str(Path.home() / ".cache" / "quantlab")
+    inside = Path(path).absolute().is_relative_to(Path(home).expanduser().absolute())
+    return hint if inside else ""
+
+
+#: errno values that mean the filesystem cannot take more bytes (space, quota, file size).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(exc: BaseException, folder: str | Path) -> bool:
+    """Whether ``exc`` is a write that failed for want of space. The OS says so with ENOSPC or EDQUOT; numpy's
+    short write ("99960 requested and 26592 written") and similar carry no errno, so then the folder's free
+    space decides (under 64 MiB left)."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _FULL_ERRNOS:
+        return True
+    if exc.errno is None:
+        with contextlib.suppress(OSError):
+            return free_bytes(folder) < 64 * 2**20
+    return False
+
+
+def full_disk(folder: str | Path, what: str) -> DiskFullError:
+    """The one error for a write that ran out of space: which folder, what was being written, the space left."""
+    free = "unknown"
+    with contextlib.suppress(OSError):
+        free = f"{free_bytes(folder) / 1e6:.0f} MB"
+    where = _home_hint(Path(folder), "free space there or point QUANTLAB_HOME at a larger disk")
+    return DiskFullError(f"The disk holding {folder} is full ({free} free) while writing {what} — "
+                         f"{where or 'free space there or write to another disk'}; nothing half-written was kept")
+
+
+@contextlib.contextmanager
+def naming_full_disk(folder: str | Path, what: str):
+    """Every atomic write runs in this: an OSError for want of space leaves as a DiskFullError naming
+    ``folder`` and its free space; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc, folder):
+            raise full_disk(folder, what) from None
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -41,17 +109,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    ensure_dir(path.parent)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder where quantlab writes a file — move or rename that folder"
+                         f"{_home_hint(path, ', or point QUANTLAB_HOME at another folder')}")
+    with naming_full_disk(path.parent, path.name):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_json(path: str | Path, data) -> None:
@@ -60,19 +132,21 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temp directory beside ``final``; rename it into place only if the block succeeds."""
+    """Yield a temp directory beside ``final``; rename it into place only if the block succeeds. A write in the
+    block that fails for want of space is a DiskFullError naming the folder."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(final.parent)
     remove_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with naming_full_disk(final.parent, final.name):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
+        try:
+            yield tmp
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temps(final: Path) -> None:
@@ -92,11 +166,12 @@ def scratch_dir(prefix: str):
         pid = old.name[len(prefix):].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=".scratch", dir=base))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with naming_full_disk(base, f"a {prefix.rstrip('-.')} scratch folder"):
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", suffix=".scratch", dir=base))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -113,8 +188,8 @@ def _alive(pid: int) -> bool:
 def file_lock(path: str | Path):
     """An exclusive advisory lock, so two processes never build the same cache entry at once."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    ensure_dir(path.parent)
+    with naming_full_disk(path.parent, path.name), open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -122,109 +197,22 @@ def file_lock(path: str | Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def check_writable_dir(path: str | Path) -> Path:
+def check_writable_dir(path: str | Path, option: str = "--out") -> Path:
     """Prove ``path`` can be created and written, without leaving anything behind, before heavy work."""
     path = Path(path)
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"Output directory {path} cannot be created: {probe} is not a directory — choose another --out")
+        raise UsageError(f"Output directory {path} cannot be created: {probe} is not a directory — choose another "
+                         f"{option}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".quantlab-write-test.", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise UsageError(f"Output directory {path} is not writable ({exc.strerror}) — choose another --out") from None
+        raise UsageError(f"Output directory {path} is not writable ({exc.strerror}) — choose another {option}") from None
     return path
-
-
-#: In a folder quantlab writes into (an --out), the files it wrote there: the only ones it replaces or removes.
-MANIFEST = ".quantlab-manifest.json"
-
-
-def listed_files(folder: Path) -> set[str]:
-    """The paths (relative, '/'-separated) ``folder``'s manifest says quantlab wrote; none without one."""
-    try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return set()
-    files = data.get("files") if isinstance(data, dict) else None
-    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
-
-
-def foreign_files(folder: str | Path) -> list[str]:
-    """Files under ``folder`` that no manifest in it (or in a subfolder above them) lists: not quantlab's. Its
-    temporary files (a publication's staging folder, an atomic write's temp file) are quantlab's too."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found, manifests = [], {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not _STAGING.fullmatch(d)]
-        for name in filenames:
-            if not _written_here(here / name, folder, manifests):
-                found.append((here / name).relative_to(folder).as_posix())
-    return sorted(found)
-
-
-_STAGING = re.compile(r"\.publish\.\d+\..+\.tmp")
-_ATOMIC_TEMP = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # atomic_write_bytes's mkstemp name for <name>
-
-
-def _written_here(path: Path, top: Path, manifests: dict) -> bool:
-    """Whether a manifest in ``path``'s folder or one above it (up to ``top``) lists it."""
-    temp = _ATOMIC_TEMP.fullmatch(path.name)
-    names = [path.name] + ([temp.group(1)] if temp else [])
-    owner = path.parent
-    while True:
-        if owner not in manifests:
-            manifests[owner] = listed_files(owner)
-        rel = path.parent.relative_to(owner)
-        for name in names:
-            if (rel / name).as_posix() in manifests[owner] or (owner == path.parent and name == MANIFEST):
-                return True
-        if owner == top:
-            return False
-        owner = owner.parent
-
-
-def check_own_dir(folder: str | Path, option: str = "--out") -> None:
-    """Refuse, before any work, a folder holding files quantlab did not write: it never modifies those."""
-    foreign = foreign_files(folder)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UsageError(f"{option} {folder} holds files quantlab did not write ({shown}) — choose a new or empty "
-                         f"{option}, or move them; nothing was written")
-
-
-def claim_files(folder: Path, names: Iterable[str]) -> set[str]:
-    """Before writing ``names`` into ``folder``: refuse it if it holds files quantlab did not write, then list
-    ``names`` in its manifest beside what it already listed (a write cut short leaves nothing unlisted).
-    Returns the previous listing, for ``settle_files``."""
-    check_own_dir(folder)
-    previous = listed_files(folder)
-    _write_manifest(folder, previous | set(names))
-    return previous
-
-
-def settle_files(folder: Path, written: Iterable[str], previous: Iterable[str]) -> None:
-    """After a publication: remove the files of the previous one it did not write again (quantlab's, listed),
-    and the folders they leave empty; the manifest then lists exactly ``written``."""
-    written = set(written)
-    for name in sorted(set(previous) - written):
-        path = folder / name
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        with contextlib.suppress(OSError):  # only if empty
-            if path.parent != folder:
-                path.parent.rmdir()
-    _write_manifest(folder, written)
-
-
-def _write_manifest(folder: Path, names: set[str]) -> None:
-    atomic_write_json(folder / MANIFEST, {"written_by": "quantlab", "files": sorted(names)})
 
 
 def free_bytes(path: str | Path) -> int:
@@ -248,13 +236,40 @@ def load_yaml(path: str | Path, what: str, missing_hint: str, error=UsageError):
     if not path.is_file():
         raise error(f"{what} {path} does not exist — {missing_hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except OSError as exc:
         raise error(f"{what} {path} cannot be read ({exc.strerror}) — check its permissions") from None
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}) — save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {path}: {yaml_problem(exc)}") from None
+
+
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a mapping that gives one key twice (PyYAML keeps the last silently, so
+    ``bits: 4`` then ``bits: 8`` would run 8 bits with no word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden: YAML's rule
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key!r} is given twice{f' (first on line {seen[key]})' if seen[key] != line else ''}"
+                            " — keep one",
+                            key_node.start_mark)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base loader names it
+                    break
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def yaml_problem(exc) -> str:
@@ -265,6 +280,8 @@ def yaml_problem(exc) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}: " if mark else ""
     problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if "is given twice" in problem:
+        return f"{where}{problem}"
     if isinstance(exc, yaml.constructor.ConstructorError):
         return f"{where}{problem} — quantlab reads plain YAML (no Python or custom tags); remove the tag"
     return f"{where}invalid YAML ({problem}) — fix the syntax"

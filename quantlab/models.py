@@ -261,17 +261,25 @@ def _names_own_code(path: Path) -> bool:
         return False
 
 
-def linear_shapes(config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear a method would quantize, built on the meta device (no weights)."""
+def linear_dims(module) -> tuple[int, int] | None:
+    """(out, in) of a linear layer a method quantizes: an ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2's
+    projections: the same product with the weight stored transposed, (in, out)); None for any other module."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+def linear_shapes(config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer a method would quantize (``linear_dims``), built on the meta device."""
     model = meta_model(config, trust_remote_code)
     out_embed = model.get_output_embeddings()
-    return {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not out_embed
-    }
+    return {name: dims for name, m in model.named_modules()
+            if m is not out_embed and (dims := linear_dims(m)) is not None}
 
 
 def count_params(config, trust_remote_code: bool = False) -> int:
@@ -308,8 +316,10 @@ def cached_sha256(path: Path) -> str:
     return cache[key]
 
 
-def load_causal_lm(path: str | Path, device: str | None = "cpu", trust_remote_code: bool = False, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with quantlab's defaults (fp32 on CPU) and clear errors."""
+def load_causal_lm(path: str | Path, device: str | None = "cpu", trust_remote_code: bool = False, model_class=None,
+                   **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` (or ``model_class.from_pretrained``) with quantlab's defaults (fp32
+    on CPU) and clear errors."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -317,7 +327,8 @@ def load_causal_lm(path: str | Path, device: str | None = "cpu", trust_remote_co
     if device and device != "cpu" and "device_map" not in kwargs:
         kwargs["device_map"] = device
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kwargs)
+        model = (model_class or AutoModelForCausalLM).from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                                      **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"Could not load {path}: {_first_line(exc)} — check the directory and installed libraries") from None
     return model.eval()

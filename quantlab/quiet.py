@@ -12,6 +12,8 @@ NOISE = {
     "torchao": r"^Failed to load \S*/torchao/_C\w*\.[\w.-]*so\b",
     # torch telling torchao (on its import) that registering its enums with pytree is deprecated
     "torch.utils._pytree": r"is an Enum subclass and is now natively supported by torch\.compile",
+    # lm-eval warning that quantlab hands it an in-memory model, which is how quantlab always runs it
+    "lm_eval.models.huggingface": r"^(`pretrained` model kwarg is not of type `str`|Passed an already-initialized model)",
 }
 
 

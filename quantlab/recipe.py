@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ def recipe_from_mapping(data: dict, where: str) -> Recipe:
             f"{where}: unknown key(s) {', '.join(unknown)} for method '{method.name}' — "
             f"allowed: name, method, {', '.join(sorted(fields))}"
         )
+    _check_types(method.config_cls, params, where)
     try:
         config = method.config_cls(**params)
     except TypeError as exc:
@@ -87,24 +89,70 @@ def recipe_from_mapping(data: dict, where: str) -> Recipe:
 def expand_recipes(items, where: str) -> list[Recipe]:
     """A recipe file's ``recipes:`` list: short names and mappings; a mapping with list values becomes one recipe
     per combination (a grid), named by the method's short name plus ``key=value`` for each varied parameter
-    the short name does not show (``gptq-w4-g64 calibration=self``), so every recipe has a distinct name."""
-    if not isinstance(items, list) or not items:
-        raise RecipeError(f"{where}: 'recipes' must be a non-empty list of names or mappings — e.g. [fp, bnb-nf4]")
+    the short name does not show (``gptq-w4-g64 calibration=self``), so every recipe has a distinct name.
+    ``count_recipes`` says how many that is without making them."""
     out: list[Recipe] = []
-    for i, item in enumerate(items):
-        at = f"{where}: recipes[{i}]"
+    for at, item in _items(items, where):
         if isinstance(item, str):
             out.append(parse_recipe(item))
             continue
-        if not isinstance(item, dict):
-            raise RecipeError(f"{at}: expected a recipe name or mapping, got {type(item).__name__}")
-        grid = {k: v for k, v in item.items() if _is_axis(item.get("method"), k, v)}
-        if "name" in item and grid:
-            raise RecipeError(f"{at}: a grid (list-valued {', '.join(grid)}) cannot carry one 'name' — drop it")
+        grid = _axes(item, at)
         for values in itertools.product(*grid.values()):
             recipe = recipe_from_mapping({**item, **dict(zip(grid, values))}, at)
             out.append(_grid_name(recipe, dict(zip(grid, values)), grid))
     return _distinct(out, where)
+
+
+def count_recipes(items, where: str) -> int:
+    """How many recipes ``expand_recipes`` makes (at most: a grid point equal to another is run once), from the
+    grid axes' lengths alone, so a grid of 10^6 points is counted, and can be refused, in microseconds."""
+    return sum(math.prod(len(v) for v in _axes(item, at).values()) if isinstance(item, dict) else 1
+               for at, item in _items(items, where))
+
+
+def _items(items, where: str):
+    """(where, item) of each entry of a ``recipes:`` list, which must be a non-empty list of names and mappings."""
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: 'recipes' must be a non-empty list of names or mappings — e.g. [fp, bnb-nf4]")
+    for i, item in enumerate(items):
+        at = f"{where}: recipes[{i}]"
+        if not isinstance(item, (str, dict)):
+            raise RecipeError(f"{at}: expected a recipe name or mapping, got {type(item).__name__}")
+        yield at, item
+
+
+def _axes(item: dict, at: str) -> dict:
+    """A mapping's grid axes (its list values); an empty one would silently make no recipe at all."""
+    grid = {k: v for k, v in item.items() if _is_axis(item.get("method"), k, v)}
+    empty = [k for k, v in grid.items() if not v]
+    if empty:
+        raise RecipeError(f"{at}: '{empty[0]}' is an empty list, which makes no recipe — give it at least one value")
+    if "name" in item and grid:
+        raise RecipeError(f"{at}: a grid (list-valued {', '.join(grid)}) cannot carry one 'name' — drop it")
+    return grid
+
+
+#: a parameter's annotation -> the YAML values it takes; other annotations (unions, tuples) are the method's to check
+_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+          "bool": ((bool,), "true or false")}
+
+
+def _check_types(config_cls, params: dict, where: str) -> None:
+    """A value of the wrong type, named before the method sees it: a list or mapping where one value belongs (a
+    TypeError deep in the grid otherwise), a bool for a number (true would be 1), 64.0 for an integer."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for key, value in params.items():
+        annotation = str(fields[key].type)
+        if isinstance(value, (list, dict)) and not annotation.startswith("tuple"):
+            kind = "list" if isinstance(value, list) else "mapping"
+            raise RecipeError(f"{where}: {key} must be one value, not a {kind} (got {value!r}) — give one value per "
+                              f"grid point, e.g. {key}: {fields[key].default!r}")
+        allowed, noun = _TYPES.get(annotation, (None, ""))
+        if allowed is None or (isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))):
+            continue
+        hint = "; YAML reads 1e-4 as text: write 1.0e-4" if noun == "a number" and isinstance(value, str) else ""
+        example = f"{key}: {fields[key].default!r}"
+        raise RecipeError(f"{where}: {key} must be {noun} (got {value!r}{hint}) — e.g. {example}")
 
 
 def _is_axis(method_name, key: str, value) -> bool:

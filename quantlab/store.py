@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantlab.errors import StoreError
-from quantlab.fsutil import free_bytes
+from quantlab.fsutil import ensure_dir, free_bytes
 from quantlab.models import quantlab_home
 
 #: PRAGMA application_id of a quantlab store ("qtlb"): how a store is told from another application's database
@@ -85,8 +85,10 @@ def default_store_path() -> Path:
 
 def connect(path: str | Path | None = None) -> sqlite3.Connection:
     path = Path(path or default_store_path())
+    ensure_dir(path.parent)
+    if path.is_dir():
+        raise StoreError(f"The store {path} is a folder — pass --store a file, e.g. {path / 'quantlab.db'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
         try:
             check_ours(conn, path)  # before anything writes: another application's database stays byte-identical
@@ -99,7 +101,10 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if _is_full(exc):
             raise disk_full(path, exc) from None
-        raise StoreError(f"Cannot open store {path}: {exc} — pass another --store or move the file aside") from None
+        if _is_damaged(exc):
+            raise damaged(path, exc) from None
+        raise StoreError(f"Cannot open store {path}: {exc} — it is not a quantlab store; pass a new file with --store "
+                         "(quantlab did not change it)") from None
     except OSError as exc:
         if _is_full(exc):
             raise disk_full(path, exc) from None
@@ -127,6 +132,50 @@ def _is_full(exc: BaseException) -> bool:
         return exc.errno == errno.ENOSPC
     return isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
                                                or "disk is full" in str(exc))
+
+
+def _is_damaged(exc: BaseException) -> bool:
+    """Pages SQLite cannot read (SQLITE_CORRUPT: "database disk image is malformed"). A file that is no SQLite
+    database at all (SQLITE_NOTADB) is not a damaged store but someone else's file: connect says so."""
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        getattr(exc, "sqlite_errorname", "") == "SQLITE_CORRUPT" or "malformed" in str(exc))
+
+
+def damaged(path: Path | None, exc: Exception) -> StoreError:
+    """A store whose pages are damaged: the error names it and how to recover its runs; nothing was changed."""
+    path = path or default_store_path()
+    return StoreError(f"The store {path} is damaged ({exc}) — quantlab changed nothing in it; recover its runs with "
+                      f"`sqlite3 {path} .recover | sqlite3 NEW.db` and pass --store NEW.db, or move {path.name} aside "
+                      "to start a new store")
+
+
+@contextlib.contextmanager
+def opened(path: str | Path | None = None):
+    """A connection to the store at ``path`` (default QUANTLAB_HOME/quantlab.db), closed after the block. Any
+    failure of SQLite on the way, opening or in a statement, leaves as a one-line StoreError: a full disk
+    or damaged pages named as such."""
+    path = Path(path or default_store_path())
+    with closing(connect(path)) as conn:
+        try:
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            if _is_full(exc):
+                raise disk_full(path, exc) from None
+            if _is_damaged(exc):
+                raise damaged(path, exc) from None
+            raise
+
+
+def check_store(path: str | Path | None = None) -> None:
+    """Before a run's work: the store opens, and SQLite's quick_check finds every page readable (a damaged
+    store would otherwise fail only when the first finished job is stored)."""
+    path = Path(path or default_store_path())
+    if not path.exists():  # a new store: nothing to check, and nothing created before the run's own checks
+        return
+    with opened(path) as conn:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+    if problems != ["ok"]:
+        raise damaged(path, " ".join(" ".join(problems).split())[:200])
 
 
 def disk_full(path: Path | None, exc: Exception) -> StoreError:
@@ -188,7 +237,7 @@ def insert_run(path: str | Path | None, record: dict, samples: dict | None = Non
     cols = ", ".join(row)
     marks = ", ".join("?" for _ in row)
     path = Path(path or default_store_path())
-    with closing(connect(path)) as conn:
+    with opened(path) as conn:
         try:
             with transaction(conn, path):
                 conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", list(row.values()))
@@ -211,7 +260,7 @@ def update_runs(path: str | Path | None, updates: dict[str, dict]) -> None:
     """Replace JSON columns of stored runs (run id -> {column: value}) in one transaction: the values a run
     set's jobs only have once all of them are in (the garbage guard against its peers, recoveries)."""
     path = Path(path or default_store_path())
-    with closing(connect(path)) as conn, transaction(conn, path):
+    with opened(path) as conn, transaction(conn, path):
         for run_id, columns in updates.items():
             bad = set(columns) - set(_JSON_COLUMNS)
             if bad:
@@ -236,16 +285,20 @@ def find_runs(path: str | Path | None, ref: str) -> list[dict]:
 
 
 def read_samples(path: str | Path | None, run_id: str) -> dict:
-    with closing(connect(path)) as conn:
+    if not Path(path or default_store_path()).exists():  # reading never creates a store (nor its folders)
+        return {}
+    with opened(path) as conn:
         rows = conn.execute("SELECT task, data FROM samples WHERE run_id = ?", (run_id,)).fetchall()
     return {task: json.loads(gzip.decompress(data)) for task, data in rows}
 
 
 def _select(path, where: str, args: list, limit: int | None) -> list[dict]:
+    if not Path(path or default_store_path()).exists():  # reading never creates a store (nor its folders)
+        return []
     sql = f"SELECT * FROM runs {where} ORDER BY created_at DESC, rowid DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    with closing(connect(path)) as conn:
+    with opened(path) as conn:
         conn.row_factory = sqlite3.Row
         rows = conn.execute(sql, args).fetchall()
     out = []

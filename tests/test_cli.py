@@ -176,7 +176,7 @@ def _tree(folder):
 
 
 def test_republishing_replaces_only_quantlabs_own_files_and_refuses_anyone_elses(compared, tmp_path, monkeypatch):
-    from quantlab.fsutil import MANIFEST
+    from quantlab.outputs import MANIFEST
 
     monkeypatch.setenv("QUANTLAB_HOME", str(compared["home"]))
     out = tmp_path / "out"

@@ -160,7 +160,9 @@ def test_rerun_of_the_same_model_passes(evaluated, tmp_path):
 
 
 def test_damaged_quantization_fails_with_the_reason(evaluated, tmp_path):
-    res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["damaged"], "--json-out", tmp_path / "v.json")
+    # the damaged weights are saved as a model of their own (another fingerprint), so comparing is on purpose
+    res = _gate("--baseline", evaluated["fp"], "--candidate", evaluated["damaged"], "--json-out", tmp_path / "v.json",
+                "--allow-other-model")
     assert res.exit_code == 3, res.output
     metrics = {m["metric"]: m for m in json.loads((tmp_path / "v.json").read_text())["comparisons"][0]["metrics"]}
     acc = metrics["arc_challenge/acc"]
@@ -172,7 +174,8 @@ def test_damaged_quantization_fails_with_the_reason(evaluated, tmp_path):
 def test_policy_thresholds_tolerate_a_drop_within_them(evaluated, tmp_path):
     policy = tmp_path / "loose.yaml"
     policy.write_text("alpha: 0.05\nmetrics:\n  - metric: arc_challenge/acc\n    max_drop: 0.95\n")
-    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["damaged"], "--policy", policy).exit_code == 0
+    assert _gate("--baseline", evaluated["fp"], "--candidate", evaluated["damaged"], "--policy", policy,
+                 "--allow-other-model").exit_code == 0
 
 
 def test_too_few_documents_for_the_tolerance_is_inconclusive_and_the_policy_decides(evaluated, tmp_path):

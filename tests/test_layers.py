@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "quantlab"
 #: Floors, top to bottom: a module may import its own floor or lower ones.
 FLOORS = ("cli", "orchestration", "steps", "library", "foundations")
 FOUNDATIONS = {"quantlab", "quantlab.models", "quantlab.recipe", "quantlab.device", "quantlab.fsutil",
-               "quantlab.provenance", "quantlab.errors", "quantlab.gguf_file", "quantlab.quiet", "quantlab.catalog",
-               "quantlab.methods"}  # the method registry (lazy "module:Class" strings), not the methods
+               "quantlab.outputs", "quantlab.provenance", "quantlab.errors", "quantlab.gguf_file", "quantlab.quiet",
+               "quantlab.catalog", "quantlab.methods"}  # the method registry (lazy "module:Class" strings), not the methods
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from tiny import with_own_code
 
 from quantlab.cli import cli
 
@@ -39,18 +40,8 @@ class RemoteLlamaForCausalLM(LlamaForCausalLM):
 @pytest.fixture(scope="module")
 def remote_dir(tmp_path_factory, tiny_dir):
     """The tiny Llama's weights and tokenizer under a config whose model type only its own code knows."""
-    import shutil
-
-    path = tmp_path_factory.mktemp("remote") / "model"
-    shutil.copytree(tiny_dir, path)
-    (path / "configuration_remote.py").write_text(CONFIGURATION)
-    (path / "modeling_remote.py").write_text(MODELING)
-    config = json.loads((path / "config.json").read_text())
-    config.update(model_type="quantlab-remote-llama", architectures=["RemoteLlamaForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_remote.RemoteLlamaConfig",
-                            "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"})
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return with_own_code(tiny_dir, tmp_path_factory.mktemp("remote") / "model", "quantlab-remote-llama", CONFIGURATION,
+                         MODELING, "RemoteLlamaConfig", "RemoteLlamaForCausalLM")
 
 
 def _compare(model, text, out, db, *flags):

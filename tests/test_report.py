@@ -110,7 +110,8 @@ def test_report_writes_atomically_and_rejects_bad_input(results, tmp_path):
     src.write_text(json.dumps(results))
     out = write_report(load_results(results=str(src)), tmp_path / "r" / "report.html")
     assert out.read_text().startswith("<!DOCTYPE html>")
-    assert [f.name for f in out.parent.iterdir()] == ["report.html"]
+    # the page and the manifest that lists it as quantlab's (so the next report may replace it, and only it)
+    assert sorted(f.name for f in out.parent.iterdir()) == [".quantlab-manifest.json", "report.html"]
     res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(tmp_path / "x.txt")], obj={})
     assert res.exit_code == 2 and "must be an .html file" in res.output and not (tmp_path / "x.txt").exists()
     res = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "y.html")], obj={})
@@ -121,6 +122,23 @@ def test_report_writes_atomically_and_rejects_bad_input(results, tmp_path):
     src.write_text(json.dumps(bad))
     res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(tmp_path / "z.html")], obj={})
     assert res.exit_code == 2 and "not a quantize-and-compare results.json" in res.output
+
+
+def test_report_never_replaces_a_users_page_and_replaces_its_own(results, tmp_path):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<p>my own page</p>")
+    res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(site / "index.html")], obj={})
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert f"--out {site / 'index.html'} exists and quantlab did not write it" in res.stderr
+    assert (site / "index.html").read_text() == "<p>my own page</p>"
+    for _ in range(2):  # a page quantlab wrote is its own to replace
+        res = CliRunner().invoke(cli, ["report", "--results", str(src), "--out", str(site / "q.html")], obj={})
+        assert res.exit_code == 0, res.output
+    assert (site / "q.html").read_text().startswith("<!DOCTYPE html>")
+    assert (site / "index.html").read_text() == "<p>my own page</p>"
 
 
 def test_no_recipe_within_tolerance_says_so(results):

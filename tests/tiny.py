@@ -79,3 +79,23 @@ def build_qwen2_dir(path: Path, hidden: int = 64, intermediate: int = 128, layer
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(path)
     return path
+
+
+def with_own_code(tiny_dir: Path, path: Path, model_type: str, configuration: str, modeling: str,
+                  config_class: str, model_class: str) -> Path:
+    """The tiny Llama's weights and tokenizer under a config whose model type only its own code knows
+    (``auto_map``: configuration_<x>.py and modeling_<x>.py beside the weights, run only with trust_remote_code)."""
+    import json
+    import shutil
+
+    stem = model_type.rsplit("-", 2)[-2]  # quantlab-remote-llama -> remote
+    shutil.copytree(tiny_dir, path)
+    (path / f"configuration_{stem}.py").write_text(configuration)
+    (path / f"modeling_{stem}.py").write_text(modeling)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=model_type, architectures=[model_class],
+                  auto_map={"AutoConfig": f"configuration_{stem}.{config_class}",
+                            "AutoModelForCausalLM": f"modeling_{stem}.{model_class}"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+

@@ -15,8 +15,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quantlab.errors import DataError
-from quantlab.fsutil import atomic_dir
+from quantlab.errors import DataError, MeasurementError
+from quantlab.evaluate import guard
+from quantlab.fsutil import atomic_dir, atomic_write_bytes
 from quantlab.provenance import library_version
 
 DEFINITIONS = {
@@ -106,7 +107,8 @@ def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings) -> 
 
     Written with plain file writes, window by window, not through a memory map: a mapped file's dirty pages
     would count as this process's memory and a 151k-vocabulary cache is 2.5 GB. ``model`` is a loaded model
-    or a ``LayerwiseModel``'s; either gives the same file.
+    or a ``LayerwiseModel``'s; either gives the same file. Log-probs that are not finite are refused before the
+    file is in place: a NaN baseline would make every candidate's KLD NaN.
     """
     import numpy as np
 
@@ -114,7 +116,9 @@ def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings) -> 
     with atomic_dir(cache_path) as tmp:
         with open(tmp / "logprobs.npy", "wb") as fh:
             for start in range(0, n, settings.batch_size):
-                lp = _log_probs(model, ids[start:start + settings.batch_size]).numpy()
+                lp = _log_probs(model, ids[start:start + settings.batch_size])
+                require_finite_logprobs(lp, model, "The fp baseline", "evaluate it in bfloat16 or float32")
+                lp = lp.numpy()
                 if start == 0:
                     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                               "shape": (n, length - 1, lp.shape[-1])}
@@ -122,6 +126,16 @@ def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings) -> 
                 lp.astype(np.float32, copy=False).tofile(fh)
                 del lp
         np.save(tmp / "ids.npy", ids.numpy())
+
+
+def require_finite_logprobs(lp, model, who: str, fix16: str) -> None:
+    """Raise when the log-probs ``lp`` (batch, positions, vocab) of ``model`` hold a NaN or inf (``guard``)."""
+    import torch
+
+    bad = ~torch.isfinite(lp).all(dim=-1)
+    if bad.any():
+        raise MeasurementError(guard.nonfinite_message(who, int(bad.sum()), bad.numel(), guard.held_dtype(model),
+                                                       fix16))
 
 
 class LogprobFile:
@@ -255,12 +269,9 @@ def save_per_token(path: Path, per_token: dict) -> None:
 
     import numpy as np
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k: v.astype("float32") for k, v in per_token.items()})
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def cache_key(model_fingerprint: str, text_sha: str, settings: FidelitySettings, dtype: str, device: str) -> str:

@@ -9,6 +9,7 @@ it. Batch size, max length, dtype and threads are pinned and recorded: log-probs
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from quantlab.evaluate.tasks import TASKS, convert
 from quantlab.evaluate.text import data_dir
 from quantlab.fsutil import atomic_dir, file_lock, yaml_problem
 from quantlab.models import cached_sha256, quantlab_home
-from quantlab.provenance import library_version
+from quantlab.provenance import git_sha, library_version
 from quantlab.quiet import quiet_libraries
 
 LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # lm-eval's own defaults
@@ -45,6 +46,10 @@ class HarnessSettings:
     def __post_init__(self):
         if not self.tasks:
             raise UsageError("No tasks given — e.g. --tasks hellaswag,arc_easy,piqa")
+        for name in ("limit", "batch_size", "max_length", "num_fewshot"):  # a suite YAML's `limit: true` is not 1
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UsageError(f"{name} must be an integer (got {value!r}) — e.g. {name}: 100")
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be ≥ 1 (got {self.limit})")
         if self.batch_size < 1 or self.max_length < 16 or (self.num_fewshot or 0) < 0:
@@ -203,6 +208,24 @@ def lm_eval_tasks_dir() -> Path:
     return Path(find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
 
 
+@contextlib.contextmanager
+def _own_git_sha():
+    """lm-eval's simple_evaluate records ``git describe`` of the current folder, running git with the terminal's
+    stderr: outside a checkout the user sees git's "fatal: not a git repository". The sha that belongs in a
+    quantlab result is quantlab's own (provenance.git_sha, quiet), so lm-eval is given that for this call."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a later lm-eval without it: nothing to replace
+        yield
+        return
+    evaluator.get_git_commit_hash = git_sha
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTasks) -> dict:
     """lm-eval's simple_evaluate on an in-memory model; per task: metrics, stderrs and per-sample scores."""
     offline_env()
@@ -215,11 +238,12 @@ def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTas
     leaves = leaf_tasks(get_task_dict(prepared.names, manager))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)
     picked = shard_indices(leaves, settings.shard)
-    out = simple_evaluate(model=lm, tasks=list(leaves.values()), num_fewshot=settings.num_fewshot,
-                          limit=settings.limit, samples=picked, log_samples=True, bootstrap_iters=settings.bootstrap_iters,
-                          task_manager=manager, random_seed=LM_EVAL_SEEDS["random"],
-                          numpy_random_seed=LM_EVAL_SEEDS["numpy"], torch_random_seed=LM_EVAL_SEEDS["torch"],
-                          fewshot_random_seed=LM_EVAL_SEEDS["fewshot"])
+    with _own_git_sha():
+        out = simple_evaluate(model=lm, tasks=list(leaves.values()), num_fewshot=settings.num_fewshot,
+                              limit=settings.limit, samples=picked, log_samples=True,
+                              bootstrap_iters=settings.bootstrap_iters, task_manager=manager,
+                              random_seed=LM_EVAL_SEEDS["random"], numpy_random_seed=LM_EVAL_SEEDS["numpy"],
+                              torch_random_seed=LM_EVAL_SEEDS["torch"], fewshot_random_seed=LM_EVAL_SEEDS["fewshot"])
     order = {n: i for i, n in enumerate(prepared.names)}
     tasks = {}
     for name, task in sorted(leaves.items(), key=lambda kv: order.get(kv[0], len(order))):

@@ -12,7 +12,11 @@ as ``aggregation``; lm_eval/api/metrics.py):
   none).
 
 A metric aggregated otherwise, or without its per-document values, is an error naming the task. Everything
-else must agree across shards: model, artifact, tasks, settings.
+else must agree across shards, or the merge is refused before anything is written, naming two shard files that
+differ: the model (recipe and artifact), the tasks and settings, each task's data (the sha256 of its files),
+lm-eval task version, few-shot count and size. The shards must be one --shard I/N each of 0..N-1, each holding
+only its own documents, together every document once. ``--output`` must be none of the shards and a file quantlab
+may replace (``quantlab.outputs.check_output_file``).
 """
 
 from __future__ import annotations
@@ -21,56 +25,75 @@ import json
 import math
 from pathlib import Path
 
+from quantlab import resultfile as rf
 from quantlab.errors import UsageError
 from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
 from quantlab.evaluate.harness import COUNTS, HarnessSettings, lm_eval_tasks_dir, offline_env
-from quantlab.fsutil import atomic_write_json
+from quantlab.outputs import check_output_file, write_output_file
 
 # lm-eval's default aggregation of the metrics quantlab's built-in tasks report, for outputs written before the
 # aggregation was recorded per task
 _DEFAULT_AGGREGATION = {"acc": "mean", "acc_norm": "mean", "perplexity": "perplexity",
                         "word_perplexity": "weighted_perplexity", "byte_perplexity": "weighted_perplexity",
                         "bits_per_byte": "bits_per_byte"}
-_SAME = ("tasks", "batch_size", "max_length", "num_fewshot", "bootstrap_iters", "data_dir", "include_path")
+_SAME = ("tasks", "batch_size", "max_length", "num_fewshot", "bootstrap_iters", "data_dir", "include_path", "limit")
+# what each task's record must agree on across shards: the documents (data, size) and how they are scored
+_SAME_TASK = (("files", "data"), ("n_total", "document count"), ("version", "lm-eval task version"),
+              ("num_fewshot", "few-shot count"), ("output_type", "output type"))
+WHAT = "a `quantlab eval --shard I/N --output` file"
+# what the merge reads of a shard output (quantlab.resultfile checks it on load)
+_SHARD_ACCURACY = rf.Fields({**rf.ACCURACY.fields, "tasks": rf.Values(rf.Fields(rf.TASK.fields,
+                                                                                required=("metrics", "n_total"))),
+                             "wall_s": rf.Opt(rf.NUMBER), "cpu_s": rf.Opt(rf.NUMBER)},
+                            required=("tasks", "samples", "settings"))
+SHARD = rf.Fields({"runs": rf.Each(rf.Fields({"recipe": rf.TEXT, "artifact": rf.Opt(rf.TEXT),
+                                              "provenance": rf.Opt(rf.MAPPING), "accuracy": _SHARD_ACCURACY},
+                                             required=("recipe", "accuracy")))}, required=("runs",))
 
 
 def merge_shard_files(paths: list[str], output: str) -> dict:
+    """Read, check and merge the shard files; write the merged output to ``output``, which is checked first."""
+    _check_paths(paths, output)
     merged = merge_shards([_read(p) for p in paths], paths)
-    atomic_write_json(output, merged)
+    write_output_file(output, (json.dumps(merged, indent=2, default=str) + "\n").encode(), "--output")
     return merged
 
 
+def _check_paths(paths: list[str], output: str) -> None:
+    """No shard given twice, --output none of them (the merge would replace a shard it read) and a file quantlab
+    may write."""
+    seen: dict[Path, str] = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            raise UsageError(f"{p} is given twice{f' (as {seen[key]})' if seen[key] != p else ''} — give each "
+                             "shard's output once")
+        seen[key] = p
+    if Path(output).resolve() in seen:
+        raise UsageError(f"--output {output} is one of the shards being merged — write the merged output elsewhere")
+    check_output_file(output, "--output")
+
+
 def _read(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if data["runs"][0]["accuracy"]["settings"] else {}
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        raise UsageError(f"{path} is not a `quantlab eval --output` file with suite accuracy — give the shard outputs") from None
+    """A shard output whose fields the merge reads have their types (one-line error naming the field)."""
+    data = rf.read_json(path, WHAT)
+    rf.check(data, SHARD, path)
+    if len(data["runs"]) != 1:
+        raise UsageError(f"{path} holds {len(data['runs'])} runs, where a shard output holds one — give {WHAT}")
+    return data
 
 
 def merge_shards(outputs: list[dict], names: list[str]) -> dict:
     runs = [o["runs"][0] for o in outputs]
     settings = [r["accuracy"]["settings"] for r in runs]
-    shards = sorted(tuple(s.get("shard") or ()) for s in settings)
-    n = shards[0][1] if shards and shards[0] else len(runs)
-    if shards != [(i, n) for i in range(n)]:
-        have = [f"{a}/{b}" for a, b in (s for s in shards if s)]
-        missing = [f"{i}/{n}" for i in range(n) if (i, n) not in shards]
-        raise UsageError(f"The outputs {', '.join(names)} are shards {', '.join(have) or 'none'}, which do not cover "
-                         f"0/{n}..{n - 1}/{n} exactly once (missing: {', '.join(missing) or 'none'}) — give every "
-                         "shard's output once")
-    for key in ("artifact", "recipe"):
-        if len({r[key] for r in runs}) > 1:
-            raise UsageError(f"The shards disagree on {key} — merge outputs of one model only")
-    for key in _SAME:
-        if len({json.dumps(s.get(key)) for s in settings}) > 1:
-            raise UsageError(f"The shards disagree on {key} — rerun them with the same options")
+    _check_indices([s.get("shard") for s in settings], names)
+    _check_same(runs, names)
     acc = {**runs[0]["accuracy"], "settings": {**settings[0], "shard": None, "merged_from": len(runs)},
            "wall_s": sum(r["accuracy"].get("wall_s") or 0 for r in runs),
            "cpu_s": sum(r["accuracy"].get("cpu_s") or 0 for r in runs)}
     acc["samples"], acc["tasks"] = {}, {}
     for task, info in runs[0]["accuracy"]["tasks"].items():
-        rows = sorted((row for r in runs for row in r["accuracy"]["samples"][task]), key=lambda row: row["doc_id"])
+        rows = _task_rows(task, info, runs, names)
         acc["samples"][task] = rows
         acc["tasks"][task] = _merged_task(task, info, rows, settings[0].get("bootstrap_iters", HarnessSettings.bootstrap_iters))
     # Each shard's own provenance (they may have run from different checkouts or machines).
@@ -81,6 +104,87 @@ def merge_shards(outputs: list[dict], names: list[str]) -> dict:
         for name, s, r, pr in zip(names, settings, runs, provs)]}
     return {**outputs[0], "runs": [{**runs[0], "accuracy": acc, "provenance": prov}], "merged_from": names,
             "definitions": {**(outputs[0].get("definitions") or {}), **SUITE_DEFINITIONS}}
+
+
+def _check_indices(shards: list, names: list[str]) -> None:
+    """Each file one shard I/N of the same N, together 0..N-1 once each."""
+    for name, shard in zip(names, shards):
+        if not shard:
+            raise UsageError(f"{name} is not a shard output (it ran without --shard) — give only the outputs of "
+                             "quantlab eval --shard I/N")
+        if not (shard[1] >= 2 and 0 <= shard[0] < shard[1]):
+            raise UsageError(f"{name} says it is shard {shard[0]}/{shard[1]}, which is not a shard — rerun it")
+    n = shards[0][1]
+    by_index: dict[int, str] = {}
+    for name, (i, count) in zip(names, shards):
+        if count != n:
+            raise UsageError(f"{names[0]} is shard {shards[0][0]}/{n}, {name} is shard {i}/{count} — merge the shards "
+                             "of one split (the same N)")
+        if i in by_index:
+            raise UsageError(f"{by_index[i]} and {name} are both shard {i}/{n} — give each shard's output once")
+        by_index[i] = name
+    missing = [f"{i}/{n}" for i in range(n) if i not in by_index]
+    if missing:
+        raise UsageError(f"Shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} missing: the outputs "
+                         f"{', '.join(names)} do not cover 0/{n}..{n - 1}/{n} — give every shard's output once")
+
+
+def _check_same(runs: list[dict], names: list[str]) -> None:
+    """Every shard of one model, with the same settings, tasks and, per task, the same data and scoring."""
+    first, name0 = runs[0], names[0]
+    for run, name in zip(runs[1:], names[1:]):
+        for key, what in (("recipe", "recipe"), ("artifact", "model (artifact)")):
+            if run.get(key) != first.get(key):
+                raise UsageError(f"{name0} and {name} are of different models ({what} {first.get(key)} vs "
+                                 f"{run.get(key)}) — merge the shards of one model only")
+        a, b = first["accuracy"], run["accuracy"]
+        for key in _SAME:
+            if json.dumps(a["settings"].get(key)) != json.dumps(b["settings"].get(key)):
+                raise UsageError(f"{name0} and {name} ran with different {key} ({a['settings'].get(key)} vs "
+                                 f"{b['settings'].get(key)}) — rerun the shards with the same options")
+        for holds in ("tasks", "samples"):
+            if set(a[holds]) != set(b[holds]) or set(a[holds]) != set(a["tasks"]):
+                raise UsageError(f"{name0} and {name} hold {holds} of different tasks ({', '.join(sorted(a[holds]))} "
+                                 f"vs {', '.join(sorted(b[holds]))}) — rerun the shards with the same --tasks")
+        for task in a["tasks"]:
+            for key, what in _SAME_TASK:
+                x, y = _task_fact(a["tasks"][task], key), _task_fact(b["tasks"][task], key)
+                if x != y:
+                    raise UsageError(f"{name0} and {name} scored {task} with different {what} ({_fact(x)} vs "
+                                     f"{_fact(y)}) — rerun the shards on the same data and lm-eval")
+
+
+def _task_fact(info: dict, key: str):
+    if key == "files":  # the data's sha256, not its paths: shards may run on machines that keep it elsewhere
+        return sorted((info.get("files") or {}).values())
+    return info.get(key)
+
+
+def _fact(value) -> str:
+    if isinstance(value, list):  # the data's sha256
+        return "sha256 " + (", ".join(str(v)[:12] for v in value) or "none")
+    return str(value)
+
+
+def _task_rows(task: str, info: dict, runs: list[dict], names: list[str]) -> list[dict]:
+    """The task's rows of every shard in doc_id order: each shard holds only its own documents (i, i+n, ...), each
+    once, and together every document of the task."""
+    rows, seen = [], set()
+    for run, name in zip(runs, names):
+        i, n = run["accuracy"]["settings"]["shard"]
+        for row in run["accuracy"]["samples"][task]:
+            doc = row["doc_id"]
+            if doc % n != i:
+                raise UsageError(f"{name} is shard {i}/{n} but holds document {doc} of {task}, which belongs to shard "
+                                 f"{doc % n}/{n} — rerun it")
+            if doc in seen:
+                raise UsageError(f"{name} holds document {doc} of {task} twice — rerun that shard")
+            seen.add(doc)
+            rows.append(row)
+    if info.get("n_total") is not None and len(rows) != info["n_total"]:
+        raise UsageError(f"The shards hold {len(rows)} of {task}'s {info['n_total']} documents — a shard output is "
+                         "incomplete; rerun it")
+    return sorted(rows, key=lambda row: row["doc_id"])
 
 
 def _merged_task(task: str, info: dict, rows: list[dict], bootstrap_iters: int) -> dict:

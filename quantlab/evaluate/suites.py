@@ -52,4 +52,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     parts = text.split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise UsageError(f"--shard '{text}' is not I/N — e.g. --shard 0/2 and --shard 1/2, then quantlab merge-shards")
-    return int(parts[0]), int(parts[1])
+    index, count = int(parts[0]), int(parts[1])
+    if count < 1 or index >= count:
+        raise UsageError(f"--shard {text}: shard I of N counts from 0 to N-1 — e.g. --shard 0/2 and --shard 1/2")
+    return index, count

@@ -33,11 +33,14 @@ class TextSource:
 
 
 def data_dir(explicit: str | Path | None = None) -> Path | None:
-    """--data-dir, else QUANTLAB_DATA_DIR, else ../shared/data beside the working directory or checkout."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("QUANTLAB_DATA_DIR"):
-        return Path(os.environ["QUANTLAB_DATA_DIR"])
+    """--data-dir, else QUANTLAB_DATA_DIR, else ../shared/data beside the working directory or checkout. A folder
+    named that does not exist is an error whether or not the command reads a file from it."""
+    for given, name in ((explicit, "--data-dir"), (os.environ.get("QUANTLAB_DATA_DIR"), "QUANTLAB_DATA_DIR")):
+        if given:
+            if not Path(given).is_dir():
+                raise DataError(f"{name} {given} is not a folder — give the folder holding the benchmark data "
+                                "(one subfolder per dataset, e.g. wikitext2_raw/)")
+            return Path(given)
     checkout = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), checkout):
         candidate = base.parent / "shared" / "data"

@@ -10,6 +10,9 @@ whose decoder cannot start mid-way runs every forward whole).
 
 from __future__ import annotations
 
+import math
+
+from quantlab.errors import MeasurementError
 from quantlab.evaluate import fidelity as fid
 from quantlab.fit.units import HEAD
 from quantlab.layouts.gptq import unpack_weight
@@ -146,6 +149,10 @@ def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: 
             weights = gptq_weights(reader, [n for n, _, _ in u.modules], fmt.bits)
             with swapped(model, weights):
                 table[u.name][fmt.name] = unit_kld(prefixes, u.block, baseline)
+            if not all(math.isfinite(k) for k in table[u.name][fmt.name]):  # NaN: the allocation's sums mean nothing
+                raise MeasurementError(f"The sensitivity of {u.name} in {fmt.name} is not a number (NaN or inf) — "
+                                       "that format's uniform GPTQ weights break the model: leave the format out "
+                                       "(--formats) or check the calibration text")
             if progress:
                 progress()
     return table

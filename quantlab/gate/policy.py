@@ -23,6 +23,7 @@ must not pass untested quality says ``inconclusive: fail``.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,22 @@ def load_policy(path: str | Path) -> Policy:
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), list) or not data["metrics"]:
         raise UsageError(f"Gate policy {path} needs a non-empty 'metrics:' list")
     _unknown(set(data) - _POLICY_KEYS, f"Gate policy {path}", _POLICY_KEYS)
-    alpha = _alpha(data.get("alpha", 0.05), path)
+    if not isinstance(data.get("description", ""), str):
+        raise UsageError(f"Gate policy {path}: description must be text (got {_shown(data['description'])}) — quote it")
+    alpha = _number(data.get("alpha", 0.05), f"Gate policy {path}: alpha", "in (0, 1)", lambda x: 0 < x < 1,
+                    "alpha: 0.05")
     inconclusive = data.get("inconclusive", "pass")
-    if inconclusive not in ("pass", "fail"):
-        raise UsageError(f"Gate policy {path}: inconclusive must be 'pass' or 'fail' (got {inconclusive!r})")
+    if inconclusive not in ("pass", "fail") or isinstance(inconclusive, bool):
+        raise UsageError(f"Gate policy {path}: inconclusive must be 'pass' or 'fail' (got {_shown(inconclusive)}) — "
+                         "e.g. inconclusive: fail")
     rules = tuple(_rule(entry, path, n) for n, entry in enumerate(data["metrics"], 1))
-    return Policy(str(path), alpha, rules, inconclusive)
+    seen: dict[str, int] = {}
+    for n, rule in enumerate(rules, 1):
+        if rule.name in seen:  # two rules of one metric: Holm would count it twice and the verdict show it twice
+            raise UsageError(f"Gate policy {path}: metric {rule.name} is listed twice (entries {seen[rule.name]} and "
+                             f"{n}) — keep one entry, with both max_drop and min_recovery if you need both")
+        seen[rule.name] = n
+    return Policy(str(path), float(alpha), rules, inconclusive)
 
 
 def known_metrics(info: dict) -> list[str]:
@@ -117,27 +128,54 @@ def _rule(entry, path: Path, n: int) -> MetricRule:
         raise UsageError(f"{where}: alpha is the policy's, family-wise across its metrics (Holm) — set it once at "
                          "the top of the policy")
     _unknown(set(entry) - _METRIC_KEYS, where, _METRIC_KEYS)
-    task, sep, metric = str(entry["metric"]).partition("/")
+    name = entry["metric"]
+    task, sep, metric = name.partition("/") if isinstance(name, str) else ("", "", "")
     if not sep or not task or not metric:
-        raise UsageError(f"{where}: '{entry['metric']}' is not <task>/<metric> — e.g. arc_easy/acc or fidelity/kld_mean")
+        raise UsageError(f"{where}: {_shown(name)} is not <task>/<metric> — e.g. arc_easy/acc or fidelity/kld_mean")
     if task == "fidelity" and metric not in FIDELITY:
         raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use fidelity/kld_mean or fidelity/ppl")
+    where = f"{where} ({name})"
     direction = entry.get("direction", "lower" if metric in LOWER_IS_BETTER else "higher")
-    if direction not in ("higher", "lower"):
-        raise UsageError(f"{where}: direction must be 'higher' or 'lower' (got {direction!r})")
+    if direction not in ("higher", "lower") or isinstance(direction, bool):
+        raise UsageError(f"{where}: direction must be 'higher' or 'lower' (got {_shown(direction)}) — e.g. "
+                         "direction: lower")
+    share = metric in BINARY | {FLIPS}  # a 0/1 accuracy or a share of documents: a drop beyond 1 cannot happen
     max_drop, min_rec = entry.get("max_drop"), entry.get("min_recovery")
-    for key, value in (("max_drop", max_drop), ("min_recovery", min_rec)):
-        if value is not None and (not isinstance(value, (int, float)) or value < 0):
-            raise UsageError(f"{where}: {key} must be a number ≥ 0 (got {value!r})")
-    if min_rec is not None and metric in DERIVED | {"kld_mean", FLIPS}:
-        raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use max_drop")
+    if max_drop is not None:
+        max_drop = _number(max_drop, f"{where}: max_drop", "in [0, 1] (a share)" if share else "≥ 0",
+                           (lambda x: 0 <= x <= 1) if share else (lambda x: x >= 0),
+                           "max_drop: 0.03 for 3 %" if share else "max_drop: 0.03")
+    if min_rec is not None:
+        if metric in DERIVED | {"kld_mean", FLIPS}:
+            raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use "
+                             "max_drop")
+        min_rec = _number(min_rec, f"{where}: min_recovery", "in (0, 1] (the share of the baseline kept)",
+                          lambda x: 0 < x <= 1, "min_recovery: 0.95")
     return MetricRule(task, metric, direction == "higher", max_drop, min_rec)
 
 
-def _alpha(value, path) -> float:
-    if not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise UsageError(f"Gate policy {path}: alpha must be in (0, 1) (got {value!r})")
-    return float(value)
+def _number(value, where: str, allowed: str, ok, example: str) -> float:
+    """A policy's numeric field: a finite int or float (YAML's true/false, .nan, .inf and quoted numbers are
+    refused: each compared as a number would pass or fail everything) that ``ok`` accepts."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number) or not ok(number):
+        raise UsageError(f"{where} must be {allowed}, a finite number (got {_shown(value)}) — e.g. {example}")
+    return number
+
+
+def _shown(value) -> str:
+    """A YAML value as the policy's author wrote it: true, .nan, '3%'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value != value:
+        return ".nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return ".inf" if value > 0 else "-.inf"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _unknown(keys: set, where: str, allowed: set) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from quantlab.fsutil import atomic_write_json, atomic_write_text
+import json
 
-ICON = {"pass": "PASS", "regression": "REGRESSION", "error": "ERROR", "inconclusive": "INCONCLUSIVE"}
+from quantlab.outputs import check_output_file, write_output_file
+
+ICON = {"pass": "PASS", "regression": "REGRESSION", "inconclusive": "INCONCLUSIVE"}  # an error is no verdict: stderr
 
 
 def _num(x) -> str:
@@ -25,9 +27,6 @@ def render_markdown(verdict: dict) -> str:
                   "| verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in comp["metrics"]:
-            if "drop" not in m:
-                lines.append(f"| {m['metric']} | | | | | | | | | | {ICON[m['verdict']]}: {m['reason']} |")
-                continue
             lo, hi = m["ci95"]
             lines.append(f"| {m['metric']} | {_num(m['baseline'])} | {_num(m['candidate'])} | {_num(m['drop'])} "
                          f"[{_num(lo)}, {_num(hi)}] | {_num(m['margin'])} | {m['p_value']:.2g} | {m['p_adjusted']:.2g} | "
@@ -37,11 +36,18 @@ def render_markdown(verdict: dict) -> str:
     return "\n".join(lines)
 
 
+def check_verdict_outputs(summary: str | None, json_out: str | None) -> None:
+    """Before the gate runs: each path asked for is one quantlab may write (new, or written by it before)."""
+    for path, option in ((summary, "--summary"), (json_out, "--json-out")):
+        if path:
+            check_output_file(path, option)
+
+
 def publish_verdict(verdict: dict, summary: str | None, json_out: str | None) -> str:
     """Write the Markdown summary and JSON where asked (atomically); return the Markdown for stdout."""
     text = render_markdown(verdict)
     if summary:
-        atomic_write_text(summary, text + "\n")
+        write_output_file(summary, (text + "\n").encode(), "--summary")
     if json_out:
-        atomic_write_json(json_out, verdict)
+        write_output_file(json_out, (json.dumps(verdict, indent=2, default=str) + "\n").encode(), "--json-out")
     return text

@@ -24,6 +24,7 @@ from pathlib import Path
 from quantlab.errors import ModelLoadError
 from quantlab.layerwise.gptq import GptqLayers, is_gptq
 from quantlab.layerwise.weights import CheckpointReader
+from quantlab.conv1d import conv1d_names, conv1d_to_linear
 from quantlab.models import load_config, meta_model
 
 
@@ -88,8 +89,31 @@ def model_parts(model, reader: CheckpointReader) -> ModelParts:
     head_name = names[id(model.get_output_embeddings())] + ".weight"
     if head_name not in reader:
         head_name = embed_name  # tied: the head is the input embedding
-    layers = model.get_decoder().layers
+    layers = decoder_layers(model)
     return ModelParts(reader, embed_name, head_name, layers, names[id(layers)])
+
+
+def decoder_layers(model):
+    """The decoder's list of layers: ``layers`` (Llama and most), or its one list as long as the config's layer count
+    (GPT-2's ``h``)."""
+    import torch
+
+    decoder = model.get_decoder()
+    if isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+        return decoder.layers
+    count = model.config.get_text_config().num_hidden_layers
+    found = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if not found:
+        raise ModelLoadError(f"Layer-by-layer execution finds no list of {count} decoder layers in "
+                             f"{type(decoder).__name__} — raise --max-memory so the model loads whole")
+    return found[0]
+
+
+def stored_as_linear(model, reader: CheckpointReader) -> None:
+    """Turn ``model``'s Conv1D layers into ``nn.Linear`` where the checkpoint holds them as torchao's linears (a
+    torchao artifact of GPT-2: ``quantlab.conv1d``); an fp or GPTQ checkpoint keeps them."""
+    if any(reader.is_subclass(f"{name}.weight") for name in conv1d_names(model)):
+        conv1d_to_linear(model)
 
 
 def _set_param(module, name: str, value) -> None:
@@ -110,6 +134,7 @@ class LayerwiseModel:
         self.reader = CheckpointReader(model_dir)
         config = load_config(model_dir, trust_remote_code)
         model = meta_model(config, trust_remote_code)
+        stored_as_linear(model, self.reader)
         self.gptq = GptqLayers(model, config, device) if is_gptq(config) else None
         parts = model_parts(model, self.reader)
         self.layers, self.layers_prefix = parts.layers, parts.layers_prefix

@@ -17,6 +17,7 @@ from quantlab.errors import ModelLoadError
 from quantlab.layerwise.model import model_parts
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layerwise.writer import ShardWriter
+from quantlab.conv1d import conv1d_to_linear
 from quantlab.models import load_config, load_tokenizer, meta_model
 
 BLOCK_BYTES = 64 * 2**20  # rows of an unquantized tensor copied at a time
@@ -67,6 +68,7 @@ def _quantized_layer(parts, i: int, torchao_config) -> tuple[dict, dict]:
     prefix = f"{parts.layers_prefix}.{i}."
     for name, param in layer.named_parameters():
         parts.reader.read_into(prefix + name, param.data)
+    conv1d_to_linear(layer)  # torchao quantizes nn.Linear only: GPT-2's Conv1D stored as linears, as in memory
     quantize_(layer, torchao_config)
     tensors, meta = flatten_tensor_state_dict({prefix + k: v for k, v in layer.state_dict().items()})
     release_quantized(layer)

@@ -122,14 +122,29 @@ def _readinto(fh, offset: int, out) -> None:
         done += n
 
 
-def _header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+def stored_dtypes(model_dir: str | Path) -> dict[str, str]:
+    """The dtype of every tensor of a model directory's ``*.safetensors`` as the headers name it (``F32``, ``I8``,
+    ``U8``, ``I32``, ``F8_E4M3``...), read from the headers alone."""
+    out = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        header, _ = _raw_header(path)
+        out.update({name: meta["dtype"] for name, meta in header.items() if name != "__metadata__"})
+    return out
+
+
+def _raw_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset its data starts at."""
     try:
         with open(path, "rb") as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(length))
     except (OSError, struct.error, ValueError) as exc:
         raise ModelLoadError(f"Unreadable safetensors header in {path} ({exc}) — re-save the model") from None
-    base = 8 + length
+    return header, 8 + length
+
+
+def _header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
+    header, base = _raw_header(path)
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":

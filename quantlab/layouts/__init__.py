@@ -22,6 +22,9 @@ class Layout:
     load_copies_linears: ClassVar[bool] = False
     #: with ``load_copies_linears``: the load copies the unquantized tensors (embeddings, head, norms) too
     load_copies_everything: ClassVar[bool] = False
+    #: whether the layout stores linear weights as codes (integers, packed words, 8-bit floats): an artifact of such a
+    #: layout that holds no tensor of that kind quantized nothing, and the quantize step refuses it
+    quantizes: ClassVar[bool] = True
 
     def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
         """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.

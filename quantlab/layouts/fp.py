@@ -12,6 +12,7 @@ DTYPE_BITS = {"auto": None, "float32": 32, "bfloat16": 16, "float16": 16}
 @dataclass(frozen=True)
 class FpLayout(Layout):
     layer_by_layer = True
+    quantizes = False
     dtype: str = "auto"
 
     def _torch_dtype_name(self, device: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantlab.layouts import Layout, groups_of
+from quantlab.conv1d import load_conv1d_aware, mark_conv1d_parents_initialized
 
 GPTQ_NOTE = ("GPTQ packed: 32/bits values per int32 + fp16 scale and packed zero per group + int32 g_idx per "
              "input feature")
@@ -47,6 +48,13 @@ class GptqPackedLayout(Layout):
 
     def bias_dtype_bytes(self, device):
         return 2  # GPTQ checkpoints keep biases in fp16
+
+    def load(self, path, device, trust_remote_code=False):
+        """Plain ``from_pretrained`` (transformers' GPTQ integration); a model with GPT-2's Conv1D layers has the
+        blocks holding them marked initialised first, as transformers 5.23's GPT-2 weight init fails on a packed
+        linear (``quantlab.conv1d``)."""
+        return load_conv1d_aware(path, device, trust_remote_code, mark_conv1d_parents_initialized,
+                                 **self.load_kwargs(device))
 
     def latency_skipped(self, device):
         if device == "cpu" and self.bits == 8:

@@ -72,18 +72,22 @@ class GptqMixedLayout(Layout):
     def bias_dtype_bytes(self, device):
         return 2
 
+    def load_kwargs(self, device):
+        """The dtype it is held in (what ``load`` passes to ``GPTQModel.load``), on every device."""
+        import torch
+
+        return {"dtype": getattr(torch, self.dtype)}
+
     def load(self, path: str, device: str, trust_remote_code: bool = False):
         """The HF model inside ``GPTQModel.load`` (torch kernel, the fit's dtype): what the artifact's manifest names."""
         import contextlib
         import io
 
-        import torch
-
         with contextlib.redirect_stdout(io.StringIO()):
             from gptqmodel import BACKEND, GPTQModel
 
-            wrapped = GPTQModel.load(str(path), device=device, dtype=getattr(torch, self.dtype),
-                                     backend=BACKEND.TORCH, trust_remote_code=trust_remote_code)
+            wrapped = GPTQModel.load(str(path), device=device, **self.load_kwargs(device), backend=BACKEND.TORCH,
+                                     trust_remote_code=trust_remote_code)
         return wrapped.model.eval()
 
     def latency_skipped(self, device):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantlab.layouts import Layout, groups_of
+from quantlab.conv1d import conv1d_to_linear, load_conv1d_aware
 
 INTX_NOTE = "torchao intx: one int8 per value (int4 too) + a scale (unquantized dtype) and an int8 zero per group"
 
@@ -24,3 +25,8 @@ class IntxLayout(Layout):
 
     def note(self):
         return INTX_NOTE
+
+    def load(self, path, device, trust_remote_code=False):
+        """Plain ``from_pretrained``; a model with GPT-2's Conv1D layers gets them as ``nn.Linear``, as the artifact
+        holds them (torchao quantizes ``nn.Linear`` only: ``quantlab.conv1d``)."""
+        return load_conv1d_aware(path, device, trust_remote_code, conv1d_to_linear, **self.load_kwargs(device))

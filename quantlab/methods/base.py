@@ -15,7 +15,8 @@ class Method:
 
     ``quantize`` writes a directory that ``AutoModelForCausalLM.from_pretrained`` reloads with the
     method's library installed and no quantlab import. ``fp`` is the exception: its artifact is the
-    source directory itself.
+    source directory itself; and a model with GPT-2's Conv1D layers reloads through its layout's ``load``
+    where the libraries fall short (torchao, GPTQ: ``quantlab.conv1d``), as its notes' ``conv1d`` say.
     """
 
     name: ClassVar[str]

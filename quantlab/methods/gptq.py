@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
+from quantlab.conv1d import CONV1D_PACKED, conv1d_note, count_conv1d
 from quantlab.layouts.gptq import GptqPackedLayout
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_windows, resolve_calibration
@@ -99,7 +100,10 @@ class GptqMethod(Method):
         """
         shapes = sizes["shapes"]
         elem = 4 if device == "cpu" else 2
-        per_layer = {lin.name.split(".")[-1]: (lin.out_features, lin.in_features) for lin in shapes.linears}
+        # one per linear of a layer (and one for all experts alike): the name without its indices, where GPT-2's
+        # attn.c_proj and mlp.c_proj stay two
+        per_layer = {re.sub(r"\.\d+(?=\.)", "", lin.name): (lin.out_features, lin.in_features)
+                     for lin in shapes.linears}
         out, widest = max(per_layer.values(), key=lambda s: s[1], default=(0, 0))
         windows = config.samples * config.tokens * shapes.hidden * 4
         embed = shapes.unquantized["embeddings"] * elem
@@ -129,4 +133,5 @@ class GptqMethod(Method):
                         act_group_aware=config.group_size > 0 and not config.desc_act)
         calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
         run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, calib, trust_remote_code)
-        return {"library": "gptqmodel", "format": "gptq", "calibration": info}
+        return {"library": "gptqmodel", "format": "gptq", "calibration": info,
+                **conv1d_note(count_conv1d(source_dir, trust_remote_code), CONV1D_PACKED)}

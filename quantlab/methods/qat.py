@@ -25,6 +25,7 @@ from pathlib import Path
 from quantlab.errors import DataError, RecipeError
 from quantlab.evaluate.text import resolve_text, self_text
 from quantlab.fsutil import scratch_dir
+from quantlab.conv1d import conv1d_to_linear, linear_to_conv1d
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.loading import load_recipe_model
@@ -116,8 +117,8 @@ class QatMethod(Method):
         with scratch_dir("quantlab-qat-") as scratch:
             student.save_pretrained(scratch)  # trained fp weights in plain nn.Linear
             del student
-            save_quantized(Path(scratch), Path(source_dir), out_dir, config.scheme, config.group_size,
-                           trust_remote_code)
+            notes.update(save_quantized(Path(scratch), Path(source_dir), out_dir, config.scheme, config.group_size,
+                                        trust_remote_code))
         notes.update({"library": "torchao", "scheme": config.scheme,
                       "layout": "IntxUnpackedToInt8Tensor (one int4 value per int8 byte on CPU)"})
         return notes
@@ -205,7 +206,7 @@ def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[i
     import torch
     import torch.nn.functional as F
 
-    teacher, student = _teacher_and_student(source_dir, config, device, trust_remote_code)
+    teacher, student, conv1d = _teacher_and_student(source_dir, config, device, trust_remote_code)
     held = torch.tensor(heldout, device=teacher.device)
     with torch.no_grad():
         teacher_held = F.log_softmax(teacher(held).logits.float(), dim=-1)
@@ -213,6 +214,7 @@ def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[i
     losses, curve, timing = _distil(teacher, student, train, config, lambda: heldout_metrics(student, held, teacher_held))
     del teacher
     student = convert(student)
+    linear_to_conv1d(student, conv1d)  # saved as the model's own class, quantized again on save like any model
     notes = {
         "training": {
             "steps": config.steps, "batch": config.batch, "seq_len": config.seq_len, "lr": config.lr,
@@ -233,14 +235,17 @@ def train_student(source_dir: Path, train: list[list[int]], heldout: list[list[i
 
 
 def _teacher_and_student(source_dir: Path, config, device: str, trust_remote_code: bool):
-    """The frozen fp teacher and the prepared (fake-quantized) student with frozen embeddings."""
+    """The frozen fp teacher, the prepared (fake-quantized) student with frozen embeddings, and the names of the
+    student's Conv1D layers, turned into ``nn.Linear`` (torchao fake-quantizes ``nn.Linear`` only)."""
     fp = parse_recipe("fp")
     teacher = load_recipe_model(source_dir, fp, device, trust_remote_code)
     teacher.requires_grad_(False)
-    student = prepare(load_recipe_model(source_dir, fp, device, trust_remote_code), config)
+    student = load_recipe_model(source_dir, fp, device, trust_remote_code)
+    conv1d = conv1d_to_linear(student)
+    student = prepare(student, config)
     student.get_input_embeddings().requires_grad_(False)
     student.get_output_embeddings().requires_grad_(False)
-    return teacher, student
+    return teacher, student, conv1d
 
 
 def _distil(teacher, student, train: list[list[int]], config, evaluate) -> tuple[list, list, dict]:

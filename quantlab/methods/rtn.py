@@ -22,11 +22,12 @@ from pathlib import Path
 from quantlab.errors import RecipeError
 from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
 from quantlab.layerwise.quantize import quantize_torchao_layer_by_layer
+from quantlab.conv1d import CONV1D_AS_LINEAR, CONV1D_PACKED, conv1d_note, count_conv1d
 from quantlab.layouts.gptq import GptqPackedLayout
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
-from quantlab.models import load_causal_lm, save_with_tokenizer
+from quantlab.methods.torchao_ptq import save_torchao
 
 _BITS = (8, 4)
 _FORMATS = ("torchao", "gptq")
@@ -108,23 +109,22 @@ class RtnMethod(Method):
                                 trust_remote_code=False) -> dict:
         quantize_torchao_layer_by_layer(source_dir, out_dir, self.torchao_config(config), trust_remote_code)
         return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)",
-                "written": "layer by layer from the safetensors, one shard per decoder layer"}
+                "written": "layer by layer from the safetensors, one shard per decoder layer",
+                **conv1d_note(count_conv1d(source_dir, trust_remote_code), CONV1D_AS_LINEAR)}
 
     def _write_intx(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
-        from transformers import TorchAoConfig
-
         # Quantized on CPU: RTN is cheap, and the saved layout is device-independent.
-        model = load_causal_lm(source_dir, device="cpu", quantization_config=TorchAoConfig(self.torchao_config(config)),
-                               trust_remote_code=trust_remote_code)
-        save_with_tokenizer(model, source_dir, out_dir, trust_remote_code)
-        return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)"}
+        notes = save_torchao(Path(source_dir), Path(source_dir), out_dir, self.torchao_config(config),
+                             trust_remote_code)
+        return {"library": "torchao", "layout": "IntxUnpackedToInt8Tensor (one value per int8 byte)", **notes}
 
     def _write_gptq(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
         gptqmodel = import_gptqmodel()
         settings = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric)
         run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None,
                       trust_remote_code=trust_remote_code)
-        return {"library": "gptqmodel", "format": "gptq", "layout": "GPTQ packed int32 (RTN, no calibration)"}
+        return {"library": "gptqmodel", "format": "gptq", "layout": "GPTQ packed int32 (RTN, no calibration)",
+                **conv1d_note(count_conv1d(source_dir, trust_remote_code), CONV1D_PACKED)}
 
 
 def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import RecipeError
+from quantlab.conv1d import CONV1D_AS_LINEAR, conv1d_note, conv1d_to_linear
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
 from quantlab.models import load_causal_lm, save_with_tokenizer
@@ -62,13 +63,26 @@ def base_config(scheme: str, group_size: int):
 
 
 def save_quantized(fp_dir: Path, tokenizer_dir: Path, out_dir: Path, scheme: str, group_size: int,
-                   trust_remote_code: bool = False) -> None:
+                   trust_remote_code: bool = False) -> dict:
     """Load fp weights from ``fp_dir`` quantized with the scheme, and save them with the tokenizer."""
+    return save_torchao(fp_dir, tokenizer_dir, out_dir, base_config(scheme, group_size), trust_remote_code)
+
+
+def save_torchao(fp_dir: Path, tokenizer_dir: Path, out_dir: Path, torchao_config,
+                 trust_remote_code: bool = False) -> dict:
+    """Load fp weights from ``fp_dir`` quantized with ``torchao_config`` (transformers' ``TorchAoConfig``: every
+    ``nn.Linear`` but the head), quantize GPT-2's Conv1D layers too as the equivalent ``nn.Linear``, and save the
+    model with the tokenizer. Returns notes: the Conv1D layers stored as linears and how they reload."""
+    from torchao.quantization import quantize_
     from transformers import TorchAoConfig
 
-    model = load_causal_lm(fp_dir, device="cpu", quantization_config=TorchAoConfig(base_config(scheme, group_size)),
+    model = load_causal_lm(fp_dir, device="cpu", quantization_config=TorchAoConfig(torchao_config),
                            trust_remote_code=trust_remote_code)
+    converted = set(conv1d_to_linear(model))
+    if converted:
+        quantize_(model, torchao_config, filter_fn=lambda module, fqn: fqn in converted)
     save_with_tokenizer(model, tokenizer_dir, out_dir, trust_remote_code)
+    return conv1d_note(len(converted), CONV1D_AS_LINEAR)
 
 
 class TorchaoMethod(Method):
@@ -92,6 +106,7 @@ class TorchaoMethod(Method):
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:
         # Quantized on CPU, like RTN: cheap, and the saved layout is device-independent.
-        save_quantized(Path(source_dir), Path(source_dir), out_dir, config.scheme, config.group_size, trust_remote_code)
+        notes = save_quantized(Path(source_dir), Path(source_dir), out_dir, config.scheme, config.group_size,
+                               trust_remote_code)
         return {"library": "torchao", "scheme": config.scheme,
-                "layout": "IntxUnpackedToInt8Tensor (one int4 value per int8 byte on CPU)"}
+                "layout": "IntxUnpackedToInt8Tensor (one int4 value per int8 byte on CPU)", **notes}

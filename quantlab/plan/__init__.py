@@ -13,7 +13,7 @@ from quantlab.errors import RecipeError, UsageError
 from quantlab.methods import get_method
 from quantlab.plan import terms
 from quantlab.plan.known import resolve_config
-from quantlab.plan.shapes import model_shapes
+from quantlab.plan.shapes import model_shapes, require_linears
 from quantlab.plan.sizes import GB, parse_size  # noqa: F401 (re-exported)
 from quantlab.plan.steps import plan_quantize, quantize_sizes, step_peak
 from quantlab.recipe import parse_recipe_list
@@ -40,7 +40,8 @@ class PlanSettings:
 def plan_model(ref: str, settings: PlanSettings, trust_remote_code: bool = False) -> dict:
     recipes = list(settings.recipes) or parse_recipe_list(PLAN_RECIPES)
     config, source = resolve_config(ref, trust_remote_code)
-    shapes = model_shapes(config, trust_remote_code)
+    shapes = model_shapes(config, trust_remote_code)  # its shape fields checked first (plan.shapes.check_config)
+    require_linears(len(shapes.linears), ref)
     rows = [plan_recipe(recipe, shapes, settings) for recipe in recipes]
     return {
         "model": {"ref": ref, "config_source": source, **_shape_summary(shapes)},

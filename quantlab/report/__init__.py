@@ -12,11 +12,12 @@ from pathlib import Path
 
 from quantlab import store as store_mod
 from quantlab.errors import UsageError
-from quantlab.fsutil import atomic_write_bytes
+from quantlab.outputs import check_output_file, write_output_file
 from quantlab.gate.refs import read_results_json
 from quantlab.plan import GB
 from quantlab.report import view
 from quantlab.report.html import render
+from quantlab.report.schema import check_report_results
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ def load_results(results: str | None = None, run_set: str | None = None, store: 
         path = Path(results)
         path = path / "results.json" if path.is_dir() else path
         data = read_results_json(path, "quantize-and-compare's results.json")
-        if "fidelity" not in data["runs"][0]:
+        if "fidelity" not in data["runs"][0] or not isinstance(data.get("model") or {}, dict):
             raise UsageError(f"{path} is not a quantize-and-compare results.json — `quantlab eval` output has no "
                              "memory or latency to report")
+        check_report_results(data, path)
         return {**data, "source": str(path)}
     return _from_store(run_set, store, model)
 
@@ -81,11 +83,11 @@ def render_report(data: dict, settings: ReportSettings) -> str:
 
 
 def write_report(data: dict, out: str | Path, settings: ReportSettings | None = None) -> Path:
-    """Render and write atomically; returns the path."""
+    """Render and write atomically; returns the path. A file at ``out`` that quantlab did not write is refused
+    before rendering (outputs.check_output_file)."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {out} must be an .html file — e.g. reports/smollm2.html")
+    check_output_file(out, "--out")
     page = render_report(data, settings or ReportSettings())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, page.encode())
-    return out
+    return write_output_file(out, page.encode(), "--out")

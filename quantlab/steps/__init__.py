@@ -13,4 +13,5 @@ STEPS = {
     "bench": "quantlab.steps.bench:bench_step",
     "weights": "quantlab.steps.bench:weights_step",
     "sensitivity": "quantlab.steps.fit:sensitivity_step",
+    "overflow": "quantlab.steps.overflow:overflow_step",
 }

@@ -1,6 +1,8 @@
 """Entry point of an isolated step: ``python -m quantlab.steps STEP PAYLOAD.json RESULT.json``.
 
-Each step runs in its own fresh process; its result (or its error) is written as JSON.
+Each step runs in its own fresh process; its result (or its error) is written as JSON. A step sent SIGINT or
+SIGTERM (the launcher ends steps with SIGTERM) unwinds quietly, its temp dirs removed on the way, writes no
+result and exits 128 + the signal (``quantlab.interrupts``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import traceback
 
 from quantlab.errors import QuantlabError
 from quantlab.fsutil import atomic_write_json
+from quantlab.interrupts import Interrupted, on_signals
 from quantlab.measure.memory import return_freed_memory
 from quantlab.quiet import quiet_libraries
 from quantlab.steps import STEPS
@@ -24,6 +27,14 @@ def _resolve(target: str):
 
 
 def main(argv: list[str]) -> int:
+    try:
+        with on_signals():  # the launcher started this process with the signals blocked: this unblocks them
+            return _run(argv)
+    except Interrupted as exc:
+        return exc.exit_code
+
+
+def _run(argv: list[str]) -> int:
     step, payload_path, result_path = argv
     started = time.perf_counter()
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from quantlab.errors import MeasurementError
 from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate import guard
 from quantlab.evaluate.fidelity import FidelitySettings
@@ -28,6 +29,7 @@ from quantlab.methods.loading import load_recipe_model
 from quantlab.models import ModelSource, load_tokenizer, quantlab_home
 from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, is_reference
 from quantlab.recipe import Recipe, parse_recipe
+from quantlab.steps.overflow import bf16_fix
 
 
 @dataclass(frozen=True)
@@ -80,20 +82,35 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             plan = plans.get("fidelity")
             model = planned_model(cand.artifact, cand.recipe, device, plan, baseline.trust_remote_code)
             per_token = fid.compare(model, ids, logprobs, (plan or {}).get("batch") or settings.batch_size)
+            require_finite_tokens(per_token, cand.recipe, guard.held_dtype(model))
             gen = guard.greedy_continuation(model, ids)
             del model
             gc.collect()
-        if cand.per_token_path:
-            fid.save_per_token(Path(cand.per_token_path), per_token)
         summary = {**fid.summarize(per_token, settings), "baseline_recipe": "fp", "baseline_cached": hit,
                    "per_token": cand.per_token_path,
                    "generation": {"tokens": gen, **guard.repetition(gen), "baseline_tokens": base_gen}}
         reasons = guard.generation_reasons(gen, base_gen) + guard.fidelity_reasons(
             {"method": cand.recipe.method, "bits": cand.recipe.bits, "fidelity": summary}, [])
         summary["guard"] = {"ok": not reasons, "reasons": reasons}
+        guard.require_finite(summary, f"{cand.recipe.name}'s fidelity", "its predictions are too far off for the "
+                             "number to mean anything (a broken quantization or checkpoint); check its recipe and "
+                             "source")
+        if cand.per_token_path:
+            fid.save_per_token(Path(cand.per_token_path), per_token)
         results.append(summary)
     return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict(),
             "reference_mode": (plans.get("reference") or {}).get("mode", IN_MEMORY)}
+
+
+def require_finite_tokens(per_token: dict, recipe: Recipe, dtype: str) -> None:
+    """Refuse a candidate whose per-token KL or NLL holds a NaN or inf (``guard.nonfinite_message``), before its
+    summary: a KLD of NaN, perplexity NaN and top-1 0.000 is no result."""
+    import numpy as np
+
+    bad = ~(np.isfinite(per_token["kl"]) & np.isfinite(per_token["nll"]))
+    if bad.any():
+        raise MeasurementError(guard.nonfinite_message(recipe.name, int(bad.sum()), bad.size, dtype,
+                                                       bf16_fix(recipe)))
 
 
 def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: FidelitySettings, device: str,

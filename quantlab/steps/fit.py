@@ -18,6 +18,7 @@ from quantlab import __version__
 from quantlab.artifacts import artifact_path, read_manifest
 from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.guard import require_finite
 from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
 from quantlab.fit.sensitivity import Prefixes, measure_table
@@ -37,6 +38,7 @@ from quantlab.provenance import library_version, versions
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.steps.fidelity import ensure_baseline
 from quantlab.steps.launcher import run_step
+from quantlab.steps.overflow import check_held_dtype
 from quantlab.steps.quantize import ensure_artifact
 
 WINDOW_TOKENS = 256
@@ -199,6 +201,9 @@ def solve(config, table: dict, shapes, device: str):
     units = model_units(shapes, config.units)
     formats = parse_formats(config.formats)
     check_formats(formats, units)
+    if table:  # a table cached before NaN was refused where it is measured
+        require_finite(table["kld"], f"The sensitivity table {table.get('path')}",
+                       "remove that file to measure it again")
     kld = (lambda u, f: table["kld"][u][f]) if table else (lambda u, f: 0.0)
     options = [Unit(u.name, tuple(Option(f.name, unit_bytes(u, f.name, shapes, device), kld(u.name, f.name))
                                   for f in formats)) for u in units]
@@ -210,9 +215,11 @@ def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int |
     """The fit recipe with its allocation, and what chose it (table path, predicted bytes and KLD, units per
     format). A recipe already resolved is returned as it is."""
     if recipe.config.allocation:
+        check_held_dtype(source, recipe, device, threads, data_dir)
         return recipe, {}
     shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
     solve(recipe.config, None, shapes, device)  # a budget nothing meets is refused before the sensitivity pass
+    check_held_dtype(source, recipe, device, threads, data_dir)  # and a model that overflows the fit's float16
     table = ensure_sensitivity(source, recipe.config, device, threads, data_dir)
     alloc = solve(recipe.config, table, shapes, device)
     counts = {f: sum(1 for v in alloc.formats.values() if v == f) for f in recipe.config.formats}
@@ -228,6 +235,7 @@ def ensure_recipe_artifact(source: ModelSource, recipe: Recipe, device: str, thr
     """``ensure_artifact``, a fit recipe resolved first: ``{"artifact", "cost", "cached", "recipe"}``, plus ``"fit"``
     (what chose the allocation) for a fit."""
     if not get_method(recipe.method).resolved_first:
+        check_held_dtype(source, recipe, device, threads, data_dir)
         return {**ensure_artifact(source, recipe, device, threads, force=force, data_dir=data_dir, plan=plan),
                 "recipe": recipe}
     resolved_recipe, info = resolve_fit(source, recipe, device, threads, data_dir)

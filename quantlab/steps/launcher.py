@@ -1,35 +1,55 @@
-"""Run one step in a fresh Python process and bring its result (or its error) back."""
+"""Run one step in a fresh Python process and bring its result (or its error) back.
+
+Every step process started here is listed until it ends, so an interrupt can end them all: ``run_step`` ends
+its own when an interrupt reaches the thread that waits on it, and ``steps_stopped`` ends those that other
+threads wait on (the local executor's) and starts no new one meanwhile. Ending a step is SIGTERM, which its
+handler turns into a quiet unwind that removes its temp dirs (``quantlab.interrupts``), then SIGKILL after
+``GRACE_S``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from quantlab import errors
 from quantlab.errors import MeasurementError
 from quantlab.fsutil import free_bytes, scratch_dir
+from quantlab.interrupts import SIGNALS, Interrupted, blocked
 from quantlab.models import quantlab_home
+
+GRACE_S = 2.0  # what an ended step gets to remove its temp dirs before SIGKILL
+
+_live: set[subprocess.Popen] = set()
+_guard = threading.Lock()
+_stops = 0  # > 0 while steps are being stopped: no new step starts
 
 
 def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
     """Run ``python -m quantlab.steps STEP`` on ``payload`` and return its JSON result.
 
-    A QuantlabError raised in the step is raised again here with the same class and message.
+    A QuantlabError raised in the step is raised again here with the same class and message; a step ended
+    by SIGINT or SIGTERM (or by ``steps_stopped``) raises ``Interrupted``.
     """
     with scratch_dir("quantlab-step-") as tmp:
         payload_path = Path(tmp) / "payload.json"
         result_path = Path(tmp) / "result.json"
         payload_path.write_text(json.dumps(payload, default=str))
-        cmd = [sys.executable, "-m", "quantlab.steps", step, str(payload_path), str(result_path)]
+        proc = _start([sys.executable, "-m", "quantlab.steps", step, str(payload_path), str(result_path)])
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise MeasurementError(f"The {step} step ran over {timeout:.0f} s — raise the timeout or use a smaller model") from None
+        finally:  # also on an interrupt in this thread: the step ends before its scratch dir goes
+            _end([proc])
         if not result_path.is_file():
-            raise died(step, proc.returncode)
+            raise _ended(step, proc.returncode)
         result = json.loads(result_path.read_text())
     if "error" in result:
         err = result["error"]
@@ -40,6 +60,62 @@ def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
         exc.worker_traceback = err.get("traceback")
         raise exc
     return result
+
+
+@contextlib.contextmanager
+def steps_stopped():
+    """End every running step process now, and start no new one until the block ends (while the threads that
+    ran them unwind)."""
+    global _stops
+    with _guard:
+        _stops += 1
+        live = list(_live)
+    try:
+        _end(live)
+        yield
+    finally:
+        with _guard:
+            _stops -= 1
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    """Start a step process, listed until ``_end``. It inherits SIGINT and SIGTERM blocked and unblocks them
+    once its handler is in place (steps/__main__.py)."""
+    with _guard:
+        if _stops:
+            raise Interrupted()
+        with blocked():
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            _live.add(proc)
+    return proc
+
+
+def _end(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to those of ``procs`` still running, up to GRACE_S for all of them to exit, then SIGKILL."""
+    try:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + GRACE_S
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+    finally:  # past the grace, or interrupted while waiting
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        with _guard:
+            _live.difference_update(procs)
+
+
+def _ended(step: str, returncode: int) -> BaseException:
+    """Why a step process ended without a result: an interrupt (a step's handler exits 128 + the signal) or a
+    death (``died``)."""
+    for sig in SIGNALS:
+        if returncode in (128 + sig, -sig):
+            return Interrupted(sig)
+    return Interrupted() if _stops else died(step, returncode)
 
 
 def died(step: str, returncode: int) -> MeasurementError:

@@ -6,7 +6,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantlab.artifacts import MANIFEST, artifact_path, read_manifest
+from quantlab.errors import RecipeError
 from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.layerwise.weights import stored_dtypes
 from quantlab.measure.cost import NO_COST, measure_cost, training_cost
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
@@ -15,6 +17,10 @@ from quantlab.plan.steps import LAYER_BY_LAYER
 from quantlab.provenance import device_info, versions
 from quantlab.recipe import Recipe
 from quantlab.steps.launcher import run_step
+
+#: safetensors dtypes of unquantized weights and index tensors; a quantized weight is stored in another (int8 or
+#: uint8 codes, int32-packed words, 8-bit floats)
+UNQUANTIZED_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "BOOL"})
 
 
 def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
@@ -49,6 +55,7 @@ def quantize_step(payload: dict) -> dict:
             quantize = method.quantize_layer_by_layer if payload.get("mode") == LAYER_BY_LAYER else method.quantize
             notes = quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),
                              trust_remote_code=source.trust_remote_code)
+        check_quantized(tmp, recipe, method.layout(recipe.config), source)
         cost["held"] = held
         cost["budgeted"] = bool(payload.get("budgeted"))  # built under a memory budget (--max-memory)
         training = training_cost(notes)
@@ -61,3 +68,25 @@ def quantize_step(payload: dict) -> dict:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
     return {"artifact": payload["target"], "cost": cost}
+
+
+def check_quantized(artifact: Path, recipe: Recipe, layout, source: ModelSource) -> None:
+    """Refuse an artifact that quantized nothing: a layout that stores codes, and every tensor written still in
+    floating point. A method that found no layer it handles (a layer type other than ``nn.Linear`` and GPT-2's
+    Conv1D) would otherwise give a row that claims its bits and measures the fp model."""
+    if not layout.quantizes or any(d not in UNQUANTIZED_DTYPES for d in stored_dtypes(artifact).values()):
+        return
+    kinds = _weight_layer_kinds(meta_model(load_config(source.path, source.trust_remote_code),
+                                           source.trust_remote_code))
+    raise RecipeError(f"{recipe.name} quantized nothing in {source.ref}: every tensor it wrote is floating point "
+                      f"(the model's weight layers: {', '.join(kinds) or 'none'}) — the {recipe.method} method does "
+                      "not handle these layers; pick a recipe of another method")
+
+
+def _weight_layer_kinds(model) -> list[str]:
+    """Class names of the modules holding a 2-D weight, the input and output embeddings aside."""
+    import torch
+
+    skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({type(m).__name__ for m in model.modules() if id(m) not in skip
+                   and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2})

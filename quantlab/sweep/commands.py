@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
+import json
 
-from quantlab.artifacts import resolve_target
+from quantlab.artifacts import resolve_target, source_fingerprint
 from quantlab.device import resolve_device, torch_threads
 from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import FidelitySettings
+from quantlab.evaluate.guard import require_finite
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import parse_shard, task_settings
-from quantlab.fsutil import atomic_write_json, check_writable_dir
+from quantlab.outputs import check_output_file, claim_output_file, write_output_file
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.methods.fit import loader, vllm_note
@@ -41,10 +42,11 @@ def quantize_and_compare(spec: Spec, opts: RunOptions, progress: Progress | None
     return {**results, "jobs": summary["jobs"]}
 
 
-def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None, max_memory: str | None = None) -> dict:
+def run_sweep(path: str, opts: RunOptions, progress: Progress | None = None, max_memory: str | None = None,
+              max_jobs: int | None = None) -> dict:
     """Every job of a sweep file; a summary with each model's results.json path. ``max_memory`` overrides the
-    file's budget."""
-    spec = load_spec(path)
+    file's budget; ``max_jobs`` the most jobs it may have (``quantlab.sweep.spec.MAX_JOBS``)."""
+    spec = load_spec(path, max_jobs=max_jobs)
     if max_memory is not None:
         spec = dataclasses.replace(spec, max_memory=max_memory)
     summary = run_spec(spec, opts, progress)
@@ -106,9 +108,11 @@ def bench_model(model: str, device: str = "auto", threads: int = 1, latency: Lat
                 trust_remote_code: bool = False) -> dict:
     """Memory and latency of ``model`` (an artifact dir or model ref), measured in a fresh process."""
     path, recipe = resolve_target(model, trust_remote_code)
-    return {"model": model, "recipe": recipe.name,
-            **bench_artifact(recipe, path, threads, latency or LatencySettings(), resolve_device(device),
-                             trust_remote_code)}
+    result = {"model": model, "recipe": recipe.name,
+              **bench_artifact(recipe, path, threads, latency or LatencySettings(), resolve_device(device),
+                               trust_remote_code)}
+    require_finite(result, f"quantlab bench {model}", "a timing or memory reading is not a number; run it again")
+    return result
 
 
 def evaluate_model(model: str, baseline: str | None, text: str | None = None, data_dir: str | None = None,
@@ -131,6 +135,14 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
             "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": out["results"][0],
             "reference_mode": out["reference_mode"], "plans": plans or None}
+
+
+def _refuse_unused(options: dict, needs: str) -> None:
+    """An option given to a command that will not use it is a mistake worth a line, not silence."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{', '.join(given)} {verb} only with {needs} — add it, or drop {', '.join(given)}")
 
 
 def source_shapes(source):
@@ -160,16 +172,25 @@ def evaluate(model: str, tasks: str | None = None, suite: str | None = None, lim
                              include_path=include_path, shard=parse_shard(shard))
     if settings is None and baseline is None:
         raise UsageError("Nothing to evaluate — give --tasks/--suite for accuracy and/or --baseline for fidelity")
+    resolve_budget(max_memory)  # every option is checked, whether or not the step that uses it runs
+    if baseline is None:
+        _refuse_unused({"--text": text, "--per-token": per_token}, "--baseline (fidelity)")
+    if settings is None:
+        _refuse_unused({"--limit": limit, "--batch-size": batch_size, "--include-path": include_path, "--shard": shard},
+                       "--tasks or --suite (accuracy)")
     if settings is not None:
         check_tasks(settings)
-    if output:
-        check_writable_dir(Path(output).resolve().parent)
+    for path, option in ((output, "--output"), (per_token, "--per-token")):
+        if path:
+            check_output_file(path, option)
     result = {"model": model, "runs": []}
     if settings:
         path, recipe = resolve_target(model, trust_remote_code)
         result = suite_result(model, path, recipe, settings, prepare_tasks(settings), resolve_device(device), threads,
                               trust_remote_code)
     if baseline:
+        if per_token:
+            claim_output_file(per_token, "--per-token")
         fid = evaluate_model(model, baseline, text, data_dir, device, threads, per_token_path=per_token,
                              trust_remote_code=trust_remote_code, max_memory=max_memory)
         if result["runs"]:
@@ -177,8 +198,11 @@ def evaluate(model: str, tasks: str | None = None, suite: str | None = None, lim
             result["fidelity_baseline"] = fid["baseline"]
         else:
             result = fid
+    result["model_fingerprint"] = source_fingerprint(model, trust_remote_code)  # the gate pairs only same-model files
+    require_finite(result, f"quantlab eval {model}", "nothing was written; the model computes NaN or inf — if it "
+                   "is held in float16, evaluate a bfloat16 or float32 version")
     if output:
-        atomic_write_json(output, result)
+        write_output_file(output, (json.dumps(result, indent=2, default=str) + "\n").encode(), "--output")
     shown = copy.deepcopy(result)
     for run in shown.get("runs", []):
         if "accuracy" in run:

@@ -18,7 +18,8 @@ from typing import Callable
 
 from quantlab import store
 from quantlab.errors import UsageError
-from quantlab.fsutil import check_own_dir, check_writable_dir
+from quantlab.fsutil import check_writable_dir
+from quantlab.outputs import check_own_dir
 from quantlab.gate.refs import read_samples
 from quantlab.sweep.compute import job_provenance
 from quantlab.sweep.executors import EXECUTORS, check_executor, execute
@@ -55,8 +56,9 @@ def run_spec(spec: Spec, opts: RunOptions, progress: Progress | None = None) -> 
     """Every job of ``spec``; returns the run set, job counts and each model's published results."""
     out = Path(opts.out) if opts.out else spec.default_out()
     check_writable_dir(out)
-    check_own_dir(out)  # quantlab replaces only files it wrote there (fsutil.MANIFEST)
+    check_own_dir(out)  # quantlab replaces only files it wrote there (outputs.MANIFEST)
     check_executor(opts.executor, opts.address)
+    store.check_store(opts.store)
     jobs = plan_jobs(spec)
     run_set = run_set_of(spec.run_set_prefix, jobs, opts.force)
     with _job_bar(len(jobs), opts.bar, progress) as report:

@@ -16,7 +16,7 @@ from quantlab.evaluate.text import TextSource, resolve_text
 from quantlab.evaluate.text import data_dir as find_data_dir
 from quantlab.methods import get_method
 from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
-from quantlab.plan.shapes import model_shapes
+from quantlab.plan.shapes import check_config, model_shapes, require_linears
 from quantlab.plan.steps import plan_job_steps, require_fits, resolve_budget
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.sweep.jobs import Job, make_job
@@ -81,9 +81,15 @@ def require_libraries(recipes) -> None:
 
 
 def resolve_checked(ref: str | None, recipes, trust_remote_code: bool) -> ModelSource:
-    """Resolve a model and check every recipe against its linear layers (group sizes and the like)."""
+    """Resolve a model and check every recipe against its linear layers (group sizes and the like), its config's
+    shape fields first (a layer count of 0 or 10^7 is named, not built)."""
     source = resolve_model(ref, trust_remote_code)
-    shapes = linear_shapes(load_config(source.path, trust_remote_code), trust_remote_code)
+    config = load_config(source.path, trust_remote_code)
+    check_config(config, require=())
+    shapes = linear_shapes(config, trust_remote_code)
+    quantized = [r.name for r in recipes if get_method(r.method).writes_artifact]
+    if quantized:
+        require_linears(len(shapes), source.ref, f"{', '.join(quantized)} would quantize nothing")
     for r in recipes:
         get_method(r.method).check_model(r.config, shapes)
     return source

@@ -7,13 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from quantlab import store as store_mod
-from quantlab.errors import QuantlabError
-from quantlab.fsutil import atomic_write_json, claim_files, file_lock, remove_stale_temps, safe_name, settle_files
+from quantlab.errors import MeasurementError, QuantlabError
+from quantlab.evaluate.guard import nonfinite
+from quantlab.fsutil import atomic_write_json, file_lock, naming_full_disk, remove_stale_temps, safe_name
+from quantlab.outputs import claim_files, settle_files
 from quantlab.models import count_params, load_config, quantlab_home, slug
 from quantlab.records import definitions
 from quantlab.report import ReportSettings, write_report
@@ -48,19 +51,19 @@ def _publish_model(run_set: str, store: str | None, jobs: list, rows: dict, out:
         done = _up_to_date(out / "results.json", run_set, [j.key for j in jobs])
         if done:
             return {**done, "results_path": str(out / "results.json"), "report_path": str(out / "report.html")}
-        return _write_model(run_set, store, jobs, rows, out, refused)
+        with naming_full_disk(out, "results.json and its per-token and per-sample files"):
+            return _write_model(run_set, store, jobs, rows, out, refused)
 
 
 def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: Path, refused: list) -> dict:
     """Stage the per-token and per-sample files, then replace only what quantlab's manifest in ``out`` lists
-    (fsutil.claim_files): a folder holding anyone else's files is refused before anything is written."""
+    (outputs.claim_files): a folder holding anyone else's files is refused before anything is written."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out / "publish")  # staging folders of publishers that were killed
     staging = Path(tempfile.mkdtemp(prefix=f".publish.{os.getpid()}.", suffix=".tmp", dir=out))
     try:
         runs = [_run(job, rows[job.key], staging, out) for job in jobs]
         warnings = annotate(jobs, runs)
-        store_annotations(store, runs)
         source = jobs[0].model
         params = count_params(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
         results = {"model": {"ref": source.ref, "fingerprint": source.fingerprint, "path": source.path,
@@ -69,6 +72,8 @@ def _write_model(run_set: str, store: str | None, jobs: list, rows: dict, out: P
                    "definitions": definitions(any(r.get("accuracy") for r in runs), any(r.get("fit") for r in runs)),
                    "warnings": warnings, "runs": runs, "refused": refused,
                    "max_memory_bytes": jobs[0].budget}
+        require_finite_results(results)
+        store_annotations(store, runs)
         staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         previous = claim_files(out, ["results.json", "report.html", *staged])
         for name in staged:  # the per-token values and per-sample scores first, then results.json
@@ -89,7 +94,21 @@ def _up_to_date(path: Path, run_set: str, keys: list[str]) -> dict | None:
     except (OSError, ValueError):
         return None
     same = data.get("run_set") == run_set and [r.get("job_key") for r in data.get("runs", [])] == keys
+    same = same and nonfinite(data) is None  # one written before NaN was refused is written again, or refused
     return data if same and (path.parent / "report.html").is_file() else None
+
+
+def require_finite_results(results: dict) -> None:
+    """Refuse results holding a NaN or infinite number, naming the field and its run's recipe: NaN is never a
+    result (the steps refuse one where it is computed; a job stored before they did still holds it)."""
+    found = nonfinite(results)
+    if found is None:
+        return
+    field, value = found
+    index = re.match(r"runs\[(\d+)\]", field)
+    recipe = f" ({results['runs'][int(index.group(1))]['recipe']})" if index else ""
+    raise MeasurementError(f"results.json field {field}{recipe} is {value}, not a number — nothing was published; "
+                           "run that job again with --force")
 
 
 def _run(job, row: dict, staging: Path, out: Path) -> dict:

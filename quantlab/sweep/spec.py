@@ -32,12 +32,17 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.fsutil import load_yaml
 from quantlab.measure.latency import LatencySettings
 from quantlab.models import DEFAULT_MODEL, slug
-from quantlab.recipe import DEFAULT_RECIPES, Recipe, expand_recipes, parse_recipe_list
+from quantlab.recipe import DEFAULT_RECIPES, Recipe, count_recipes, expand_recipes, parse_recipe_list
 
 TOP_KEYS = ("description", "models", "model", "recipes", "evaluation", "measure", "device", "threads", "data_dir",
             "trust_remote_code", "text", "max_memory")
 EVAL_KEYS = ("text", "chunks", "chunk_tokens", "suite")
 MEASURE_KEYS = ("batch_sizes", "repetitions", "decode_tokens", "prompt_tokens", "warmup")
+#: The most jobs (models x recipe combinations) a sweep file runs unless ``--max-jobs`` says more. Each job is a
+#: quantization, a fidelity pass and a benchmark in fresh processes, seconds on the tiny test model and minutes on
+#: a real one: 1000 jobs are days of compute, past any sweep quantlab ships (the largest has 7 recipes), so a
+#: larger grid is far more likely a list too many than an intent, and is refused before it is expanded.
+MAX_JOBS = 1000
 
 
 @dataclass(frozen=True)
@@ -68,26 +73,30 @@ class Spec:
         return Path("reports") / f"{self.label}-{date.today():%Y%m%d}"
 
 
-def load_spec(path: str | Path, kind: str = "sweep") -> Spec:
-    """A sweep (or experiment) file as a Spec; every problem is one error naming the file and the fix."""
+def load_spec(path: str | Path, kind: str = "sweep", max_jobs: int | None = None) -> Spec:
+    """A sweep (or experiment) file as a Spec; every problem is one error naming the file and the fix. A grid of
+    more than ``max_jobs`` (default ``MAX_JOBS``) models x recipes is refused, counted before it is expanded."""
     path = Path(path)
     data = load_yaml(path, "Experiment file" if kind == "compare" else "Sweep file",
                      "give a sweep YAML such as experiments/sweep-smollm2.yaml")
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping with 'models' and 'recipes' — see experiments/")
     _check_keys(data, TOP_KEYS, f"{path}: top-level")
-    evaluation, measure = data.get("evaluation") or {}, data.get("measure") or {}
+    evaluation, measure = _section(data, "evaluation"), _section(data, "measure")
     _check_keys(evaluation, EVAL_KEYS, f"{path}: evaluation")
     _check_keys(measure, MEASURE_KEYS, f"{path}: measure")
     if "text" in data and "text" in evaluation:
         raise UsageError(f"{path}: give the text once — 'evaluation: {{text: ...}}' (or the older top-level 'text')")
     threads = data.get("threads", 1)
-    if not isinstance(threads, int) or threads < 1:
+    if type(threads) is not int or threads < 1:
         raise UsageError(f"{path}: threads must be a positive integer (got {threads!r})")
     if not isinstance(data.get("trust_remote_code", False), bool):
         raise UsageError(f"{path}: trust_remote_code must be true or false")
     _check_values(data, evaluation, measure, path)
-    return Spec(kind=kind, label=path.stem, models=_models(data, path),
+    models = _models(data, path)
+    _check_size(1 if kind == "compare" else len(models), count_recipes(data.get("recipes"), str(path)), path, kind,
+               MAX_JOBS if max_jobs is None else max_jobs)
+    return Spec(kind=kind, label=path.stem, models=models,
                 recipes=tuple(expand_recipes(data.get("recipes"), str(path))),
                 text=evaluation.get("text", data.get("text")), fidelity=_fidelity(evaluation),
                 latency=_latency(measure, path), suite=evaluation.get("suite"), device=str(data.get("device", "auto")),
@@ -122,13 +131,39 @@ def compare_spec(model: str | None = None, recipes: str | None = None, experimen
                                trust_remote_code=base.trust_remote_code or bool(given.get("trust_remote_code")))
 
 
+def _check_size(models: int, recipes: int, path, kind: str, max_jobs: int) -> None:
+    """Refuse a grid of more than ``max_jobs`` jobs before any of it is made, saying how many it would be."""
+    jobs = models * recipes
+    if jobs <= max_jobs:
+        return
+    how = (f"pass --max-jobs {jobs} if you mean it" if kind == "sweep"
+           else f"run it as a sweep: quantlab sweep {path} --max-jobs {jobs}")
+    raise UsageError(f"{path}: {jobs:,} jobs ({models:,} model{'s' * (models != 1)} x {recipes:,} "
+                     f"recipe{'s' * (recipes != 1)}), over the limit of {max_jobs:,} — trim the grid's lists, "
+                     f"or {how}")
+
+
 def _models(data: dict, path: Path) -> tuple[str, ...]:
+    """``models`` (a non-empty list), or the older ``model`` (one), or neither: the default model. An empty list
+    is refused, not read as 'the default'."""
     if "models" in data and "model" in data:
         raise UsageError(f"{path}: give 'models' (a list) or 'model', not both")
-    models = data.get("models") or ([data["model"]] if data.get("model") else [DEFAULT_MODEL])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise UsageError(f"{path}: 'models' must be a list of model references, e.g. [smollm2-135m]")
+    if "model" in data and not (isinstance(data["model"], str) and data["model"].strip()):
+        raise UsageError(f"{path}: 'model' must be a model reference, e.g. smollm2-135m (got {data['model']!r})")
+    models = data.get("models", [data.get("model", DEFAULT_MODEL)])
+    if not isinstance(models, list) or not models:
+        raise UsageError(f"{path}: 'models' must be a non-empty list of model references, e.g. [smollm2-135m] "
+                         f"(got {models!r:.80}) — or leave it out for the default, {DEFAULT_MODEL}")
+    bad = next((i for i, m in enumerate(models) if not (isinstance(m, str) and m.strip())), None)
+    if bad is not None:
+        raise UsageError(f"{path}: models[{bad}] must be a model reference such as smollm2-135m (got {models[bad]!r})")
     return tuple(dict.fromkeys(models))
+
+
+def _section(data: dict, key: str) -> dict:
+    """``evaluation`` or ``measure``: a mapping; absent or left empty (``measure:``) means the defaults."""
+    value = data.get(key)
+    return {} if value is None else value
 
 
 def _fidelity(evaluation: dict) -> FidelitySettings:
@@ -144,7 +179,7 @@ def _latency(measure: dict, path: Path) -> LatencySettings:
 
 
 #: (section, key) -> the least value of an integer setting; None: a string
-_VALUES = {("", "device"): None, ("", "data_dir"): None, ("evaluation", "text"): None,
+_VALUES = {("", "device"): None, ("", "data_dir"): None, ("", "text"): None, ("evaluation", "text"): None,
            ("evaluation", "suite"): None, ("evaluation", "chunks"): 1, ("evaluation", "chunk_tokens"): 8,
            ("measure", "repetitions"): 1, ("measure", "decode_tokens"): 1, ("measure", "prompt_tokens"): 1,
            ("measure", "warmup"): 0}
