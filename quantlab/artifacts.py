@@ -14,7 +14,9 @@ from pathlib import Path
 from quantlab import __version__
 from quantlab.fsutil import safe_name
 from quantlab.methods import get_method
-from quantlab.models import ModelSource, check_model_dir, quantlab_home, resolve_model, slug
+from quantlab.home import quantlab_home
+from quantlab.models.load import check_model_dir
+from quantlab.models.source import ModelSource, resolve_model, slug
 from quantlab.provenance import library_version
 from quantlab.quiet import quiet_libraries
 from quantlab.recipe import Recipe, parse_recipe

@@ -18,7 +18,7 @@ from quantlab.gate.report import check_verdict_outputs, publish_verdict
 from quantlab.interrupts import Interrupted, on_signals
 from quantlab.methods import all_methods, get_method, method_target
 from quantlab.methods.fit import FitConfig
-from quantlab.models import fetch_model
+from quantlab.models.source import fetch_model
 from quantlab.plan import PlanSettings, parse_size, plan_model
 from quantlab.plan.render import render_plan
 from quantlab.quiet import filter_library_noise

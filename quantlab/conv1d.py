@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantlab.models import load_causal_lm, load_config, meta_model
+from quantlab.models.load import load_causal_lm, load_config
+from quantlab.models.shapes import meta_model
 
 CONV1D_AS_LINEAR = ("stored as nn.Linear, weight (out, in): IntxLayout.load builds them as nn.Linear before the "
                     "weights load (plain from_pretrained refuses the shapes)")

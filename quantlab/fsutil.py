@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from quantlab.errors import DiskFullError, UsageError
+from quantlab.home import quantlab_home
 
 
 def safe_name(name: str) -> str:
@@ -52,8 +53,7 @@ def ensure_dir(path: str | Path) -> Path:
 
 
 def _home_hint(path: Path, hint: str) -> str:
-    home = os.environ.get("QUANTLAB_HOME") or str(Path.home() / ".cache" / "quantlab")
-    inside = Path(path).absolute().is_relative_to(Path(home).expanduser().absolute())
+    inside = Path(path).absolute().is_relative_to(quantlab_home().absolute())
     return hint if inside else ""
 
 

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from quantlab import __version__
+from quantlab.device import as_device
 from quantlab.errors import MissingExtraError
 
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum", "lm_eval",
@@ -82,9 +83,7 @@ def device_info(device: str) -> dict:
     import torch
 
     info = {"device": device, "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(torch.device(device))
-        info.update({"gpu": props.name, "gpu_memory_bytes": props.total_memory, "cuda": torch.version.cuda})
+    info.update(as_device(device).describe())  # the GPU, on CUDA
     return info
 
 

@@ -1,12 +1,13 @@
 """The record of one run (results.json's ``runs[]``, the store's row) and the definitions of its numbers.
 
-Each definition lives beside the code that computes the number; this module gathers them.
+Each definition lives beside the code that computes the number (a fidelity metric's in its declaration,
+``quantlab.metrics``); this module gathers them.
 """
 
 from __future__ import annotations
 
+from quantlab import metrics
 from quantlab.evaluate.accuracy import SUITE_DEFINITIONS
-from quantlab.evaluate.fidelity import DEFINITIONS as FIDELITY
 from quantlab.evaluate.flips import DEFINITION as FLIPS
 from quantlab.fit.allocate import DEFINITION as FIT
 from quantlab.measure.cost import DEFINITIONS as COST
@@ -26,14 +27,15 @@ WALL = {
                    "step process's entry to its result: imports, loads and the work); None where a step ran in no "
                    "process of its own (a bench the budget skipped) or the record predates this field",
 }
-DEFINITIONS = {**FIDELITY, **MEMORY, **LATENCY, **COST, **BUDGET, **WALL}
+DEFINITIONS = {**MEMORY, **LATENCY, **COST, **BUDGET, **WALL}  # after the fidelity metrics' (quantlab.metrics)
 STEPS = ("quantize", "fidelity", "bench")
 
 
 def definitions(suite: bool, fit: bool = False) -> dict:
     """Every number's definition; the suite metrics' too when the runs have suite accuracy, and ``fit``'s when
-    one of them is a fit."""
-    return {**DEFINITIONS, **({**SUITE_DEFINITIONS, "flips": FLIPS} if suite else {}), **(FIT if fit else {})}
+    one of them is a fit. The fidelity metrics' are the registry's (``quantlab.metrics``) when this is called."""
+    return {**metrics.definitions(), **DEFINITIONS, **({**SUITE_DEFINITIONS, "flips": FLIPS} if suite else {}),
+            **(FIT if fit else {})}
 
 
 def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from quantlab.errors import StoreError
 from quantlab.fsutil import ensure_dir, free_bytes
-from quantlab.models import quantlab_home
+from quantlab.home import quantlab_home
 
 #: PRAGMA application_id of a quantlab store ("qtlb"): how a store is told from another application's database
 APPLICATION_ID = 0x71746C62

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from quantlab import metrics
 from quantlab.evaluate.accuracy import primary_metric
 
 MB = 1024 * 1024
@@ -18,19 +19,31 @@ def _rows_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _metric_cell(metric: metrics.Metric, fidelity: dict) -> str:
+    """A metric as its ``table`` column shows it: scaled, formatted, with its interval when the column has one."""
+    col, value = metric.table, fidelity.get(metric.name)
+    ci = (fidelity.get("ci95") or {}).get(metric.name) if col.interval else None
+    if value is None:
+        return "—"
+    return (format(col.scale * value, col.spec)
+            + (f" [{format(col.scale * ci[0], col.spec)}, {format(col.scale * ci[1], col.spec)}]" if ci else ""))
+
+
+def _metric_cells(fidelity: dict) -> list[str]:
+    """The fidelity metrics' cells (``quantlab.metrics``), one per column; metrics sharing a column joined by '/'."""
+    return ["/".join(_metric_cell(m, fidelity) for m in shown) for _, shown in metrics.table_columns()]
+
+
 def render_table(results: dict) -> str:
     roofline = any(r["latency"].get("roofline_b1") for r in results["runs"])
-    header = ["recipe", "bits", "KLD mean [95% CI]", "KLD p99/max", "RMS Δp %", "ln PPL ratio", "top-1",
-              "ppl (token)", "weights MiB", "disk MiB", "peak MiB", "prefill ms", "decode tok/s b1", "b8"]
+    header = ["recipe", "bits", *(h for h, _ in metrics.table_columns()), "weights MiB", "disk MiB", "peak MiB",
+              "prefill ms", "decode tok/s b1", "b8"]
     header += ["% roofline b1"] * roofline + ["quantize s"]
     rows = []
     for r in results["runs"]:
         f, m, lat, c = r["fidelity"], r["memory"], r["latency"], r["cost"]
-        lo, hi = f["ci95"]["kld_mean"]
         rows.append([
-            r["recipe"], str(r["bits"]), f"{f['kld_mean']:.4f} [{lo:.4f}, {hi:.4f}]",
-            f"{f['kld_p99']:.3f}/{_fmt(f.get('kld_max'), '.2f')}", _fmt(f.get("dp_rms") and 100 * f["dp_rms"], ".2f"),
-            _fmt(f.get("ln_ppl_ratio"), "+.4f"), f"{f['top1_agreement']:.3f}", f"{f['ppl']:.2f}",
+            r["recipe"], str(r["bits"]), *_metric_cells(f),
             f"{m['weights_bytes'] / MB:.1f}" + ("*" if m.get("planned") else ""), f"{m['disk_bytes'] / MB:.1f}",
             _fmt(m["peak_bytes"] and m["peak_bytes"] / MB, ".0f"),
             _fmt(lat["prefill_ms"], ".1f"), _fmt(lat["decode_tok_s"].get("1"), ".1f"),

@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantlab.artifacts import read_manifest  # noqa: E402
-from quantlab.models import load_config, resolve_model  # noqa: E402
+from quantlab.models.load import load_config  # noqa: E402
+from quantlab.models.source import resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
 from quantlab.plan.steps import plan_quantize, resolve_budget  # noqa: E402
 from quantlab.provenance import provenance  # noqa: E402

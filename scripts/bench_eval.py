@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from quantlab.evaluate.harness import HarnessSettings, prepare_tasks
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.provenance import provenance
 
     source = resolve_model(args.model)

@@ -36,8 +36,8 @@ from pathlib import Path
 def uniform_bytes(source, config, device: str) -> tuple[dict[str, int], int]:
     """Each format's uniform recipe's bytes in the fit layout: every linear in that format, an untied head fp (as a
     uniform gptq recipe leaves it), and the smallest allocation's bytes (every unit in its smallest format)."""
-    from quantlab.fit.units import FP, HEAD, model_units, parse_formats
-    from quantlab.layouts.gptq_mixed import fixed_bytes, unit_bytes
+    from quantlab.fit.units import HEAD, fixed_bytes, model_units, parse_formats, unit_bytes
+    from quantlab.layouts.gptq_mixed import FP
     from quantlab.sweep.commands import source_shapes
 
     shapes = source_shapes(source)
@@ -111,14 +111,14 @@ def main(argv=None) -> int:
     ap.add_argument("--columns", default=None, help="a folder the sensitivity columns are kept in and read back "
                     "from, so a run spread over machines measures each column once")
     ap.add_argument("--budgets", default=",".join(BUDGETS), help="which budgets, in the order to compute them "
-                    f"(default {','.join(BUDGETS)})")
+                    "(default %(default)s)")  # argparse formats help with %: the budgets' own % signs would break it
     ap.add_argument("--report-only", action="store_true", help="print what --state holds, computing nothing")
     args = ap.parse_args(argv)
 
     from quantlab.errors import UsageError
     from quantlab.fsutil import atomic_write_text
     from quantlab.methods.fit import DTYPES, FitConfig
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.provenance import provenance
     from quantlab.recipe import Recipe, parse_recipe
     from quantlab.steps.fit import solve
@@ -179,7 +179,7 @@ def column(source, config, fmt: str, threads: int, keep: str | None) -> None:
     there once measured (a column is a cache entry keyed by content: its file name is its key)."""
     from quantlab.fsutil import atomic_write_text
     from quantlab.methods.calibration import resolve_calibration
-    from quantlab.models import quantlab_home
+    from quantlab.home import quantlab_home
     from quantlab.steps.fit import ensure_column
 
     text = resolve_calibration(config, Path(source.path))

@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from quantlab.evaluate.text import resolve_text
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.provenance import provenance
     from quantlab.recipe import parse_recipe
     from quantlab.sweep.commands import bench_model

@@ -43,7 +43,8 @@ def main() -> None:
 
     from quantlab.methods import get_method
     from quantlab.methods.gptqmodel_runner import import_gptqmodel
-    from quantlab.models import load_config, resolve_model
+    from quantlab.models.load import load_config
+    from quantlab.models.source import resolve_model
     from quantlab.plan.shapes import model_shapes
     from quantlab.plan.steps import PHASES, quantize_sizes
     from quantlab.provenance import versions

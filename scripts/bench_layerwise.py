@@ -29,7 +29,8 @@ from quantlab.evaluate import fidelity as fid  # noqa: E402
 from quantlab.evaluate.fidelity import FidelitySettings  # noqa: E402
 from quantlab.evaluate.text import resolve_text  # noqa: E402
 from quantlab.measure.memory import measure_memory, return_freed_memory  # noqa: E402
-from quantlab.models import load_config, load_tokenizer, resolve_model  # noqa: E402
+from quantlab.models.load import load_config, load_tokenizer  # noqa: E402
+from quantlab.models.source import resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
 from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, fidelity_components, reference_components, step_peak  # noqa: E402,E501
 from quantlab.provenance import provenance  # noqa: E402
@@ -40,7 +41,7 @@ def worker(model_ref: str, mode: str, chunks: int, threads: int, out: Path, arti
     import torch
 
     from quantlab.layerwise.model import LayerwiseModel
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.steps.fidelity import write_generation
 
     return_freed_memory()

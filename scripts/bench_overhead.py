@@ -31,7 +31,7 @@ def direct_load(path):
 
 
 def quantlab_load(path):
-    from quantlab.models import load_causal_lm
+    from quantlab.models.load import load_causal_lm
 
     return load_causal_lm(path)
 
@@ -96,7 +96,8 @@ def main() -> None:
 
     from quantlab.evaluate import fidelity as fid
     from quantlab.evaluate.text import resolve_text
-    from quantlab.models import load_tokenizer, resolve_model
+    from quantlab.models.load import load_tokenizer
+    from quantlab.models.source import resolve_model
     from quantlab.provenance import provenance
 
     torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ def build_tiny(kind: str, root: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -41,7 +41,7 @@ def main() -> None:
 
     from quantlab.evaluate.recovery import recovery
     from quantlab.evaluate.text import resolve_text
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.provenance import provenance
     from quantlab.recipe import Recipe, parse_recipe
 

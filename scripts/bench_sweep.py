@@ -31,7 +31,7 @@ def build_tiny(root: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
     torch.manual_seed(0)
@@ -58,7 +58,8 @@ def timed(path: Path, home: Path, **kw) -> tuple[float, dict]:
 
     os.environ["QUANTLAB_HOME"] = str(home)
     t0 = time.perf_counter()
-    summary = run_sweep(str(path), RunOptions(store=str(home / "runs.db"), **kw))
+    # results.json and report.html beside the home, in the temp dir: never reports/ of the working directory
+    summary = run_sweep(str(path), RunOptions(store=str(home / "runs.db"), out=str(home / f"out-{path.stem}"), **kw))
     return time.perf_counter() - t0, summary
 
 

@@ -138,7 +138,7 @@ def fit_check(model: Path, text: Path, device: str, small: bool) -> dict:
     loaded as its manifest says and benched; its weights bytes beside the planner's prediction."""
     from quantlab.fit.units import model_units
     from quantlab.methods.fit import FitConfig
-    from quantlab.models import load_config
+    from quantlab.models.load import load_config
     from quantlab.plan.shapes import model_shapes
     from quantlab.plan.steps import layout_weights
     from quantlab.recipe import Recipe
@@ -156,7 +156,7 @@ def fit_check(model: Path, text: Path, device: str, small: bool) -> dict:
 
 def _kernel(artifact: str, recipe, device: str) -> str | None:
     """The QuantLinear class GPTQModel's loader picked for this artifact (its fastest available kernel)."""
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
 
     model = load_recipe_model(artifact, recipe, device)
     names = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
@@ -164,7 +164,7 @@ def _kernel(artifact: str, recipe, device: str) -> str | None:
 
 
 def planner_check(model: Path, device: str, small: bool) -> dict:
-    from quantlab.models import load_config
+    from quantlab.models.load import load_config
     from quantlab.plan import PlanSettings, plan_recipe
     from quantlab.plan.shapes import model_shapes
     from quantlab.recipe import parse_recipe
@@ -184,7 +184,7 @@ def planner_check(model: Path, device: str, small: bool) -> dict:
 
 def budget_check(model: Path, text: Path, device: str) -> dict:
     from quantlab.evaluate.fidelity import FidelitySettings
-    from quantlab.models import load_config
+    from quantlab.models.load import load_config
     from quantlab.plan.shapes import model_shapes
     from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, step_peak
     from quantlab.sweep.commands import quantize_and_compare

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantlab import store  # noqa: E402
 from quantlab.evaluate.fidelity import FidelitySettings  # noqa: E402
 from quantlab.measure.latency import LatencySettings  # noqa: E402
-from quantlab.models import load_config, resolve_model  # noqa: E402
+from quantlab.models.load import load_config  # noqa: E402
+from quantlab.models.source import resolve_model  # noqa: E402
 from quantlab.plan.shapes import model_shapes  # noqa: E402
 from quantlab.plan.steps import plan_job_steps  # noqa: E402
 from quantlab.recipe import Recipe  # noqa: E402

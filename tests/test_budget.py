@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from quantlab.cli import cli
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.methods import get_method
-from quantlab.models import load_config
+from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, reference_components, resolve_budget, step_peak
 
@@ -152,7 +152,7 @@ def test_eval_under_a_budget_computes_the_reference_layer_by_layer(tiny_dir, tin
 def test_a_gptq_artifact_that_does_not_fit_is_evaluated_layer_by_layer_with_the_same_numbers(gptq_artifacts, tiny_dir,
                                                                                                tiny_text):
     from quantlab.evaluate.text import resolve_text
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.plan.steps import fidelity_components
     from quantlab.steps.fidelity import Candidate, measure_fidelity
     from quantlab.sweep.commands import eval_plans

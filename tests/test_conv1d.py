@@ -13,7 +13,7 @@ from tiny import with_own_code
 from quantlab.cli import cli
 from quantlab.errors import ModelLoadError, RecipeError
 from quantlab.methods import get_method
-from quantlab.methods.loading import load_recipe_model
+from quantlab.layouts.loading import load_recipe_model
 from quantlab.plan import PlanSettings, plan_model
 from quantlab.recipe import parse_recipe, parse_recipe_list, recipe_from_mapping
 
@@ -97,7 +97,7 @@ def test_every_cpu_recipe_quantizes_conv1d(case, gpt2_dir, gpt2_fp, tiny_text, t
 
 def test_a_torchao_artifact_is_refused_by_plain_from_pretrained_not_misread(gpt2_dir, tmp_path):
     """Its Conv1D weights are stored as linears (out, in): transformers refuses the shapes rather than load them."""
-    from quantlab.models import load_causal_lm
+    from quantlab.models.load import load_causal_lm
 
     recipe = parse_recipe("rtn-w8")
     get_method("rtn").quantize(recipe.config, gpt2_dir, tmp_path, "cpu")
@@ -130,7 +130,8 @@ def test_layer_by_layer_runs_and_quantizes_gpt2(gpt2_dir, gpt2_fp, tmp_path):
 
 
 def test_the_planner_counts_conv1d_as_linears(gpt2_dir):
-    from quantlab.models import linear_shapes, load_config
+    from quantlab.models.load import load_config
+    from quantlab.models.shapes import linear_shapes
     from quantlab.plan.shapes import model_shapes
 
     shapes = model_shapes(load_config(gpt2_dir))
@@ -199,7 +200,7 @@ def exotic_dir(tmp_path_factory, tiny_dir):
 def test_a_quantize_that_quantized_nothing_is_refused(name, exotic_dir):
     """The quantize step (a process of its own) finds every tensor written floating point: one line, no artifact."""
     from quantlab.artifacts import artifact_path
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.steps.quantize import ensure_artifact
 
     source, recipe = resolve_model(str(exotic_dir), trust_remote_code=True), parse_recipe(name)
@@ -214,7 +215,7 @@ def test_a_quantize_that_quantized_nothing_is_refused(name, exotic_dir):
 
 def test_the_cli_refuses_it_in_one_line(exotic_dir):
     """Through the CLI the model is refused before work, or by the quantize step: one line either way, no artifact."""
-    from quantlab.models import quantlab_home
+    from quantlab.home import quantlab_home
 
     res = CliRunner().invoke(cli, ["quantize", "rtn-w8", "--model", str(exotic_dir), "--trust-remote-code",
                                    "--device", "cpu"], obj={})

@@ -78,7 +78,7 @@ def test_a_wrong_or_missing_chunk_is_one_line_naming_it_and_nothing_is_written(b
 
 
 def test_a_named_model_not_fetched_says_how_to_fetch_it(quantlab_home):
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
 
     with pytest.raises(ModelLoadError, match="quantlab models fetch qwen2.5-coder-1.5b"):
         resolve_model("qwen2.5-coder-1.5b")

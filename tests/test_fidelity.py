@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from quantlab import metrics
 from quantlab.errors import DataError
 from quantlab.evaluate import fidelity as fid
 
@@ -69,11 +70,11 @@ def test_llama_cpp_statistics_against_hand_computed_example():
         assert s[key] == pytest.approx(value, abs=1e-6), key
         lo, hi = s["ci95"][key]
         assert lo <= hi, key
-    assert set(expected) <= set(fid.DEFINITIONS)
+    assert set(expected) <= set(metrics.definitions())
 
 
 def test_identical_model_has_zero_kl_and_full_agreement(tiny_model, tiny_dir, tiny_text, tmp_path):
-    from quantlab.models import load_tokenizer
+    from quantlab.models.load import load_tokenizer
 
     settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=6, bootstrap=200)
     ids = fid.chunk_ids(load_tokenizer(tiny_dir), tiny_text.read_text(), settings)
@@ -96,7 +97,7 @@ def test_a_batch_of_log_probs_is_freed_before_the_next_forward(tiny_model, tiny_
     """compare() holds one batch of candidate log-probs at a time: no view of it outlives its windows."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    from quantlab.models import load_tokenizer
+    from quantlab.models.load import load_tokenizer
 
     settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=6, bootstrap=200)
     ids = fid.chunk_ids(load_tokenizer(tiny_dir), tiny_text.read_text(), settings)
@@ -122,7 +123,7 @@ def test_a_batch_of_log_probs_is_freed_before_the_next_forward(tiny_model, tiny_
 def test_perturbed_model_has_positive_kl_inside_its_interval(tiny_dir, tiny_text, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from quantlab.models import load_tokenizer
+    from quantlab.models.load import load_tokenizer
 
     settings = fid.FidelitySettings(chunk_tokens=32, max_chunks=8, bootstrap=300)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -144,7 +145,7 @@ def test_perturbed_model_has_positive_kl_inside_its_interval(tiny_dir, tiny_text
 
 
 def test_text_shorter_than_one_window_is_an_error(tiny_dir):
-    from quantlab.models import load_tokenizer
+    from quantlab.models.load import load_tokenizer
 
     with pytest.raises(DataError, match="fewer than one window"):
         fid.chunk_ids(load_tokenizer(tiny_dir), "the of and", fid.FidelitySettings(chunk_tokens=64))

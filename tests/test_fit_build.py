@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from quantlab.errors import RecipeError
-from quantlab.fit.units import model_units, parse_format, parse_formats, split_fused
-from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.fit.units import fixed_bytes, model_units, parse_formats, split_fused, unit_bytes
+from quantlab.layouts.gptq_mixed import GptqMixedLayout, parse_format
 from quantlab.methods import get_method
 from quantlab.methods.fit import FitConfig, gptq_dynamic, head_settings, vllm_note
-from quantlab.models import load_config
+from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.terms import weight_terms
 from quantlab.recipe import Recipe, parse_recipe
@@ -203,7 +203,7 @@ def test_unpacked_gptq_weights_are_what_the_loaded_kernel_computes(gptq_artifact
 
     from quantlab.fit.sensitivity import gptq_weights
     from quantlab.layerwise.weights import CheckpointReader
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
 
     for bits, (path, _, recipe) in gptq_artifacts.items():
         model = load_recipe_model(str(path), recipe, "cpu")
@@ -247,8 +247,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gptq_calib, shapes):
     from quantlab.measure.memory import weight_bytes
-    from quantlab.methods.loading import load_recipe_model
-    from quantlab.models import resolve_model
+    from quantlab.layouts.loading import load_recipe_model
+    from quantlab.models.source import resolve_model
     from quantlab.recipe import recipe_from_mapping
     from quantlab.steps.fit import ensure_recipe_artifact
 
@@ -286,8 +286,8 @@ def test_a_mixed_artifact_reloads_with_the_chosen_formats_and_bytes(tiny_dir, gp
 @pytest.mark.slow
 def test_an_untied_head_is_measured_from_its_head_only_artifact_quantized_and_reloaded(untied_dir, gptq_calib):
     from quantlab.measure.memory import weight_bytes
-    from quantlab.methods.loading import load_recipe_model
-    from quantlab.models import resolve_model
+    from quantlab.layouts.loading import load_recipe_model
+    from quantlab.models.source import resolve_model
     from quantlab.recipe import recipe_from_mapping
     from quantlab.steps.fit import ensure_recipe_artifact
 

@@ -110,7 +110,7 @@ def _evaluate(tiny_dir, root):
     import torch
 
     from quantlab.evaluate.harness import HarnessSettings, prepare_tasks, run_tasks
-    from quantlab.models import load_causal_lm, load_tokenizer
+    from quantlab.models.load import load_causal_lm, load_tokenizer
 
     data = root / "data"
     arc = data / "arc_challenge" / "ARC-Challenge-Test.jsonl"

@@ -39,7 +39,7 @@ def test_gptq_error_is_below_rtn_on_calibration_inputs(tiny_dir, tiny_model, qua
     Checked on the first layer's q/k/v projections, whose inputs do not depend on earlier quantization.
     """
     from quantlab.methods.calibration import calibration_windows
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.methods.rtn import fake_quantize
 
     recipe = _recipe(4, 32, str(calib_file))
@@ -146,7 +146,7 @@ def test_packed_weights_count_as_quantized_bytes(bits, gptq_artifacts, tiny_mode
     from tiny import TINY_SHAPES
 
     from quantlab.measure.memory import weight_bytes
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
 
     target, _, recipe = gptq_artifacts[bits]
     counted = weight_bytes(load_recipe_model(str(target), recipe, "cpu"))

@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir, tmp_path_factory):
-    from quantlab.models import load_causal_lm, load_tokenizer
+    from quantlab.models.load import load_causal_lm, load_tokenizer
 
     with pytest.MonkeyPatch.context() as mp:  # module-scoped: the autouse per-test home is not set up yet
         mp.setenv("QUANTLAB_HOME", str(tmp_path_factory.mktemp("home")))

@@ -11,7 +11,7 @@ from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate import guard
 from quantlab.layerwise.model import LayerwiseModel
 from quantlab.layerwise.weights import CheckpointReader
-from quantlab.models import load_causal_lm
+from quantlab.models.load import load_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path, qwen_dir):
 @pytest.mark.parametrize("name", ["rtn-w8", "rtn-w4-g32"])
 def test_rtn_layer_by_layer_writes_the_in_memory_artifact_and_runs_layer_by_layer(name, qwen_dir, tmp_path):
     from quantlab.methods import get_method
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.recipe import parse_recipe
 
     recipe = parse_recipe(name)
@@ -94,7 +94,7 @@ def test_rtn_layer_by_layer_writes_the_in_memory_artifact_and_runs_layer_by_laye
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_gptq_artifact_runs_layer_by_layer_with_the_kernels_it_loads_with(bits, gptq_artifacts):
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
 
     path, _, recipe = gptq_artifacts[bits]
     whole = load_recipe_model(str(path), recipe, "cpu")

@@ -2,7 +2,7 @@ import pytest
 
 
 def _load(path, name):
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.recipe import parse_recipe
 
     return load_recipe_model(str(path), parse_recipe(name), "cpu")
@@ -46,7 +46,7 @@ def test_rtn_w4_bytes_follow_the_layout(tiny_dir, tmp_path, tiny_model):
     """int4 stored one value per int8 byte + fp32 scale + int8 zero point per group of 32."""
     from quantlab.measure.memory import weight_bytes
     from quantlab.methods import get_method
-    from quantlab.models import linear_shapes
+    from quantlab.models.shapes import linear_shapes
     from quantlab.recipe import parse_recipe
 
     recipe = parse_recipe("rtn-w4-g32")

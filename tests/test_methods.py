@@ -78,7 +78,7 @@ def fresh_reloads(quantized):
 
 @pytest.mark.parametrize("name", CASES)
 def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized, fresh_reloads):
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
 
     assert fresh_reloads["quantlab_imported"] is False
     fresh = fresh_reloads[str(quantized[name])]
@@ -91,7 +91,7 @@ def test_artifact_reloads_in_fresh_process_without_quantlab(name, quantized, fre
 @pytest.mark.parametrize("name", CASES)
 def test_predicted_bytes_equal_the_loaded_artifact(name, quantized, tiny_dir):
     from quantlab.measure.memory import weight_bytes
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.plan import PlanSettings, plan_model
 
     recipe = parse_recipe(name)
@@ -113,7 +113,7 @@ def test_quantized_layers_really_are_quantized(name, quantized):
 @pytest.mark.parametrize("name", ["rtn-w8", "rtn-w4-g32", "rtn-w4-g64-asym"])
 def test_rtn_artifact_equals_plain_torch_reference(name, quantized, tiny_model):
     """The torchao layout holds exactly the plain-torch RTN result."""
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.methods.rtn import fake_quantize
 
     recipe = parse_recipe(name)

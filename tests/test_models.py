@@ -3,7 +3,10 @@ import shutil
 import pytest
 
 from quantlab.errors import ModelLoadError
-from quantlab.models import _looks_like_path, fingerprint_dir, linear_shapes, load_config, resolve_model
+from quantlab.models.fingerprint import fingerprint_dir
+from quantlab.models.load import load_config
+from quantlab.models.shapes import linear_shapes
+from quantlab.models.source import _looks_like_path, resolve_model
 
 
 def test_fingerprint_follows_the_weights(tiny_dir, tmp_path):
@@ -112,7 +115,8 @@ def test_a_conversion_noted_before_the_mix_gets_the_new_note(tmp_path, quantlab_
 
     import gguf
 
-    from quantlab.models import cached_sha256, convert_gguf
+    from quantlab.models.convert import convert_gguf
+    from quantlab.models.fingerprint import cached_sha256
 
     path = _write_gguf(tmp_path / "m.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
     target = quantlab_home / "models" / f"m-{cached_sha256(path)[:12]}"

@@ -22,7 +22,7 @@ from quantlab.fit.units import model_units
 from quantlab.layouts.fp import FpLayout
 from quantlab.layouts.gptq_mixed import GptqMixedLayout
 from quantlab.measure.memory import weight_bytes
-from quantlab.models import load_config
+from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.terms import weight_terms
 
@@ -118,7 +118,7 @@ def test_quantlab_fit_refuses_a_model_that_overflows_float16_before_the_sensitiv
 
 
 def test_held_in_bfloat16_the_same_model_passes_and_the_float16_verdict_is_cached(overflow_dir, data_dir, quantlab_home):
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.recipe import parse_recipe
     from quantlab.steps.overflow import check_held_dtype
 
@@ -178,7 +178,7 @@ def test_eval_baseline_refuses_a_model_whose_log_probs_are_nan_and_caches_nothin
 def test_the_fidelity_step_refuses_a_candidate_with_nan_log_probs_naming_its_recipes_fix(overflow_dir, tiny_text):
     from quantlab.evaluate.fidelity import FidelitySettings
     from quantlab.evaluate.text import resolve_text
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
     from quantlab.recipe import parse_recipe
     from quantlab.steps.fidelity import Candidate, measure_fidelity
 

@@ -112,7 +112,7 @@ def test_predicted_weights_equal_the_loaded_tiny_model(tiny_dir):
     from transformers import TorchAoConfig
 
     from quantlab.measure.memory import weight_bytes
-    from quantlab.models import load_causal_lm
+    from quantlab.models.load import load_causal_lm
 
     recipes = parse_recipe_list("fp,bnb-nf4-dq,rtn-w4-g32")
     plan = {r["recipe"]: r for r in plan_model(str(tiny_dir), PlanSettings(device="cpu", recipes=tuple(recipes)))["recipes"]}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from quantlab.layouts.fp import FpLayout
 from quantlab.methods.base import Method
-from quantlab.models import load_causal_lm, save_with_tokenizer
+from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
 
 @dataclass(frozen=True)

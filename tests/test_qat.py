@@ -67,9 +67,9 @@ def test_distillation_lowers_the_heldout_kld(trained):
 
 def test_step_zero_is_the_ptq_twin(peaked_dir, train_file, tmp_path):
     """Before any training the fake-quant student is exactly the torchao PTQ recipe of the same scheme."""
-    from quantlab.methods.loading import load_recipe_model
+    from quantlab.layouts.loading import load_recipe_model
     from quantlab.methods.qat import prepare
-    from quantlab.models import load_causal_lm
+    from quantlab.models.load import load_causal_lm
 
     recipe = parse_recipe("torchao-w4-g32")
     get_method("torchao").quantize(recipe.config, peaked_dir, tmp_path, "cpu")
@@ -85,7 +85,7 @@ def test_convert_and_reload_keep_the_fake_quant_numerics(peaked_dir, train_file,
     saved, and reloaded in a fresh process with plain transformers."""
     from quantlab.methods.qat import convert, prepare
     from quantlab.methods.torchao_ptq import save_quantized
-    from quantlab.models import load_causal_lm
+    from quantlab.models.load import load_causal_lm
 
     config = _recipe(train_file).config
     model = prepare(load_causal_lm(peaked_dir), config)

@@ -27,7 +27,7 @@ def test_non_utf8_text_is_an_error(tmp_path):
 
 
 def test_self_text_is_generated_once_and_cached(tiny_dir, quantlab_home):
-    from quantlab.models import resolve_model
+    from quantlab.models.source import resolve_model
 
     source = resolve_model(str(tiny_dir))
     first = text_mod.resolve_text("self", model=source)

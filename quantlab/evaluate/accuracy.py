@@ -6,8 +6,8 @@ import gc
 import time
 
 from quantlab.evaluate.harness import run_tasks
-from quantlab.methods.loading import load_recipe_model
-from quantlab.models import load_tokenizer
+from quantlab.layouts.loading import load_recipe_model
+from quantlab.models.load import load_tokenizer
 
 
 def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust_remote_code: bool = False) -> dict:

@@ -11,39 +11,16 @@ and cached as a float32 .npy; per-token values are kept for later paired tests.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from quantlab import metrics
 from quantlab.errors import DataError, MeasurementError
 from quantlab.evaluate import guard
 from quantlab.fsutil import atomic_dir, atomic_write_bytes
 from quantlab.provenance import library_version
-
-DEFINITIONS = {
-    "kld_mean": "mean over predicted tokens of KL(fp || quant) over the full vocabulary, nats/token",
-    "kld_median": "median of per-token KL(fp || quant), nats",
-    "kld_p90": "90th percentile of per-token KL(fp || quant), nats",
-    "kld_p99": "99th percentile of per-token KL(fp || quant), nats",
-    "kld_p999": "99.9th percentile of per-token KL(fp || quant), nats",
-    "kld_max": "largest per-token KL(fp || quant), nats",
-    "dp_mean": "mean over tokens of Δp = p_quant(reference token) - p_fp(reference token), a probability difference",
-    "dp_rms": "root mean square of Δp",
-    "dp_p999": "99.9th percentile of Δp", "dp_p99": "99th percentile of Δp",
-    "dp_p1": "1st percentile of Δp", "dp_p01": "0.1th percentile of Δp",
-    "top1_agreement": "fraction of tokens where quant's argmax equals fp's argmax (llama.cpp's 'same top p')",
-    "ln_ppl_ratio": "ln(PPL_quant / PPL_fp) = mean NLL_quant - mean NLL_fp over the same tokens, nats/token",
-    "ppl": "token-level perplexity exp(mean NLL) of the quantized model on the reference text",
-    "ppl_baseline": "token-level perplexity of the fp baseline on the same tokens",
-    "kld_per_window": "mean per-token KL(fp || quant) of each text window, in window order (what a fidelity/kld_mean "
-                      "gate pairs)",
-    "nll_per_window": "mean NLL of the quantized model's next tokens in each text window, nats/token (what a "
-                      "fidelity/ppl gate pairs; every window has the same number of tokens)",
-    "percentiles": "linear interpolation between order statistics (numpy's default, as llama.cpp's --kl-divergence)",
-    "ci95": "bootstrap 95% interval resampling text chunks; for p99.9 and max it says how much a few chunks drive "
-            "them and is no coverage guarantee",
-}
-
 
 @dataclass(frozen=True)
 class FidelitySettings:
@@ -220,46 +197,55 @@ def compare_baseline_to_itself(ids, baseline) -> dict:
     return {"kl": np.zeros_like(nll), "agree": np.ones_like(nll), "nll": nll, "nll_baseline": nll.copy()}
 
 
-KLD_QUANTILES = {"kld_median": 50, "kld_p90": 90, "kld_p99": 99, "kld_p999": 99.9}
-DP_QUANTILES = {"dp_p999": 99.9, "dp_p99": 99, "dp_p1": 1, "dp_p01": 0.1}
-
-
-def _stats(per_token: dict, rows) -> dict:
-    """The statistics of DEFINITIONS over the chunks ``rows`` (an index array, repeated chunks allowed)."""
+def tokens(per_token: dict, rows=None) -> metrics.Tokens:
+    """The per-token values a metric is computed from (``metrics.Tokens``): of the chunks ``rows`` (an index array,
+    repeated chunks allowed) flattened, or every chunk's as (chunks, chunk_tokens) when ``rows`` is None."""
     import numpy as np
 
-    kl = per_token["kl"][rows].ravel()
-    nll, nll_base = per_token["nll"][rows].ravel(), per_token["nll_baseline"][rows].ravel()
-    dp = np.exp(-nll) - np.exp(-nll_base)
-    kq = np.percentile(kl, list(KLD_QUANTILES.values()))
-    dq = np.percentile(dp, list(DP_QUANTILES.values()))
-    return {
-        "kld_mean": float(kl.mean()),
-        **{k: float(v) for k, v in zip(KLD_QUANTILES, kq)},
-        "kld_max": float(kl.max()),
-        "dp_mean": float(dp.mean()),
-        "dp_rms": float(np.sqrt(np.mean(dp * dp))),
-        **{k: float(v) for k, v in zip(DP_QUANTILES, dq)},
-        "top1_agreement": float(per_token["agree"][rows].mean()),
-        "ln_ppl_ratio": float(nll.mean() - nll_base.mean()),
-        "ppl": float(np.exp(nll.mean())),
-        "ppl_baseline": float(np.exp(nll_base.mean())),
-    }
+    pick = (lambda a: a) if rows is None else (lambda a: a[rows].ravel())
+    nll, nll_base = pick(per_token["nll"]), pick(per_token["nll_baseline"])
+    return metrics.Tokens(kl=pick(per_token["kl"]), agree=pick(per_token["agree"]), nll=nll, nll_baseline=nll_base,
+                          dp=np.exp(-nll) - np.exp(-nll_base))
+
+
+def _stats(per_token: dict, rows, chosen: tuple[metrics.Metric, ...]) -> dict:
+    """The metrics ``chosen`` over the chunks ``rows``; the quantiles of one array in one call (``_quantiles``)."""
+    import numpy as np
+
+    t = tokens(per_token, rows)
+    found = {}
+    for of, (names, qs) in _quantiles(chosen).items():
+        found.update(zip(names, np.percentile(getattr(t, of), qs)))
+    return {m.name: float(found[m.name] if m.name in found else m.compute(t)) for m in chosen}
+
+
+@functools.lru_cache(maxsize=8)
+def _quantiles(chosen: tuple[metrics.Metric, ...]) -> dict[str, tuple[list[str], list[float]]]:
+    """The ``metrics.Quantile`` metrics among ``chosen`` by the array they are of: {of: (names, percentiles)}."""
+    out: dict[str, tuple[list[str], list[float]]] = {}
+    for m in chosen:
+        if isinstance(m.compute, metrics.Quantile):
+            names, qs = out.setdefault(m.compute.of, ([], []))
+            names.append(m.name)
+            qs.append(m.compute.q)
+    return out
 
 
 def summarize(per_token: dict, settings: FidelitySettings) -> dict:
-    """Point estimates plus chunk-bootstrap 95 % intervals (percentile method)."""
+    """Every registered metric (``quantlab.metrics``): its point estimate, its chunk-bootstrap 95 % interval
+    (percentile method) where it declares one, and a gated metric's per-window values."""
     import numpy as np
 
     n = per_token["kl"].shape[0]
-    point = _stats(per_token, np.arange(n))
+    point = _stats(per_token, np.arange(n), metrics.metrics())
+    drawn = tuple(m for m in metrics.metrics() if m.interval == metrics.BOOTSTRAP)
     rng = np.random.default_rng(settings.seed)
-    samples = [_stats(per_token, rng.integers(0, n, size=n)) for _ in range(settings.bootstrap)]
-    ci = {k: [float(np.percentile([s[k] for s in samples], 2.5)), float(np.percentile([s[k] for s in samples], 97.5))]
-          for k in point}
+    samples = [_stats(per_token, rng.integers(0, n, size=n), drawn) for _ in range(settings.bootstrap)]
+    ci = {m.name: [float(np.percentile([s[m.name] for s in samples], 2.5)),
+                   float(np.percentile([s[m.name] for s in samples], 97.5))] for m in drawn}
+    windows = tokens(per_token)
     return {**point, "tokens": int(per_token["kl"].size), "chunks": int(n), "ci95": ci,
-            "kld_per_window": [float(x) for x in per_token["kl"].mean(axis=1)],
-            "nll_per_window": [float(x) for x in per_token["nll"].mean(axis=1)],
+            **{m.windows.key: [float(x) for x in m.windows.compute(windows)] for m in metrics.gated()},
             "ppl_kind": "token-level", "kld_unit": "nats/token",
             "ci_method": f"bootstrap over {n} text chunks, {settings.bootstrap} resamples, seed {settings.seed}"}
 

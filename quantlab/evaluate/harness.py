@@ -21,7 +21,8 @@ from quantlab.errors import DataError, MissingExtraError, UsageError
 from quantlab.evaluate.tasks import TASKS, convert
 from quantlab.evaluate.text import data_dir
 from quantlab.fsutil import atomic_dir, file_lock, yaml_problem
-from quantlab.models import cached_sha256, quantlab_home
+from quantlab.home import quantlab_home
+from quantlab.models.fingerprint import cached_sha256
 from quantlab.provenance import git_sha, library_version
 from quantlab.quiet import quiet_libraries
 

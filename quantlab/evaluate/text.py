@@ -8,8 +8,9 @@ from pathlib import Path
 
 from quantlab.errors import DataError
 from quantlab.fsutil import atomic_write_text, file_lock
-from quantlab.methods.loading import load_recipe_model
-from quantlab.models import load_tokenizer, quantlab_home
+from quantlab.layouts.loading import load_recipe_model
+from quantlab.home import quantlab_home
+from quantlab.models.load import load_tokenizer
 from quantlab.provenance import sha256_text
 from quantlab.recipe import parse_recipe
 

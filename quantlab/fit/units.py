@@ -7,7 +7,8 @@ at every granularity: GPTQModel quantizes it (``lm_head=True``) but refuses a he
 and a tied head could only be quantized by untying it, which adds bytes, since the embedding stays unquantized. A
 format is ``fp`` (left unquantized, at the dtype the model is held in) or a GPTQ short name (``gptq-w8``,
 ``gptq-w4-g64``): the formats GPTQModel's ``dynamic`` per-module overrides can mix in one checkpoint. The bytes
-of a unit in a format are the planner's (``quantlab.layouts.gptq_mixed``).
+of a unit in a format are the planner's terms of the mixed layout (``unit_bytes``); the formats and the
+projections vLLM fuses are the layout's own (``quantlab.layouts.gptq_mixed``).
 """
 
 from __future__ import annotations
@@ -16,35 +17,13 @@ import re
 from dataclasses import dataclass
 
 from quantlab.errors import RecipeError
+from quantlab.layouts.gptq_mixed import FP, Format, GptqMixedLayout, fused_name, parse_format
 from quantlab.plan.shapes import ModelShapes
+from quantlab.plan.terms import weight_terms
 
-FP = "fp"
 GRANULARITIES = ("block", "fused", "linear")
-# vLLM's fused projections (``packed_modules_mapping`` of its Llama, Qwen2 and Mistral models): the linears it loads
-# into one matmul, which therefore take one quantization format together
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj"}
 HEAD = "lm_head"  # the output head's module name, as GPTQModel's model definitions name it
 DEFAULT_FORMATS = ("fp", "gptq-w8", "gptq-w4-g64", "gptq-w4-g32")  # each divides SmolLM2's 576 and 1536
-_GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    bits: int | None  # None: unquantized
-    group_size: int = -1
-
-
-def parse_format(name: str) -> Format:
-    """``fp`` or a symmetric GPTQ format without act-order (what GPTQModel's dynamic overrides vary per module)."""
-    if name == FP:
-        return Format(FP, None)
-    match = _GPTQ.fullmatch(name)
-    if not match:
-        raise RecipeError(f"Unknown fit format '{name}' — use fp or a GPTQ format: gptq-w8, gptq-w8-g128, "
-                          "gptq-w4-g128, gptq-w4-g64, gptq-w4-g32")
-    return Format(name, int(match.group(1)), int(match.group(2)) if match.group(2) else -1)
 
 
 def parse_formats(names) -> tuple[Format, ...]:
@@ -83,13 +62,6 @@ def model_units(shapes: ModelShapes, granularity: str = "block") -> list[UnitSpe
     return units
 
 
-def fused_name(module: str) -> str:
-    """The name vLLM gives the fused projection a linear is loaded into (``model.layers.3.self_attn.q_proj`` ->
-    ``model.layers.3.self_attn.qkv_proj``), or the linear's own name when vLLM runs it alone."""
-    parent, _, leaf = module.rpartition(".")
-    return f"{parent}.{FUSED[leaf]}" if leaf in FUSED and parent else module
-
-
 def split_fused(per_module: dict[str, str]) -> list[str]:
     """The fused projections whose linears were given different formats: a checkpoint with any loads with
     GPTQModel.load but not in vLLM, which builds each fused projection in one format."""
@@ -107,3 +79,21 @@ def check_formats(formats, units: list[UnitSpec]) -> None:
             if bad:
                 raise RecipeError(f"fit format {f.name}: group size {f.group_size} does not divide in-features "
                                   f"{bad} of this model — drop it or use another group size")
+
+
+def unit_bytes(unit: UnitSpec, fmt: str, shapes: ModelShapes, device: str) -> int:
+    """Bytes the unit's linears (weights and biases) hold loaded in ``fmt``: the planner's terms of those linears
+    (of the head's, for the untied head's unit)."""
+    layout = GptqMixedLayout(((unit.name, fmt),))
+    if shapes.head is not None and unit.name == shapes.head.name:
+        return layout.head_bytes(shapes.head, shapes.unquantized["lm_head"], device)
+    names = {n for n, _, _ in unit.modules}
+    total = sum(sum(layout.named_linear_bytes(n, o, i, device).values()) for n, o, i in unit.modules)
+    return total + sum(b for n, b in shapes.linear_biases if n in names) * layout.bias_dtype_bytes(device)
+
+
+def fixed_bytes(units: list[UnitSpec], shapes: ModelShapes, device: str) -> int:
+    """Bytes of everything outside the units (embeddings, norms, a tied head, other biases, buffers): the whole model's
+    planned bytes less the units', so that fixed + Σ unit bytes is ``weight_terms`` of the allocation exactly."""
+    layout = GptqMixedLayout(tuple((u.name, FP) for u in units))
+    return sum(weight_terms(layout, shapes, device).values()) - sum(unit_bytes(u, FP, shapes, device) for u in units)

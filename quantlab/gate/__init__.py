@@ -18,13 +18,15 @@ import functools
 import math
 from pathlib import Path
 
+from quantlab import metrics
 from quantlab.errors import QuantlabError, UsageError
 from quantlab.evaluate.accuracy import primary_metric
 from quantlab.evaluate.flips import binary_metric
 from quantlab.evaluate.harness import COUNTS
 from quantlab.gate import stats
 from quantlab.gate.comparable import check_comparable
-from quantlab.gate.policy import BINARY, DERIVED, FLIPS, Policy, check_metrics, default_policy, load_policy
+from quantlab.gate.policy import (BINARY, DERIVED, FIDELITY_TASK, FLIPS, Policy, check_metrics, default_policy,
+                                  load_policy)
 from quantlab.gate.refs import chunk_kld, load_ref, ref_file
 
 EXIT_CODES = {"pass": 0, "regression": 3, "inconclusive": 0}  # inconclusive: 3 when the policy says fail
@@ -177,7 +179,7 @@ def judge(rule, test, p_adjusted: float, policy: Policy, family: int) -> dict:
 def plan_test(base: dict, cand: dict, rule, seed: int):
     """The test of ``rule`` on the documents (or windows) both sides scored, ready to run: a callable returning
     ``stats.Paired``. Every input is found and checked here (MissingData), so nothing is tested on half the data."""
-    if rule.task == "fidelity":
+    if rule.task == FIDELITY_TASK:
         return _fidelity_test(base, cand, rule, seed)
     b_rows, c_rows = _rows(base, rule.task), _rows(cand, rule.task)
     common = sorted(set(b_rows) & set(c_rows))
@@ -286,15 +288,17 @@ def _rows(run: dict, task: str) -> dict:
 
 
 def _fidelity_test(base: dict, cand: dict, rule, seed: int):
-    """fidelity/kld_mean pairs the per-window mean KLD; fidelity/ppl the per-window mean NLL (the token-level
-    perplexity, every window the same number of tokens). Text windows are the paired items."""
+    """A fidelity metric pairs its per-window values (``quantlab.metrics``: fidelity/kld_mean the per-window mean
+    KLD, fidelity/ppl the per-window mean NLL, the token-level perplexity with every window the same number of
+    tokens). Text windows are the paired items."""
     import numpy as np
 
-    key, what = ("per_chunk_kld", "KLD") if rule.metric == "kld_mean" else ("per_chunk_nll", "NLL")
+    metric = metrics.get_metric(rule.metric)
+    key, what = metric.windows.key, metric.windows.what
     arrays = []
     for run in (base, cand):
-        values = run.get(key)
-        if not values and key == "per_chunk_kld" and run.get("per_token"):  # a results.json from before runs kept it
+        values = (run.get("per_window") or {}).get(key)
+        if not values and key == "kld_per_window" and run.get("per_token"):  # a results.json from before runs kept it
             values = chunk_kld(run["per_token"])
         if not values:
             raise MissingData(f"{run['label']} has no per-window {what} for {rule.name} — its record predates it or "
@@ -304,9 +308,9 @@ def _fidelity_test(base: dict, cand: dict, rule, seed: int):
         raise MissingData(f"{rule.name}: baseline and candidate scored different tokens — use the same text and windows")
     if not all(np.isfinite(a).all() for a in arrays):
         raise MissingData(f"{rule.name}: a per-window {what} is not a number — rerun that comparison")
-    if rule.metric == "kld_mean":
+    if metric.windows.test == "mean":
         return functools.partial(stats.paired_mean, arrays[0], arrays[1], margin(rule, float(arrays[0].mean())),
-                                 False, seed)
+                                 metric.higher_is_better, seed)
     counts = np.ones_like(arrays[0])  # ll = -mean NLL per window, one count per window: exp(mean NLL)
     value = float(stats.perplexity(-arrays[0], counts))
     return functools.partial(stats.paired_perplexity, -arrays[0], -arrays[1], counts, margin(rule, value), seed)

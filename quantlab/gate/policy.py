@@ -4,6 +4,7 @@
     inconclusive: pass                # or fail: what an underpowered metric does to the exit code
     metrics:
       - metric: arc_easy/acc          # <task>/<metric> from the suite, or fidelity/kld_mean, fidelity/ppl
+                                      # (the fidelity metrics with per-window values: quantlab.metrics)
         max_drop: 0.03                # absolute, in the metric's units
         min_recovery: 0.95            # candidate/baseline (baseline/candidate when lower is better)
       - metric: arc_easy/gold_logprob
@@ -27,14 +28,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab import metrics
 from quantlab.errors import UsageError
 from quantlab.fsutil import load_yaml
 
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kld_mean", "ppl", "flips"}
+# the suite's metrics (lm-eval's and quantlab's flips); a fidelity metric's direction is its declaration's
+# (quantlab.metrics)
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "flips"}
 BINARY = {"acc", "acc_norm", "exact_match"}
 DERIVED = {"gold_logprob", "gold_logprob_sum"}  # computed from multiple-choice log-likelihoods
 FLIPS = "flips"  # computed from both sides' 0/1 scores
-FIDELITY = {"kld_mean", "ppl"}
+FIDELITY_TASK = "fidelity"  # the task name of the fidelity metrics a gate can test: quantlab.metrics.gated()
 _METRIC_KEYS = {"metric", "direction", "max_drop", "min_recovery"}
 _POLICY_KEYS = {"description", "alpha", "inconclusive", "metrics"}
 
@@ -110,7 +114,7 @@ def check_metrics(policy: Policy, tasks: dict[str, dict]) -> None:
     the task's metrics, not reported later as missing scores."""
     for rule in policy.rules:
         info = tasks.get(rule.task)
-        if rule.task == "fidelity" or info is None or not info.get("metrics"):
+        if rule.task == FIDELITY_TASK or info is None or not info.get("metrics"):
             continue
         known = known_metrics(info)
         if rule.metric not in known:
@@ -132,10 +136,9 @@ def _rule(entry, path: Path, n: int) -> MetricRule:
     task, sep, metric = name.partition("/") if isinstance(name, str) else ("", "", "")
     if not sep or not task or not metric:
         raise UsageError(f"{where}: {_shown(name)} is not <task>/<metric> — e.g. arc_easy/acc or fidelity/kld_mean")
-    if task == "fidelity" and metric not in FIDELITY:
-        raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use fidelity/kld_mean or fidelity/ppl")
+    lower = _fidelity_lower(metric, where) if task == FIDELITY_TASK else metric in LOWER_IS_BETTER
     where = f"{where} ({name})"
-    direction = entry.get("direction", "lower" if metric in LOWER_IS_BETTER else "higher")
+    direction = entry.get("direction", "lower" if lower else "higher")
     if direction not in ("higher", "lower") or isinstance(direction, bool):
         raise UsageError(f"{where}: direction must be 'higher' or 'lower' (got {_shown(direction)}) — e.g. "
                          "direction: lower")
@@ -146,12 +149,22 @@ def _rule(entry, path: Path, n: int) -> MetricRule:
                            (lambda x: 0 <= x <= 1) if share else (lambda x: x >= 0),
                            "max_drop: 0.03 for 3 %" if share else "max_drop: 0.03")
     if min_rec is not None:
-        if metric in DERIVED | {"kld_mean", FLIPS}:
+        if metric in DERIVED | {FLIPS} or (task == FIDELITY_TASK and not metrics.get_metric(metric).positive):
             raise UsageError(f"{where}: {metric} is not a positive score, so min_recovery does not apply — use "
                              "max_drop")
         min_rec = _number(min_rec, f"{where}: min_recovery", "in (0, 1] (the share of the baseline kept)",
                           lambda x: 0 < x <= 1, "min_recovery: 0.95")
     return MetricRule(task, metric, direction == "higher", max_drop, min_rec)
+
+
+def _fidelity_lower(metric: str, where: str) -> bool:
+    """Whether lower is better for a fidelity metric a gate can test (one with per-window values to pair)."""
+    gated = [m.name for m in metrics.gated()]
+    if metric not in gated:
+        names = [f"{FIDELITY_TASK}/{n}" for n in gated]
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        raise UsageError(f"{where}: unknown fidelity metric '{metric}' — use {listed}")
+    return not metrics.get_metric(metric).higher_is_better
 
 
 def _number(value, where: str, allowed: str, ok, example: str) -> float:

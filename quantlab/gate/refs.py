@@ -2,9 +2,10 @@
 
 REF is a results.json (quantize-and-compare's, or ``eval --output``'s), a run id or a run set in the store;
 ``REF@recipe`` keeps only that recipe's runs (one per model in a run set of several models). Each run comes
-back as ``{label, model, fingerprint, recipe, accuracy, samples: {task: [rows]}, per_chunk_kld, per_chunk_nll,
-per_token, text, windows}``: per text window the mean KLD and the model's mean NLL (an older results.json's per-token
-file, read only when a fidelity rule needs it: ``chunk_kld``); ``fingerprint`` the model's where the record names
+back as ``{label, model, fingerprint, recipe, accuracy, samples: {task: [rows]}, per_window, per_token, text,
+windows}``: ``per_window`` the gated fidelity metrics' values per text window by their key (``kld_per_window``: the
+mean KLD, ``nll_per_window``: the model's mean NLL; ``quantlab.metrics``), and an older results.json's per-token
+file, read only when a fidelity rule needs it (``chunk_kld``); ``fingerprint`` the model's where the record names
 it (None for an ``eval --output`` file without --baseline); ``text`` and ``windows`` what the fidelity was measured
 on (``quantlab.gate.comparable`` checks both sides agree). A file is validated as it is read
 (``quantlab.resultfile``): a wrong type is a one-line error naming the field.
@@ -16,7 +17,7 @@ import gzip
 import json
 from pathlib import Path
 
-from quantlab import resultfile
+from quantlab import metrics, resultfile
 from quantlab import store as store_mod
 from quantlab.errors import UsageError
 from quantlab.fsutil import atomic_write_bytes, safe_name
@@ -75,10 +76,15 @@ def _from_results(path: Path) -> list[dict]:
         per_token = path.parent / "per_token" / f"{safe_name(run['recipe'])}.npz"  # read only if a rule needs it
         out.append({"label": f"{path}@{run['recipe']}", "model": ref, "fingerprint": fingerprint,
                     "recipe": run["recipe"], "accuracy": acc, "samples": samples or {},
-                    "per_chunk_kld": fid.get("kld_per_window"), "per_token": per_token if per_token.is_file() else None,
-                    "per_chunk_nll": fid.get("nll_per_window"), "text": prov.get("text") or data.get("text"),
+                    "per_window": _per_window(fid), "per_token": per_token if per_token.is_file() else None,
+                    "text": prov.get("text") or data.get("text"),
                     "windows": _windows(fid, prov)})
     return out
+
+
+def _per_window(fidelity: dict) -> dict:
+    """Each gated metric's per-window values (``quantlab.metrics``), by window key: None where the run has none."""
+    return {m.windows.key: fidelity.get(m.windows.key) for m in metrics.gated()}
 
 
 def _windows(fidelity: dict, provenance: dict) -> dict | None:
@@ -100,8 +106,7 @@ def _from_store(ref: str, store: str | None) -> list[dict]:
         out.append({"label": f"run {r['id'][:12]} {r['model_ref']}@{r['recipe']}", "model": r["model_ref"],
                     "fingerprint": r.get("model_fingerprint"), "recipe": r["recipe"],
                     "accuracy": r.get("accuracy") or {}, "samples": _stored_samples(store, r["id"]),
-                    "per_chunk_kld": fid.get("kld_per_window"), "per_chunk_nll": fid.get("nll_per_window"),
-                    "text": prov.get("text"), "windows": _windows(fid, prov)})
+                    "per_window": _per_window(fid), "text": prov.get("text"), "windows": _windows(fid, prov)})
     return out
 
 

@@ -25,7 +25,8 @@ from quantlab.errors import ModelLoadError
 from quantlab.layerwise.gptq import GptqLayers, is_gptq
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.conv1d import conv1d_names, conv1d_to_linear
-from quantlab.models import load_config, meta_model
+from quantlab.models.load import load_config
+from quantlab.models.shapes import meta_model
 
 
 @lru_cache(maxsize=1)

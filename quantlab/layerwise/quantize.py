@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from quantlab.device import CPU
 from quantlab.errors import ModelLoadError
 from quantlab.layerwise.model import model_parts
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layerwise.writer import ShardWriter
 from quantlab.conv1d import conv1d_to_linear
-from quantlab.models import load_config, load_tokenizer, meta_model
+from quantlab.models.load import load_config, load_tokenizer
+from quantlab.models.shapes import meta_model
 
 BLOCK_BYTES = 64 * 2**20  # rows of an unquantized tensor copied at a time
 
@@ -64,7 +66,7 @@ def _quantized_layer(parts, i: int, torchao_config) -> tuple[dict, dict]:
     from torchao.quantization import quantize_
 
     layer = copy.deepcopy(parts.layers[i])  # the skeleton's layer stays on the meta device
-    layer.to_empty(device="cpu")
+    layer.to_empty(device=CPU)
     prefix = f"{parts.layers_prefix}.{i}."
     for name, param in layer.named_parameters():
         parts.reader.read_into(prefix + name, param.data)

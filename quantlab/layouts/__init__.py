@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from quantlab.models import load_causal_lm
+from quantlab.device import as_device
+from quantlab.models.load import load_causal_lm
 
 
 class Layout:
@@ -50,7 +51,7 @@ class Layout:
 
     def unquantized_dtype_bytes(self, device: str) -> int:
         """Bytes per element of the parts left alone (embeddings, norms, biases, lm_head)."""
-        return 4 if device == "cpu" else 2
+        return as_device(device).default_dtype_bytes
 
     def bias_dtype_bytes(self, device: str) -> int:
         """Bytes per element of a quantized layer's bias (most layouts keep it at the unquantized dtype)."""
@@ -63,9 +64,7 @@ class Layout:
 
     def load_kwargs(self, device: str) -> dict:
         """Extra ``from_pretrained`` kwargs for loading an artifact of this layout."""
-        import torch
-
-        return {"dtype": torch.float32 if device == "cpu" else "auto"}
+        return {"dtype": as_device(device).checkpoint_dtype}
 
     def load(self, path: str, device: str, trust_remote_code: bool = False):
         """The artifact at ``path`` loaded whole, with plain ``from_pretrained`` and ``load_kwargs``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantlab.device import as_device
 from quantlab.layouts import Layout
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize, CPU and CUDA
@@ -19,7 +20,7 @@ class _Bnb(Layout):
     def dtype_name(self, device: str) -> str:
         if self.compute_dtype != "auto":
             return self.compute_dtype
-        return "float32" if device == "cpu" else "bfloat16"
+        return as_device(device).default_dtype_name
 
     def unquantized_dtype_bytes(self, device):
         return {"float32": 4}.get(self.dtype_name(device), 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantlab.device import as_device
 from quantlab.layouts import Layout
 
 DTYPE_BITS = {"auto": None, "float32": 32, "bfloat16": 16, "float16": 16}
@@ -16,7 +17,7 @@ class FpLayout(Layout):
     dtype: str = "auto"
 
     def _torch_dtype_name(self, device: str) -> str:
-        return ("float32" if device == "cpu" else "bfloat16") if self.dtype == "auto" else self.dtype
+        return as_device(device).default_dtype_name if self.dtype == "auto" else self.dtype
 
     def unquantized_dtype_bytes(self, device: str) -> int:
         return DTYPE_BITS[self._torch_dtype_name(device)] // 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantlab.device import as_device
 from quantlab.layouts import Layout, groups_of
 from quantlab.conv1d import load_conv1d_aware, mark_conv1d_parents_initialized
 
@@ -42,7 +43,7 @@ class GptqPackedLayout(Layout):
         int16 codes, the gathered zeros and scales, their fp16 product and its fp32 copy (10 bytes per value at the
         most at once); at 4 bits (aten int4 kernel, converted on first use) the uint8 codes, their transposed copy
         and its int32 copy (6). On CUDA the kernels repack on load: one copy at the unquantized dtype."""
-        if device != "cpu":
+        if not as_device(device).is_cpu:
             return self.unquantized_dtype_bytes(device)
         return 10 if self.bits == 8 else 6
 
@@ -57,7 +58,7 @@ class GptqPackedLayout(Layout):
                                  **self.load_kwargs(device))
 
     def latency_skipped(self, device):
-        if device == "cpu" and self.bits == 8:
+        if as_device(device).is_cpu and self.bits == 8:
             return ("GPTQModel's 8-bit CPU kernel runs only in bf16, too slow to time beside the others: "
                     "accuracy-only on CPU")
         return None

@@ -6,18 +6,50 @@ which reads the dynamic overrides. Its torch kernel (``BACKEND.TORCH``) is the o
 in one model, and it runs in fp16/bf16 only: the model loads in the fit's dtype (fp16 by default, as vLLM runs
 GPTQ; bf16 for a model whose activations overflow fp16) on every device, its unquantized modules (embeddings,
 norms, head, any linear left fp) too: two bytes a value either way. A quantized module holds what
-``GptqPackedLayout`` counts.
+``GptqPackedLayout`` counts. The formats it mixes (``fp``, ``gptq-w8``, ``gptq-w4-g64``...) and the
+projections vLLM fuses into one matmul (and so one format) are defined here; a fit chooses among them.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from quantlab.fit.units import FP, UnitSpec, fused_name, parse_format
+from quantlab.errors import RecipeError
 from quantlab.layouts import Layout
 from quantlab.layouts.gptq import GPTQ_NOTE, GptqPackedLayout
-from quantlab.plan.shapes import ModelShapes
-from quantlab.plan.terms import weight_terms
+
+FP = "fp"
+# vLLM's fused projections (``packed_modules_mapping`` of its Llama, Qwen2 and Mistral models): the linears it loads
+# into one matmul, which therefore take one quantization format together
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+_GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int | None  # None: unquantized
+    group_size: int = -1
+
+
+def parse_format(name: str) -> Format:
+    """``fp`` or a symmetric GPTQ format without act-order (what GPTQModel's dynamic overrides vary per module)."""
+    if name == FP:
+        return Format(FP, None)
+    match = _GPTQ.fullmatch(name)
+    if not match:
+        raise RecipeError(f"Unknown fit format '{name}' — use fp or a GPTQ format: gptq-w8, gptq-w8-g128, "
+                          "gptq-w4-g128, gptq-w4-g64, gptq-w4-g32")
+    return Format(name, int(match.group(1)), int(match.group(2)) if match.group(2) else -1)
+
+
+def fused_name(module: str) -> str:
+    """The name vLLM gives the fused projection a linear is loaded into (``model.layers.3.self_attn.q_proj`` ->
+    ``model.layers.3.self_attn.qkv_proj``), or the linear's own name when vLLM runs it alone."""
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{FUSED[leaf]}" if leaf in FUSED and parent else module
 
 
 @dataclass(frozen=True)
@@ -92,21 +124,3 @@ class GptqMixedLayout(Layout):
 
     def latency_skipped(self, device):
         return None
-
-
-def unit_bytes(unit: UnitSpec, fmt: str, shapes: ModelShapes, device: str) -> int:
-    """Bytes the unit's linears (weights and biases) hold loaded in ``fmt``: the planner's terms of those linears
-    (of the head's, for the untied head's unit)."""
-    layout = GptqMixedLayout(((unit.name, fmt),))
-    if shapes.head is not None and unit.name == shapes.head.name:
-        return layout.head_bytes(shapes.head, shapes.unquantized["lm_head"], device)
-    names = {n for n, _, _ in unit.modules}
-    total = sum(sum(layout.named_linear_bytes(n, o, i, device).values()) for n, o, i in unit.modules)
-    return total + sum(b for n, b in shapes.linear_biases if n in names) * layout.bias_dtype_bytes(device)
-
-
-def fixed_bytes(units: list[UnitSpec], shapes: ModelShapes, device: str) -> int:
-    """Bytes of everything outside the units (embeddings, norms, a tied head, other biases, buffers): the whole model's
-    planned bytes less the units', so that fixed + Σ unit bytes is ``weight_terms`` of the allocation exactly."""
-    layout = GptqMixedLayout(tuple((u.name, FP) for u in units))
-    return sum(weight_terms(layout, shapes, device).values()) - sum(unit_bytes(u, FP, shapes, device) for u in units)

@@ -7,7 +7,7 @@ import resource
 import time
 from pathlib import Path
 
-from quantlab.measure.memory import current_rss_bytes, peak_rss_bytes
+from quantlab.device import as_device, current_rss_bytes, peak_rss_bytes
 
 DEFINITIONS = {
     "quantize_wall_s": "wall seconds of load + quantize + save in a fresh process (0 for the fp baseline)",
@@ -24,8 +24,6 @@ NO_COST = {"quantize_wall_s": 0.0, "quantize_cpu_s": 0.0, "quantize_peak_rss_byt
 @contextlib.contextmanager
 def measure_cost(source_dir: str | Path, device: str):
     """Yields a dict that, when the block ends, holds the block's cost (see COST_DEFINITION)."""
-    import torch
-
     cost: dict = {}
     rss_before = current_rss_bytes()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -41,7 +39,7 @@ def measure_cost(source_dir: str | Path, device: str):
         "process_rss_before_bytes": rss_before,
         "source_weights_bytes": source_bytes,
         "quantize_peak_over_baseline_x_source": (peak - rss_before) / source_bytes if source_bytes else None,
-        "quantize_peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "quantize_peak_gpu_bytes": as_device(device).memory.allocated_peak(),  # None on CPU
         "definition": COST_DEFINITION,
     })
 

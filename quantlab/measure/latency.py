@@ -10,9 +10,9 @@ On CUDA, timings use CUDA events with synchronisation; on CPU, time.perf_counter
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import asdict, dataclass, field
 
+from quantlab.device import as_device
 from quantlab.errors import MeasurementError
 
 # Peak HBM bandwidth in bytes/s of GPUs we know (NVIDIA's datasheets), by the words of the device name
@@ -52,29 +52,17 @@ class LatencySettings:
 
 @dataclass
 class Timer:
+    """Times each block it wraps with the device's clock (``Device.clock``) and keeps every sample, in seconds."""
     device: str
     samples: list = field(default_factory=list)
 
     def __enter__(self):
-        import torch
-
-        if self.device.startswith("cuda"):
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
+        self._clock = as_device(self.device).clock()
+        self._mark = self._clock.start()
         return self
 
     def __exit__(self, *exc):
-        import torch
-
-        if self.device.startswith("cuda"):
-            self._end.record()
-            torch.cuda.synchronize()
-            self.samples.append(self._start.elapsed_time(self._end) / 1000.0)
-        else:
-            self.samples.append(time.perf_counter() - self._t0)
+        self.samples.append(self._clock.elapsed(self._mark))
         return False
 
 
@@ -159,8 +147,7 @@ def measure_latency(model, settings: LatencySettings, device: str) -> dict:
 
     import torch
 
-    result = {"settings": settings.to_dict(),
-              "timer": "cuda events" if device.startswith("cuda") else "time.perf_counter"}
+    result = {"settings": settings.to_dict(), "timer": as_device(device).clock().name}
     with torch.inference_mode():
         choice = choose_decode_path(model, settings, device)
         path = choice["chosen"]

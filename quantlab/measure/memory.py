@@ -12,10 +12,12 @@ the module that holds them.
 from __future__ import annotations
 
 import contextlib
-import resource
 import threading
 from pathlib import Path
 
+# The host's RSS readers live with the device (a CPU device's memory is the process's); re-exported here.
+from quantlab.device import (CPU, anon_rss_bytes, as_device, current_rss_bytes, peak_rss_bytes,  # noqa: F401
+                             reset_peak_rss)
 from quantlab.fsutil import dir_bytes
 
 DEFINITIONS = {
@@ -95,58 +97,12 @@ def packed_linear_tensors(model) -> set[int]:
             if name != "bias"}
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size.
-
-    On Linux this is VmHWM from /proc/self/status: ru_maxrss survives fork+exec, so a fresh worker
-    started by a large parent would report the parent's peak; VmHWM belongs to the new address space.
-    """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux; a no-op elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def current_rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
 def disk_bytes(path: str | Path) -> int:
     return dir_bytes(path)
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def anon_rss_bytes() -> int:
-    """Resident anonymous memory of this process (Linux RssAnon; RSS elsewhere)."""
-    kb = _status_kb("RssAnon")
-    return kb * 1024 if kb is not None else current_rss_bytes()
-
-
 @contextlib.contextmanager
-def measure_memory(preload: tuple[str, ...] = ("torch", "transformers"), device: str = "cpu", interval: float = 0.005):
+def measure_memory(preload: tuple[str, ...] = ("torch", "transformers"), device: str = CPU, interval: float = 0.005):
     """Yields a dict that, when the block ends, holds the block's memory (see ``held_peak_bytes``).
 
     ``preload`` is imported first, so the baseline includes the libraries the block uses."""
@@ -172,11 +128,7 @@ def measure_memory(preload: tuple[str, ...] = ("torch", "transformers"), device:
         thread.join()
         peak[0] = max(peak[0], anon_rss_bytes())
         out.update(peak_anon_bytes=peak[0], peak_rss_bytes=peak_rss_bytes())
-        out["held_peak_bytes"] = out["peak_rss_bytes"] - out["baseline_rss_bytes"]
-        if device.startswith("cuda"):
-            import torch
-
-            out["held_peak_bytes"] = torch.cuda.max_memory_reserved()
+        out["held_peak_bytes"] = as_device(device).memory.held_peak(out["peak_rss_bytes"] - out["baseline_rss_bytes"])
 
 
 def return_freed_memory() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from quantlab.errors import RecipeError
 from quantlab.layouts.bnb import Bnb4Layout, Bnb8Layout
 from quantlab.methods.base import Method
-from quantlab.models import load_causal_lm, save_with_tokenizer
+from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
 _TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
 _COMPUTE = ("auto", "float32", "bfloat16", "float16")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from quantlab.errors import DataError
 from quantlab.evaluate.text import resolve_text
-from quantlab.models import load_tokenizer, resolve_model
+from quantlab.models.load import load_tokenizer
+from quantlab.models.source import resolve_model
 
 
 def resolve_calibration(config, source_dir: Path, data_dir: str | None = None, trust_remote_code: bool = False):

@@ -14,15 +14,16 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from quantlab.device import CPU, as_device
 from quantlab.errors import RecipeError
-from quantlab.fit.units import (DEFAULT_FORMATS, FP, GRANULARITIES, HEAD, fused_name, model_units, parse_format,
-                                 parse_formats, split_fused)
-from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.fit.units import (DEFAULT_FORMATS, GRANULARITIES, HEAD, fixed_bytes, model_units, parse_formats,
+                                split_fused, unit_bytes)
+from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, fused_name, parse_format
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_windows, resolve_calibration
 from quantlab.methods.gptq import GptqConfig, GptqMethod
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
-from quantlab.models import load_config
+from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.sizes import parse_size
 
@@ -138,7 +139,7 @@ class FitMethod(Method):
         if not config.allocation:
             return gptq
         shapes = sizes["shapes"]
-        elem = 4 if device == "cpu" else 2
+        elem = as_device(device).default_dtype_bytes
         per_module = config.module_formats(shapes)
         kept = sum(lin.weights for lin in shapes.linears if per_module.get(lin.name) == FP) * elem
         extra = {"fp linears, kept once read": kept}
@@ -253,7 +254,7 @@ def head_only(config: FitConfig, fmt: str, shapes) -> FitConfig:
     recipe leaves the head fp). Its budget is its own bytes, so every fit of that model and format shares it."""
     units = model_units(shapes, "linear")
     allocation = tuple((u.name, fmt if u.name == HEAD else FP) for u in units)
-    size = fixed_bytes(units, shapes, "cpu") + sum(unit_bytes(u, f, shapes, "cpu") for u, (_, f) in
+    size = fixed_bytes(units, shapes, CPU) + sum(unit_bytes(u, f, shapes, CPU) for u, (_, f) in
                                                    zip(units, allocation))
     return FitConfig(weights_budget=size, formats=(FP, fmt), units="linear", calibration=config.calibration,
                      samples=config.samples, tokens=config.tokens, seed=config.seed, allocation=allocation)

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab.device import as_device
 from quantlab.errors import RecipeError
 from quantlab.conv1d import CONV1D_PACKED, conv1d_note, count_conv1d
 from quantlab.layouts.gptq import GptqPackedLayout
@@ -99,7 +100,7 @@ class GptqMethod(Method):
         to return them, which budgeted steps do (``quantlab.measure.memory.return_freed_memory``).
         """
         shapes = sizes["shapes"]
-        elem = 4 if device == "cpu" else 2
+        elem = as_device(device).default_dtype_bytes
         # one per linear of a layer (and one for all experts alike): the name without its indices, where GPT-2's
         # attn.c_proj and mlp.c_proj stay two
         per_layer = {re.sub(r"\.\d+(?=\.)", "", lin.name): (lin.out_features, lin.in_features)

@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+from quantlab.device import as_device
 from quantlab.fsutil import atomic_write_text, scratch_dir
 
 
@@ -29,10 +30,9 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
     scratch files and logs go to a temp dir that is removed, and the
     path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN).
     """
-    import torch
     from gptqmodel import GPTQModel
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = as_device(device).default_dtype
     with scratch_dir("quantlab-gptq-") as scratch:
         offload = str(Path(scratch) / "offload")
         qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
@@ -43,7 +43,7 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
             if calib is None:
                 model.quantize(None)
             else:
-                model.quantize(calib, batch_size=8 if device == "cpu" else 16, calibration_sort=None)
+                model.quantize(calib, batch_size=8 if as_device(device).is_cpu else 16, calibration_sort=None)
             release_stop_forward()
             model.save(str(out_dir))
         del model

@@ -22,15 +22,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab.device import CPU
 from quantlab.errors import DataError, RecipeError
 from quantlab.evaluate.text import resolve_text, self_text
 from quantlab.fsutil import scratch_dir
 from quantlab.conv1d import conv1d_to_linear, linear_to_conv1d
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
-from quantlab.methods.loading import load_recipe_model
+from quantlab.layouts.loading import load_recipe_model
 from quantlab.methods.torchao_ptq import base_config, check_scheme, save_quantized, scheme_name
-from quantlab.models import load_tokenizer, resolve_model
+from quantlab.models.load import load_tokenizer
+from quantlab.models.source import resolve_model
 from quantlab.recipe import parse_recipe
 
 QAT_TEXT_SEED = 4321  # self-generated training text: a different seed from the evaluation `self` text
@@ -104,7 +106,7 @@ class QatMethod(Method):
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
         if config.train_text == "self":
             return {"train_text": "self", "seed": QAT_TEXT_SEED}  # a function of the model, already in the key
-        return {"train_text_sha256": _train_text(config, Path(source_dir), "cpu", data_dir, trust_remote_code).sha256}
+        return {"train_text_sha256": _train_text(config, Path(source_dir), CPU, data_dir, trust_remote_code).sha256}
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab.device import CPU
 from quantlab.errors import RecipeError
 from quantlab.conv1d import CONV1D_AS_LINEAR, conv1d_note, conv1d_to_linear
 from quantlab.layouts.intx import IntxLayout
 from quantlab.methods.base import Method, check_group_size
-from quantlab.models import load_causal_lm, save_with_tokenizer
+from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
 SCHEMES = ("w4", "a8w4")
 
@@ -76,7 +77,7 @@ def save_torchao(fp_dir: Path, tokenizer_dir: Path, out_dir: Path, torchao_confi
     from torchao.quantization import quantize_
     from transformers import TorchAoConfig
 
-    model = load_causal_lm(fp_dir, device="cpu", quantization_config=TorchAoConfig(torchao_config),
+    model = load_causal_lm(fp_dir, device=CPU, quantization_config=TorchAoConfig(torchao_config),
                            trust_remote_code=trust_remote_code)
     converted = set(conv1d_to_linear(model))
     if converted:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quantlab.device import CUDA, DEVICE_KINDS
 from quantlab.errors import RecipeError, UsageError
 from quantlab.methods import get_method
 from quantlab.plan import terms
@@ -27,13 +28,13 @@ class PlanSettings:
     gpu_mem: int = 32 * GB
     context: int = 4096
     batch: int = 1
-    device: str = "cuda"
+    device: str = CUDA
     recipes: tuple = field(default_factory=tuple)
 
     def __post_init__(self):
         if self.context < 1 or self.batch < 1 or self.gpu_mem <= 0:
             raise UsageError("context, batch and GPU memory must be positive — e.g. --context 4096 --batch 1")
-        if self.device not in ("cuda", "cpu"):
+        if self.device not in DEVICE_KINDS:
             raise UsageError(f"plan device must be cuda or cpu (got {self.device!r})")
 
 

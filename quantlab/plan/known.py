@@ -12,7 +12,8 @@ from quantlab.catalog import named_entry
 from quantlab.errors import ModelLoadError
 from quantlab.fsutil import load_yaml
 from quantlab.gguf_file import gguf_reader
-from quantlab.models import fetched_path, load_config, named_gguf
+from quantlab.models.load import load_config
+from quantlab.models.named import fetched_path, named_gguf
 
 TABLE = Path(__file__).with_name("known_models.yaml")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quantlab.errors import ModelLoadError
-from quantlab.models import linear_dims, meta_model
+from quantlab.models.shapes import linear_dims, meta_model
 
 #: The most decoder layers quantlab builds a model of. The planner and every method see each linear by name (a
 #: fit allocates per linear), so the work is per layer (about 1 ms each, on the meta device); 1024 is 8x the

@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import quantlab.plan.terms as terms
+from quantlab.device import as_device
 from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import ROWS
 from quantlab.methods import get_method
@@ -121,7 +122,7 @@ def reference_components(shapes, fidelity, device: str, mode: str, windows: int)
 def _unread_embedding(shapes, weights: dict, fidelity, device: str) -> int:
     """Bytes of the input embedding that stay on disk: on CPU transformers maps an fp32 checkpoint without a copy,
     and a lookup reads only the rows (4 KiB pages) of the text's tokens; a tied table is read whole by the head."""
-    if device != "cpu" or shapes.tied:
+    if not as_device(device).is_cpu or shapes.tied:
         return 0
     row = shapes.hidden * 4
     read = fidelity.max_chunks * fidelity.chunk_tokens * (-(-row // 4096) + 1) * 4096
@@ -217,7 +218,7 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
 
 def quantize_sizes(recipe, shapes, device: str) -> dict:
     """What a method's ``quantize_peak`` and ``layer_by_layer_peak`` are computed from."""
-    elem = 4 if device == "cpu" else 2
+    elem = as_device(device).default_dtype_bytes
     largest_linear = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0) * elem
     return {"fp_weights": step_peak(terms.weight_terms(get_method("fp").layout(get_method("fp").config_cls()), shapes, device)),
             "quantized_weights": layout_weights(recipe, shapes, device),

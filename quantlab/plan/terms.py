@@ -14,11 +14,8 @@ Units are bytes. Definitions:
 
 from __future__ import annotations
 
+from quantlab.device import CUDA_RUNTIME_BYTES, as_device  # noqa: F401 (CUDA_RUNTIME_BYTES re-exported)
 from quantlab.plan.shapes import ModelShapes
-
-# CUDA context + cuBLAS/cuDNN workspaces of a torch 2.x process on a recent GPU: an estimate (it is not in
-# torch.cuda.max_memory_reserved); `quantlab bench` on the GPU measures the reserved part.
-CUDA_RUNTIME_BYTES = 512 * 2**20
 
 
 def weight_terms(layout, shapes: ModelShapes, device: str) -> dict[str, int]:
@@ -61,4 +58,5 @@ def activation_bytes(shapes: ModelShapes, context: int, batch: int, elem: int) -
 
 
 def runtime_bytes(device: str) -> int:
-    return 0 if device == "cpu" else CUDA_RUNTIME_BYTES
+    """Memory the runtime holds outside torch's allocator on ``device`` (``Device.runtime_bytes``)."""
+    return as_device(device).runtime_bytes

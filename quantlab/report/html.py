@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from html import escape
 
+from quantlab import metrics
 from quantlab.evaluate.accuracy import primary_metric
 from quantlab.plan import GB
 
@@ -165,17 +166,10 @@ def _budget_fits(view: dict) -> str:
               "(the fidelity table's). A fit sits on the Pareto plots above as any other recipe.</p>")
 
 
-DISTRIBUTION = [("KLD median", "kld_median", ".4f", 1), ("KLD p90", "kld_p90", ".4f", 1), ("KLD p99", "kld_p99", ".4f", 1),
-                ("KLD p99.9", "kld_p999", ".3f", 1), ("KLD max", "kld_max", ".3f", 1),
-                ("Δp mean %", "dp_mean", "+.3f", 100), ("RMS Δp %", "dp_rms", ".3f", 100),
-                ("Δp p99.9 %", "dp_p999", "+.2f", 100), ("Δp p99 %", "dp_p99", "+.2f", 100),
-                ("Δp p1 %", "dp_p1", "+.2f", 100), ("Δp p0.1 %", "dp_p01", "+.2f", 100),
-                ("ln(PPL_q/PPL_fp)", "ln_ppl_ratio", "+.4f", 1)]
-
-
 def _distribution(view: dict) -> str:
     """llama.cpp's --kl-divergence statistics, each with its chunk-bootstrap interval (a results.json written before
     they existed has none, and its rows are left out)."""
+    shown = [m for m in metrics.metrics() if m.distribution]
     rows = []
     for r in view["rows"]:
         f = r["fidelity"]
@@ -183,15 +177,16 @@ def _distribution(view: dict) -> str:
             continue
         ci = f.get("ci95") or {}
         cells = [escape(r["recipe"])]
-        for _, key, spec, scale in DISTRIBUTION:
-            lo, hi = ci.get(key) or (None, None)
-            cells.append(format(scale * f[key], spec) + (f"<br><small>[{format(scale * lo, spec)}, "
-                                                          f"{format(scale * hi, spec)}]</small>" if lo is not None else ""))
+        for m in shown:
+            col, (lo, hi) = m.distribution, ci.get(m.name) or (None, None)
+            cells.append(_f(_scaled(f.get(m.name), col), col.spec)
+                         + (f"<br><small>[{format(col.scale * lo, col.spec)}, {format(col.scale * hi, col.spec)}]"
+                            "</small>" if lo is not None else ""))
         rows.append(cells)
     if not rows:
         return ""
     return ("<h3>Distribution of the per-token differences (as llama.cpp's <code>--kl-divergence</code> reports them)</h3>"
-            + _table(["recipe"] + [h for h, *_ in DISTRIBUTION], rows)
+            + _table(["recipe"] + [m.distribution.header for m in shown], rows)
             + "<p class='note'>KLD in nats per token. Δp = p_quant − p_fp of the reference (next) token, in percentage "
               "points; its percentiles show the tokens the quantized model got most wrong (low) and most right (high). "
               "Percentiles interpolate linearly between order statistics. Intervals: bootstrap over text windows; for "
@@ -199,10 +194,9 @@ def _distribution(view: dict) -> str:
 
 
 def _metrics(view: dict) -> str:
-    fid, perf = [], []
+    fid, perf, shown = [], [], [m for m in metrics.metrics() if m.report]
     for r in view["rows"]:
-        fid.append([escape(r["recipe"]), str(r["bits"]), _ci(r["kld"], r["kld_ci"], ".4f"), _ci(r["top1"], r["top1_ci"], ".3f"),
-                    _ci(r["ppl"], r["ppl_ci"], ".2f"),
+        fid.append([escape(r["recipe"]), str(r["bits"]), *(_metric_ci(m, r["fidelity"]) for m in shown),
                     "ok" if r["guard_ok"] else "<span class='no'>FAILED: " + escape("; ".join(r["guard_reasons"])) + "</span>"])
         dec = {b: f"{v:.1f} ± {i / 2:.1f}" if i is not None else f"{v:.1f}" for b, (v, i) in r["decode"].items() if v}
         perf.append([escape(r["recipe"]),
@@ -211,8 +205,7 @@ def _metrics(view: dict) -> str:
                      _f(r["quantize_cpu_s"], ".1f"), escape(r["latency_skipped"] or "")])
     base = next((r["ppl_baseline"] for r in view["rows"] if r["ppl_baseline"]), None)
     return ("<h2>Fidelity against the fp baseline</h2>"
-            + _table(["recipe", "bits", "KLD mean [95% CI]", "same top-1 [95% CI]", "ppl [95% CI]", "guard"], fid,
-                     wrap_last=True)
+            + _table(["recipe", "bits", *(m.report.header for m in shown), "guard"], fid, wrap_last=True)
             + f"<p class='note'>fp token-level perplexity {_f(base, '.2f')}. Intervals: bootstrap over text windows.</p>"
             + _distribution(view)
             + "<h2>Latency and cost</h2>"
@@ -221,6 +214,16 @@ def _metrics(view: dict) -> str:
             + "<p class='note'>Medians of the timed repetitions ± half the interquartile range. % of HBM roofline "
               "(CUDA only): batch-1 decode's bytes read per step (the weights) × steps/s over the GPU's HBM "
               "bandwidth; — on CPU or on a GPU missing from the bandwidth table.</p>")
+
+
+def _metric_ci(metric: metrics.Metric, fidelity: dict) -> str:
+    """A metric as the report's fidelity table shows it (its ``report`` column): value [95% CI]."""
+    col, ci = metric.report, (fidelity.get("ci95") or {}).get(metric.name)
+    return _ci(_scaled(fidelity.get(metric.name), col), ci and [col.scale * x for x in ci], col.spec)
+
+
+def _scaled(value, column: metrics.Column):
+    return None if value is None else column.scale * value
 
 
 def _accuracy(view: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from quantlab import metrics
+from quantlab.device import CUDA, as_device, device_kind
 from quantlab.errors import QuantlabError
 from quantlab.evaluate.accuracy import primary_metric
 from quantlab.plan import PlanSettings, plan_model
@@ -14,7 +16,7 @@ MIB = 2**20
 
 def build(data: dict, settings) -> dict:
     runs = data["runs"]
-    device = "cuda" if str(data.get("device", "cpu")).startswith("cuda") else "cpu"
+    device = device_kind(data.get("device"))
     recipes = [_recipe(r) for r in runs]
     here, gpu, plan_note = _plans(data, recipes, device, settings)
     rows = [_row(r, here, gpu) for r in runs]
@@ -42,7 +44,7 @@ def _plans(data: dict, recipes: list, device: str, settings) -> tuple[dict, dict
     try:
         here = plan_model(path, PlanSettings(device=device, recipes=tuple(recipes)), trust)
         gpu = plan_model(path, PlanSettings(gpu_mem=settings.gpu_mem, context=settings.context, batch=settings.batch,
-                                            device="cuda", recipes=tuple(recipes)), trust)
+                                            device=CUDA, recipes=tuple(recipes)), trust)
     except QuantlabError as exc:
         return {}, {}, f"no prediction: {exc}"
     return ({r["recipe"]: r for r in here["recipes"]}, {**gpu, "by_recipe": {r["recipe"]: r for r in gpu["recipes"]}},
@@ -105,16 +107,16 @@ def _mean_accuracy(acc: dict) -> float | None:
 
 
 def _charts(rows: list[dict], device: str, styles: dict, data: dict) -> list[dict]:
-    where = "CPU, 1 thread" if device == "cpu" else "CUDA"
+    where = "CPU, 1 thread" if as_device(device).is_cpu else "CUDA"
     mem = [r["weights"] / MIB if r["weights"] else None for r in rows]
+    kld, top1 = _axis("kld_mean"), _axis("top1_agreement")
     specs = [
-        ("kld", "KLD mean, nats/token (↓ better)", False, mem, "weight memory as loaded (MiB)", "KLD vs weight memory"),
-        ("top1", "top-1 agreement with fp (↑ better)", True, mem, "weight memory as loaded (MiB)",
-         "Top-1 agreement vs weight memory"),
-        ("kld", "KLD mean, nats/token (↓ better)", False, [r["ms_per_token"] for r in rows],
-         f"decode latency at batch 1 (ms/token, {where})", "KLD vs decode latency"),
-        ("kld", "KLD mean, nats/token (↓ better)", False, [r["quantize_s"] for r in rows],
-         "quantization cost (wall s, incl. training)", "KLD vs quantization cost"),
+        ("kld", *kld, mem, "weight memory as loaded (MiB)", "KLD vs weight memory"),
+        ("top1", *top1, mem, "weight memory as loaded (MiB)", "Top-1 agreement vs weight memory"),
+        ("kld", *kld, [r["ms_per_token"] for r in rows], f"decode latency at batch 1 (ms/token, {where})",
+         "KLD vs decode latency"),
+        ("kld", *kld, [r["quantize_s"] for r in rows], "quantization cost (wall s, incl. training)",
+         "KLD vs quantization cost"),
     ]
     accs = [_mean_accuracy(r["accuracy"]) for r in rows]
     if any(a is not None for a in accs):
@@ -130,6 +132,13 @@ def _charts(rows: list[dict], device: str, styles: dict, data: dict) -> list[dic
             continue
         charts.append({"title": title, "svg": pareto_svg(points, xlabel, ylabel, title, higher, styles)})
     return charts
+
+
+def _axis(name: str) -> tuple[str, bool]:
+    """A metric's axis label with the way that is better, and whether higher is better (``quantlab.metrics``)."""
+    metric = metrics.get_metric(name)
+    higher = bool(metric.higher_is_better)
+    return f"{metric.label or name} ({'↑' if higher else '↓'} better)", higher
 
 
 def _memory_chart(rows: list[dict]) -> str | None:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from quantlab.device import as_device
 from quantlab.measure import latency, memory
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
-from quantlab.methods.loading import load_recipe_model
+from quantlab.layouts.loading import load_recipe_model
 from quantlab.recipe import Recipe
 from quantlab.steps.launcher import run_step
 
@@ -52,9 +53,9 @@ def bench_step(payload: dict) -> dict:
 def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
     import torch
 
+    dev = as_device(device)
     rss_before = memory.current_rss_bytes()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    dev.memory.reset_counters()
     t0 = time.perf_counter()
     model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
     load_s = time.perf_counter() - t0
@@ -73,16 +74,11 @@ def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
         "rss_after_load_bytes": rss_loaded,
         "load_s": load_s,
     }
-    if device.startswith("cuda"):
-        mem.update({"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                    "peak_kind": "torch.cuda.max_memory_reserved of the bench process"})
-        mem["peak_bytes"] = mem["peak_reserved_bytes"]
-        name = torch.cuda.get_device_name()
-        per_step = weights["weights_bytes"]
-        rate = (lat["decode_tok_s"].get("1") or {}).get("median")
-        if rate:
-            lat["roofline_b1"] = latency.roofline(name, per_step, rate)
+    mem.update(dev.memory.peaks("the bench process"))  # on CUDA, max reserved replaces the host's peak
+    rate = (lat["decode_tok_s"].get("1") or {}).get("median")
+    name = dev.gpu_name()
+    if name and rate:
+        lat["roofline_b1"] = latency.roofline(name, weights["weights_bytes"], rate)
     return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}
 
 
@@ -103,23 +99,14 @@ def weights_step(payload: dict) -> dict:
 
 
 def _prefill_peak(model, ids, device: str) -> dict:
-    """Bytes a prefill forward (KV cache kept, last position's logits only) adds above the loaded model."""
+    """Bytes a prefill forward (KV cache kept, last position's logits only) adds above the loaded model: the
+    device's peak reader (``Device.memory``), marked before the forward."""
     import torch
 
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_reserved()
-    else:
-        memory.reset_peak_rss()
-        base = memory.current_rss_bytes()
+    reader = as_device(device).memory
+    base = reader.mark()
     with torch.inference_mode():
         out = model(ids, use_cache=True, logits_to_keep=1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak, kind = torch.cuda.max_memory_reserved(), "max reserved above the loaded model"
-    else:
-        peak, kind = memory.peak_rss_bytes(), "peak RSS above the loaded model"
+    peak = reader.peak()
     del out
-    return {"bytes": peak - base, "kind": kind, "peak_total_bytes": peak}
+    return {"bytes": peak - base, "kind": f"{reader.label} above the loaded model", "peak_total_bytes": peak}

@@ -25,8 +25,10 @@ from quantlab.fsutil import atomic_write_json, file_lock
 from quantlab.layerwise.model import LayerwiseModel
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
-from quantlab.methods.loading import load_recipe_model
-from quantlab.models import ModelSource, load_tokenizer, quantlab_home
+from quantlab.layouts.loading import load_recipe_model
+from quantlab.home import quantlab_home
+from quantlab.models.load import load_tokenizer
+from quantlab.models.source import ModelSource
 from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, is_reference
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.steps.overflow import bf16_fix

@@ -22,16 +22,18 @@ from quantlab.evaluate.guard import require_finite
 from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
 from quantlab.fit.sensitivity import Prefixes, measure_table
-from quantlab.fit.units import FP, HEAD, check_formats, model_units, parse_format, parse_formats
+from quantlab.fit.units import HEAD, check_formats, fixed_bytes, model_units, parse_formats, unit_bytes
 from quantlab.fsutil import atomic_dir, file_lock
 from quantlab.layerwise.weights import CheckpointReader
-from quantlab.layouts.gptq_mixed import GptqMixedLayout, fixed_bytes, unit_bytes
+from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, parse_format
 from quantlab.measure.cost import measure_cost
 from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
 from quantlab.methods.fit import head_only, resolved
-from quantlab.methods.loading import load_recipe_model
-from quantlab.models import ModelSource, load_config, load_tokenizer, quantlab_home
+from quantlab.layouts.loading import load_recipe_model
+from quantlab.home import quantlab_home
+from quantlab.models.load import load_config, load_tokenizer
+from quantlab.models.source import ModelSource
 from quantlab.plan import terms
 from quantlab.plan.shapes import model_shapes
 from quantlab.provenance import library_version, versions

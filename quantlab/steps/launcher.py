@@ -22,7 +22,7 @@ from quantlab import errors
 from quantlab.errors import MeasurementError
 from quantlab.fsutil import free_bytes, scratch_dir
 from quantlab.interrupts import SIGNALS, Interrupted, blocked
-from quantlab.models import quantlab_home
+from quantlab.home import quantlab_home
 
 GRACE_S = 2.0  # what an ended step gets to remove its temp dirs before SIGKILL
 

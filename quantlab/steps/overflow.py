@@ -24,8 +24,10 @@ from quantlab.evaluate.text import TextSource
 from quantlab.fsutil import atomic_write_json
 from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
-from quantlab.methods.loading import load_recipe_model
-from quantlab.models import ModelSource, load_config, load_tokenizer, quantlab_home
+from quantlab.layouts.loading import load_recipe_model
+from quantlab.home import quantlab_home
+from quantlab.models.load import load_config, load_tokenizer
+from quantlab.models.source import ModelSource
 from quantlab.provenance import library_version
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.steps.launcher import run_step

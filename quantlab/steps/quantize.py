@@ -12,7 +12,9 @@ from quantlab.layerwise.weights import stored_dtypes
 from quantlab.measure.cost import NO_COST, measure_cost, training_cost
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
-from quantlab.models import ModelSource, load_config, meta_model
+from quantlab.models.load import load_config
+from quantlab.models.shapes import meta_model
+from quantlab.models.source import ModelSource
 from quantlab.plan.steps import LAYER_BY_LAYER
 from quantlab.provenance import device_info, versions
 from quantlab.recipe import Recipe

@@ -21,7 +21,8 @@ from quantlab.outputs import check_output_file, claim_output_file, write_output_
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.methods.fit import loader, vllm_note
-from quantlab.models import load_config, resolve_model
+from quantlab.models.load import load_config
+from quantlab.models.source import resolve_model
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
 from quantlab.recipe import Recipe

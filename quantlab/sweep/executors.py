@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 
+from quantlab.device import as_device
 from quantlab.errors import MissingExtraError, QuantlabError, UsageError
 from quantlab.steps.launcher import steps_stopped
 from quantlab.sweep.compute import run_job
@@ -151,8 +152,7 @@ def _ray(jobs: list, address: str | None, max_parallel: int, force: bool) -> Ite
                 raise QuantlabError(f"Could not start a local Ray cluster: {_first_line(exc)} — see Ray's logs under "
                                     "/tmp/ray, or run with --executor local") from None
     try:
-        gpus = 1 if jobs[0].device.startswith("cuda") else 0
-        task = ray.remote(num_cpus=jobs[0].threads, num_gpus=gpus, max_retries=0)(run_job)
+        task = ray.remote(**as_device(jobs[0].device).ray_resources(jobs[0].threads), max_retries=0)(run_job)
         running = {task.remote(job.payload(), force): job for job in jobs}
         while running:
             done, _ = ray.wait(list(running), num_returns=1)

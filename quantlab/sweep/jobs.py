@@ -21,7 +21,8 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.harness import HarnessSettings, PreparedTasks
 from quantlab.evaluate.text import TextSource
 from quantlab.measure.latency import LatencySettings
-from quantlab.models import ModelSource, quantlab_home
+from quantlab.home import quantlab_home
+from quantlab.models.source import ModelSource
 from quantlab.plan.steps import REFUSED, SKIPPED
 from quantlab.provenance import library_version
 from quantlab.recipe import Recipe

@@ -15,7 +15,9 @@ from quantlab.evaluate.suites import load_suite
 from quantlab.evaluate.text import TextSource, resolve_text
 from quantlab.evaluate.text import data_dir as find_data_dir
 from quantlab.methods import get_method
-from quantlab.models import ModelSource, linear_shapes, load_config, resolve_model
+from quantlab.models.load import load_config
+from quantlab.models.shapes import linear_shapes
+from quantlab.models.source import ModelSource, resolve_model
 from quantlab.plan.shapes import check_config, model_shapes, require_linears
 from quantlab.plan.steps import plan_job_steps, require_fits, resolve_budget
 from quantlab.recipe import Recipe, parse_recipe

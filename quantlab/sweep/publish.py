@@ -17,7 +17,10 @@ from quantlab.errors import MeasurementError, QuantlabError
 from quantlab.evaluate.guard import nonfinite
 from quantlab.fsutil import atomic_write_json, file_lock, naming_full_disk, remove_stale_temps, safe_name
 from quantlab.outputs import claim_files, settle_files
-from quantlab.models import count_params, load_config, quantlab_home, slug
+from quantlab.home import quantlab_home
+from quantlab.models.load import load_config
+from quantlab.models.shapes import count_params
+from quantlab.models.source import slug
 from quantlab.records import definitions
 from quantlab.report import ReportSettings, write_report
 from quantlab.sweep.annotate import annotate, store_annotations

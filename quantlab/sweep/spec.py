@@ -31,7 +31,7 @@ from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.fsutil import load_yaml
 from quantlab.measure.latency import LatencySettings
-from quantlab.models import DEFAULT_MODEL, slug
+from quantlab.models.source import DEFAULT_MODEL, slug
 from quantlab.recipe import DEFAULT_RECIPES, Recipe, count_recipes, expand_recipes, parse_recipe_list
 
 TOP_KEYS = ("description", "models", "model", "recipes", "evaluation", "measure", "device", "threads", "data_dir",

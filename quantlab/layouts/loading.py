@@ -1,4 +1,8 @@
-"""Load an artifact (or the fp source) the way its layout says, with no quantlab code in the model."""
+"""Load an artifact (or the fp source) the way its recipe's layout says, with no quantlab code in the model.
+
+It sits with the layouts because the layout is what knows how its bytes load; the method registry only names the
+recipe's layout. Evaluation, calibration and the steps all load through it.
+"""
 
 from __future__ import annotations
 
