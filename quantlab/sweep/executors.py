@@ -11,6 +11,7 @@ import importlib.util
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 from quantlab.device import as_device
 from quantlab.errors import MissingExtraError, QuantlabError, UsageError
@@ -188,7 +189,17 @@ def _join_ray(ray, address: str, init: dict) -> None:
                          "and pass the address it advertises, or allow longer: QUANTLAB_RAY_JOIN_TIMEOUT=SECONDS")
     if "error" in outcome:
         raise UsageError(f"Cannot join the Ray cluster at {address}: {_first_line(outcome['error'])} — start it, or "
-                         "fix --address") from None
+                         f"fix --address{_token_hint()}") from None
+
+
+def _token_hint() -> str:
+    """Ray 2.60 starts a head with token authentication where ~/.ray/auth_token exists (a local ``ray.init()``
+    writes one), but a driver joining an explicit address sends no token unless RAY_AUTH_MODE=token: the join
+    then fails as if nothing listened."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" or not (Path.home() / ".ray" / "auth_token").is_file():
+        return ""
+    return ("; if the head uses token authentication (Ray enables it where ~/.ray/auth_token exists), set "
+            "RAY_AUTH_MODE=token")
 
 
 @contextlib.contextmanager
