@@ -1,4 +1,5 @@
-"""Atomic writes: a file or directory appears whole or not at all."""
+"""Atomic writes (a file or directory appears whole or not at all) and the one helper that builds a content-addressed
+cache entry through them (`cached_entry`: hash-named path, lock, temp beside it, rename)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -149,12 +151,81 @@ def atomic_dir(final: str | Path):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(final: str | Path):
+    """Yield a temp file path beside ``final`` (named with the pid, as ``atomic_dir``'s); rename it into place
+    only if the block succeeds. A write that fails for want of space is a DiskFullError naming the folder."""
+    final = Path(final)
+    ensure_dir(final.parent)
+    remove_stale_temps(final)
+    with naming_full_disk(final.parent, final.name):
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
+        tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            os.close(fd)
+            yield tmp
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def cached_entry(path: str | Path, build, *, is_complete=None, lock: str | Path | bool | None = None,
+                 force: bool = False, file: bool = False) -> bool:
+    """The content-addressed cache entry at ``path``, built once: True when it was already complete (a hit),
+    False when this call built it.
+
+    A complete entry (``is_complete(path)``, default: it exists) returns at once. Otherwise the entry's lock
+    (default ``.<name>.lock`` beside it) is taken and completeness checked again, since another process may have
+    built it while this one waited; then ``build(tmp)`` writes into a temp dir beside the entry (``atomic_dir``;
+    a temp file with ``file=True``, ``atomic_file``) that is renamed into place only if ``build`` returns. A build
+    that raises leaves nothing; a killed builder's temp is removed by the next build. ``force`` rebuilds a
+    complete entry. ``lock=False`` builds without a lock, for an entry cheap enough that two builders may race
+    (the last rename wins, with the same content).
+    """
+    path = Path(path)
+    complete = is_complete or (lambda p: p.exists())
+    if not force and complete(path):
+        return True
+    if lock is False:
+        held = contextlib.nullcontext()
+    else:
+        held = file_lock(path.with_name(f".{path.name}.lock") if lock is None or lock is True else lock)
+    with held:
+        if not force and complete(path):
+            return True
+        with (atomic_file if file else atomic_dir)(path) as tmp:
+            build(tmp)
+    return False
+
+
+def entry_of(tmp: str | Path) -> Path:
+    """The cache entry whose temp (``.<name>.<pid>.<random>.tmp``, from ``atomic_dir`` or ``atomic_file``)
+    ``tmp`` is; a path of another form is its own entry."""
+    tmp = Path(tmp)
+    match = re.fullmatch(r"\.(.+)\.\d+\.[^.]+\.tmp", tmp.name)
+    return tmp.with_name(match.group(1)) if match else tmp
+
+
+def building_entry(tmp: str | Path):
+    """``naming_full_disk`` for a step that builds into a cache entry's temp dir in its own process (the parent
+    holds the lock and renames): a full disk is named with the entry, not its temp."""
+    entry = entry_of(tmp)
+    return naming_full_disk(entry.parent, entry.name)
+
+
 def remove_stale_temps(final: Path) -> None:
-    """Delete temp dirs of ``final`` left by processes that died (a killed job): their names carry the pid."""
+    """Delete temp dirs (or files) of ``final`` left by processes that died (a killed job): their names carry
+    the pid."""
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
         pid = tmp.name[len(final.name) + 2:].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 from quantlab import metrics
 from quantlab.errors import DataError, MeasurementError
 from quantlab.evaluate import guard
-from quantlab.fsutil import atomic_dir, atomic_write_bytes
+from quantlab.fsutil import atomic_write_bytes, ensure_dir
 from quantlab.provenance import library_version
 
 @dataclass(frozen=True)
@@ -79,30 +79,31 @@ def _log_probs(model, batch):
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
-def baseline_cache(model, ids, cache_path: Path, settings: FidelitySettings) -> None:
-    """Write the baseline log-probs (chunks, chunk_tokens - 1, vocab) as a float32 .npy, atomically.
+def baseline_cache(model, ids, folder: Path, settings: FidelitySettings) -> None:
+    """Write the baseline log-probs (chunks, chunk_tokens - 1, vocab) as a float32 .npy into ``folder`` (the
+    cache entry's temp dir: ``steps.fidelity.ensure_baseline`` renames it into place whole).
 
     Written with plain file writes, window by window, not through a memory map: a mapped file's dirty pages
     would count as this process's memory and a 151k-vocabulary cache is 2.5 GB. ``model`` is a loaded model
-    or a ``LayerwiseModel``'s; either gives the same file. Log-probs that are not finite are refused before the
-    file is in place: a NaN baseline would make every candidate's KLD NaN.
+    or a ``LayerwiseModel``'s; either gives the same file. Log-probs that are not finite are refused (raised)
+    before the entry is in place: a NaN baseline would make every candidate's KLD NaN.
     """
     import numpy as np
 
+    folder = ensure_dir(folder)
     n, length = ids.shape
-    with atomic_dir(cache_path) as tmp:
-        with open(tmp / "logprobs.npy", "wb") as fh:
-            for start in range(0, n, settings.batch_size):
-                lp = _log_probs(model, ids[start:start + settings.batch_size])
-                require_finite_logprobs(lp, model, "The fp baseline", "evaluate it in bfloat16 or float32")
-                lp = lp.numpy()
-                if start == 0:
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                              "shape": (n, length - 1, lp.shape[-1])}
-                    np.lib.format.write_array_header_1_0(fh, header)
-                lp.astype(np.float32, copy=False).tofile(fh)
-                del lp
-        np.save(tmp / "ids.npy", ids.numpy())
+    with open(folder / "logprobs.npy", "wb") as fh:
+        for start in range(0, n, settings.batch_size):
+            lp = _log_probs(model, ids[start:start + settings.batch_size])
+            require_finite_logprobs(lp, model, "The fp baseline", "evaluate it in bfloat16 or float32")
+            lp = lp.numpy()
+            if start == 0:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": (n, length - 1, lp.shape[-1])}
+                np.lib.format.write_array_header_1_0(fh, header)
+            lp.astype(np.float32, copy=False).tofile(fh)
+            del lp
+    np.save(folder / "ids.npy", ids.numpy())
 
 
 def require_finite_logprobs(lp, model, who: str, fix16: str) -> None:

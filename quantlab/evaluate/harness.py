@@ -20,7 +20,7 @@ import yaml
 from quantlab.errors import DataError, MissingExtraError, UsageError
 from quantlab.evaluate.tasks import TASKS, convert
 from quantlab.evaluate.text import data_dir
-from quantlab.fsutil import atomic_dir, file_lock, yaml_problem
+from quantlab.fsutil import cached_entry, yaml_problem
 from quantlab.home import quantlab_home
 from quantlab.models.fingerprint import cached_sha256
 from quantlab.provenance import git_sha, library_version
@@ -177,18 +177,18 @@ def _write_override(task, base: Path) -> tuple[Path, dict]:
     key = json.dumps([task.name, task.builtin, task.converter, library_version("lm_eval"), sorted(files.values()),
                       hashlib.sha256(Path(convert.__file__).read_bytes()).hexdigest()])
     folder = quantlab_home() / "lmeval" / f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    with file_lock(folder.with_name(f".{folder.name}.lock")):
-        if not (folder / "meta.json").is_file():
-            with atomic_dir(folder) as tmp:
-                records = task.convert([base / rel for rel in task.files])
-                (tmp / "data").mkdir()
-                with open(tmp / "data" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                (tmp / "tasks").mkdir()
-                override = _override(task, lm_eval_tasks_dir(), folder / "data" / f"{task.name}.jsonl",
-                                     quantlab_home() / "hf_datasets")
-                (tmp / "tasks" / f"{task.name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
-                (tmp / "meta.json").write_text(json.dumps({"converted_items": len(records)}))
+    def build(tmp: Path) -> None:
+        records = task.convert([base / rel for rel in task.files])
+        (tmp / "data").mkdir()
+        with open(tmp / "data" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        (tmp / "tasks").mkdir()
+        override = _override(task, lm_eval_tasks_dir(), folder / "data" / f"{task.name}.jsonl",
+                             quantlab_home() / "hf_datasets")
+        (tmp / "tasks" / f"{task.name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
+        (tmp / "meta.json").write_text(json.dumps({"converted_items": len(records)}))
+
+    cached_entry(folder, build, is_complete=lambda d: (d / "meta.json").is_file())
     meta = json.loads((folder / "meta.json").read_text())
     return folder / "tasks", {"files": files, "items": task.items, "note": task.note, **meta}
 

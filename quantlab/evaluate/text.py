@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlab.errors import DataError
-from quantlab.fsutil import atomic_write_text, file_lock
+from quantlab.fsutil import cached_entry
 from quantlab.layouts.loading import load_recipe_model
 from quantlab.home import quantlab_home
 from quantlab.models.load import load_tokenizer
@@ -83,9 +83,9 @@ def self_text(model, device: str = "cpu", max_new_tokens: int = 320, rounds: int
     """
     suffix = f"-r{rounds}" if rounds != 1 else ""
     target = quantlab_home() / "text" / f"self-{model.fingerprint[:16]}-s{seed}-n{max_new_tokens}{suffix}.txt"
-    with file_lock(target.with_suffix(".lock")):
-        if not target.is_file():
-            atomic_write_text(target, _generate(model, device, max_new_tokens, rounds, seed))
+    cached_entry(target, lambda tmp: tmp.write_text(_generate(model, device, max_new_tokens, rounds, seed),
+                                                    encoding="utf-8"),
+                 is_complete=Path.is_file, lock=target.with_suffix(".lock"), file=True)
     text = target.read_text(encoding="utf-8")
     return TextSource(name=name, origin=str(target), sha256=sha256_text(text))
 

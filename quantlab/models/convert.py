@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
-from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.fsutil import atomic_write_json, cached_entry, file_lock
 from quantlab.gguf_file import gguf_note, gguf_reader, gguf_weights
 from quantlab.home import quantlab_home
 from quantlab.models.fingerprint import cached_sha256
@@ -24,12 +24,12 @@ def convert_gguf(gguf: Path) -> tuple[Path, str]:
     digest = cached_sha256(gguf)
     target = quantlab_home() / "models" / f"{gguf.stem}-{digest[:12]}"
     marker = target / "quantlab-source.json"
-    with file_lock(target.parent / f".{target.name}.lock"):
-        if not marker.is_file():
-            _convert_into(gguf, digest, target)
-        info = json.loads(marker.read_text())
-        if "tensor_types" not in info:  # converted before the note named the file type and the mix
-            info = {**info, **_gguf_info(gguf)}
+    cached_entry(target, lambda tmp: _convert_into(gguf, digest, tmp),
+                 is_complete=lambda d: (d / marker.name).is_file())
+    info = json.loads(marker.read_text())
+    if "tensor_types" not in info:  # converted before the note named the file type and the mix
+        with file_lock(target.parent / f".{target.name}.lock"):
+            info = {**json.loads(marker.read_text()), **_gguf_info(gguf)}
             atomic_write_json(marker, info)
     return target, info["note"]
 
@@ -63,7 +63,8 @@ def _check_conversion_memory(gguf: Path) -> None:
                              "machine and pass the HF directory with --model")
 
 
-def _convert_into(gguf: Path, digest: str, target: Path) -> None:
+def _convert_into(gguf: Path, digest: str, tmp: Path) -> None:
+    """Dequantize ``gguf`` and save the HF directory into ``tmp`` (the cache entry's temp dir)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -78,7 +79,6 @@ def _convert_into(gguf: Path, digest: str, target: Path) -> None:
     except Exception as exc:  # transformers raises many types for an unreadable GGUF
         raise ModelLoadError(f"Could not convert GGUF {gguf}: {first_line(exc)} — check the file is a llama.cpp GGUF "
                              "of a causal LM transformers supports") from None
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest, **info})
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest, **info})

@@ -21,7 +21,7 @@ from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate import guard
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.text import TextSource
-from quantlab.fsutil import atomic_write_json, file_lock
+from quantlab.fsutil import atomic_write_json, cached_entry, file_lock
 from quantlab.layerwise.model import LayerwiseModel
 from quantlab.measure.memory import measure_memory
 from quantlab.methods import get_method
@@ -121,16 +121,16 @@ def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: Fide
     layer by layer when the budget's ``plan`` says so (the same file either way)."""
     key = fid.cache_key(baseline.fingerprint, text.sha256, settings, "fp", device)
     cache = quantlab_home() / "logits" / key
-    hit = True
-    with file_lock(cache.with_name(f".{key}.lock")):
-        if not (cache / "logprobs.npy").is_file():
-            hit = False
-            model = planned_model(baseline.path, parse_recipe("fp"), device, plan, baseline.trust_remote_code)
-            batch = (plan or {}).get("batch") or settings.batch_size
-            fid.baseline_cache(model, ids, cache, dataclasses.replace(settings, batch_size=batch))
-            write_generation(model, ids, cache)
-            del model
-            gc.collect()
+
+    def build(tmp: Path) -> None:
+        model = planned_model(baseline.path, parse_recipe("fp"), device, plan, baseline.trust_remote_code)
+        batch = (plan or {}).get("batch") or settings.batch_size
+        fid.baseline_cache(model, ids, tmp, dataclasses.replace(settings, batch_size=batch))
+        write_generation(model, ids, tmp)
+        del model
+        gc.collect()
+
+    hit = cached_entry(cache, build, is_complete=lambda d: (d / "logprobs.npy").is_file())
     return cache, hit
 
 

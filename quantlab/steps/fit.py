@@ -23,7 +23,7 @@ from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
 from quantlab.fit.sensitivity import Prefixes, measure_table
 from quantlab.fit.units import HEAD, check_formats, fixed_bytes, model_units, parse_formats, unit_bytes
-from quantlab.fsutil import atomic_dir, file_lock
+from quantlab.fsutil import building_entry, cached_entry
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, parse_format
 from quantlab.measure.cost import measure_cost
@@ -81,11 +81,13 @@ def ensure_sensitivity(source: ModelSource, config, device: str, threads: int | 
         k: Path(v["path"]).parent.name for k, v in columns.items()}}, sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / key
     table = joined_table([f.name for f in formats], list(columns.values()))
-    with file_lock(target.with_name(f".{key}.lock")):
-        if not (target / "table.json").is_file():
-            with atomic_dir(target) as tmp:
-                (tmp / "table.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    body = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    cached_entry(target, lambda tmp: (tmp / "table.json").write_text(body), is_complete=_has_table)
     return {**table, "path": str(target / "table.json")}
+
+
+def _has_table(entry: Path) -> bool:
+    return (entry / "table.json").is_file()
 
 
 def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, device: str, threads: int | None,
@@ -106,14 +108,15 @@ def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, devic
                                      "libs": {n: library_version(n) for n in ("torch", "transformers")}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / "columns" / key
-    with file_lock(target.with_name(f".{key}.lock")):
-        if not (target / "table.json").is_file():
-            built = {k: ensure_artifact(source, r, device, threads, data_dir=data_dir)["artifact"]
-                     for k, r in recipes.items()}
-            run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built[fmt]},
-                                     "head_artifact": built.get(HEAD), "text": text.to_dict(),
-                                     "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
-                                     "threads": threads, "target": str(target)})
+    def build(tmp: Path) -> None:
+        built = {k: ensure_artifact(source, r, device, threads, data_dir=data_dir)["artifact"]
+                 for k, r in recipes.items()}
+        run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built[fmt]},
+                                 "head_artifact": built.get(HEAD), "text": text.to_dict(),
+                                 "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
+                                 "threads": threads, "target": str(tmp)})
+
+    cached_entry(target, build, is_complete=_has_table)
     return {**json.loads((target / "table.json").read_text()), "path": str(target / "table.json")}
 
 
@@ -183,8 +186,8 @@ def sensitivity_step(payload: dict) -> dict:
                     "step (fp model load, block inputs, one forward per unit and quantized format); the uniform "
                     "GPTQ runs it reads are their own artifacts' costs"},
            "versions": versions(), "definitions": DEFINITIONS}
-    with atomic_dir(payload["target"]) as tmp:
-        (tmp / "table.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    with building_entry(payload["target"]):  # the column's temp dir, renamed into place by ensure_column
+        (Path(payload["target"]) / "table.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     return {"path": payload["target"]}
 
 

@@ -21,7 +21,7 @@ from quantlab.errors import RecipeError
 from quantlab.evaluate import guard
 from quantlab.evaluate.fidelity import prefix_ids
 from quantlab.evaluate.text import TextSource
-from quantlab.fsutil import atomic_write_json
+from quantlab.fsutil import cached_entry
 from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
 from quantlab.layouts.loading import load_recipe_model
@@ -76,15 +76,22 @@ def forward_verdict(source: ModelSource, text: TextSource, device: str, threads:
                                      "libs": {n: library_version(n) for n in ("torch", "transformers")}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = quantlab_home() / "overflow" / f"{key}.json"
+
+    def build(tmp: Path) -> None:
+        verdict = run_step("overflow", {"source": source.to_dict(), "text": text.to_dict(), "device": device,
+                                        "threads": threads})
+        tmp.write_text(json.dumps({"bad": verdict["bad"], "total": verdict["total"]}, indent=2) + "\n")
+
+    # no lock, as before the helper: two processes at most both run the forward, and write the same verdict
+    cached_entry(path, build, is_complete=lambda p: _read_verdict(p) is not None, file=True, lock=False)
+    return _read_verdict(path)
+
+
+def _read_verdict(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        pass
-    verdict = run_step("overflow", {"source": source.to_dict(), "text": text.to_dict(), "device": device,
-                                    "threads": threads})
-    verdict = {"bad": verdict["bad"], "total": verdict["total"]}
-    atomic_write_json(path, verdict)
-    return verdict
+        return None
 
 
 def overflow_step(payload: dict) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantlab.artifacts import MANIFEST, artifact_path, read_manifest
 from quantlab.errors import RecipeError
-from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.fsutil import atomic_write_json, building_entry, cached_entry
 from quantlab.layerwise.weights import stored_dtypes
 from quantlab.measure.cost import NO_COST, measure_cost, training_cost
 from quantlab.measure.memory import measure_memory
@@ -31,19 +31,17 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
     if not get_method(recipe.method).writes_artifact:
         return {"artifact": source.path, "cost": dict(NO_COST), "cached": True}
     target = artifact_path(source, recipe, device, data_dir)
-    with file_lock(target.with_name(f".{target.name}.lock")):  # two sweeps never build one artifact twice
-        manifest = None if force else read_manifest(target)
-        cached = manifest is not None
-        if manifest is None:
-            run_step("quantize", {"source": source.to_dict(), "recipe": recipe.to_dict(), "device": device,
-                                  "target": str(target), "threads": threads, "data_dir": data_dir, "budgeted": plan is not None,
-                                  "mode": (plan or {}).get("mode")})
-            manifest = read_manifest(target)
-    return {"artifact": str(target), "cost": manifest["cost"], "cached": cached}
+    cached = cached_entry(  # two sweeps never build one artifact twice
+        target, lambda tmp: run_step("quantize", {
+            "source": source.to_dict(), "recipe": recipe.to_dict(), "device": device, "target": str(tmp),
+            "threads": threads, "data_dir": data_dir, "budgeted": plan is not None, "mode": (plan or {}).get("mode")}),
+        is_complete=lambda p: read_manifest(p) is not None, force=force)
+    return {"artifact": str(target), "cost": read_manifest(target)["cost"], "cached": cached}
 
 
 def quantize_step(payload: dict) -> dict:
-    """Quantize into a temp dir, write the manifest, rename into place."""
+    """Quantize into ``payload["target"]`` (the cache entry's temp dir, renamed into place by ``ensure_artifact``)
+    and write the manifest."""
     source = ModelSource.from_dict(payload["source"])
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
@@ -52,7 +50,8 @@ def quantize_step(payload: dict) -> dict:
     method.preload(recipe.config)
     if payload.get("mode") == LAYER_BY_LAYER:  # the model's own code imported before the baseline, as the libraries
         meta_model(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
-    with atomic_dir(payload["target"]) as tmp:
+    tmp = Path(payload["target"])
+    with building_entry(tmp):
         with measure_cost(source.path, device) as cost, measure_memory(preload=(), device=device) as held:
             quantize = method.quantize_layer_by_layer if payload.get("mode") == LAYER_BY_LAYER else method.quantize
             notes = quantize(recipe.config, Path(source.path), tmp, device, data_dir=payload.get("data_dir"),

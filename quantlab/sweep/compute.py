@@ -20,7 +20,7 @@ from pathlib import Path
 
 from quantlab.evaluate.accuracy import split_samples
 from quantlab.evaluate.text import SELF_SEED
-from quantlab.fsutil import atomic_dir, atomic_write_json, file_lock
+from quantlab.fsutil import atomic_dir, atomic_write_json, cached_entry
 from quantlab.gate.refs import write_samples
 from quantlab.plan.steps import SKIPPED
 from quantlab.provenance import provenance
@@ -37,35 +37,40 @@ def run_job(payload: dict, force: bool = False) -> dict:
     """The job's record (cached when its key was finished before, unless ``force``); ``payload`` is
     ``Job.payload()``, so a Ray task gets plain data."""
     job = Job.from_payload(payload)
-    with file_lock(job.dir.with_name(f".{job.dir.name}.lock")):  # a second driver of the job waits, then reuses it
-        if not force and (job.dir / "result.json").is_file():
-            return {**json.loads((job.dir / "result.json").read_text()), "job_cached": True}
-        record = _compute(job, force)
-    return {**record, "job_cached": False}
+    built = {}
+
+    def build(tmp: Path) -> None:
+        built["record"] = _compute(job, force, tmp)
+        # the kept steps, now in the record, go under the job's lock: never those of another driver's run
+        shutil.rmtree(_steps_dir(job), ignore_errors=True)
+
+    # a second driver of the job waits, then reuses it
+    if cached_entry(job.dir, build, is_complete=lambda d: (d / "result.json").is_file(), force=force):
+        return {**json.loads((job.dir / "result.json").read_text()), "job_cached": True}
+    return {**built["record"], "job_cached": False}
 
 
-def _compute(job: Job, force: bool) -> dict:
+def _compute(job: Job, force: bool, tmp: Path) -> dict:
+    """The job's record, its files written into ``tmp`` (the job directory's temp dir)."""
     art = ensure_recipe_artifact(job.model, job.recipe, job.device, job.threads, force=force, data_dir=job.data_dir,
                                  plan=job.step("quantize"))
     job = dataclasses.replace(job, recipe=art.pop("recipe"))  # a fit recipe with its allocation
     fit = art.pop("fit", None)
     build = hashlib.sha256(json.dumps(art["cost"], sort_keys=True, default=str).encode()).hexdigest()
     step = lambda name, compute: _kept_step(job, name, build, force, compute)  # noqa: E731
-    fidelity, fid_dir = step("fidelity", lambda tmp: _fidelity(job, art["artifact"], tmp / "per_token.npz"))
+    fidelity, fid_dir = step("fidelity", lambda kept: _fidelity(job, art["artifact"], kept / "per_token.npz"))
     accuracy, acc_dir = (None, None)
     if job.suite:
-        accuracy, acc_dir = step("accuracy", lambda tmp: _accuracy(job, art["artifact"], tmp))
-    bench, _ = step("bench", lambda tmp: _bench(job, art["artifact"]))
-    with atomic_dir(job.dir) as tmp:
-        shutil.copy2(fid_dir / "per_token.npz", tmp / "per_token.npz")
-        if accuracy:
-            shutil.copy2(acc_dir / "samples.json.gz", tmp / "samples.json.gz")
-        record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key, "fit": fit,
-                  "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
-                  "provenance": job_provenance(job)}
-        record["fidelity"]["per_token"] = str(job.dir / "per_token.npz")
-        atomic_write_json(tmp / "result.json", record)
-    shutil.rmtree(_steps_dir(job), ignore_errors=True)
+        accuracy, acc_dir = step("accuracy", lambda kept: _accuracy(job, art["artifact"], kept))
+    bench, _ = step("bench", lambda kept: _bench(job, art["artifact"]))
+    shutil.copy2(fid_dir / "per_token.npz", tmp / "per_token.npz")
+    if accuracy:
+        shutil.copy2(acc_dir / "samples.json.gz", tmp / "samples.json.gz")
+    record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key, "fit": fit,
+              "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
+              "provenance": job_provenance(job)}
+    record["fidelity"]["per_token"] = str(job.dir / "per_token.npz")
+    atomic_write_json(tmp / "result.json", record)
     return record
 
 
