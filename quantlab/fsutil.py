@@ -12,10 +12,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from quantlab.errors import DiskFullError, UsageError
 from quantlab.home import quantlab_home
+from quantlab.interrupts import Interrupted, stop_requested
 
 
 def safe_name(name: str) -> str:
@@ -261,11 +263,27 @@ def file_lock(path: str | Path):
     path = Path(path)
     ensure_dir(path.parent)
     with naming_full_disk(path.parent, path.name), open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        _acquire(fh)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _acquire(fh) -> None:
+    """flock without blocking, retried: a thread blocked in flock cannot be interrupted (signals reach only the
+    main thread), so a waiting thread checks between tries whether the process is stopping its work."""
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if stop_requested():
+            raise Interrupted()
+        time.sleep(delay)
+        delay = min(2 * delay, 0.1)
 
 
 def check_writable_dir(path: str | Path, option: str = "--out") -> Path:

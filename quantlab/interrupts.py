@@ -25,6 +25,9 @@ import time
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLEANUP_S = 5.0  # what the cleanup after an interrupt takes at most: the launcher's grace for its steps, and more
 
+_stops = 0  # > 0 while this process is stopping its work (``stopping``)
+_stops_guard = threading.Lock()
+
 
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived. A BaseException like KeyboardInterrupt, so that ``except Exception`` (a
@@ -78,6 +81,26 @@ def on_signals():
                 signal.signal(sig, signal.SIG_IGN)
             elif old is not None:
                 signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def stopping():
+    """While the block runs, this process is stopping its work: the threads that wait for something (a cache
+    entry's lock in ``fsutil.file_lock``, a step process about to start) raise ``Interrupted`` instead. Signals
+    reach only the main thread, so this is how an interrupt reaches the others (the local executor's)."""
+    global _stops
+    with _stops_guard:
+        _stops += 1
+    try:
+        yield
+    finally:
+        with _stops_guard:
+            _stops -= 1
+
+
+def stop_requested() -> bool:
+    """True inside ``stopping``: a waiting thread should give up with ``Interrupted``."""
+    return _stops > 0
 
 
 @contextlib.contextmanager

@@ -79,9 +79,8 @@ def budget_check(record: dict, budget: int) -> dict:
     return {"max_memory_bytes": budget, "held_bytes": held, "over": over, "unjudged": unjudged}
 
 
-def budget_warning(recipe: str, step: str, held: int, budget: int, plan: dict | None) -> str:
-    """The one-line warning for a step that held more than the budget."""
-    plan = plan or {}
+def budget_warning(recipe: str, step: str, held: int, budget: int, plan) -> str:
+    """The one-line warning for a step that held more than the budget (``plan``: its StepPlan, or None)."""
     return (f"{recipe}: its {step} step held {gb(held)}, over the {gb(budget)} budget (planned "
-            f"{gb(plan.get('peak_bytes'))}, {plan.get('mode', '?')}) — the planner under-predicted it; leave more "
+            f"{gb(plan and plan.peak_bytes)}, {plan.mode if plan else '?'}) — the planner under-predicted it; leave more "
             "headroom in --max-memory")

@@ -38,7 +38,7 @@ def uniform_bytes(source, config, device: str) -> tuple[dict[str, int], int]:
     uniform gptq recipe leaves it), and the smallest allocation's bytes (every unit in its smallest format)."""
     from quantlab.fit.units import HEAD, fixed_bytes, model_units, parse_formats, unit_bytes
     from quantlab.layouts.gptq_mixed import FP
-    from quantlab.sweep.commands import source_shapes
+    from quantlab.sweep.plan import source_shapes
 
     shapes = source_shapes(source)
     units = model_units(shapes, config.units)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     from quantlab.provenance import provenance
     from quantlab.recipe import Recipe, parse_recipe
     from quantlab.steps.fit import solve
-    from quantlab.sweep.commands import source_shapes
+    from quantlab.sweep.plan import source_shapes
 
     state_path = Path(args.state)
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

@@ -121,19 +121,27 @@ def test_a_sweep_file_budget_plans_every_job_and_the_flag_overrides_it(tiny_dir,
     sweep.write_text(f"models: [{tiny_dir}]\nrecipes: [bnb-int8, rtn-w8]\nmax_memory: {budget}B\n"
                      f"evaluation: {{text: {tiny_text}, chunks: 4, chunk_tokens: 32}}\n")
     jobs = {j.recipe.name: j for j in plan_jobs(load_spec(sweep))}
-    assert jobs["fp"].step("reference")["mode"] == LAYER_BY_LAYER and jobs["fp"].step("bench")["mode"] == "skipped"
-    assert jobs["rtn-w8"].step("quantize")["mode"] == LAYER_BY_LAYER and not jobs["rtn-w8"].refused
+    assert jobs["fp"].step("reference").mode == LAYER_BY_LAYER and jobs["fp"].step("bench").mode == "skipped"
+    assert jobs["rtn-w8"].step("quantize").mode == LAYER_BY_LAYER and not jobs["rtn-w8"].refused
     assert jobs["bnb-int8"].refused.startswith("quantize:")
     free = {j.recipe.name: j for j in plan_jobs(dataclasses.replace(load_spec(sweep), max_memory="1TB"))}
-    assert not any(j.refused for j in free.values()) and free["fp"].step("bench")["mode"] == IN_MEMORY
+    assert not any(j.refused for j in free.values()) and free["fp"].step("bench").mode == IN_MEMORY
     # a skipped bench changes what the job computes, so its key; the way a step runs does not
     from quantlab.sweep.jobs import make_job
 
     j = jobs["rtn-w8"]
-    assert j.step("bench")["mode"] == "skipped" and j.key != free["rtn-w8"].key
-    steps = {k: {**v, "mode": IN_MEMORY if v["mode"] == "skipped" else v["mode"]} for k, v in j.steps.items()}
+    assert j.step("bench").mode == "skipped" and j.key != free["rtn-w8"].key
+    steps = {k: dataclasses.replace(v, mode=IN_MEMORY if v.mode == "skipped" else v.mode) for k, v in j.steps.items()}
     same = make_job(j.model, j.recipe, j.text, j.fidelity, j.latency, None, None, j.device, j.threads, j.data_dir, steps)
-    assert same.step("quantize")["mode"] == LAYER_BY_LAYER and same.key == free["rtn-w8"].key
+    assert same.step("quantize").mode == LAYER_BY_LAYER and same.key == free["rtn-w8"].key
+    # a Ray task gets the job as plain data and back, typed plans and budget included
+    import json
+
+    from quantlab.sweep.jobs import Job
+
+    back = Job.from_payload(json.loads(json.dumps(j.payload())))
+    assert back == j and back.budget == budget and back.step("bench") == j.step("bench")
+    assert j.step("bench").budget_bytes == budget
 
 
 def test_eval_under_a_budget_computes_the_reference_layer_by_layer(tiny_dir, tiny_text, quantlab_home):
@@ -167,7 +175,8 @@ def test_a_gptq_artifact_that_does_not_fit_is_evaluated_layer_by_layer_with_the_
     for name, budget in (("free", None), ("under", (layered + whole) // 2)):
         plans = eval_plans(base, recipe, SETTINGS, "cpu", budget)
         runs[name] = measure_fidelity(base, text, SETTINGS, "cpu", [Candidate(recipe, str(path))], plans)["results"][0]
-        assert plans.get("fidelity", {}).get("mode", IN_MEMORY) == (IN_MEMORY if budget is None else LAYER_BY_LAYER)
+        mode = plans["fidelity"].mode if "fidelity" in plans else IN_MEMORY
+        assert mode == (IN_MEMORY if budget is None else LAYER_BY_LAYER)
     for key in ("kld_mean", "top1_agreement", "ppl"):
         assert runs["under"][key] == pytest.approx(runs["free"][key], rel=1e-4, abs=1e-7), key
 

@@ -130,3 +130,41 @@ def test_a_step_building_an_entrys_temp_names_the_entry_on_a_full_disk(tmp_path)
     with pytest.raises(DiskFullError, match=r"while writing gptq-w4-abc — "):
         with building_entry(tmp_path / f".gptq-w4-abc.{os.getpid()}.x1.tmp"):
             raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_thread_waiting_on_an_entrys_lock_gives_up_when_the_process_stops(tmp_path):
+    """Signals reach only the main thread; a worker thread waiting on another process's lock must still end
+    promptly when the process stops its work (the local executor after a Ctrl-C), not when the lock frees."""
+    import threading
+
+    from quantlab.fsutil import file_lock
+    from quantlab.interrupts import Interrupted, stopping
+
+    lock = tmp_path / ".entry.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, sys, time
+        fh = open({str(lock)!r}, "a"); fcntl.flock(fh, fcntl.LOCK_EX); print("held", flush=True); time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        outcome = []
+
+        def wait_for_lock():
+            try:
+                with file_lock(lock):
+                    outcome.append("acquired")
+            except Interrupted:
+                outcome.append("interrupted")
+
+        waiter = threading.Thread(target=wait_for_lock)
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and not outcome  # really waiting on the other process
+        with stopping():
+            start = time.monotonic()
+            waiter.join(5)
+            assert time.monotonic() - start < 1.0
+        assert outcome == ["interrupted"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,7 +17,7 @@ FLOORS = ("cli", "orchestration", "steps", "library", "foundations")
 FOUNDATIONS = {"quantlab", "quantlab.home", "quantlab.models", "quantlab.models.source", "quantlab.models.named",
                "quantlab.models.convert", "quantlab.models.fingerprint", "quantlab.models.load",
                "quantlab.models.shapes", "quantlab.recipe", "quantlab.device", "quantlab.fsutil",
-               "quantlab.outputs", "quantlab.provenance", "quantlab.errors", "quantlab.gguf_file", "quantlab.quiet",
+               "quantlab.outputs", "quantlab.interrupts", "quantlab.provenance", "quantlab.errors", "quantlab.gguf_file", "quantlab.quiet",
                "quantlab.catalog", "quantlab.methods"}  # the method registry (lazy "module:Class" strings), not the methods
 #: The library floor's packages, bottom to top: a module of one may import the packages below it, never one above it
 #: or beside it, so no two can form a loop. The order is what each imports:

@@ -19,7 +19,7 @@ cannot fit is skipped (memory then comes from the planner, latency is not measur
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import quantlab.plan.terms as terms
 from quantlab.device import as_device
@@ -42,9 +42,14 @@ class StepPlan:
     components: dict = field(default_factory=dict)
     batch: int = 0  # windows per forward (reference, fidelity)
     reason: str = ""
+    budget_bytes: int | None = None  # the budget it was planned under
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepPlan":
+        return cls(**data)
 
 
 def resolve_budget(value: str | int | None) -> int | None:
@@ -258,6 +263,13 @@ def require_fits(plan: StepPlan, what: str = "") -> StepPlan:
         hint = "" if "raise --max-memory" in plan.reason else " — raise --max-memory or choose another recipe"
         raise UsageError(f"--max-memory: {what or plan.step}: {plan.reason}{hint}")
     return plan
+
+
+def plan_steps(recipe, shapes, fidelity, latency, device: str, budget: int) -> dict[str, StepPlan]:
+    """Every step of one job planned within ``budget``, each plan naming it: what every entry point (a sweep's
+    jobs, quantize, eval) runs under a budget."""
+    return {name: replace(plan, budget_bytes=budget)
+            for name, plan in plan_job_steps(recipe, shapes, fidelity, latency, device, budget).items()}
 
 
 def refusal(steps: dict[str, StepPlan]) -> str | None:

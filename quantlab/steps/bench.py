@@ -23,13 +23,14 @@ def bench_artifact(recipe: Recipe, artifact: str, threads: int, settings: Latenc
                               "budgeted": budgeted})
 
 
-def planned_bench(plan: dict, artifact: str, settings: LatencySettings, threads: int) -> dict:
-    """A bench the memory budget skipped: weight bytes from the planner, bytes on disk measured, no latency."""
-    comp = plan["components"]
+def planned_bench(plan, artifact: str, settings: LatencySettings, threads: int) -> dict:
+    """A bench the memory budget skipped (``plan``: its StepPlan): weight bytes from the planner, bytes on disk
+    measured, no latency."""
+    comp = plan.components
     mem = {"weights_bytes": comp["weights"], "quantized_bytes": None, "unquantized_bytes": None,
            "disk_bytes": memory.disk_bytes(Path(artifact)), "peak_bytes": None, "planned": True,
-           "peak_kind": f"not measured — {plan['reason']}; weights_bytes is the planner's"}
-    return {"memory": mem, "latency": latency.not_measured(settings, plan["reason"]), "threads": threads}
+           "peak_kind": f"not measured — {plan.reason}; weights_bytes is the planner's"}
+    return {"memory": mem, "latency": latency.not_measured(settings, plan.reason), "threads": threads}
 
 
 def weigh_artifact(recipe: Recipe, artifact: str, device: str, contexts: tuple[int, ...], threads: int,

@@ -29,7 +29,7 @@ from quantlab.layouts.loading import load_recipe_model
 from quantlab.home import quantlab_home
 from quantlab.models.load import load_tokenizer
 from quantlab.models.source import ModelSource
-from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, is_reference
+from quantlab.plan.steps import IN_MEMORY, LAYER_BY_LAYER, StepPlan, is_reference
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.steps.overflow import bf16_fix
 
@@ -49,10 +49,11 @@ class Candidate:
 
 
 def fidelity_payload(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str, threads: int,
-                     candidates: list[Candidate], plans: dict | None = None) -> dict:
+                     candidates: list[Candidate], plans: dict[str, StepPlan] | None = None) -> dict:
     """``plans``: the budget's step plans (``quantlab.plan.steps``) for ``reference`` and ``fidelity``."""
     return {"baseline": baseline.to_dict(), "text": text.to_dict(), "settings": settings.to_dict(), "device": device,
-            "threads": threads, "candidates": [c.to_dict() for c in candidates], "plans": plans or {},
+            "threads": threads, "candidates": [c.to_dict() for c in candidates],
+            "plans": {name: plan.to_dict() for name, plan in (plans or {}).items()},
             "budgeted": bool(plans)}
 
 
@@ -64,12 +65,13 @@ def fidelity_step(payload: dict) -> dict:
     with measure_memory(device=payload["device"]) as mem:
         out = measure_fidelity(ModelSource.from_dict(payload["baseline"]), TextSource(**payload["text"]),
                                FidelitySettings.from_dict(payload.get("settings", {})), payload["device"],
-                               [Candidate.from_dict(c) for c in payload["candidates"]], payload.get("plans"))
+                               [Candidate.from_dict(c) for c in payload["candidates"]],
+                               {name: StepPlan.from_dict(p) for name, p in (payload.get("plans") or {}).items()})
     return {**out, "memory": mem}
 
 
 def measure_fidelity(baseline: ModelSource, text: TextSource, settings: FidelitySettings, device: str,
-                     candidates: list[Candidate], plans: dict | None = None) -> dict:
+                     candidates: list[Candidate], plans: dict[str, StepPlan] | None = None) -> dict:
     plans = plans or {}
     ids = fid.chunk_ids(load_tokenizer(baseline.path, baseline.trust_remote_code), text.read(), settings)
     cache, hit = ensure_baseline(baseline, ids, text, settings, device, plans.get("reference"))
@@ -83,7 +85,7 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
         else:
             plan = plans.get("fidelity")
             model = planned_model(cand.artifact, cand.recipe, device, plan, baseline.trust_remote_code)
-            per_token = fid.compare(model, ids, logprobs, (plan or {}).get("batch") or settings.batch_size)
+            per_token = fid.compare(model, ids, logprobs, (plan and plan.batch) or settings.batch_size)
             require_finite_tokens(per_token, cand.recipe, guard.held_dtype(model))
             gen = guard.greedy_continuation(model, ids)
             del model
@@ -101,7 +103,7 @@ def measure_fidelity(baseline: ModelSource, text: TextSource, settings: Fidelity
             fid.save_per_token(Path(cand.per_token_path), per_token)
         results.append(summary)
     return {"results": results, "baseline_cache": str(cache), "settings": settings.to_dict(),
-            "reference_mode": (plans.get("reference") or {}).get("mode", IN_MEMORY)}
+            "reference_mode": plans["reference"].mode if "reference" in plans else IN_MEMORY}
 
 
 def require_finite_tokens(per_token: dict, recipe: Recipe, dtype: str) -> None:
@@ -116,7 +118,7 @@ def require_finite_tokens(per_token: dict, recipe: Recipe, dtype: str) -> None:
 
 
 def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: FidelitySettings, device: str,
-                    plan: dict | None = None):
+                    plan: StepPlan | None = None):
     """Path of the cached baseline log-probs for (model, text, windows), computing them on a miss: in memory, or
     layer by layer when the budget's ``plan`` says so (the same file either way)."""
     key = fid.cache_key(baseline.fingerprint, text.sha256, settings, "fp", device)
@@ -124,7 +126,7 @@ def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: Fide
 
     def build(tmp: Path) -> None:
         model = planned_model(baseline.path, parse_recipe("fp"), device, plan, baseline.trust_remote_code)
-        batch = (plan or {}).get("batch") or settings.batch_size
+        batch = (plan and plan.batch) or settings.batch_size
         fid.baseline_cache(model, ids, tmp, dataclasses.replace(settings, batch_size=batch))
         write_generation(model, ids, tmp)
         del model
@@ -134,15 +136,16 @@ def ensure_baseline(baseline: ModelSource, ids, text: TextSource, settings: Fide
     return cache, hit
 
 
-def planned_model(path: str, recipe: Recipe, device: str, plan: dict | None, trust_remote_code: bool):
+def planned_model(path: str, recipe: Recipe, device: str, plan: StepPlan | None, trust_remote_code: bool):
     """The model at ``path`` loaded whole, or run layer by layer (``quantlab.layerwise``) when the budget's ``plan``
     says so; either computes log-probs and generates."""
-    if plan and plan.get("mode") == LAYER_BY_LAYER:
+    if plan and plan.mode == LAYER_BY_LAYER:
         return LayerwiseModel(path, device, trust_remote_code=trust_remote_code)
     return load_recipe_model(path, recipe, device, trust_remote_code)
 
 
-def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str, plan: dict | None = None) -> list[int]:
+def baseline_generation(baseline: ModelSource, ids, cache: Path, device: str,
+                        plan: StepPlan | None = None) -> list[int]:
     """The fp model's greedy continuation for the garbage guard, kept beside the cached log-probs."""
     target = cache / "generation.json"
     with file_lock(cache.with_name(f".{cache.name}.gen.lock")):

@@ -236,7 +236,7 @@ def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int |
 
 
 def ensure_recipe_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
-                           force: bool = False, data_dir: str | None = None, plan: dict | None = None) -> dict:
+                           force: bool = False, data_dir: str | None = None, plan=None) -> dict:
     """``ensure_artifact``, a fit recipe resolved first: ``{"artifact", "cost", "cached", "recipe"}``, plus ``"fit"``
     (what chose the allocation) for a fit."""
     if not get_method(recipe.method).resolved_first:

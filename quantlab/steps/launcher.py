@@ -21,14 +21,13 @@ from pathlib import Path
 from quantlab import errors
 from quantlab.errors import MeasurementError
 from quantlab.fsutil import free_bytes, scratch_dir
-from quantlab.interrupts import SIGNALS, Interrupted, blocked
+from quantlab.interrupts import SIGNALS, Interrupted, blocked, stop_requested, stopping
 from quantlab.home import quantlab_home
 
 GRACE_S = 2.0  # what an ended step gets to remove its temp dirs before SIGKILL
 
 _live: set[subprocess.Popen] = set()
 _guard = threading.Lock()
-_stops = 0  # > 0 while steps are being stopped: no new step starts
 
 
 def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
@@ -66,23 +65,18 @@ def run_step(step: str, payload: dict, timeout: float | None = None) -> dict:
 def steps_stopped():
     """End every running step process now, and start no new one until the block ends (while the threads that
     ran them unwind)."""
-    global _stops
-    with _guard:
-        _stops += 1
-        live = list(_live)
-    try:
+    with stopping():  # first, so that a step starting meanwhile is either listed below or refused in _start
+        with _guard:
+            live = list(_live)
         _end(live)
         yield
-    finally:
-        with _guard:
-            _stops -= 1
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
     """Start a step process, listed until ``_end``. It inherits SIGINT and SIGTERM blocked and unblocks them
     once its handler is in place (steps/__main__.py)."""
     with _guard:
-        if _stops:
+        if stop_requested():
             raise Interrupted()
         with blocked():
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -115,7 +109,7 @@ def _ended(step: str, returncode: int) -> BaseException:
     for sig in SIGNALS:
         if returncode in (128 + sig, -sig):
             return Interrupted(sig)
-    return Interrupted() if _stops else died(step, returncode)
+    return Interrupted() if stop_requested() else died(step, returncode)
 
 
 def died(step: str, returncode: int) -> MeasurementError:

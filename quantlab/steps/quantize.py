@@ -15,7 +15,7 @@ from quantlab.methods import get_method
 from quantlab.models.load import load_config
 from quantlab.models.shapes import meta_model
 from quantlab.models.source import ModelSource
-from quantlab.plan.steps import LAYER_BY_LAYER
+from quantlab.plan.steps import LAYER_BY_LAYER, StepPlan
 from quantlab.provenance import device_info, versions
 from quantlab.recipe import Recipe
 from quantlab.steps.launcher import run_step
@@ -26,7 +26,7 @@ UNQUANTIZED_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "BOOL"})
 
 
 def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
-                    force: bool = False, data_dir: str | None = None, plan: dict | None = None) -> dict:
+                    force: bool = False, data_dir: str | None = None, plan: StepPlan | None = None) -> dict:
     """``{"artifact", "cost", "cached"}``, quantizing in a fresh process when not cached (or ``force``)."""
     if not get_method(recipe.method).writes_artifact:
         return {"artifact": source.path, "cost": dict(NO_COST), "cached": True}
@@ -34,7 +34,7 @@ def ensure_artifact(source: ModelSource, recipe: Recipe, device: str, threads: i
     cached = cached_entry(  # two sweeps never build one artifact twice
         target, lambda tmp: run_step("quantize", {
             "source": source.to_dict(), "recipe": recipe.to_dict(), "device": device, "target": str(tmp),
-            "threads": threads, "data_dir": data_dir, "budgeted": plan is not None, "mode": (plan or {}).get("mode")}),
+            "threads": threads, "data_dir": data_dir, "budgeted": plan is not None, "mode": plan and plan.mode}),
         is_complete=lambda p: read_manifest(p) is not None, force=force)
     return {"artifact": str(target), "cost": read_manifest(target)["cost"], "cached": cached}
 

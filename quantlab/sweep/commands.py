@@ -21,10 +21,8 @@ from quantlab.outputs import check_output_file, claim_output_file, write_output_
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.methods.fit import loader, vllm_note
-from quantlab.models.load import load_config
 from quantlab.models.source import resolve_model
-from quantlab.plan.shapes import model_shapes
-from quantlab.plan.steps import plan_fidelity, plan_quantize, plan_reference, require_fits, resolve_budget
+from quantlab.plan.steps import require_fits, resolve_budget
 from quantlab.recipe import Recipe
 from quantlab.records import budget_check, budget_warning
 from quantlab.steps.accuracy import suite_result
@@ -32,7 +30,8 @@ from quantlab.steps.bench import bench_artifact, weigh_artifact
 from quantlab.steps.fidelity import Candidate, measure_fidelity
 from quantlab.steps.fit import ensure_recipe_artifact
 from quantlab.sweep.driver import Progress, RunOptions, run_spec
-from quantlab.sweep.plan import reference_text, require_libraries, resolve_checked, resolved_data_dir
+from quantlab.sweep.plan import (budget_steps, reference_text, require_libraries, resolve_checked,
+                                 resolved_data_dir)
 from quantlab.sweep.spec import Spec, load_spec
 
 
@@ -66,15 +65,15 @@ def quantize_model(model: str | None, recipe: Recipe, device: str = "auto", thre
     source = resolve_checked(model, [recipe], trust_remote_code)
     device = resolve_device(device)
     budget = resolve_budget(max_memory)
-    plan = require_fits(plan_quantize(recipe, source_shapes(source), device, budget)) if budget is not None else None
-    art = ensure_recipe_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir),
-                                 plan=plan.to_dict() if plan else None)
+    plans = budget_steps(source, [recipe], FidelitySettings(), LatencySettings(), device, budget).get(recipe.name, {})
+    plan = require_fits(plans["quantize"]) if plans else None
+    art = ensure_recipe_artifact(source, recipe, device, threads, data_dir=resolved_data_dir(data_dir), plan=plan)
     art["warnings"] = []
     if budget is not None and not art["cached"]:  # what the quantize step held, against the budget
         check = budget_check({"cost": art["cost"]}, budget)
         if check["over"]:
             art["warnings"].append(budget_warning(recipe.name, "quantize", check["held_bytes"]["quantize"], budget,
-                                                  plan.to_dict()))
+                                                  plan))
     return art
 
 
@@ -135,7 +134,8 @@ def evaluate_model(model: str, baseline: str | None, text: str | None = None, da
         out = measure_fidelity(base, text_source, settings, device, [Candidate(recipe, path, per_token_path)], plans)
     return {"model": model, "baseline": {"ref": base.ref, "fingerprint": base.fingerprint, "note": base.note},
             "recipe": recipe.name, "text": text_source.to_dict(), "fidelity": out["results"][0],
-            "reference_mode": out["reference_mode"], "plans": plans or None}
+            "reference_mode": out["reference_mode"],
+            "plans": {name: plan.to_dict() for name, plan in plans.items()} or None}
 
 
 def _refuse_unused(options: dict, needs: str) -> None:
@@ -146,17 +146,10 @@ def _refuse_unused(options: dict, needs: str) -> None:
         raise UsageError(f"{', '.join(given)} {verb} only with {needs} — add it, or drop {', '.join(given)}")
 
 
-def source_shapes(source):
-    return model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
-
-
 def eval_plans(base, recipe: Recipe, settings: FidelitySettings, device: str, budget: int | None) -> dict:
     """The reference and fidelity plans within ``budget``; a step that cannot fit is an error before work."""
-    if budget is None:
-        return {}
-    shapes = source_shapes(base)
-    return {"reference": require_fits(plan_reference(shapes, settings, device, budget)).to_dict(),
-            "fidelity": require_fits(plan_fidelity(recipe, shapes, settings, device, budget)).to_dict()}
+    plans = budget_steps(base, [recipe], settings, LatencySettings(), device, budget).get(recipe.name)
+    return {name: require_fits(plans[name]) for name in ("reference", "fidelity")} if plans else {}
 
 
 def evaluate(model: str, tasks: str | None = None, suite: str | None = None, limit: int | None = None,

@@ -33,10 +33,13 @@ from quantlab.steps.launcher import run_step
 from quantlab.sweep.jobs import Job
 
 
-def run_job(payload: dict, force: bool = False) -> dict:
-    """The job's record (cached when its key was finished before, unless ``force``); ``payload`` is
-    ``Job.payload()``, so a Ray task gets plain data."""
-    job = Job.from_payload(payload)
+def run_job_payload(payload: dict, force: bool = False) -> dict:
+    """``run_job`` in a Ray task, which gets plain data: ``payload`` is ``Job.payload()``."""
+    return run_job(Job.from_payload(payload), force)
+
+
+def run_job(job: Job, force: bool = False) -> dict:
+    """The job's record (cached when its key was finished before, unless ``force``)."""
     built = {}
 
     def build(tmp: Path) -> None:
@@ -101,14 +104,15 @@ def _fidelity(job: Job, artifact: str, per_token: Path) -> dict:
     payload = fidelity_payload(job.model, job.text, job.fidelity, job.device, job.threads,
                                [Candidate(job.recipe, artifact, str(per_token))], plans)
     out = run_step("fidelity", payload)
+    shown = {name: plan.to_dict() for name, plan in plans.items()} or None
     return {**out["results"][0], "step": {"memory": out.get("memory"), "wall_s": out.get("step_wall_s"),
-                                          "reference_mode": out.get("reference_mode"), "plans": plans or None}}
+                                          "reference_mode": out.get("reference_mode"), "plans": shown}}
 
 
 def _bench(job: Job, artifact: str) -> dict:
     """The bench step, or, when the budget's plan skips it, the planner's memory and no latency."""
     plan = job.step("bench")
-    if plan and plan["mode"] == SKIPPED:
+    if plan and plan.mode == SKIPPED:
         return planned_bench(plan, artifact, job.latency, job.threads)
     return bench_artifact(job.recipe, artifact, job.threads, job.latency, job.device, job.model.trust_remote_code,
                           budgeted=job.steps is not None)

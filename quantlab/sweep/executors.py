@@ -16,7 +16,7 @@ from pathlib import Path
 from quantlab.device import as_device
 from quantlab.errors import MissingExtraError, QuantlabError, UsageError
 from quantlab.steps.launcher import steps_stopped
-from quantlab.sweep.compute import run_job
+from quantlab.sweep.compute import run_job, run_job_payload
 
 EXECUTORS = ("local", "ray")
 _NEEDS_RAY = "--executor ray needs Ray — pip install 'ray[default]' (or quantlab[ray])"
@@ -109,7 +109,7 @@ def _local(jobs: list, max_parallel: int, force: bool) -> Iterator[tuple]:
 
     pool = ThreadPoolExecutor(max_workers=max_parallel)
     try:
-        running = {pool.submit(run_job, job.payload(), force): job for job in jobs}
+        running = {pool.submit(run_job, job, force): job for job in jobs}  # threads: the Job itself
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
@@ -153,7 +153,7 @@ def _ray(jobs: list, address: str | None, max_parallel: int, force: bool) -> Ite
                 raise QuantlabError(f"Could not start a local Ray cluster: {_first_line(exc)} — see Ray's logs under "
                                     "/tmp/ray, or run with --executor local") from None
     try:
-        task = ray.remote(**as_device(jobs[0].device).ray_resources(jobs[0].threads), max_retries=0)(run_job)
+        task = ray.remote(**as_device(jobs[0].device).ray_resources(jobs[0].threads), max_retries=0)(run_job_payload)
         running = {task.remote(job.payload(), force): job for job in jobs}
         while running:
             done, _ = ray.wait(list(running), num_returns=1)

@@ -4,8 +4,11 @@ A job's key is the sha256 of everything that can change its result: the artifact
 recipe, calibration data sha256, quantlab version, the method's library versions, device class), the
 evaluation text sha256 and fidelity settings, the latency settings and threads, and the suite's settings,
 data sha256 and lm-eval version. A finished job is cached under ``QUANTLAB_HOME/jobs/<key>/`` (written to
-a temp dir and renamed into place), so a rerun reuses it whole. A job holds typed objects; it becomes a
-payload only to cross into a Ray task (``payload`` / ``Job.from_payload``).
+a temp dir and renamed into place), so a rerun reuses it whole. A job is the one context its steps run in:
+the model (with its trust_remote_code), the recipe, the text and settings, the device, threads, data dir and
+memory budget, and each step's typed plan. The local executor hands the Job itself to its threads; it becomes a
+payload only to cross into a Ray task (``payload`` / ``Job.from_payload``), as a step's inputs do into its
+process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from quantlab.evaluate.text import TextSource
 from quantlab.measure.latency import LatencySettings
 from quantlab.home import quantlab_home
 from quantlab.models.source import ModelSource
-from quantlab.plan.steps import REFUSED, SKIPPED
+from quantlab.plan.steps import REFUSED, SKIPPED, StepPlan
 from quantlab.provenance import library_version
 from quantlab.recipe import Recipe
 
@@ -41,16 +44,12 @@ class Job:
     device: str
     threads: int
     data_dir: str | None = None  # where the recipe's calibration or training text is read from
-    steps: dict | None = None  # each step's plan within the memory budget (quantlab.plan.steps.StepPlan dicts)
+    budget: int | None = None  # the memory budget in bytes (quantlab.plan.steps), or None
+    steps: dict[str, StepPlan] | None = None  # each step's plan within the budget; None without one
     refused: str | None = None  # why the job cannot run within the budget; a refused job is planned, never run
 
-    def step(self, name: str) -> dict | None:
+    def step(self, name: str) -> StepPlan | None:
         return (self.steps or {}).get(name)
-
-    @property
-    def budget(self) -> int | None:
-        """The memory budget (bytes) the job was planned under (every step's plan names it), or None."""
-        return next((plan.get("budget_bytes") for plan in (self.steps or {}).values()), None)
 
     @property
     def label(self) -> str:
@@ -65,7 +64,8 @@ class Job:
                 "text": self.text.to_dict(), "fidelity": self.fidelity.to_dict(), "latency": self.latency.to_dict(),
                 "suite": self.suite.to_dict() if self.suite else None,
                 "prepared": dataclasses.asdict(self.prepared) if self.prepared else None,
-                "device": self.device, "threads": self.threads, "data_dir": self.data_dir, "steps": self.steps,
+                "device": self.device, "threads": self.threads, "data_dir": self.data_dir, "budget": self.budget,
+                "steps": self.steps and {name: plan.to_dict() for name, plan in self.steps.items()},
                 "refused": self.refused}
 
     @classmethod
@@ -76,7 +76,9 @@ class Job:
                    suite=HarnessSettings.from_dict(data["suite"]) if data.get("suite") else None,
                    prepared=PreparedTasks(**data["prepared"]) if data.get("prepared") else None,
                    device=data["device"], threads=data["threads"], data_dir=data.get("data_dir"),
-                   steps=data.get("steps"), refused=data.get("refused"))
+                   budget=data.get("budget"),
+                   steps=data["steps"] and {name: StepPlan.from_dict(p) for name, p in data["steps"].items()},
+                   refused=data.get("refused"))
 
 
 def job_dir(key: str) -> Path:
@@ -85,7 +87,8 @@ def job_dir(key: str) -> Path:
 
 def make_job(source: ModelSource, recipe: Recipe, text: TextSource, fidelity: FidelitySettings,
              latency: LatencySettings, suite: HarnessSettings | None, prepared: PreparedTasks | None, device: str,
-             threads: int, data_dir: str | None, steps: dict | None = None) -> Job:
+             threads: int, data_dir: str | None, steps: dict[str, StepPlan] | None = None,
+             budget: int | None = None) -> Job:
     """A job with its content key (see the module docstring). Under a memory budget a skipped step (a bench
     that cannot fit) changes the result, so it is part of the key; how a step runs (in memory or layer by
     layer) does not change what it computes and is not."""
@@ -97,11 +100,11 @@ def make_job(source: ModelSource, recipe: Recipe, text: TextSource, fidelity: Fi
         "suite_data": prepared and {t: d["files"] for t, d in prepared.data.items()},
         "lm_eval": library_version("lm_eval") if suite else None,
     }
-    skipped = sorted(name for name, plan in (steps or {}).items() if plan["mode"] == SKIPPED)
+    skipped = sorted(name for name, plan in (steps or {}).items() if plan.mode == SKIPPED)
     if skipped:
         payload["skipped_steps"] = skipped
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    refused = [f"{name}: {plan['reason']}" for name, plan in (steps or {}).items() if plan["mode"] == REFUSED]
+    refused = [f"{name}: {plan.reason}" for name, plan in (steps or {}).items() if plan.mode == REFUSED]
     return Job(key=key, model=source, recipe=recipe, text=text, fidelity=fidelity, latency=latency, suite=suite,
-               prepared=prepared, device=device, threads=threads, data_dir=data_dir, steps=steps,
+               prepared=prepared, device=device, threads=threads, data_dir=data_dir, budget=budget, steps=steps,
                refused=refused[0] if refused else None)

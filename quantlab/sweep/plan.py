@@ -10,16 +10,18 @@ from __future__ import annotations
 from typing import Callable
 
 from quantlab.device import resolve_device
+from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.harness import check_tasks, prepare_tasks
 from quantlab.evaluate.suites import load_suite
 from quantlab.evaluate.text import TextSource, resolve_text
 from quantlab.evaluate.text import data_dir as find_data_dir
+from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.models.load import load_config
 from quantlab.models.shapes import linear_shapes
 from quantlab.models.source import ModelSource, resolve_model
 from quantlab.plan.shapes import check_config, model_shapes, require_linears
-from quantlab.plan.steps import plan_job_steps, require_fits, resolve_budget
+from quantlab.plan.steps import StepPlan, plan_steps, require_fits, resolve_budget
 from quantlab.recipe import Recipe, parse_recipe
 from quantlab.sweep.jobs import Job, make_job
 from quantlab.sweep.spec import Spec
@@ -41,25 +43,27 @@ def plan_jobs(spec: Spec) -> list[Job]:
     jobs = []
     for ref in spec.models:
         source = resolve_checked(ref, recipes, spec.trust_remote_code)
-        steps = budget_steps(source, recipes, spec, device, budget)
+        steps = budget_steps(source, recipes, spec.fidelity, spec.latency, device, budget)
+        if steps:  # the same for every recipe: a budget the fp reference cannot run in, even layer by layer
+            require_fits(steps[recipes[0].name]["reference"], f"{source.ref}'s fp reference")
         text = text_for(source, device)
         jobs += [make_job(source, r, text, spec.fidelity, spec.latency, suite, prepared, device, spec.threads, data_dir,
-                          steps.get(r.name)) for r in recipes]
+                          steps.get(r.name), budget) for r in recipes]
     return jobs
 
 
-def budget_steps(source: ModelSource, recipes, spec: Spec, device: str, budget: int | None) -> dict[str, dict]:
-    """Each recipe's step plans within ``budget`` (none without one). A budget the fp reference cannot run in,
-    even layer by layer, is an error before any work."""
+def budget_steps(source: ModelSource, recipes, fidelity: FidelitySettings, latency: LatencySettings, device: str,
+                 budget: int | None) -> dict[str, dict[str, StepPlan]]:
+    """Each recipe's step plans within ``budget`` (none without one): the one place a budget is planned, for a
+    sweep's jobs and for the single-model commands (quantize, eval, fit) alike."""
     if budget is None:
         return {}
-    shapes = model_shapes(load_config(source.path, spec.trust_remote_code), spec.trust_remote_code)
-    out = {}
-    for r in recipes:
-        steps = plan_job_steps(r, shapes, spec.fidelity, spec.latency, device, budget)
-        require_fits(steps["reference"], f"{source.ref}'s fp reference")
-        out[r.name] = {name: {**plan.to_dict(), "budget_bytes": budget} for name, plan in steps.items()}
-    return out
+    shapes = source_shapes(source)
+    return {r.name: plan_steps(r, shapes, fidelity, latency, device, budget) for r in recipes}
+
+
+def source_shapes(source: ModelSource):
+    return model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
 
 
 def with_baseline_and_twins(recipes) -> list[Recipe]:

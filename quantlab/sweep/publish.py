@@ -44,7 +44,7 @@ def publish_run_set(run_set: str, store: str | None, jobs: list, out: Path) -> l
 def refusal_record(job) -> dict:
     """A recipe the memory budget refused before work: why, and the planner's peak of each step."""
     return {"recipe": job.recipe.name, "method": job.recipe.method, "bits": job.recipe.bits, "reason": job.refused,
-            "steps": {name: {"mode": p["mode"], "peak_bytes": p["peak_bytes"], "components": p["components"]}
+            "steps": {name: {"mode": p.mode, "peak_bytes": p.peak_bytes, "components": p.components}
                       for name, p in (job.steps or {}).items()}}
 
 
