@@ -64,3 +64,31 @@ def gguf_note(path: Path, file_type: str | None, mix: list[tuple[str, float]]) -
 
 def _percent(share: float) -> str:
     return f"{share:.0f}" if share >= 10 else f"{share:.2g}"
+
+
+def write_unquantized(source: Path, target: Path) -> None:
+    """Write ``source``'s tensors dequantized to F32 into ``target``, a GGUF with ``source``'s metadata (its
+    architecture, hyperparameters, tokenizer, chat template) and ``general.file_type`` ALL_F32: the unquantized
+    GGUF that llama.cpp quantizes from, and runs as the engine's own fp floor. It holds the same values as the
+    dequantized model transformers loads (both dequantize with gguf-py), in llama.cpp's own tensor layout."""
+    import gguf
+    import numpy as np
+
+    reader = gguf_reader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(target), arch)
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", "general.file_type") or field.name.startswith("GGUF."):
+            continue  # the writer writes the architecture and its own header fields
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in reader.tensors:  # gguf-py's numpy shapes are ggml's dims reversed: (rows, row length)
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        writer.add_tensor(t.name, values.reshape(tuple(int(d) for d in reversed(t.shape))),
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -15,8 +15,8 @@ from quantlab.device import as_device
 from quantlab.errors import MissingExtraError
 
 LIBRARIES = ("torch", "transformers", "accelerate", "bitsandbytes", "torchao", "gptqmodel", "optimum", "lm_eval",
-             "gguf", "safetensors")
-_DIST_NAMES = {"lm_eval": "lm-eval"}
+             "gguf", "safetensors", "hqq", "llama_cpp", "compressed_tensors")
+_DIST_NAMES = {"lm_eval": "lm-eval", "llama_cpp": "llama-cpp-python", "compressed_tensors": "compressed-tensors"}
 _INSTALL = {
     "bitsandbytes": "pip install -e '.[bnb]'",
     "torchao": "pip install -e '.[rtn]'",
@@ -25,6 +25,7 @@ _INSTALL = {
     "gptqmodel": "pip install --no-build-isolation -c scripts/constraints.txt gptqmodel optimum",
     "optimum": "pip install -c scripts/constraints.txt optimum",
     "lm_eval": "pip install -c scripts/constraints.txt -e '.[eval]'",
+    "llama_cpp": "bash scripts/setup.sh (it builds llama-cpp-python 0.3.36 from source for this CPU)",
 }
 
 

@@ -13,6 +13,7 @@ from quantlab.fit.allocate import DEFINITION as FIT
 from quantlab.measure.cost import DEFINITIONS as COST
 from quantlab.measure.latency import DEFINITIONS as LATENCY
 from quantlab.measure.memory import DEFINITIONS as MEMORY
+from quantlab.methods import get_method
 from quantlab.plan.steps import gb
 from quantlab.recipe import Recipe
 
@@ -27,7 +28,11 @@ WALL = {
                    "step process's entry to its result: imports, loads and the work); None where a step ran in no "
                    "process of its own (a bench the budget skipped) or the record predates this field",
 }
-DEFINITIONS = {**MEMORY, **LATENCY, **COST, **BUDGET, **WALL}  # after the fidelity metrics' (quantlab.metrics)
+ENGINE = {
+    "engine": "what ran the artifact for its fidelity and bench (quantlab.engines): transformers (torch) or llama.cpp "
+              "(llama-cpp-python; its log-probs, timings as llama-bench defines them, and buffers are llama.cpp's own)",
+}
+DEFINITIONS = {**MEMORY, **LATENCY, **COST, **BUDGET, **WALL, **ENGINE}  # after the fidelity metrics' (quantlab.metrics)
 STEPS = ("quantize", "fidelity", "bench")
 
 
@@ -41,6 +46,7 @@ def definitions(suite: bool, fit: bool = False) -> dict:
 def make_record(recipe: Recipe, art: dict, fidelity: dict, bench: dict) -> dict:
     lat = bench["latency"]
     return {"recipe": recipe.name, "method": recipe.method, "bits": recipe.bits, "params": recipe.params(),
+            "engine": get_method(recipe.method).layout(recipe.config).engines[0],
             "artifact": art["artifact"], "artifact_cached": art["cached"], "fidelity": fidelity,
             "guard": fidelity.get("guard"),
             "memory": bench["memory"],

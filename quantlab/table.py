@@ -36,14 +36,14 @@ def _metric_cells(fidelity: dict) -> list[str]:
 
 def render_table(results: dict) -> str:
     roofline = any(r["latency"].get("roofline_b1") for r in results["runs"])
-    header = ["recipe", "bits", *(h for h, _ in metrics.table_columns()), "weights MiB", "disk MiB", "peak MiB",
-              "prefill ms", "decode tok/s b1", "b8"]
+    header = ["recipe", "bits", "engine", *(h for h, _ in metrics.table_columns()), "weights MiB", "disk MiB",
+              "peak MiB", "prefill ms", "decode tok/s b1", "b8"]
     header += ["% roofline b1"] * roofline + ["quantize s"]
     rows = []
     for r in results["runs"]:
         f, m, lat, c = r["fidelity"], r["memory"], r["latency"], r["cost"]
         rows.append([
-            r["recipe"], str(r["bits"]), *_metric_cells(f),
+            r["recipe"], str(r["bits"]), r.get("engine", "transformers"), *_metric_cells(f),
             f"{m['weights_bytes'] / MB:.1f}" + ("*" if m.get("planned") else ""), f"{m['disk_bytes'] / MB:.1f}",
             _fmt(m["peak_bytes"] and m["peak_bytes"] / MB, ".0f"),
             _fmt(lat["prefill_ms"], ".1f"), _fmt(lat["decode_tok_s"].get("1"), ".1f"),

@@ -21,14 +21,16 @@ FOUNDATIONS = {"quantlab", "quantlab.home", "quantlab.models", "quantlab.models.
                "quantlab.catalog", "quantlab.methods"}  # the method registry (lazy "module:Class" strings), not the methods
 #: The library floor's packages, bottom to top: a module of one may import the packages below it, never one above it
 #: or beside it, so no two can form a loop. The order is what each imports:
-#: - layouts (how an artifact's bytes are stored and loaded), layerwise (a model a decoder layer at a time) and
-#:   measure (memory, latency, cost) need only the foundations;
+#: - measure (memory, latency, cost) needs only the foundations;
+#: - engines (what runs an artifact: llama.cpp's log-probs, timings and buffers) time it as measure does;
+#: - layouts (how an artifact's bytes are stored and loaded; a GGUF loads into its engine) and layerwise (a model
+#:   a decoder layer at a time);
 #: - evaluate (reference text, fidelity, lm-eval suites) loads a recipe's model the way its layout says;
 #: - plan (shapes, memory terms, each step's peak) reads the layouts' bytes and the fidelity step's working set;
 #: - fit (units, sensitivity, allocation) prices its units with the planner's terms and measures them as fidelity does;
 #: - methods save into layouts, calibrate on evaluate's text, plan their shapes, and the fit method runs fit's units;
 #: - gate reads evaluated results; report shows results, the gate's references and the plan.
-LIBRARY_ORDER = (("layouts", "layerwise", "measure"), ("evaluate",), ("plan",), ("fit",), ("methods",), ("gate",),
+LIBRARY_ORDER = (("measure",), ("engines",), ("layouts", "layerwise"), ("evaluate",), ("plan",), ("fit",), ("methods",), ("gate",),
                  ("report",))
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
 

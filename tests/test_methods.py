@@ -5,6 +5,7 @@ the bytes the planner predicts, and round-trips its short name. A new method joi
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +18,20 @@ from quantlab.recipe import Recipe, parse_recipe
 EXAMPLES = [name for m in all_methods() for name in get_method(m).example_names]
 
 
+#: methods whose artifacts another engine runs, with their contract in that engine's test file: a GGUF needs a
+#: model loaded from a GGUF (a real tokenizer), so tests/test_gguf.py runs it on the embedded SmolLM2
+OTHER_ENGINES = {"gguf": "tests/test_gguf.py"}
+
+
 def _applies(name: str) -> bool:
     recipe = parse_recipe(name)
+    method = get_method(recipe.method)
+    if "transformers" not in method.layout(recipe.config).engines:
+        return False
     try:
-        get_method(recipe.method).check_model(recipe.config, TINY_SHAPES)
+        method.check_model(recipe.config, TINY_SHAPES)
     except RecipeError:
         return False  # e.g. group 128 on in-features of 64
-    method = get_method(recipe.method)
     return method.writes_artifact and not method.resolved_first  # a fit's contract: tests/test_fit_build.py
 
 
@@ -31,8 +39,10 @@ CASES = [name for name in EXAMPLES if _applies(name)] + ["rtn-w4-g64-asym"]  # +
 
 
 def test_the_contract_covers_every_method_that_writes_artifacts():
-    covered = {parse_recipe(n).method for n in CASES}
+    covered = {parse_recipe(n).method for n in CASES} | set(OTHER_ENGINES)
     assert covered == {m for m in all_methods() if get_method(m).writes_artifact and not get_method(m).resolved_first}
+    for method, tests in OTHER_ENGINES.items():
+        assert f'get_method("{method}")' in (Path(__file__).parents[1] / tests).read_text()
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -44,10 +54,11 @@ def test_short_names_round_trip(name):
 
 RELOAD = r"""
 import json, sys, torch
-from transformers import AutoModelForCausalLM
 out = {}
-for path in sys.argv[1:]:
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+for path, source in zip(sys.argv[1::2], sys.argv[2::2]):
+    scope = {}
+    exec(source, scope)  # the layout's standalone_load: how a user loads it without quantlab
+    m = scope["load"](path)
     with torch.no_grad():
         logits = m(torch.arange(2, 34).unsqueeze(0)).logits
     out[path] = {"sum": logits.double().sum().item(), "absmax": logits.abs().max().item()}
@@ -70,8 +81,9 @@ def quantized(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fresh_reloads(quantized):
     """Every artifact loaded by plain transformers in one fresh process that never imports quantlab."""
-    proc = subprocess.run([sys.executable, "-c", RELOAD, *map(str, quantized.values())], capture_output=True,
-                          text=True, cwd="/")
+    args = [a for name, path in quantized.items()
+            for a in (str(path), get_method(parse_recipe(name).method).layout(parse_recipe(name).config).standalone_load)]
+    proc = subprocess.run([sys.executable, "-c", RELOAD, *args], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -106,7 +118,7 @@ def test_quantized_layers_really_are_quantized(name, quantized):
 
     with safe_open(str(quantized[name] / "model.safetensors"), "pt") as fh:
         dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys() if "layers.0.mlp.up_proj" in k}
-    assert any(d in ("I8", "U8", "I32") for d in dtypes.values()), dtypes
+    assert any(d in ("I8", "U8", "I32", "F8_E4M3") for d in dtypes.values()), dtypes
     assert not any(k.endswith("up_proj.weight") and d in ("F32", "BF16", "F16") for k, d in dtypes.items())
 
 

@@ -16,8 +16,9 @@ def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust
     tokenizer = load_tokenizer(path, trust_remote_code)
     started, cpu = time.perf_counter(), time.process_time()
     result = run_tasks(model, tokenizer, settings, prepared)
+    dtype = str(next(model.parameters()).dtype) if hasattr(model, "parameters") else f"{model.engine} (its own)"
     result.update(wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu,
-                  dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+                  dtype=dtype.removeprefix("torch."))
     del model
     gc.collect()
     return result

@@ -28,9 +28,12 @@ KLD_FLOOR = 0.5  # nats/token: below this no ratio makes a model garbage
 
 
 def greedy_continuation(model, ids) -> list[int]:
-    """Greedy tokens after the first ``PROMPT_TOKENS`` tokens of the first reference window."""
+    """Greedy tokens after the first ``PROMPT_TOKENS`` tokens of the first reference window. A model run by an
+    engine of its own (``quantlab.engines``) generates its way."""
     import torch
 
+    if hasattr(model, "greedy"):
+        return model.greedy(ids[0, :PROMPT_TOKENS].tolist(), NEW_TOKENS)
     prompt = ids[:1, :PROMPT_TOKENS].to(model.device)
     with torch.inference_mode():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,

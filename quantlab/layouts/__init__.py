@@ -14,8 +14,21 @@ from quantlab.device import as_device
 from quantlab.models.load import load_causal_lm
 
 
+#: Python source defining ``load(path)`` for a plain transformers checkpoint (see ``Layout.standalone_load``)
+TRANSFORMERS_LOAD = """
+def load(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+"""
+
+
 class Layout:
     libraries: ClassVar[tuple[str, ...]] = ()
+    #: how a user loads an artifact of this layout in a fresh process without quantlab: Python source defining
+    #: ``load(path)``, which returns a model whose ``model(ids).logits`` are the artifact's (the contract tests run
+    #: it); plain ``from_pretrained`` for every layout transformers reloads
+    standalone_load: ClassVar[str] = TRANSFORMERS_LOAD
     #: whether ``quantlab.layerwise`` can run an artifact of this layout one decoder layer at a time
     layer_by_layer: ClassVar[bool] = False
     #: whether loading copies the quantized linears out of the memory-mapped checkpoint, so that while a model
@@ -26,6 +39,8 @@ class Layout:
     #: whether the layout stores linear weights as codes (integers, packed words, 8-bit floats): an artifact of such a
     #: layout that holds no tensor of that kind quantized nothing, and the quantize step refuses it
     quantizes: ClassVar[bool] = True
+    #: the engines that can run an artifact of this layout, the first its default (``quantlab.engines``)
+    engines: ClassVar[tuple[str, ...]] = ("transformers",)
 
     def linear_bytes(self, out_features: int, in_features: int, device: str) -> dict[str, int]:
         """Predicted bytes one quantized ``nn.Linear`` weight (out, in) holds once loaded on ``device``.
@@ -44,6 +59,15 @@ class Layout:
         shape (a ``LinearShape``) when untied, else None. Every layout here leaves it unquantized; a mixed one may
         not."""
         return elements * self.unquantized_dtype_bytes(device)
+
+    def weight_terms(self, shapes, device: str) -> dict[str, int] | None:
+        """The model's bytes as loaded, by component, for a layout that counts them its own way (GGUF: tensor by
+        tensor); None: ``linear_bytes`` per linear and the unquantized parts at their dtype (``quantlab.plan.terms``)."""
+        return None
+
+    def stored_types(self, artifact) -> dict[str, str] | None:
+        """Each stored tensor's type, for a layout whose files are not safetensors; None: read the safetensors."""
+        return None
 
     def note(self) -> str:
         """One line naming what ``linear_bytes`` counts, for the planner's arithmetic."""

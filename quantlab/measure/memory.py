@@ -6,7 +6,7 @@ parameter is expanded into the tensors that actually hold its data: a bnb Params
 bytes plus quant_state tensors, an Int8Params into int8 data plus row scales (SCB), a torchao tensor
 subclass into its flattened components (qdata, scale, zero_point). GPTQ's QuantLinear holds its weight in plain
 int32 and fp16 buffers (qweight, qzeros, scales, g_idx and its kernel's shift tables), counted as quantized by
-the module that holds them.
+the module that holds them; so are an FP8 linear's float8 weight and its scale.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ DEFINITIONS = {
     "weights_bytes": "bytes of all parameters and buffers as loaded, quantization statistics included, tied weights once",
     "disk_bytes": "bytes of the artifact's weight files",
     "quantized_bytes": "bytes of the quantized weights with their statistics: int8/uint8 tensors (bitsandbytes, with "
-                       "their quant_state and row scales), tensor subclasses (torchao), and every tensor of a GPTQ "
-                       "packed linear but its bias (qweight, qzeros, scales, g_idx, shift tables)",
+                       "their quant_state and row scales; HQQ, with the scale and zero of its meta), tensor "
+                       "subclasses (torchao), and every tensor of a GPTQ packed linear but its bias (qweight, "
+                       "qzeros, scales, g_idx, shift tables)",
     "unquantized_bytes": "bytes of everything else as loaded: embeddings, norms, an untied head, biases, buffers",
     "peak_bytes": "peak RSS of the bench process on CPU; max reserved CUDA memory on GPU",
     "held_peak_bytes": "what a step held at its peak above its libraries: peak RSS (VmHWM) minus RSS after the step's "
@@ -76,6 +77,9 @@ def weight_bytes(model) -> dict:
     quantized = other = 0
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     packed = packed_linear_tensors(model)
+    outside = held_outside_parameters(model)
+    tensors += outside
+    packed |= {id(t) for name, t in outside if name != "bias"}
     for _, t in tensors:
         if id(t) in seen:
             continue
@@ -90,11 +94,31 @@ def weight_bytes(model) -> dict:
     return {"weights_bytes": quantized + other, "quantized_bytes": quantized, "unquantized_bytes": other}
 
 
+def held_outside_parameters(model) -> list[tuple[str, object]]:
+    """Tensors a layer holds that are neither parameters nor buffers: an HQQLinear's (hqq) scale and zero, kept in
+    its ``meta`` dict, and its bias, a plain attribute. Without them HQQ's bytes as loaded would lack its scales."""
+    import torch
+
+    out = []
+    for module in model.modules():
+        meta = getattr(module, "meta", None)
+        if isinstance(meta, dict) and hasattr(module, "W_q"):
+            out += [(key, t) for key, t in meta.items() if isinstance(t, torch.Tensor)]
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                out.append(("bias", module.bias))
+    return out
+
+
 def packed_linear_tensors(model) -> set[int]:
-    """ids of the tensors of GPTQ packed linears (a module holding a ``qweight``), its bias excepted."""
-    return {id(t) for module in model.modules() if hasattr(module, "qweight")
+    """ids of the tensors of GPTQ packed linears (a module holding a ``qweight``) and of FP8 linears (a float8 weight
+    beside its ``weight_scale``), their bias excepted."""
+    return {id(t) for module in model.modules() if hasattr(module, "qweight") or _holds_float8(module)
             for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
             if name != "bias"}
+
+
+def _holds_float8(module) -> bool:
+    return "float8" in str(getattr(getattr(module, "weight", None), "dtype", ""))
 
 
 def disk_bytes(path: str | Path) -> int:

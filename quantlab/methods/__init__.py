@@ -70,6 +70,10 @@ def _read_plugins() -> None:
 for _name, _target in (("fp", "quantlab.methods.fp:FpMethod"), ("bnb", "quantlab.methods.bnb:BnbMethod"),
                        ("rtn", "quantlab.methods.rtn:RtnMethod"), ("gptq", "quantlab.methods.gptq:GptqMethod"),
                        ("torchao", "quantlab.methods.torchao_ptq:TorchaoMethod"),
-                       ("qat", "quantlab.methods.qat:QatMethod"), ("fit", "quantlab.methods.fit:FitMethod")):
+                       ("qat", "quantlab.methods.qat:QatMethod"), ("fit", "quantlab.methods.fit:FitMethod"),
+                       ("gguf", "quantlab.methods.gguf:GgufMethod"),
+                       ("awq", "quantlab.methods.awq:AwqMethod"),
+                       ("fp8", "quantlab.methods.fp8:Fp8Method"),
+                       ("hqq", "quantlab.methods.hqq:HqqMethod")):
     register_method(_name, _target)
     _BUILTIN.add(_name)

@@ -47,6 +47,10 @@ class Method:
     def check_model(self, config: Any, linear_shapes: dict[str, tuple[int, int]]) -> None:
         """Reject a recipe that cannot apply to this model's linear layers, before any work starts."""
 
+    def check_source(self, config: Any, source_dir: str) -> None:
+        """Reject a recipe that cannot apply to this model's source (a GGUF recipe needs a model loaded from a
+        GGUF), before any work starts."""
+
     def libraries_for(self, config: Any | None) -> tuple[str, ...]:
         """The libraries this config needs: the algorithm's own and its layout's."""
         layout = self.layout(config if config is not None else self.config_cls()).libraries

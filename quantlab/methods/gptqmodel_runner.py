@@ -22,17 +22,20 @@ def import_gptqmodel():
 
 
 def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, device: str,
-                  calib: list[dict] | None, trust_remote_code: bool = False) -> None:
+                  calib: list[dict] | None, trust_remote_code: bool = False, *, dtype=None, backend=None) -> None:
     """Quantize ``source_dir`` with ``config_cls(**settings)`` and save the GPTQ directory to ``out_dir``.
 
     GPTQModel's offload mode keeps memory near one model's size: it reads source weights layer by layer
     from the checkpoint and parks finished layers on disk (reports/bench/gptq.txt gives the peak). Its
     scratch files and logs go to a temp dir that is removed, and the
-    path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN).
+    path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN). ``dtype``
+    (default: the device's) is the dtype the source loads in; ``backend`` (a GPTQModel ``BACKEND``, default its
+    own choice) the kernel its quantize packs with: AWQ needs fp16 or bf16 and, on CPU, ``BACKEND.AWQ_TORCH``.
     """
     from gptqmodel import GPTQModel
 
-    dtype = as_device(device).default_dtype
+    dtype = dtype or as_device(device).default_dtype
+    extra = {} if backend is None else {"backend": backend}
     with scratch_dir("quantlab-gptq-") as scratch:
         offload = str(Path(scratch) / "offload")
         qconfig = config_cls(**settings, offload_to_disk=True, offload_to_disk_path=offload)
@@ -43,7 +46,8 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
             if calib is None:
                 model.quantize(None)
             else:
-                model.quantize(calib, batch_size=8 if as_device(device).is_cpu else 16, calibration_sort=None)
+                model.quantize(calib, batch_size=8 if as_device(device).is_cpu else 16, calibration_sort=None,
+                               **extra)
             release_stop_forward()
             model.save(str(out_dir))
         del model

@@ -18,12 +18,14 @@ from quantlab.models.load import first_line
 from quantlab.provenance import require_library
 
 
+SOURCE_INFO = "quantlab-source.json"  # beside a converted model: the GGUF it came from, its sha256 and mix
+
 def convert_gguf(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF into a cached HF directory once (parsing takes ~20-50 s); later calls reuse it."""
     require_library("gguf", "gguf conversion")
     digest = cached_sha256(gguf)
     target = quantlab_home() / "models" / f"{gguf.stem}-{digest[:12]}"
-    marker = target / "quantlab-source.json"
+    marker = target / SOURCE_INFO
     cached_entry(target, lambda tmp: _convert_into(gguf, digest, tmp),
                  is_complete=lambda d: (d / marker.name).is_file())
     info = json.loads(marker.read_text())
@@ -81,4 +83,4 @@ def _convert_into(gguf: Path, digest: str, tmp: Path) -> None:
                              "of a causal LM transformers supports") from None
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    atomic_write_json(tmp / "quantlab-source.json", {"gguf": str(gguf), "gguf_sha256": digest, **info})
+    atomic_write_json(tmp / SOURCE_INFO, {"gguf": str(gguf), "gguf_sha256": digest, **info})

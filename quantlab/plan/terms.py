@@ -20,6 +20,9 @@ from quantlab.plan.shapes import ModelShapes
 
 def weight_terms(layout, shapes: ModelShapes, device: str) -> dict[str, int]:
     """Bytes of the model as loaded in ``layout`` (a ``quantlab.layouts.Layout``), by component."""
+    own = layout.weight_terms(shapes, device)
+    if own is not None:
+        return own
     data = scales = 0
     for lin in shapes.linears:
         per = layout.named_linear_bytes(lin.name, lin.out_features, lin.in_features, device)

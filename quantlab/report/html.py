@@ -196,7 +196,8 @@ def _distribution(view: dict) -> str:
 def _metrics(view: dict) -> str:
     fid, perf, shown = [], [], [m for m in metrics.metrics() if m.report]
     for r in view["rows"]:
-        fid.append([escape(r["recipe"]), str(r["bits"]), *(_metric_ci(m, r["fidelity"]) for m in shown),
+        fid.append([escape(r["recipe"]), str(r["bits"]), escape(r["engine"]),
+                    *(_metric_ci(m, r["fidelity"]) for m in shown),
                     "ok" if r["guard_ok"] else "<span class='no'>FAILED: " + escape("; ".join(r["guard_reasons"])) + "</span>"])
         dec = {b: f"{v:.1f} ± {i / 2:.1f}" if i is not None else f"{v:.1f}" for b, (v, i) in r["decode"].items() if v}
         perf.append([escape(r["recipe"]),
@@ -205,7 +206,7 @@ def _metrics(view: dict) -> str:
                      _f(r["quantize_cpu_s"], ".1f"), escape(r["latency_skipped"] or "")])
     base = next((r["ppl_baseline"] for r in view["rows"] if r["ppl_baseline"]), None)
     return ("<h2>Fidelity against the fp baseline</h2>"
-            + _table(["recipe", "bits", *(m.report.header for m in shown), "guard"], fid, wrap_last=True)
+            + _table(["recipe", "bits", "engine", *(m.report.header for m in shown), "guard"], fid, wrap_last=True)
             + f"<p class='note'>fp token-level perplexity {_f(base, '.2f')}. Intervals: bootstrap over text windows.</p>"
             + _distribution(view)
             + "<h2>Latency and cost</h2>"

@@ -30,7 +30,8 @@ FIT = rf.Fields({"sensitivity": rf.Opt(rf.Fields({"units": rf.Each(UNIT), "forma
                                                   "text": rf.Opt(rf.MAPPING)})),
                  "unit_formats": rf.Values(rf.TEXT), "units_per_format": rf.MAPPING, "budget_bytes": NUM,
                  "predicted_bytes": NUM, "predicted_kld": NUM})
-RUN = rf.Fields({**rf.RUN.fields, "method": rf.TEXT, "bits": NUM, "params": rf.MAPPING, "fidelity": rf.Opt(FIDELITY),
+RUN = rf.Fields({**rf.RUN.fields, "method": rf.TEXT, "bits": NUM, "params": rf.MAPPING, "engine": rf.Opt(rf.TEXT),
+                 "fidelity": rf.Opt(FIDELITY),
                  "memory": rf.Opt(rf.Fields({"weights_bytes": NUM, "disk_bytes": NUM, "peak_bytes": NUM})),
                  "latency": rf.Opt(LATENCY), "cost": rf.Opt(rf.Fields({"quantize_wall_s": NUM, "quantize_cpu_s": NUM})),
                  "guard": rf.Opt(rf.Fields({"ok": rf.FLAG, "reasons": rf.Each(rf.TEXT)})),

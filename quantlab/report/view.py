@@ -60,6 +60,7 @@ def _row(run: dict, here: dict, gpu: dict) -> dict:
     guard = run.get("guard") or f.get("guard") or {"ok": True, "reasons": []}
     return {
         "recipe": run["recipe"], "method": run["method"], "bits": run["bits"],
+        "engine": run.get("engine", "transformers"),
         "kld": f.get("kld_mean"), "kld_ci": (f.get("ci95") or {}).get("kld_mean"),
         "top1": f.get("top1_agreement"), "top1_ci": (f.get("ci95") or {}).get("top1_agreement"),
         "ppl": f.get("ppl"), "ppl_ci": (f.get("ci95") or {}).get("ppl"), "ppl_baseline": f.get("ppl_baseline"),
@@ -125,7 +126,8 @@ def _charts(rows: list[dict], device: str, styles: dict, data: dict) -> list[dic
     charts = []
     for key, ylabel, higher, xs, xlabel, title in specs:
         ys = accs if key is None else [r[key] for r in rows]
-        points = [{"label": r["recipe"], "method": r["method"], "x": x, "y": y,
+        points = [{"label": r["recipe"] + ("" if r["engine"] == "transformers" else f" [{r['engine']}]"),
+                   "method": r["method"], "x": x, "y": y,
                    "tooltip": f"{r['recipe']}: {xlabel} = {_num(x)}; {ylabel.split(' (')[0].split(',')[0]} = {_num(y)}"}
                   for r, x, y in zip(rows, xs, ys)]
         if sum(1 for p in points if p["x"] is not None and p["y"] is not None) < 2:

@@ -59,6 +59,8 @@ def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
     dev.memory.reset_counters()
     t0 = time.perf_counter()
     model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    if hasattr(model, "measure"):  # an engine of its own (llama.cpp) loads, times and weighs the artifact itself
+        return _engine_bench(model, payload, rss_before, t0)
     load_s = time.perf_counter() - t0
     weights = memory.weight_bytes(model)
     rss_loaded = memory.current_rss_bytes()
@@ -83,6 +85,20 @@ def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
     return {"memory": mem, "latency": lat, "threads": torch.get_num_threads()}
 
 
+def _engine_bench(model, payload: dict, rss_before: int, t0: float) -> dict:
+    """The bench of an artifact its engine runs (``quantlab.engines``): its timings and what it holds, its own."""
+    settings = LatencySettings.from_dict(payload.get("latency", {}))
+    weights = model.weight_bytes()
+    load_s = time.perf_counter() - t0
+    lat = model.measure(settings)
+    mem = {**weights, "footprint_hf_bytes": None, "disk_bytes": memory.disk_bytes(Path(payload["artifact"])),
+           "peak_bytes": memory.peak_rss_bytes(), "peak_kind": "peak RSS of the bench process (load + latency runs)",
+           "process_rss_before_load_bytes": rss_before, "rss_after_load_bytes": memory.current_rss_bytes(),
+           "load_s": load_s, "engine_buffers_bytes": model.held()}
+    model.close()
+    return {"memory": mem, "latency": lat, "threads": model.threads, "engine": model.engine}
+
+
 def weights_step(payload: dict) -> dict:
     """Load an artifact in a fresh process: its weight bytes, and the peak memory of prefills over
     ``contexts`` tokens at batch 1 above the loaded model (max reserved on CUDA; peak RSS on CPU, with
@@ -92,6 +108,12 @@ def weights_step(payload: dict) -> dict:
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
     model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    if hasattr(model, "weight_bytes"):  # an engine of its own (llama.cpp): its tensor bytes; its buffers per context
+        out = {**model.weight_bytes(), "footprint_hf_bytes": None, "prefill": {}}
+        for context in payload.get("contexts", []):
+            out["prefill"][str(context)] = {"engine_buffers_bytes": model.buffers_at(context)}
+        model.close()
+        return out
     out = {**memory.weight_bytes(model), "footprint_hf_bytes": model.get_memory_footprint(), "prefill": {}}
     for context in payload.get("contexts", []):
         ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))

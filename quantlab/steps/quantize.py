@@ -75,7 +75,8 @@ def check_quantized(artifact: Path, recipe: Recipe, layout, source: ModelSource)
     """Refuse an artifact that quantized nothing: a layout that stores codes, and every tensor written still in
     floating point. A method that found no layer it handles (a layer type other than ``nn.Linear`` and GPT-2's
     Conv1D) would otherwise give a row that claims its bits and measures the fp model."""
-    if not layout.quantizes or any(d not in UNQUANTIZED_DTYPES for d in stored_dtypes(artifact).values()):
+    stored = layout.stored_types(artifact) or stored_dtypes(artifact)
+    if not layout.quantizes or any(d not in UNQUANTIZED_DTYPES for d in stored.values()):
         return
     kinds = _weight_layer_kinds(meta_model(load_config(source.path, source.trust_remote_code),
                                            source.trust_remote_code))

@@ -98,6 +98,7 @@ def resolve_checked(ref: str | None, recipes, trust_remote_code: bool) -> ModelS
         require_linears(len(shapes), source.ref, f"{', '.join(quantized)} would quantize nothing")
     for r in recipes:
         get_method(r.method).check_model(r.config, shapes)
+        get_method(r.method).check_source(r.config, source.path)
     return source
 
 

@@ -18,9 +18,11 @@ from quantlab.evaluate.guard import nonfinite
 from quantlab.fsutil import atomic_write_json, file_lock, naming_full_disk, remove_stale_temps, safe_name
 from quantlab.outputs import claim_files, settle_files
 from quantlab.home import quantlab_home
+from quantlab.methods import get_method
 from quantlab.models.load import load_config
 from quantlab.models.shapes import count_params
 from quantlab.models.source import slug
+from quantlab.recipe import Recipe
 from quantlab.records import definitions
 from quantlab.report import ReportSettings, write_report
 from quantlab.sweep.annotate import annotate, store_annotations
@@ -119,7 +121,9 @@ def _run(job, row: dict, staging: Path, out: Path) -> dict:
     src, name = job.dir, safe_name(job.recipe.name)
     run = {k: row[k] for k in ("recipe", "method", "bits", "params", "artifact", "fidelity", "memory", "latency",
                                "cost", "step_wall_s", "accuracy", "provenance", "job_key")}
-    run.update(guard=row["fidelity"].get("guard"), run_id=row["id"])
+    recipe = Recipe.from_dict({"name": row["recipe"], "method": row["method"], "params": row["params"]})
+    run.update(guard=row["fidelity"].get("guard"), run_id=row["id"],
+               engine=get_method(recipe.method).layout(recipe.config).engines[0])
     if row.get("fit"):  # what chose a fit recipe's allocation
         run["fit"] = row["fit"]
     try:  # what the job knew beside its stored columns

@@ -1,0 +1,188 @@
+"""llama.cpp as an engine, through llama-cpp-python: a GGUF file's log-probs, greedy tokens, timings and buffers.
+
+``LlamaCppModel`` answers what the fidelity step and the guard ask a loaded model (``log_probs`` of token windows,
+``greedy`` continuation), from llama.cpp's own logits: the token ids are quantlab's (the fp model's tokenizer),
+so both engines score the very same tokens. ``measure`` times prefill and decode the way llama-bench defines them
+(``-p``: the prompt's tokens in one batch from an empty KV cache; ``-n``: that many tokens generated one at a time
+from an empty cache; tokens/s of each), and reads what llama.cpp holds: its model, KV and compute buffers from its
+own load log, the tensor bytes from ``llama_model_size``, and the process's RSS.
+
+A context is made for the longest sequence asked so far (the KV cache it allocates is that long), and remade when
+a longer one comes. Every call runs on ``threads`` threads (``n_threads`` and ``n_threads_batch``), with llama.cpp's
+own defaults where llama-cpp-python's differ: flash attention on (llama-bench's, llama-perplexity's and llama-cli's
+"auto", which the CPU backend turns on; llama-cpp-python turns it off) and micro-batches of at most 512 tokens
+(``n_ubatch``). On SmolLM2's gguf-q4_k_m at one thread (scripts/bench_gguf.py), flash attention off and prompt and
+generation runs interleaved gave 0.87x llama-bench's prefill and 0.85x its decode speed, and a PPL 0.06 % off
+llama-perplexity's on its own tokens and positions; as here, 1.00x, 1.02x and 0.001 %.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import time
+from pathlib import Path
+
+from quantlab.errors import MissingExtraError
+from quantlab.gguf_file import gguf_reader
+from quantlab.measure.latency import LatencySettings, median_iqr
+
+UBATCH = 512  # llama.cpp's default micro-batch (llama-bench, llama-perplexity, llama-cli)
+BUFFER_LINE = re.compile(r"(\w+) (model|KV|compute|output|RS) buffer size =\s+([\d.]+) MiB")
+MIB = 1024 * 1024
+_log: list[str] = []
+_callback = None  # the ctypes callback must outlive every call into llama.cpp
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingExtraError("GGUF recipes run in llama.cpp, and llama-cpp-python is not installed — run "
+                                "bash scripts/setup.sh (it builds llama-cpp-python 0.3.36 for this CPU)") from None
+    _capture_log(llama_cpp)
+    return llama_cpp
+
+
+def _capture_log(llama_cpp) -> None:
+    """llama.cpp's log goes to a list (read for its buffer sizes), not to stderr."""
+    global _callback
+    if _callback is None:
+        @llama_cpp.llama_log_callback
+        def keep(level, text, user_data):
+            _log.append(text.decode("utf-8", "replace"))
+
+        _callback = keep
+        llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def buffers(lines: list[str]) -> dict[str, int]:
+    """llama.cpp's buffers from its load log, by kind ("model", "KV", "compute", "output") summed over backends,
+    in bytes (the log gives MiB to two decimals: within 5 kB)."""
+    out: dict[str, int] = {}
+    for line in lines:
+        for _, kind, mib in BUFFER_LINE.findall(line):
+            out[kind] = out.get(kind, 0) + round(float(mib) * MIB)
+    return out
+
+
+class LlamaCppModel:
+    """A GGUF file loaded by llama.cpp (CPU); see the module docstring."""
+
+    device = "cpu"
+    dtype = ""  # llama.cpp computes in F32 on the CPU whatever its tensors' types
+    engine = "llama.cpp"
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        self.path = str(path)
+        self.threads = max(1, int(threads))
+        self._llm = None
+        self._n_ctx = 0
+        self.load_log: list[str] = []
+
+    def _context(self, n_ctx: int, logits_all: bool = True):
+        if self._llm is None or n_ctx > self._n_ctx or self._llm._logits_all != logits_all:
+            self.close()
+            llama_cpp = require_llama_cpp()
+            start = len(_log)
+            self._llm = llama_cpp.Llama(self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, UBATCH),
+                                        logits_all=logits_all, flash_attn=True, n_threads=self.threads,
+                                        n_threads_batch=self.threads, verbose=False)
+            self.load_log = _log[start:]
+            self._n_ctx = n_ctx
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __del__(self):
+        self.close()
+
+    def log_probs(self, batch):
+        """log p(next token) at every position but the last of each window of ``batch`` (windows, tokens), as
+        a float32 torch tensor (windows, tokens - 1, vocab): llama.cpp's logits, log-softmaxed in float32."""
+        import numpy as np
+        import torch
+
+        windows, length = batch.shape
+        llm = self._context(length)
+        out = []
+        for row in batch.tolist():
+            llm.reset()
+            llm.eval(row)
+            logits = torch.from_numpy(np.array(llm.scores[:length - 1], dtype=np.float32))
+            out.append(torch.log_softmax(logits, dim=-1))
+        return torch.stack(out)
+
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """``new_tokens`` greedy tokens (argmax of llama.cpp's logits) after ``prompt``."""
+        import numpy as np
+
+        llm = self._context(len(prompt) + new_tokens)
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for _ in range(new_tokens):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([out[-1]])
+        return out
+
+    def weight_bytes(self) -> dict:
+        """The bytes of the GGUF's tensors as llama.cpp holds them (``llama_model_size``), split into quantized
+        tensors and those left at F32/F16 (read from the file's header)."""
+        llama_cpp = require_llama_cpp()
+        total = int(llama_cpp.llama_model_size(self._context(8)._model.model))
+        plain = sum(int(t.n_bytes) for t in gguf_reader(Path(self.path)).tensors
+                    if t.tensor_type.name in ("F32", "F16", "BF16"))
+        return {"weights_bytes": total, "quantized_bytes": total - plain, "unquantized_bytes": plain}
+
+    def measure(self, settings: LatencySettings) -> dict:
+        """Prefill and decode as llama-bench times them (module docstring), batch 1 only, after ``warmup`` runs;
+        median, IQR and raw samples in quantlab's latency record."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        llm = self._context(max(settings.prompt_tokens, settings.decode_tokens), logits_all=False)
+        prompt = rng.integers(0, llm.n_vocab(), settings.prompt_tokens).tolist()
+        gen_tokens = rng.integers(0, llm.n_vocab(), settings.decode_tokens).tolist()
+        # Prompt runs, then generation runs, each after its own warm-up, as llama-bench's -p and -n tests: timed right
+        # after a prompt, a generation ran 6 % slower (SmolLM2 gguf-q4_k_m, one thread: 130 vs 137 tok/s).
+        prefill, decode = [], []
+        for i in range(settings.warmup + settings.repetitions):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(prompt)
+            if i >= settings.warmup:
+                prefill.append((time.perf_counter() - start) * 1000)
+        for i in range(settings.warmup + settings.repetitions):
+            llm.reset()
+            start = time.perf_counter()
+            for tok in gen_tokens:
+                llm.eval([tok])
+            if i >= settings.warmup:
+                decode.append(settings.decode_tokens / (time.perf_counter() - start))
+        return {"settings": settings.to_dict(), "timer": "perf_counter", "engine": self.engine,
+                "threads": self.threads,
+                "decode_path": {"chosen": "llama.cpp", "description": DECODE_DEFINITION},
+                "prefill_ms": median_iqr(prefill), "prefill_ms_samples": prefill,
+                "prefill_tok_s": median_iqr([settings.prompt_tokens * 1000 / ms for ms in prefill]),
+                "decode_tok_s": {"1": median_iqr(decode)}, "decode_tok_s_samples": {"1": decode}}
+
+    def buffers_at(self, n_ctx: int) -> dict:
+        """What llama.cpp allocates for a context of ``n_ctx`` tokens: model, KV and compute buffers (bytes)."""
+        self.close()
+        self._context(n_ctx, logits_all=False)
+        return self.held()
+
+    def held(self) -> dict:
+        """What llama.cpp allocated for the context last made: model, KV and compute buffers (bytes)."""
+        return buffers(self.load_log)
+
+
+DECODE_DEFINITION = ("llama.cpp through llama-cpp-python, as llama-bench defines it: prefill = the prompt's tokens "
+                     "in one batch from an empty KV cache; decode = tokens generated one at a time from an empty KV "
+                     "cache (llama-bench -n), all prompt runs before all generation runs, each after a warm-up; "
+                     "batch 1; flash attention on, F16 KV cache, micro-batches of 512 (llama-bench's defaults on a "
+                     "CPU)")

@@ -1,0 +1,142 @@
+"""AWQ through GPTQModel: activation-aware weight quantization, saved in AutoAWQ's GEMM format that vLLM reads.
+
+AWQ scales each linear's input channels by a power of their mean activation magnitude (grid-searched per group of
+modules sharing an input on the calibration text) before round-to-nearest int4 with a zero point per group, and folds
+the inverse scale into the preceding norm or linear; it then searches a clipping range per group. GPTQModel 7.6's
+``AWQConfig`` runs it on CPU and writes ``quantization_config`` = {"quant_method": "awq", "version": "gemm",
+"bits": 4, "group_size": g, "zero_point": true, ...}: the keys vLLM's ``AWQConfig.from_config`` reads (``bits`` or
+``w_bit``, ``group_size`` or ``q_group_size``, ``zero_point``). The calibration text options are GPTQ's.
+
+On CPU the source must load in fp16 or bf16 (its AWQ_TORCH packer refuses fp32) and the quantize must name
+``BACKEND.AWQ_TORCH`` (its default picks the CUDA GEMM kernel). fp16 is used: the checkpoint's scales and
+unquantized tensors are then fp16, AutoAWQ's and vLLM's form. It is slow on CPU: on SmolLM2 at the default 64 windows of
+256 tokens, 1198 CPU-seconds (2046 s wall on the busy 2-core machine, one thread) against GPTQ's 254 s wall; 94 % of it
+is the per-group scale grid (each group's modules run 20 times over every calibration row) and clip search, and this
+CPU has no fast fp16 matmul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.device import as_device
+from quantlab.errors import RecipeError
+from quantlab.layouts.awq import AwqGemmLayout
+from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
+
+_GROUPS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class AwqConfig:
+    bits: int = 4
+    group_size: int = 64
+    calibration: str = "c4_calibration"
+    samples: int = 64
+    tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bits != 4:
+            raise RecipeError(f"awq bits must be 4, the AWQ GEMM format's (got {self.bits}) — use awq-w4-g64")
+        if self.group_size not in _GROUPS:
+            raise RecipeError(f"awq group_size must be one of {', '.join(map(str, _GROUPS))} (got {self.group_size})"
+                              " — e.g. awq-w4-g64")
+        if self.samples < 1 or self.tokens < 8:
+            raise RecipeError("awq calibration needs samples ≥ 1 and tokens ≥ 8 — e.g. samples: 64, tokens: 256")
+
+
+class AwqMethod(Method):
+    name = "awq"
+    config_cls = AwqConfig
+    short_pattern = re.compile(r"awq-w(\d+)-g(\d+)")
+    example_names = ("awq-w4-g64", "awq-w4-g128")
+
+    def config_from_match(self, match):
+        return AwqConfig(bits=int(match.group(1)), group_size=int(match.group(2)))
+
+    def short_name(self, config):
+        return f"awq-w{config.bits}-g{config.group_size}"
+
+    def check_model(self, config, linear_shapes):
+        check_group_size(config.group_size, linear_shapes)
+        odd = sorted({n for n, _ in linear_shapes.values() if n % 8})
+        if odd:
+            raise RecipeError(f"AWQ packs eight output features per int32, and out-features {odd} of this model are "
+                              "not multiples of 8 — use gptq or rtn for this model")
+
+    def quantize_peak(self, config, sizes, device):
+        """GPTQModel's disk offload as for GPTQ (``GptqMethod.quantize_peak``), in fp16: the embedding read; one fp
+        layer read; the calibration inputs and outputs of every window; and, for the largest group of modules
+        sharing an input (the MLP's gate and up), the scale search's scaled copy of their weights and its output on
+        every calibration row. Derived from GPTQModel's code and NOT yet matching a measurement: on SmolLM2 (64 x 256
+        windows, fp32 source checkpoint) this plans 153 MB where the quantize step held 975 MB at its peak (peak RSS
+        1.58 GB), probably the source's mapped pages and the per-module input caches; to be measured and fixed."""
+        shapes = sizes["shapes"]
+        per_layer = {re.sub(r"\.\d+(?=\.)", "", lin.name): (lin.out_features, lin.in_features)
+                     for lin in shapes.linears}
+        rows = config.samples * config.tokens
+        windows = rows * shapes.hidden * 2
+        embed = shapes.unquantized["embeddings"] * 2
+        widest_out = max((o for o, _ in per_layer.values()), default=0)
+        return {"capture: the embedding, mapped and copied": 2 * embed, "capture: first layer's inputs": windows,
+                "layers: one fp layer, mapped and copied": sizes["layer"],
+                "layers: calibration inputs and outputs": 2 * windows,
+                "layers: scale search outputs, two linears": 2 * rows * widest_out * 2,
+                "save: the embedding read back": embed}
+
+    def layout(self, config):
+        return AwqGemmLayout(config.bits, config.group_size)
+
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
+        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
+        import torch
+
+        windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
+        gptqmodel = import_gptqmodel()
+        from gptqmodel.quantization.config import AWQConfig
+        from gptqmodel.utils.backend import BACKEND
+
+        # sym=False: a zero point per group ("zero_point": true), AutoAWQ's default and what vLLM's AWQ kernels run.
+        settings = dict(bits=config.bits, group_size=config.group_size, sym=False)
+        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
+        with _clip_search_any_width():
+            run_gptqmodel(AWQConfig, settings, source_dir, out_dir, device, calib, trust_remote_code,
+                          dtype=torch.float16, backend=BACKEND.AWQ_TORCH if as_device(device).is_cpu else None)
+        return {"library": "gptqmodel", "library_version": gptqmodel.__version__, "format": "awq-gemm",
+                "calibration": info}
+
+
+@contextlib.contextmanager
+def _clip_search_any_width():
+    """Let GPTQModel 7.6's AWQ clip search take a linear whose out-features are not a multiple of 64.
+
+    Its ``_compute_best_clip`` walks output channels in batches of 256 or 64 and asserts one divides them (a Llama
+    with two 16-wide KV heads has a 32-wide v_proj). Each channel's clip is searched on its own, so the weight is
+    padded with zero rows to the next multiple of 64 and their results dropped: the real channels' clips are the
+    ones an unbatched search finds. Restored on exit."""
+    import torch
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    original = AWQProcessor._compute_best_clip
+
+    def padded(self, w, input_feat, *args, **kwargs):
+        rows = w.shape[0]
+        if rows % 64 == 0:
+            return original(self, w, input_feat, *args, **kwargs)
+        w = torch.cat([w, w.new_zeros(-rows % 64, w.shape[1])])
+        return original(self, w, input_feat, *args, **kwargs)[:rows]
+
+    AWQProcessor._compute_best_clip = padded
+    try:
+        yield
+    finally:
+        AWQProcessor._compute_best_clip = original

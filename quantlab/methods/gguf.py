@@ -1,0 +1,209 @@
+"""GGUF k-quants and legacy quants, built by llama.cpp's own quantizer and run in llama.cpp.
+
+The route, chosen by measurement (reports/bench/gguf-route.txt): llama.cpp's ``llama_model_quantize`` (through
+llama-cpp-python) from an unquantized F32 GGUF. GPTQModel's GGUFConfig writes no .gguf (a safetensors directory of
+ggml blocks that only GPTQModel loads), maps q4_k_m/q4_k_s/q4_k all to Q4_K for every linear (llama.cpp's Q4_K_M is a
+mix: Q6_K for half of attn_v and ffn_down), zero-pads rows that are not a multiple of 256 (ggml cannot hold them;
+llama.cpp falls back per tensor to Q5_0/Q5_1/Q8_0 instead), leaves the embedding in fp and takes no importance
+matrix. So the artifact here is the file llama.cpp, Ollama and LM Studio run.
+
+The F32 GGUF is written once per source from the source GGUF's tensors dequantized, with its metadata
+(``quantlab.gguf_file.write_unquantized``); ``gguf-f32`` is that file itself: the engine's own fp floor against fp in
+torch. The ``-imatrix`` suffix passes an importance matrix: for every linear, the mean over the calibration text's
+tokens of each input column's squared activation (what llama-imatrix computes), here from the fp model in torch on
+the same calibration options as GPTQ (``calibration``, ``samples``, ``tokens``, ``seed``).
+
+A GGUF recipe needs a model loaded from a GGUF (a named model, the embedded default, or a .gguf path): its tokenizer
+and metadata are llama.cpp's. A model directory is refused before work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.engines.llamacpp import require_llama_cpp
+from quantlab.errors import RecipeError
+from quantlab.fsutil import cached_entry
+from quantlab.gguf_file import gguf_reader, write_unquantized
+from quantlab.home import quantlab_home
+from quantlab.layouts.gguf import FILE, GgufLayout
+from quantlab.layouts.gguf_types import ARCHS, FTYPES, gguf_name
+from quantlab.methods.base import Method
+from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.models.convert import SOURCE_INFO
+from quantlab.models.load import load_causal_lm
+
+BITS = {"f32": 32, "f16": 16, "q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
+FTYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
+             "q6_k": 18}  # llama.h's LLAMA_FTYPE_*
+
+
+@dataclass(frozen=True)
+class GgufConfig:
+    qtype: str = "q4_k_m"
+    imatrix: bool = False
+    calibration: str = "c4_calibration"
+    samples: int = 64
+    tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.qtype not in FTYPES:
+            raise RecipeError(f"gguf qtype '{self.qtype}' is not supported — use one of {', '.join(FTYPES)}")
+        if self.imatrix and BITS[self.qtype] >= 16:
+            raise RecipeError(f"an importance matrix applies to quantized types, not {self.qtype} — drop -imatrix")
+        if self.samples < 1 or self.tokens < 8:
+            raise RecipeError("gguf imatrix calibration needs samples ≥ 1 and tokens ≥ 8 — e.g. samples: 64, tokens: 256")
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.qtype]
+
+
+class GgufMethod(Method):
+    name = "gguf"
+    config_cls = GgufConfig
+    short_pattern = re.compile(r"gguf-(" + "|".join(FTYPES) + r")(-imatrix)?")
+    example_names = ("gguf-q4_k_m", "gguf-q4_k_m-imatrix", "gguf-q8_0", "gguf-f32")
+    libraries = ("llama_cpp", "gguf")
+
+    def config_from_match(self, match):
+        return GgufConfig(qtype=match.group(1), imatrix=bool(match.group(2)))
+
+    def short_name(self, config):
+        return f"gguf-{config.qtype}" + ("-imatrix" if config.imatrix else "")
+
+    def explain_short_name(self, text):
+        return f"GGUF types are {', '.join(FTYPES)}, with -imatrix for an importance matrix — e.g. gguf-q4_k_m"
+
+    def check_source(self, config, source_dir: str) -> None:
+        """A model loaded from a GGUF, of an architecture whose tensor types the planner predicts (``ARCHS``)."""
+        origin = origin_gguf(Path(source_dir))
+        arch = gguf_reader(origin).fields["general.architecture"].contents()
+        if arch not in ARCHS:
+            raise RecipeError(f"GGUF recipes support the {', '.join(ARCHS)} architectures, and {origin.name} is {arch} "
+                              "— pick a recipe of another method for this model")
+
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
+        inputs = {"gguf_sha256": _source_info(Path(source_dir))["gguf_sha256"]}
+        if config.imatrix:
+            inputs["calibration_sha256"] = resolve_calibration(config, source_dir, data_dir, trust_remote_code).sha256
+        return inputs
+
+    def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                 trust_remote_code=False) -> dict:
+        f32 = unquantized_gguf(Path(source_dir))
+        target = Path(out_dir) / FILE
+        notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32)}
+        if config.qtype == "f32":
+            _link_or_copy(f32, target)
+            return notes
+        imatrix = None
+        if config.imatrix:
+            windows, notes["calibration"] = calibration_windows(config, source_dir, device, data_dir, trust_remote_code)
+            imatrix = importance_matrix(source_dir, windows, device, trust_remote_code)
+            notes["imatrix_entries"] = len(imatrix)
+        quantize_gguf(f32, target, config.qtype, imatrix)
+        return notes
+
+    def quantize_peak(self, config, sizes, device):
+        """llama.cpp quantizes tensor by tensor from the memory-mapped F32 file: the pages it reads stay resident
+        (the F32 model's bytes) beside the quantized tensors it writes; the imatrix pass holds the fp model."""
+        f32 = sizes["shapes"].params * 4
+        peak = {"save: F32 GGUF pages read": f32, "save: quantized model": sizes["quantized_weights"]}
+        if config.imatrix:
+            peak["capture: fp32 model (imatrix)"] = f32
+        return peak
+
+    def layout(self, config):
+        return GgufLayout(config.qtype, config.imatrix)
+
+
+def _source_info(source_dir: Path) -> dict:
+    path = source_dir / SOURCE_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def origin_gguf(source_dir: Path) -> Path:
+    """The GGUF a model directory was converted from; a model that came from none is refused."""
+    origin = _source_info(source_dir).get("gguf")
+    if not origin or not Path(origin).is_file():
+        raise RecipeError(f"GGUF recipes need a model loaded from a .gguf file (its tokenizer and metadata are "
+                          f"llama.cpp's), and {source_dir} is not — pass a .gguf path or a named model "
+                          "(quantlab models list)")
+    return Path(origin)
+
+
+def unquantized_gguf(source_dir: Path) -> Path:
+    """The F32 GGUF of the source GGUF (cached under QUANTLAB_HOME/gguf/, by the source file's sha256)."""
+    origin = origin_gguf(source_dir)
+    entry = quantlab_home() / "gguf" / f"{_source_info(source_dir)['gguf_sha256'][:16]}-f32.gguf"
+    cached_entry(entry, lambda tmp: write_unquantized(origin, tmp), file=True)
+    return entry
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where both sit on one filesystem (the F32 file is never changed in place), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def importance_matrix(source_dir: Path, windows: list[list[int]], device: str, trust_remote_code: bool) -> dict:
+    """GGUF tensor name -> the mean over the windows' tokens of each input column's squared activation, for every
+    linear (the output head too when it is not tied): llama-imatrix's statistic, from the fp model in torch."""
+    import torch
+
+    model = load_causal_lm(source_dir, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    sums, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def collect(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return collect
+
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight  # no output.weight in the GGUF
+    for name, module in model.named_modules():
+        gguf = ("output.weight" if not tied else None) if module is head else gguf_name(name)
+        if isinstance(module, torch.nn.Linear) and gguf:
+            hooks.append(module.register_forward_pre_hook(hook(gguf)))
+    with torch.inference_mode():
+        for window in windows:
+            model(torch.tensor([window], device=model.device))
+    for h in hooks:
+        h.remove()
+    return {name: (sums[name] / counts[name]).float().cpu().numpy() for name in sums}
+
+
+def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None = None) -> None:
+    """``llama_model_quantize`` from ``source`` into ``target`` at ``qtype``, with an importance matrix if given."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    llama_cpp = require_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPE_IDS[qtype]
+    params.nthread = torch.get_num_threads()
+    keep = []  # the arrays llama.cpp reads must outlive the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            keep.append(np.ascontiguousarray(values, dtype=np.float32))
+            entries[i].name = name.encode()
+            entries[i].data = keep[-1].ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = keep[-1].size
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RecipeError(f"llama.cpp could not quantize {source.name} to {qtype} — see its log above, or try "
+                          "another GGUF type")
