@@ -26,7 +26,7 @@ from quantlab.device import as_device
 from quantlab.errors import RecipeError
 from quantlab.layouts.awq import AwqGemmLayout
 from quantlab.methods.base import Method, check_group_size
-from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 
 _GROUPS = (32, 64, 128)
@@ -94,7 +94,7 @@ class AwqMethod(Method):
         return AwqGemmLayout(config.bits, config.group_size)
 
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
-        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+        return calibration_inputs(config, source_dir, data_dir, trust_remote_code)
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:

@@ -20,6 +20,11 @@ def resolve_calibration(config, source_dir: Path, data_dir: str | None = None, t
         raise DataError(f"Calibration: {exc}") from None
 
 
+def calibration_inputs(config, source_dir: Path, data_dir: str | None = None, trust_remote_code: bool = False) -> dict:
+    """What a calibrated method's artifact key takes from its calibration text (``Method.cache_inputs``)."""
+    return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+
+
 def calibration_windows(config, source_dir: Path, device: str, data_dir: str | None = None,
                         trust_remote_code: bool = False) -> tuple[list[list[int]], dict]:
     """``config.samples`` windows of ``config.tokens`` token ids at seeded random offsets of the text."""

@@ -20,7 +20,7 @@ from quantlab.fit.units import (DEFAULT_FORMATS, GRANULARITIES, HEAD, fixed_byte
                                 split_fused, unit_bytes)
 from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, fused_name, parse_format
 from quantlab.methods.base import Method, check_group_size
-from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.methods.gptq import GptqConfig, GptqMethod
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 from quantlab.models.load import load_config
@@ -156,7 +156,7 @@ class FitMethod(Method):
         return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats), config.dtype)
 
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
-        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+        return calibration_inputs(config, source_dir, data_dir, trust_remote_code)
 
     def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
         if not config.allocation:

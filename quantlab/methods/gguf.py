@@ -34,7 +34,7 @@ from quantlab.home import quantlab_home
 from quantlab.layouts.gguf import FILE, GgufLayout
 from quantlab.layouts.gguf_types import ARCHS, FTYPES, gguf_name
 from quantlab.methods.base import Method
-from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.models.convert import SOURCE_INFO
 from quantlab.models.load import load_causal_lm
 
@@ -92,7 +92,7 @@ class GgufMethod(Method):
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
         inputs = {"gguf_sha256": _source_info(Path(source_dir))["gguf_sha256"]}
         if config.imatrix:
-            inputs["calibration_sha256"] = resolve_calibration(config, source_dir, data_dir, trust_remote_code).sha256
+            inputs.update(calibration_inputs(config, source_dir, data_dir, trust_remote_code))
         return inputs
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,

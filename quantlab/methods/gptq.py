@@ -26,7 +26,7 @@ from quantlab.errors import RecipeError
 from quantlab.conv1d import CONV1D_PACKED, conv1d_note, count_conv1d
 from quantlab.layouts.gptq import GptqPackedLayout
 from quantlab.methods.base import Method, check_group_size
-from quantlab.methods.calibration import calibration_windows, resolve_calibration
+from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 
 _BITS = (8, 4)
@@ -122,7 +122,7 @@ class GptqMethod(Method):
         return GptqPackedLayout(config.bits, config.group_size)
 
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
-        return {"calibration_sha256": resolve_calibration(config, Path(source_dir), data_dir, trust_remote_code).sha256}
+        return calibration_inputs(config, source_dir, data_dir, trust_remote_code)
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False) -> dict:
