@@ -107,9 +107,8 @@ class AwqMethod(Method):
 
         # sym=False: a zero point per group ("zero_point": true), AutoAWQ's default and what vLLM's AWQ kernels run.
         settings = dict(bits=config.bits, group_size=config.group_size, sym=False)
-        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
         with _clip_search_any_width():
-            run_gptqmodel(AWQConfig, settings, source_dir, out_dir, device, calib, trust_remote_code,
+            run_gptqmodel(AWQConfig, settings, source_dir, out_dir, device, windows, trust_remote_code,
                           dtype=torch.float16, backend=BACKEND.AWQ_TORCH if as_device(device).is_cpu else None)
         return {"library": "gptqmodel", "library_version": gptqmodel.__version__, "format": "awq-gemm",
                 "calibration": info}

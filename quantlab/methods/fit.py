@@ -167,9 +167,8 @@ class FitMethod(Method):
         base, dynamic = gptq_dynamic(per_module)
         windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
         gptqmodel = import_gptqmodel()
-        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
         run_gptqmodel(gptqmodel.QuantizeConfig, {**_settings(base), **head_settings(per_module, dynamic)}, source_dir,
-                      out_dir, device, calib, trust_remote_code)
+                      out_dir, device, windows, trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info, "loader": loader(config.dtype),
                 "vllm": vllm_note(per_module), "unit_formats": dict(config.allocation), "module_formats": per_module}
 

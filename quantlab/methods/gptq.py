@@ -132,7 +132,6 @@ class GptqMethod(Method):
         settings = dict(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
                         sym=config.symmetric, damp_percent=config.damp_percent, mse=config.mse,
                         act_group_aware=config.group_size > 0 and not config.desc_act)
-        calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-        run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, calib, trust_remote_code)
+        run_gptqmodel(gptqmodel.QuantizeConfig, settings, source_dir, out_dir, device, windows, trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "calibration": info,
                 **conv1d_note(count_conv1d(source_dir, trust_remote_code), CONV1D_PACKED)}

@@ -22,13 +22,15 @@ def import_gptqmodel():
 
 
 def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, device: str,
-                  calib: list[dict] | None, trust_remote_code: bool = False, *, dtype=None, backend=None) -> None:
+                  windows: list[list[int]] | None, trust_remote_code: bool = False, *, dtype=None,
+                  backend=None) -> None:
     """Quantize ``source_dir`` with ``config_cls(**settings)`` and save the GPTQ directory to ``out_dir``.
 
     GPTQModel's offload mode keeps memory near one model's size: it reads source weights layer by layer
     from the checkpoint and parks finished layers on disk (reports/bench/gptq.txt gives the peak). Its
     scratch files and logs go to a temp dir that is removed, and the
-    path it records in the saved config is dropped. ``calib`` is None for weight-only configs (RTN). ``dtype``
+    path it records in the saved config is dropped. ``windows`` (calibration token ids) is None for weight-only
+    configs (RTN). ``dtype``
     (default: the device's) is the dtype the source loads in; ``backend`` (a GPTQModel ``BACKEND``, default its
     own choice) the kernel its quantize packs with: AWQ needs fp16 or bf16 and, on CPU, ``BACKEND.AWQ_TORCH``.
     """
@@ -43,9 +45,10 @@ def run_gptqmodel(config_cls, settings: dict, source_dir: Path, out_dir: Path, d
         restore_sequential_offload(model)
         # GPTQModel writes per-layer logs into ./logs of the working directory: keep them out of the user's.
         with contextlib.chdir(scratch):
-            if calib is None:
+            if windows is None:
                 model.quantize(None)
             else:
+                calib = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
                 model.quantize(calib, batch_size=8 if as_device(device).is_cpu else 16, calibration_sort=None,
                                **extra)
             release_stop_forward()

@@ -121,7 +121,7 @@ class RtnMethod(Method):
     def _write_gptq(self, config, source_dir: Path, out_dir: Path, device: str, trust_remote_code: bool) -> dict:
         gptqmodel = import_gptqmodel()
         settings = dict(bits=config.bits, group_size=config.group_size, sym=config.symmetric)
-        run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, calib=None,
+        run_gptqmodel(gptqmodel.quantization.config.RTNConfig, settings, source_dir, out_dir, device, windows=None,
                       trust_remote_code=trust_remote_code)
         return {"library": "gptqmodel", "format": "gptq", "layout": "GPTQ packed int32 (RTN, no calibration)",
                 **conv1d_note(count_conv1d(source_dir, trust_remote_code), CONV1D_PACKED)}
