@@ -3,9 +3,12 @@ parameter-weighted mix of its tensor types (the baseline note of a dequantized G
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
+
+BLOCK_BYTES = 32 * 2**20  # F32 rows dequantized at a time by write_unquantized
 
 
 def gguf_reader(path: Path):
@@ -70,7 +73,9 @@ def write_unquantized(source: Path, target: Path) -> None:
     """Write ``source``'s tensors dequantized to F32 into ``target``, a GGUF with ``source``'s metadata (its
     architecture, hyperparameters, tokenizer, chat template) and ``general.file_type`` ALL_F32: the unquantized
     GGUF that llama.cpp quantizes from, and runs as the engine's own fp floor. It holds the same values as the
-    dequantized model transformers loads (both dequantize with gguf-py), in llama.cpp's own tensor layout."""
+    dequantized model transformers loads (both dequantize with gguf-py), in llama.cpp's own tensor layout. Tensors
+    are dequantized and written ``BLOCK_BYTES`` of F32 rows at a time, and the source pages read are released as
+    they are used: the write holds a few blocks, whatever the model's size."""
     import gguf
     import numpy as np
 
@@ -85,10 +90,21 @@ def write_unquantized(source: Path, target: Path) -> None:
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:  # gguf-py's numpy shapes are ggml's dims reversed: (rows, row length)
-        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        writer.add_tensor(t.name, values.reshape(tuple(int(d) for d in reversed(t.shape))),
-                          raw_dtype=gguf.GGMLQuantizationType.F32)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        writer.add_tensor_info(t.name, shape, np.dtype(np.float32), 4 * int(t.n_elements),
+                               raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    pages = getattr(reader.data, "_mmap", None)  # the source file's mapping (np.memmap keeps its mmap here)
+    (out,) = writer.fout  # one file: the writer's own tensor-data step, done a block of rows at a time
+    for t in reader.tensors:
+        writer.write_padding(out, out.tell())
+        rows = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
+        step = max(1, BLOCK_BYTES // (4 * max(int(t.n_elements) // rows.shape[0], 1)))
+        for start in range(0, rows.shape[0], step):
+            gguf.quants.dequantize(rows[start:start + step], t.tensor_type).astype(np.float32, copy=False).tofile(out)
+            if pages is not None:  # drop the source pages read from this process's resident set (not from the cache)
+                pages.madvise(mmap.MADV_DONTNEED)
+        writer.write_padding(out, 4 * int(t.n_elements))
     writer.close()

@@ -231,3 +231,23 @@ def test_lm_eval_scores_a_gguf_in_llama_cpp_as_hflm_scores_fp_in_torch(built, sm
     assert [ll for ll, _ in mine] == pytest.approx([ll for ll, _ in theirs], rel=2e-3)
     assert lm.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), rel=2e-3)
     model.close()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_importance_matrix_is_the_same_captured_layer_by_layer(tied, tmp_path):
+    """The budgeted capture (decoder run one layer at a time, windows batched) gives the statistic of the whole
+    model's, for every linear and, untied, the head (``output.weight``: the decoder's output)."""
+    import numpy as np
+    from tiny import build_llama_dir
+
+    from quantlab.methods.gguf import importance_matrix
+
+    source = build_llama_dir(tmp_path / "llama", layers=2, tied=tied)
+    rng = np.random.default_rng(0)
+    windows = [[int(t) for t in rng.integers(0, 60, 16)] for _ in range(11)]  # batches of 8 and 3
+    whole = importance_matrix(source, windows, "cpu", False)
+    layered = importance_matrix(source, windows, "cpu", False, layer_by_layer=True)
+    assert sorted(whole) == sorted(layered) and len(whole) == 2 * 7 + (0 if tied else 1)
+    assert ("output.weight" in whole) is not tied
+    for name, values in whole.items():
+        np.testing.assert_allclose(layered[name], values, rtol=1e-5, err_msg=name)

@@ -118,11 +118,11 @@ def test_a_gptq_layer_s_packed_weights_are_freed_when_it_is_released_without_a_c
     seen = []
 
     def capture(layer, args, out):
-        seen.extend(weakref.ref(m.qweight) for m in layer.modules() if isinstance(m, run.gptq.kind))
+        seen.extend(weakref.ref(m.qweight) for m in layer.modules() if isinstance(m, run.quantized.kind))
 
     for layer in run.layers:
         layer.register_forward_hook(capture, prepend=True)  # before the layer is released
-    passes, per_layer = 3, sum(isinstance(m, run.gptq.kind) for m in run.layers[0].modules())
+    passes, per_layer = 3, sum(isinstance(m, run.quantized.kind) for m in run.layers[0].modules())
     gc.disable()  # a fresh QuantLinear sits in a reference cycle: only refcounting may free its weights here
     try:
         for _ in range(passes):

@@ -11,7 +11,8 @@ so masks, rotary tables and layer types are the model's. Three parts hold real w
 Everything else (final norm, rotary tables) is small and held throughout. The peak is then one layer's weights,
 one head slice and the activations of one forward, whatever the model's size. The model runs in fp32. A quantized
 artifact's layers are read as they load whole: torchao's intx tensors rebuilt from their parts, GPTQ's packed
-linears into the QuantLinear kernels transformers' GPTQ integration selects (``quantlab.layerwise.gptq``); an
+linears into the QuantLinear kernels transformers' GPTQ integration selects (``quantlab.layerwise.gptq``), float8
+and bitsandbytes 4-bit linears into the modules they load whole into (``quantlab.layerwise.linears``); an
 artifact's embedding, head and norms are plain tensors.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from quantlab.errors import ModelLoadError
 from quantlab.layerwise.gptq import GptqLayers, is_gptq
+from quantlab.layerwise.linears import swapped_linears
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.conv1d import conv1d_names, conv1d_to_linear
 from quantlab.models.load import load_config
@@ -136,9 +138,11 @@ class LayerwiseModel:
         config = load_config(model_dir, trust_remote_code)
         model = meta_model(config, trust_remote_code)
         stored_as_linear(model, self.reader)
-        self.gptq = GptqLayers(model, config, device) if is_gptq(config) else None
         parts = model_parts(model, self.reader)
         self.layers, self.layers_prefix = parts.layers, parts.layers_prefix
+        self.quantized = (GptqLayers(model, config, device) if is_gptq(config)
+                     else swapped_linears(model, config, self.reader, self.layers, self.layers_prefix, device))
+        self.head_tied = parts.head_name == parts.embed_name  # the checkpoint holds no head of its own
         row_embedding, sliced_head = _modules()
         model.set_input_embeddings(row_embedding(self.reader, self._need(parts.embed_name), self.dtype, device))
         model.set_output_embeddings(sliced_head(self.reader, self._need(parts.head_name), head_rows, self.dtype, device))
@@ -158,7 +162,7 @@ class LayerwiseModel:
     def _check_layer(self, i: int, layer) -> None:
         for name, _ in layer.named_parameters():
             full = f"{self.layers_prefix}.{i}.{name}"
-            if not (self.reader.is_subclass(full) or (self.gptq and self.gptq.owns(layer, name))):
+            if not (self.reader.is_subclass(full) or (self.quantized and self.quantized.owns(layer, name))):
                 self._need(full)
 
     def _materialize_rest(self, config) -> None:
@@ -189,11 +193,11 @@ class LayerwiseModel:
         GPTQ's QuantLinears filled and post-initialised."""
         import torch
 
-        if self.gptq:
-            self.gptq.load(layer, i, f"{self.layers_prefix}.{i}", self.reader)
+        if self.quantized:
+            self.quantized.load(layer, i, f"{self.layers_prefix}.{i}", self.reader)
         for name, param in list(layer.named_parameters()):
             full = f"{self.layers_prefix}.{i}.{name}"
-            if self.gptq and self.gptq.owns(layer, name):
+            if self.quantized and self.quantized.owns(layer, name):
                 continue
             if self.reader.is_subclass(full):
                 value = self.reader.read_subclass(full).to(self.device)
@@ -222,8 +226,8 @@ class LayerwiseModel:
     def _release(self, layer, i: int) -> None:
         import torch
 
-        if self.gptq:
-            self.gptq.release(layer, i)
+        if self.quantized:
+            self.quantized.release(layer, i)
         for name, param in list(layer.named_parameters()):
             _set_param(layer, name, torch.empty(param.shape, dtype=param.dtype, device="meta"))
 

@@ -47,6 +47,7 @@ class Bnb4Layout(_Bnb):
     # Qwen2.5-Coder-1.5B nf4 on CPU: the bench held 3.56 GB, 2.81 of weights + 0.74 of packed linears
     # (reports/qwen2.5-coder-1.5b/unbudgeted/)
     load_copies_linears = True
+    layer_by_layer = True  # each layer's Linear4bit built from the checkpoint (quantlab.layerwise.linears)
     quant_type: str = "nf4"
     double_quant: bool = False
 

@@ -13,9 +13,9 @@ per value), with the bytes of fp8 held.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from quantlab.device import as_device
+from quantlab.fp8_linear import hold_fp8
 from quantlab.layouts import Layout
 from quantlab.models.load import load_causal_lm
 
@@ -39,6 +39,7 @@ class Fp8Layout(Layout):
     compute_dtype: str = "auto"
     # transformers reads the checkpoint through compressed-tensors (plain ``from_pretrained``: the standalone load)
     libraries = ("compressed_tensors",)
+    layer_by_layer = True  # each layer's Fp8Linear built from the checkpoint (quantlab.layerwise.linears)
 
     def dtype_name(self, device: str) -> str:
         return as_device(device).default_dtype_name if self.compute_dtype == "auto" else self.compute_dtype
@@ -67,44 +68,3 @@ class Fp8Layout(Layout):
         model = load_causal_lm(path, device=device, trust_remote_code=trust_remote_code, **self.load_kwargs(device))
         hold_fp8(model)
         return model
-
-
-def hold_fp8(model) -> int:
-    """Replace every linear that holds a float8 weight by an ``Fp8Linear`` over the same tensors, before the first
-    forward decompresses them; returns how many. compressed-tensors' decompression hook then finds no quantized
-    module left and only removes itself."""
-    import torch
-
-    holders = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn]
-    for name, m in holders:
-        parent, _, child = name.rpartition(".")
-        bias = None if m.bias is None else m.bias.data
-        setattr(model.get_submodule(parent), child, fp8_linear_class()(m.weight.data, m.weight_scale.data, bias))
-    return len(holders)
-
-
-@lru_cache(maxsize=1)
-def fp8_linear_class():
-    """``Fp8Linear``, defined on first use so that importing this module loads no torch."""
-    import torch
-
-    class Fp8Linear(torch.nn.Module):
-        """A linear held as float8 e4m3 (out, in) and a scale (out, 1); each forward dequantizes in the input's
-        dtype, as compressed-tensors' decompression does once."""
-
-        def __init__(self, weight, weight_scale, bias=None):
-            super().__init__()
-            self.out_features, self.in_features = weight.shape
-            self.register_buffer("weight", weight)
-            self.register_buffer("weight_scale", weight_scale)
-            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-
-        def forward(self, x):
-            w = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)  # (out, in)
-            return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
-        def extra_repr(self):
-            return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
-
-    return Fp8Linear

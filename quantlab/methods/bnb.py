@@ -8,6 +8,8 @@ from pathlib import Path
 
 from quantlab.errors import RecipeError
 from quantlab.layouts.bnb import Bnb4Layout, Bnb8Layout
+from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
+from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
 from quantlab.methods.base import Method
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
@@ -77,6 +79,50 @@ class BnbMethod(Method):
         page it reads stays resident until the load ends: the fp weights' pages plus the quantized model
         (Qwen2.5-Coder-1.5B nf4: 9.71 GB planned, 8.73 held; reports/qwen2.5-coder-1.5b/unbudgeted/)."""
         return {"fp checkpoint pages read": sizes["fp_weights"], "quantized model": sizes["quantized_weights"]}
+
+    def layer_by_layer_peak(self, config, sizes, device):
+        """4-bit only: one fp layer and its 4-bit copy; the tensors outside the layers copied in blocks first."""
+        if config.quant_type == "int8":
+            return None
+        shapes, layout = sizes["shapes"], self.layout(config)
+        quantized = sum(sum(layout.linear_bytes(lin.out_features, lin.in_features, device).values()) * lin.count
+                        for lin in shapes.linears)
+        return {"layers: one fp layer": sizes["layer"], "layers: the layer quantized": quantized // max(shapes.layers, 1),
+                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
+
+    def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                                trust_remote_code=False) -> dict:
+        """4-bit ``quantize`` one decoder layer at a time (``quantlab.layerwise.quantize.write_layer_by_layer``):
+        each linear becomes the ``Linear4bit`` transformers' loader makes of it (its ``Params4bit`` quantized on
+        CPU), written with its quant state as ``save_pretrained`` writes it; the config carries the same
+        ``quantization_config``. The same tensors as the whole-model route (tests/test_layer_by_layer_methods.py)."""
+        import bitsandbytes as bnb
+        import torch
+
+        dtype = self.layout(config).load_kwargs(device)["dtype"]
+
+        def quantize_layer(layer, prefix):
+            for name, module in list(layer.named_modules()):
+                if not isinstance(module, torch.nn.Linear):
+                    continue
+                new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                        compute_dtype=dtype, compress_statistics=config.double_quant,
+                                        quant_type=config.quant_type)
+                new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type=config.quant_type,
+                                               compress_statistics=config.double_quant, module=new).to("cpu")
+                if module.bias is not None:
+                    new.bias = module.bias
+                owner, _, leaf = name.rpartition(".")
+                setattr(layer.get_submodule(owner) if owner else layer, leaf, new)
+            return {prefix + k: v for k, v in layer.state_dict().items()}
+
+        model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, dtype=dtype,
+                                            trust_remote_code=trust_remote_code)
+        model_config.dtype = dtype
+        model_config.quantization_config = self.hf_config(config, device).to_dict()
+        save_companions(source_dir, out_dir, model_config, trust_remote_code)
+        return {"library": "bitsandbytes", "hf_quant_method": "bitsandbytes",
+                "written": "layer by layer from the safetensors, one shard per layer"}
 
     def layout(self, config):
         if config.quant_type == "int8":

@@ -17,9 +17,12 @@ from pathlib import Path
 from quantlab.device import CPU
 from quantlab.errors import RecipeError
 from quantlab.fsutil import atomic_write_text
+from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
+from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
 from quantlab.layouts.fp8 import E4M3_MAX, Fp8Layout, quantization_config
 from quantlab.methods.base import Method
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
+from quantlab.models.shapes import meta_model
 
 _COMPUTE = ("auto", "float32", "bfloat16", "float16")
 
@@ -67,6 +70,28 @@ class Fp8Method(Method):
         return {"library": "torch", "format": "compressed-tensors float-quantized (W8A16 FP8, channel)",
                 "layout": "float8_e4m3fn weight + float32 weight_scale (out, 1) per linear", "linears": count}
 
+    def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                                trust_remote_code=False) -> dict:
+        """``quantize`` one decoder layer at a time (``quantlab.layerwise.quantize.write_layer_by_layer``): every
+        linear in a layer as e4m3 and its scale; the embedding, norms and head (outside the layers) as stored."""
+        def quantize_layer(layer, prefix):
+            quantize_linears(layer, skip=None)
+            return {prefix + k: v for k, v in layer.state_dict().items()}
+
+        model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, trust_remote_code=trust_remote_code)
+        model_config.quantization_config = quantization_config(ignore=_head_names(model_config, trust_remote_code))
+        save_companions(source_dir, out_dir, model_config, trust_remote_code)
+        return {"library": "torch", "format": "compressed-tensors float-quantized (W8A16 FP8, channel)",
+                "layout": "float8_e4m3fn weight + float32 weight_scale (out, 1) per linear",
+                "written": "layer by layer from the safetensors, one shard per layer"}
+
+    def layer_by_layer_peak(self, config, sizes, device):
+        """One fp layer and its e4m3 linears and scales; the tensors outside the layers copied in blocks first."""
+        shapes = sizes["shapes"]
+        fp8 = sum(lin.weights + lin.count * lin.out_features * 4 for lin in shapes.linears) // max(shapes.layers, 1)
+        return {"layers: one fp layer": sizes["layer"], "layers: its e4m3 linears and scales": fp8,
+                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
+
     def quantize_peak(self, config, sizes, device):
         """The source loaded whole (the pages of its mapped checkpoint stay resident as every linear is read), the
         e4m3 linears and float32 scales made beside it, and what saving holds, at most the artifact again. SmolLM2
@@ -97,6 +122,12 @@ def quantize_linears(model, skip: str | None) -> int:
         module.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         count += 1
     return count
+
+
+def _head_names(config, trust_remote_code: bool) -> list[str]:
+    """``ignore`` of the quantization config: the output head's module name, from the model class on meta."""
+    head = _head_name(meta_model(config, trust_remote_code))
+    return [head] if head else []
 
 
 def _head_name(model) -> str | None:

@@ -20,25 +20,38 @@ and metadata are llama.cpp's. A model directory is refused before work.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import quantlab.plan.terms as terms
 from quantlab.engines.llamacpp import require_llama_cpp
 from quantlab.errors import RecipeError
 from quantlab.fsutil import cached_entry
-from quantlab.gguf_file import gguf_reader, write_unquantized
+from quantlab.gguf_file import BLOCK_BYTES, gguf_reader, write_unquantized
 from quantlab.home import quantlab_home
+from quantlab.layerwise.model import LayerwiseModel
 from quantlab.layouts.gguf import FILE, GgufLayout
-from quantlab.layouts.gguf_types import ARCHS, FTYPES, gguf_name
+from quantlab.layouts.gguf_types import ARCHS, FTYPES, gguf_name, tensor_bytes
 from quantlab.methods.base import Method
 from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.models.convert import SOURCE_INFO
 from quantlab.models.load import load_causal_lm
 
 BITS = {"f32": 32, "f16": 16, "q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
+#: windows per forward when the imatrix is captured layer by layer (each forward reads every layer once)
+IMATRIX_BATCH = 8
+#: gguf-py's parse of a GGUF's metadata, per vocabulary entry (tokens, scores, types and merges as numpy parts):
+#: write_unquantized's peak RSS above its imports, less three row blocks, was 0.15 GB for SmolLM2 (49,152 entries)
+#: and 0.52 GB for Qwen2.5-Coder-1.5B (151,936): 3.5 KB per entry
+METADATA_BYTES_PER_TOKEN = 3500
+#: what llama_model_quantize holds beside the tensor it works on (its libraries' pages, loader, output buffers and
+#: thread pool): its peak RSS above the imports, less the largest tensor's F32 pages and its quantized copy, was
+#: 0.21 GB on SmolLM2 q8_0 and 0.23 GB on Qwen2.5-Coder-1.5B q4_k_m (one thread)
+LLAMA_QUANTIZE_BYTES = 240 * 10**6
 FTYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17,
              "q6_k": 18}  # llama.h's LLAMA_FTYPE_*
 
@@ -96,7 +109,7 @@ class GgufMethod(Method):
         return inputs
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
-                 trust_remote_code=False) -> dict:
+                 trust_remote_code=False, layer_by_layer: bool = False) -> dict:
         f32 = unquantized_gguf(Path(source_dir))
         target = Path(out_dir) / FILE
         notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32)}
@@ -106,18 +119,47 @@ class GgufMethod(Method):
         imatrix = None
         if config.imatrix:
             windows, notes["calibration"] = calibration_windows(config, source_dir, device, data_dir, trust_remote_code)
-            imatrix = importance_matrix(source_dir, windows, device, trust_remote_code)
+            imatrix = importance_matrix(source_dir, windows, device, trust_remote_code, layer_by_layer)
             notes["imatrix_entries"] = len(imatrix)
+            notes["imatrix_model"] = "layer by layer" if layer_by_layer else "loaded whole"
         quantize_gguf(f32, target, config.qtype, imatrix)
         return notes
 
+    def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                                trust_remote_code=False) -> dict:
+        """``quantize`` with the importance matrix captured from the fp model run one decoder layer at a time
+        (``quantlab.layerwise.model``); the convert and llama.cpp's quantize hold little memory either way."""
+        return self.quantize(config, source_dir, out_dir, device, data_dir=data_dir,
+                             trust_remote_code=trust_remote_code, layer_by_layer=True)
+
     def quantize_peak(self, config, sizes, device):
-        """llama.cpp quantizes tensor by tensor from the memory-mapped F32 file: the pages it reads stay resident
-        (the F32 model's bytes) beside the quantized tensors it writes; the imatrix pass holds the fp model."""
-        f32 = sizes["shapes"].params * 4
-        peak = {"save: F32 GGUF pages read": f32, "save: quantized model": sizes["quantized_weights"]}
+        """The largest of three phases, each a few tensors whatever the model's size (Qwen2.5-Coder-1.5B: 0.62 GB
+        measured for the convert, 1.36 GB for llama.cpp's q4_k_m quantize, against 7.1 GB of F32 weights):
+
+        - convert (once per source): F32 row blocks in flight, and the source's metadata as gguf-py parses it;
+        - quantize: llama.cpp maps the F32 file and unmaps each tensor once quantized, so the largest tensor's
+          pages, its quantized copy and llama.cpp's own memory (``LLAMA_QUANTIZE_BYTES``);
+        - capture (``-imatrix``): the fp32 model loaded whole and one window's forward."""
+        peak = _convert_and_quantize(self.layout(config), sizes["shapes"])
         if config.imatrix:
-            peak["capture: fp32 model (imatrix)"] = f32
+            shapes = sizes["shapes"]
+            peak["capture: fp32 model (imatrix)"] = shapes.params * 4
+            peak["capture: one window's activations"] = terms.activation_bytes(shapes, config.tokens, 1, 4)
+        return peak
+
+    def layer_by_layer_peak(self, config, sizes, device):
+        """As ``quantize_peak``, with the imatrix captured layer by layer: one fp32 layer, the activations of
+        ``IMATRIX_BATCH`` windows and the hidden states in and out of a layer."""
+        if not config.imatrix:
+            return None
+        shapes = sizes["shapes"]
+        batch = min(IMATRIX_BATCH, config.samples)
+        peak = _convert_and_quantize(self.layout(config), shapes)
+        peak["capture: one fp32 layer"] = (shapes.params - shapes.unquantized["embeddings"]
+                                           - shapes.unquantized["lm_head"]) * 4 // max(shapes.layers, 1)
+        peak["capture: a batch's activations"] = (terms.activation_bytes(shapes, config.tokens, batch, 4)
+                                                  - batch * shapes.vocab * 4)
+        peak["capture: hidden states in and out"] = 2 * batch * config.tokens * shapes.hidden * 4
         return peak
 
     def layout(self, config):
@@ -155,33 +197,64 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def importance_matrix(source_dir: Path, windows: list[list[int]], device: str, trust_remote_code: bool) -> dict:
+def importance_matrix(source_dir: Path, windows: list[list[int]], device: str, trust_remote_code: bool,
+                      layer_by_layer: bool = False) -> dict:
     """GGUF tensor name -> the mean over the windows' tokens of each input column's squared activation, for every
-    linear (the output head too when it is not tied): llama-imatrix's statistic, from the fp model in torch."""
+    linear (the output head too when it is not tied): llama-imatrix's statistic, from the fp model in torch, loaded
+    whole (one window per forward) or run layer by layer (``IMATRIX_BATCH`` windows per forward). Only the decoder
+    runs: the head's input is the decoder's output."""
     import torch
 
-    model = load_causal_lm(source_dir, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if layer_by_layer:
+        runner = LayerwiseModel(source_dir, device, trust_remote_code=trust_remote_code)
+        model, tied, batch = runner.model, runner.head_tied, IMATRIX_BATCH
+    else:
+        model = load_causal_lm(source_dir, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        head = model.get_output_embeddings()
+        tied, batch = head is not None and head.weight is model.get_input_embeddings().weight, 1
     sums, counts, hooks = {}, {}, []
 
-    def hook(name):
-        def collect(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return collect
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight  # no output.weight in the GGUF
-    for name, module in model.named_modules():
-        gguf = ("output.weight" if not tied else None) if module is head else gguf_name(name)
+    for name, module in model.get_decoder().named_modules(prefix=_decoder_prefix(model)):
+        gguf = gguf_name(name)
         if isinstance(module, torch.nn.Linear) and gguf:
-            hooks.append(module.register_forward_pre_hook(hook(gguf)))
+            hooks.append(module.register_forward_pre_hook(lambda mod, args, gguf=gguf: add(gguf, args[0])))
+    decoder = model.get_decoder()
     with torch.inference_mode():
-        for window in windows:
-            model(torch.tensor([window], device=model.device))
+        for start in range(0, len(windows), batch):
+            hidden = decoder(torch.tensor(windows[start:start + batch], device=model.device),
+                             use_cache=False).last_hidden_state
+            if not tied:  # no output.weight in the GGUF when the head is the embedding
+                add("output.weight", hidden)
+            del hidden
     for h in hooks:
         h.remove()
     return {name: (sums[name] / counts[name]).float().cpu().numpy() for name in sums}
+
+
+def _decoder_prefix(model) -> str:
+    """The decoder's module name in ``model`` (``model`` for Llama and Qwen2), so linears keep their full names."""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
+
+
+def _convert_and_quantize(layout, shapes) -> dict:
+    """The convert's and llama.cpp quantize's peaks (``GgufMethod.quantize_peak``) as phases of the step."""
+    tensors = layout.tensors(shapes)
+    types = layout.types(shapes)
+    largest = max(math.prod(shape) for shape in tensors.values())
+    convert = {"convert: F32 row blocks in flight": 3 * BLOCK_BYTES,
+               "convert: the source's metadata parsed": shapes.vocab * METADATA_BYTES_PER_TOKEN}
+    if layout.qtype == "f32":  # the converted file itself, linked
+        return convert
+    return {**convert,
+            "save: the largest tensor's F32 pages (llama.cpp quantize)": 4 * largest,
+            "save: its quantized copy": max(tensor_bytes(types[n], tensors[n]) for n in tensors),
+            "save: llama.cpp's own": LLAMA_QUANTIZE_BYTES}
 
 
 def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None = None) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 from quantlab.device import as_device
 from quantlab.errors import RecipeError
 from quantlab.layouts.hqq import HqqLayout
+from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
+from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
 from quantlab.methods.base import Method, check_group_size
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
@@ -104,6 +106,49 @@ class HqqMethod(Method):
         largest = max((lin.out_features * lin.in_features for lin in sizes["shapes"].linears), default=0)
         return {"fp model": sizes["fp_weights"], "quantized model": sizes["quantized_weights"],
                 "solver: six fp32 copies of the largest linear": 6 * largest * 4}
+
+    def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
+                                trust_remote_code=False) -> dict:
+        """``quantize`` one decoder layer at a time (``quantlab.layerwise.quantize.write_layer_by_layer``): each
+        linear of a layer becomes the ``HQQLinear`` ``quantize_model`` makes of it, and the layer's state is
+        written as ``save_pretrained`` writes it; the tensors outside the layers are cast to the compute dtype, as
+        hqq casts them. The same tensors as the whole-model route (tests/test_hqq.py)."""
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        dtype = self.layout(config).load_kwargs(device)["dtype"]
+        settings = BaseQuantizeConfig(nbits=config.bits, group_size=config.group_size, axis=1)
+        target = str(as_device(device))
+
+        def quantize_layer(layer, prefix):
+            import torch
+
+            for name, module in list(layer.named_modules()):
+                if isinstance(module, torch.nn.Linear):
+                    quantized = HQQLinear(module, settings, compute_dtype=dtype, device=target)
+                    quantized.device = target
+                    owner, _, leaf = name.rpartition(".")
+                    setattr(layer.get_submodule(owner) if owner else layer, leaf, quantized)
+            return {prefix + k: v.cpu() for k, v in layer.state_dict().items()}
+
+        with proximal_iterations(config.iters):
+            model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+        model_config.dtype = dtype
+        save_companions(source_dir, out_dir, model_config, trust_remote_code)
+        return {"library": "hqq", "format": "hqq safetensors (save_pretrained of HQQLinear state)",
+                "proximal_iters": config.iters, "written": "layer by layer from the safetensors, one shard per layer"}
+
+    def layer_by_layer_peak(self, config, sizes, device):
+        """One fp layer at the compute dtype, its quantized copy, and the solver's six fp32 copies of the largest
+        linear; the tensors outside the layers are copied in blocks beforehand."""
+        shapes, layout = sizes["shapes"], self.layout(config)
+        largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
+        quantized = sum(sum(layout.linear_bytes(lin.out_features, lin.in_features, device).values()) * lin.count
+                        for lin in shapes.linears)
+        return {"layers: one fp layer": sizes["layer"],
+                "layers: the layer quantized": quantized // max(shapes.layers, 1),
+                "layers: solver, six fp32 copies of the largest linear": 6 * largest * 4,
+                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
 
     def layout(self, config):
         return HqqLayout(config.bits, config.group_size)

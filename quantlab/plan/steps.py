@@ -30,7 +30,7 @@ from quantlab.plan.sizes import parse_size
 
 GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
-PHASES = ("capture", "layers", "head", "compare", "save")
+PHASES = ("convert", "capture", "layers", "head", "compare", "save")
 HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
 
 
@@ -69,8 +69,8 @@ def gb(n: int | None) -> str:
 
 def step_peak(components: dict) -> int:
     """The peak of a step's components. A step may go through phases that never overlap: keys ``"<phase>: ..."``
-    are held only during that phase (``PHASES``: a quantizer's calibration capture, the decoder layers, the
-    output head, the final save), the rest throughout. The peak is the rest plus the largest phase."""
+    are held only during that phase (``PHASES``: a GGUF source's one-time convert, a quantizer's calibration
+    capture, the decoder layers, the output head, the final save), the rest throughout. The peak is the rest plus the largest phase."""
     prefixes = tuple(p + ": " for p in PHASES)
     phase = {p: sum(v for k, v in components.items() if k.startswith(p + ": ")) for p in PHASES}
     rest = sum(v for k, v in components.items() if not k.startswith(prefixes))
