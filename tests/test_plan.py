@@ -151,3 +151,24 @@ def test_cli_plan_table_json_and_errors(monkeypatch):
     assert res.exit_code == 1 and "Did you mean 'Llama-3.1-70B'?" in res.output and "Traceback" not in res.output
     res = _invoke("plan", "Llama-3.1-8B", "--gpu-mem", "lots")
     assert res.exit_code == 2 and "not a memory size" in res.output
+
+
+def test_the_accuracy_step_is_planned_with_its_batch_of_logits_and_skipped_over_the_budget():
+    from transformers import Qwen2Config
+
+    from quantlab.plan.shapes import model_shapes
+    from quantlab.plan.steps import ACCURACY_TOKENS, IN_MEMORY, SKIPPED, layout_weights, plan_accuracy
+    from quantlab.recipe import parse_recipe
+
+    shapes = model_shapes(Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=150000,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    hqq, gguf = parse_recipe("hqq-w4-g64"), parse_recipe("gguf-q4_k_m")
+    free = plan_accuracy(hqq, shapes, "cpu", None)
+    assert free.mode == IN_MEMORY and free.batch == 8
+    assert free.components["logits and log-softmax"] == 2 * 8 * ACCURACY_TOKENS * shapes.vocab * 4
+    budget = layout_weights(hqq, shapes, "cpu") + free.components["logits and log-softmax"] // 2
+    skipped = plan_accuracy(hqq, shapes, "cpu", budget)
+    assert skipped.mode == SKIPPED and "accuracy not measured" in skipped.reason
+    # llama.cpp scores one request at a time (quantlab.engines.harness): a GGUF fits where transformers does not
+    assert plan_accuracy(gguf, shapes, "cpu", budget).mode == IN_MEMORY
+    assert plan_accuracy(gguf, shapes, "cpu", None).batch == 1

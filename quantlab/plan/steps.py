@@ -25,6 +25,7 @@ import quantlab.plan.terms as terms
 from quantlab.device import as_device
 from quantlab.errors import UsageError
 from quantlab.evaluate.fidelity import ROWS
+from quantlab.evaluate.harness import HarnessSettings
 from quantlab.methods import get_method
 from quantlab.plan.sizes import parse_size
 
@@ -32,6 +33,8 @@ GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
 PHASES = ("convert", "capture", "layers", "head", "compare", "save")
 HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
+ACCURACY_BATCH = HarnessSettings.batch_size  # lm-eval requests per forward in transformers
+ACCURACY_TOKENS = 256  # tokens per lm-eval request, as planned
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,27 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     return StepPlan("bench", IN_MEMORY, step_peak(comp), comp)
 
 
+def plan_accuracy(recipe, shapes, device: str, budget: int | None) -> StepPlan:
+    """The lm-eval step: the model loaded whole and one batch of requests scored. transformers (HFLM) scores
+    ``ACCURACY_BATCH`` requests at once and holds their logits and log-softmax over the vocabulary; llama.cpp one
+    request at a time. Requests are planned at ``ACCURACY_TOKENS`` tokens: those of the suites quantlab ships
+    (arc_easy, piqa, hellaswag) are shorter; a longer task's batch can hold more, which the step's held memory then
+    shows against the budget."""
+    layout = get_method(recipe.method).layout(recipe.config)
+    batch = 1 if layout.engines[0] != "transformers" else ACCURACY_BATCH
+    comp = {"weights": layout_weights(recipe, shapes, device),
+            "activations": terms.activation_bytes(shapes, ACCURACY_TOKENS, batch,
+                                                  layout.unquantized_dtype_bytes(device)) - batch * shapes.vocab * 4,
+            "logits and log-softmax": 2 * batch * ACCURACY_TOKENS * shapes.vocab * 4}
+    comp.update(checkpoint_pages(layout, shapes, device))
+    if budget is not None and step_peak(comp) > budget:
+        return StepPlan("accuracy", SKIPPED, step_peak(comp), comp,
+                        reason=f"{recipe.name} loaded whole with a batch of {batch} lm-eval requests of "
+                               f"{ACCURACY_TOKENS} tokens needs {gb(step_peak(comp))}, over the budget {gb(budget)}: "
+                               "accuracy not measured")
+    return StepPlan("accuracy", IN_MEMORY, step_peak(comp), comp, batch=batch)
+
+
 def quantize_sizes(recipe, shapes, device: str) -> dict:
     """What a method's ``quantize_peak`` and ``layer_by_layer_peak`` are computed from."""
     elem = as_device(device).default_dtype_bytes
@@ -250,10 +274,11 @@ def plan_quantize(recipe, shapes, device: str, budget: int | None) -> StepPlan:
 
 def plan_job_steps(recipe, shapes, fidelity, latency, device: str, budget: int | None) -> dict[str, StepPlan]:
     """Every step of one job: quantize, reference (computed by whichever job's fidelity step needs it first, then
-    cached), fidelity and bench."""
+    cached), fidelity, accuracy (run when the job has a suite) and bench."""
     return {"quantize": plan_quantize(recipe, shapes, device, budget),
             "reference": plan_reference(shapes, fidelity, device, budget),
             "fidelity": plan_fidelity(recipe, shapes, fidelity, device, budget),
+            "accuracy": plan_accuracy(recipe, shapes, device, budget),
             "bench": plan_bench(recipe, shapes, latency, device, budget)}
 
 

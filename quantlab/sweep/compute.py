@@ -62,13 +62,17 @@ def _compute(job: Job, force: bool, tmp: Path) -> dict:
     build = hashlib.sha256(json.dumps(art["cost"], sort_keys=True, default=str).encode()).hexdigest()
     step = lambda name, compute: _kept_step(job, name, build, force, compute)  # noqa: E731
     fidelity, fid_dir = step("fidelity", lambda kept: _fidelity(job, art["artifact"], kept / "per_token.npz"))
-    accuracy, acc_dir = (None, None)
-    if job.suite:
+    accuracy, acc_dir, skipped = None, None, None
+    if job.suite and job.step("accuracy") and job.step("accuracy").mode == SKIPPED:
+        skipped = job.step("accuracy").reason
+    elif job.suite:
         accuracy, acc_dir = step("accuracy", lambda kept: _accuracy(job, art["artifact"], kept))
     bench, _ = step("bench", lambda kept: _bench(job, art["artifact"]))
     shutil.copy2(fid_dir / "per_token.npz", tmp / "per_token.npz")
     if accuracy:
         shutil.copy2(acc_dir / "samples.json.gz", tmp / "samples.json.gz")
+    if skipped:  # a memory-budget decision, kept with the bench's (the memory column)
+        bench = {**bench, "memory": {**bench["memory"], "accuracy_skipped": skipped}}
     record = {**make_record(job.recipe, art, fidelity, bench), "accuracy": accuracy, "job_key": job.key, "fit": fit,
               "model": {k: job.model.to_dict()[k] for k in ("ref", "fingerprint", "path", "note")},
               "provenance": job_provenance(job)}
