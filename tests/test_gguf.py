@@ -224,7 +224,9 @@ def test_lm_eval_scores_a_gguf_in_llama_cpp_as_hflm_scores_fp_in_torch(built, sm
               batch_size=1)
     target, recipe, _ = built["gguf-f32"]
     model = load_recipe_model(str(target), recipe, "cpu")
-    lm = engine_lm(model, tokenizer)
+    own = load_tokenizer(target)  # the artifact carries the source's tokenizer, as the accuracy step loads it
+    assert [own(p + c)["input_ids"] for p, c in pairs] == [tokenizer(p + c)["input_ids"] for p, c in pairs]
+    lm = engine_lm(model, own)
     mine, theirs = lm.loglikelihood(requests), hf.loglikelihood(requests)
     assert [g for _, g in mine] == [g for _, g in theirs]
     # within the engine's floor (llama.cpp keeps its KV cache in F16): a tenth of a percent of each log-likelihood

@@ -39,7 +39,7 @@ from quantlab.layouts.gguf_types import ARCHS, FTYPES, gguf_name, tensor_bytes
 from quantlab.methods.base import Method
 from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.models.convert import SOURCE_INFO
-from quantlab.models.load import load_causal_lm
+from quantlab.models.load import load_causal_lm, load_tokenizer
 
 BITS = {"f32": 32, "f16": 16, "q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
 #: windows per forward when the imatrix is captured layer by layer (each forward reads every layer once)
@@ -103,7 +103,7 @@ class GgufMethod(Method):
                               "— pick a recipe of another method for this model")
 
     def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
-        inputs = {"gguf_sha256": _source_info(Path(source_dir))["gguf_sha256"]}
+        inputs = {"gguf_sha256": _source_info(Path(source_dir))["gguf_sha256"], "files": f"{FILE} and the tokenizer"}
         if config.imatrix:
             inputs.update(calibration_inputs(config, source_dir, data_dir, trust_remote_code))
         return inputs
@@ -113,6 +113,9 @@ class GgufMethod(Method):
         f32 = unquantized_gguf(Path(source_dir))
         target = Path(out_dir) / FILE
         notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32)}
+        # the source's tokenizer beside the file (the one inside it, as transformers reads it): what lm-eval tokenizes
+        # with, as for every other artifact
+        load_tokenizer(source_dir, trust_remote_code).save_pretrained(str(out_dir))
         if config.qtype == "f32":
             _link_or_copy(f32, target)
             return notes
