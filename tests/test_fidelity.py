@@ -41,7 +41,11 @@ def test_llama_cpp_statistics_against_hand_computed_example():
     p = torch.tensor([[[h, q4, e, e], [q4, q4, q4, q4]], [[h, q4, e, e], [e, e, q4, h]]])
     q = torch.tensor([[[q4, h, e, e], [q4, q4, q4, q4]], [[h, e, q4, e], [e, e, h, q4]]])
 
-    class Fixed:  # a model with its own log_probs, as quantlab.layerwise.LayerwiseModel has
+    from quantlab.engines import EngineModel
+
+    class Fixed(EngineModel):  # a model computing its own log-probs, as an engine's (llama.cpp) does
+        engine = "fixed"
+
         def log_probs(self, batch):
             return q.log()[batch[:, 0]]  # each window's first id is its index
 
@@ -104,7 +108,11 @@ def test_a_batch_of_log_probs_is_freed_before_the_next_forward(tiny_model, tiny_
     fid.baseline_cache(tiny_model, ids, tmp_path / "cache", settings)
     logprobs, _ = fid.load_baseline(tmp_path / "cache")
 
-    class Watched:  # a model with its own log_probs, as LayerwiseModel is, noting what is still alive
+    from quantlab.engines import EngineModel
+
+    class Watched(EngineModel):  # a model computing its own log-probs, as an engine's does, noting what is alive
+        engine = "watched"
+
         def __init__(self):
             self.batches, self.alive_at_forward = [], []
 

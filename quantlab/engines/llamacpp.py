@@ -23,6 +23,7 @@ import re
 import time
 from pathlib import Path
 
+from quantlab.engines import EngineModel
 from quantlab.errors import MissingExtraError
 from quantlab.gguf_file import gguf_reader
 from quantlab.measure.latency import LatencySettings, median_iqr
@@ -66,10 +67,9 @@ def buffers(lines: list[str]) -> dict[str, int]:
     return out
 
 
-class LlamaCppModel:
+class LlamaCppModel(EngineModel):
     """A GGUF file loaded by llama.cpp (CPU); see the module docstring."""
 
-    device = "cpu"
     dtype = ""  # llama.cpp computes in F32 on the CPU whatever its tensors' types
     engine = "llama.cpp"
 

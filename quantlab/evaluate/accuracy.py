@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 
+from quantlab.engines import EngineModel
 from quantlab.evaluate.harness import run_tasks
 from quantlab.layouts.loading import load_recipe_model
 from quantlab.models.load import load_tokenizer
@@ -16,7 +17,7 @@ def evaluate_candidate(path: str, recipe, device: str, settings, prepared, trust
     tokenizer = load_tokenizer(path, trust_remote_code)
     started, cpu = time.perf_counter(), time.process_time()
     result = run_tasks(model, tokenizer, settings, prepared)
-    dtype = str(next(model.parameters()).dtype) if hasattr(model, "parameters") else f"{model.engine} (its own)"
+    dtype = f"{model.engine} (its own)" if isinstance(model, EngineModel) else str(next(model.parameters()).dtype)
     result.update(wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu,
                   dtype=dtype.removeprefix("torch."))
     del model

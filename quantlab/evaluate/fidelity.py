@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quantlab import metrics
+from quantlab.engines import EngineModel
 from quantlab.errors import DataError, MeasurementError
 from quantlab.evaluate import guard
 from quantlab.fsutil import atomic_write_bytes, ensure_dir
+from quantlab.layerwise.model import LayerwiseModel
 from quantlab.provenance import library_version
 
 @dataclass(frozen=True)
@@ -68,11 +70,11 @@ def prefix_ids(tokenizer, text: str, need: int, margin: int = 256):
 
 
 def _log_probs(model, batch):
-    """log p(next token) for every position but the last: (batch, chunk_tokens - 1, vocab), float32. A model with
-    its own ``log_probs`` (``quantlab.layerwise.LayerwiseModel``) computes them its way."""
+    """log p(next token) for every position but the last: (batch, chunk_tokens - 1, vocab), float32. A model run
+    layer by layer (``quantlab.layerwise.model.LayerwiseModel``) or by an engine of its own computes them its way."""
     import torch
 
-    if hasattr(model, "log_probs"):
+    if isinstance(model, (EngineModel, LayerwiseModel)):
         return model.log_probs(batch)
     with torch.inference_mode():
         logits = model(batch.to(model.device)).logits[:, :-1, :]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from quantlab.engines import EngineModel
 from quantlab.errors import MeasurementError
 
 PROMPT_TOKENS = 32
@@ -32,7 +33,7 @@ def greedy_continuation(model, ids) -> list[int]:
     engine of its own (``quantlab.engines``) generates its way."""
     import torch
 
-    if hasattr(model, "greedy"):
+    if isinstance(model, EngineModel):
         return model.greedy(ids[0, :PROMPT_TOKENS].tolist(), NEW_TOKENS)
     prompt = ids[:1, :PROMPT_TOKENS].to(model.device)
     with torch.inference_mode():

@@ -25,6 +25,7 @@ from quantlab.home import quantlab_home
 from quantlab.models.fingerprint import cached_sha256
 from quantlab.provenance import git_sha, library_version
 from quantlab.quiet import quiet_libraries
+from quantlab.engines import EngineModel
 from quantlab.engines.harness import engine_lm
 
 LM_EVAL_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}  # lm-eval's own defaults
@@ -238,7 +239,7 @@ def run_tasks(model, tokenizer, settings: HarnessSettings, prepared: PreparedTas
 
     manager = TaskManager(include_path=prepared.include_paths, include_defaults=False)
     leaves = leaf_tasks(get_task_dict(prepared.names, manager))
-    if hasattr(model, "log_probs"):  # an engine of its own (llama.cpp) scores the same requests
+    if isinstance(model, EngineModel):  # an engine of its own (llama.cpp) scores the same requests
         lm = engine_lm(model, tokenizer, settings.max_length)
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=settings.max_length)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from quantlab.device import as_device
+from quantlab.engines import EngineModel
 from quantlab.measure import latency, memory
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
@@ -59,7 +60,7 @@ def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
     dev.memory.reset_counters()
     t0 = time.perf_counter()
     model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
-    if hasattr(model, "measure"):  # an engine of its own (llama.cpp) loads, times and weighs the artifact itself
+    if isinstance(model, EngineModel):  # an engine of its own (llama.cpp) loads, times and weighs the artifact itself
         return _engine_bench(model, payload, rss_before, t0)
     load_s = time.perf_counter() - t0
     weights = memory.weight_bytes(model)
@@ -108,7 +109,7 @@ def weights_step(payload: dict) -> dict:
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
     model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
-    if hasattr(model, "weight_bytes"):  # an engine of its own (llama.cpp): its tensor bytes; its buffers per context
+    if isinstance(model, EngineModel):  # an engine of its own (llama.cpp): its tensor bytes; its buffers per context
         out = {**model.weight_bytes(), "footprint_hf_bytes": None, "prefill": {}}
         for context in payload.get("contexts", []):
             out["prefill"][str(context)] = {"engine_buffers_bytes": model.buffers_at(context)}
