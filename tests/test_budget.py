@@ -213,3 +213,12 @@ def test_an_fp_dtype_candidate_plans_its_fidelity_step_at_the_settings_batch(tin
     two = step_peak(fidelity_components(bf16, shapes, settings, "cpu", IN_MEMORY, 2))
     plan = plan_fidelity(bf16, shapes, settings, "cpu", two)
     assert (plan.mode, plan.batch, plan.peak_bytes) == (IN_MEMORY, 2, two)
+
+
+def test_eval_of_a_suite_that_does_not_fit_the_budget_is_a_one_line_error_before_the_model_loads(tiny_dir,
+                                                                                                   quantlab_home):
+    result = CliRunner().invoke(cli, ["eval", str(tiny_dir), "--suite", "ci", "--max-memory", "100KB"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --max-memory: accuracy:"), result.output
+    assert "lm-eval requests" in lines[0] and "raise --max-memory" in lines[0]

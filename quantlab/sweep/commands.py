@@ -21,8 +21,10 @@ from quantlab.outputs import check_output_file, claim_output_file, write_output_
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.methods.fit import loader, vllm_note
+from quantlab.models.load import load_config
 from quantlab.models.source import resolve_model
-from quantlab.plan.steps import require_fits, resolve_budget
+from quantlab.plan.shapes import model_shapes
+from quantlab.plan.steps import SKIPPED, plan_accuracy, require_fits, resolve_budget
 from quantlab.recipe import Recipe
 from quantlab.records import budget_check, budget_warning
 from quantlab.steps.accuracy import suite_result
@@ -152,6 +154,17 @@ def eval_plans(base, recipe: Recipe, settings: FidelitySettings, device: str, bu
     return {name: require_fits(plans[name]) for name in ("reference", "fidelity")} if plans else {}
 
 
+def _check_accuracy_fits(path, recipe: Recipe, device: str, budget: int | None, trust_remote_code: bool) -> None:
+    """Under a budget, the accuracy step's plan (the model loaded whole and a batch of requests) must fit: an error
+    before the model loads, not an over-budget step."""
+    if budget is None:
+        return
+    plan = plan_accuracy(recipe, model_shapes(load_config(path, trust_remote_code), trust_remote_code), device, budget)
+    if plan.mode == SKIPPED:
+        raise UsageError(f"--max-memory: accuracy: {plan.reason} — raise --max-memory, or evaluate fidelity alone "
+                         "(--baseline), which runs layer by layer")
+
+
 def evaluate(model: str, tasks: str | None = None, suite: str | None = None, limit: int | None = None,
              batch_size: int | None = None, include_path: str | None = None, output: str | None = None,
              baseline: str | None = None, text: str | None = None, data_dir: str | None = None,
@@ -180,6 +193,7 @@ def evaluate(model: str, tasks: str | None = None, suite: str | None = None, lim
     result = {"model": model, "runs": []}
     if settings:
         path, recipe = resolve_target(model, trust_remote_code)
+        _check_accuracy_fits(path, recipe, resolve_device(device), resolve_budget(max_memory), trust_remote_code)
         result = suite_result(model, path, recipe, settings, prepare_tasks(settings), resolve_device(device), threads,
                               trust_remote_code)
     if baseline:
