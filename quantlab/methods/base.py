@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from quantlab.errors import RecipeError
+from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
 from quantlab.provenance import require_library
 
 
@@ -124,3 +125,14 @@ def check_group_size(group_size: int, linear_shapes: dict[str, tuple[int, int]])
             f"group size {group_size} does not divide in-features {bad} of this model — "
             f"use a group size that divides every layer ({', '.join(map(str, ok)) or 'per-channel -1'})"
         )
+
+
+def layer_by_layer_write_peak(layout, sizes: dict, device: str, extra: dict | None = None) -> dict[str, int]:
+    """The peak of ``quantlab.layerwise.quantize.write_layer_by_layer`` for a method that quantizes each linear on
+    its own into ``layout``: the tensors outside the layers copied in two row blocks, then one fp layer beside its
+    quantized copy (the layout's bytes of a layer's linears), plus the method's own ``extra`` terms for a layer."""
+    shapes = sizes["shapes"]
+    quantized = sum(sum(layout.linear_bytes(lin.out_features, lin.in_features, device).values()) * lin.count
+                    for lin in shapes.linears)
+    return {"layers: one fp layer": sizes["layer"], "layers: the layer quantized": quantized // max(shapes.layers, 1),
+            **(extra or {}), "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from quantlab.errors import RecipeError
 from quantlab.layouts.bnb import Bnb4Layout, Bnb8Layout
-from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
 from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
-from quantlab.methods.base import Method
+from quantlab.methods.base import Method, layer_by_layer_write_peak
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
 _TYPES = {"int8": 8, "nf4": 4, "fp4": 4}
@@ -84,11 +83,7 @@ class BnbMethod(Method):
         """4-bit only: one fp layer and its 4-bit copy; the tensors outside the layers copied in blocks first."""
         if config.quant_type == "int8":
             return None
-        shapes, layout = sizes["shapes"], self.layout(config)
-        quantized = sum(sum(layout.linear_bytes(lin.out_features, lin.in_features, device).values()) * lin.count
-                        for lin in shapes.linears)
-        return {"layers: one fp layer": sizes["layer"], "layers: the layer quantized": quantized // max(shapes.layers, 1),
-                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
+        return layer_by_layer_write_peak(self.layout(config), sizes, device)
 
     def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                                 trust_remote_code=False) -> dict:

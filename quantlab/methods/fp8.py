@@ -17,10 +17,9 @@ from pathlib import Path
 from quantlab.device import CPU
 from quantlab.errors import RecipeError
 from quantlab.fsutil import atomic_write_text
-from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
 from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
 from quantlab.layouts.fp8 import E4M3_MAX, Fp8Layout, quantization_config
-from quantlab.methods.base import Method
+from quantlab.methods.base import Method, layer_by_layer_write_peak
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
 from quantlab.models.shapes import meta_model
 
@@ -87,10 +86,7 @@ class Fp8Method(Method):
 
     def layer_by_layer_peak(self, config, sizes, device):
         """One fp layer and its e4m3 linears and scales; the tensors outside the layers copied in blocks first."""
-        shapes = sizes["shapes"]
-        fp8 = sum(lin.weights + lin.count * lin.out_features * 4 for lin in shapes.linears) // max(shapes.layers, 1)
-        return {"layers: one fp layer": sizes["layer"], "layers: its e4m3 linears and scales": fp8,
-                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
+        return layer_by_layer_write_peak(self.layout(config), sizes, device)
 
     def quantize_peak(self, config, sizes, device):
         """The source loaded whole (the pages of its mapped checkpoint stay resident as every linear is read), the

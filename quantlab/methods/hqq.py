@@ -22,9 +22,8 @@ from pathlib import Path
 from quantlab.device import as_device
 from quantlab.errors import RecipeError
 from quantlab.layouts.hqq import HqqLayout
-from quantlab.layerwise.quantize import BLOCK_BYTES as LAYERWISE_BLOCK_BYTES
 from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
-from quantlab.methods.base import Method, check_group_size
+from quantlab.methods.base import Method, check_group_size, layer_by_layer_write_peak
 from quantlab.models.load import load_causal_lm, save_with_tokenizer
 
 _BITS = (8, 4)
@@ -141,14 +140,9 @@ class HqqMethod(Method):
     def layer_by_layer_peak(self, config, sizes, device):
         """One fp layer at the compute dtype, its quantized copy, and the solver's six fp32 copies of the largest
         linear; the tensors outside the layers are copied in blocks beforehand."""
-        shapes, layout = sizes["shapes"], self.layout(config)
-        largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
-        quantized = sum(sum(layout.linear_bytes(lin.out_features, lin.in_features, device).values()) * lin.count
-                        for lin in shapes.linears)
-        return {"layers: one fp layer": sizes["layer"],
-                "layers: the layer quantized": quantized // max(shapes.layers, 1),
-                "layers: solver, six fp32 copies of the largest linear": 6 * largest * 4,
-                "head: two copy blocks of an unquantized tensor": 2 * LAYERWISE_BLOCK_BYTES}
+        largest = max((lin.out_features * lin.in_features for lin in sizes["shapes"].linears), default=0)
+        return layer_by_layer_write_peak(self.layout(config), sizes, device,
+                                         {"layers: solver, six fp32 copies of the largest linear": 6 * largest * 4})
 
     def layout(self, config):
         return HqqLayout(config.bits, config.group_size)
