@@ -77,6 +77,8 @@ def render_table(results: dict) -> str:
                          f"{train.get('tokens_seen')} tokens")
         if r["latency"].get("skipped"):
             notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
+        elif (r["latency"].get("detail") or {}).get("batches_skipped"):
+            notes.append(f"{r['recipe']}: {r['latency']['detail']['batches_skipped']}")
         if r["memory"].get("accuracy_skipped"):
             notes.append(f"{r['recipe']}: accuracy not measured — {r['memory']['accuracy_skipped']}")
         if r["memory"].get("planned"):

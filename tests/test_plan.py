@@ -172,3 +172,23 @@ def test_the_accuracy_step_is_planned_with_its_batch_of_logits_and_skipped_over_
     # llama.cpp scores one request at a time (quantlab.engines.harness): a GGUF fits where transformers does not
     assert plan_accuracy(gguf, shapes, "cpu", budget).mode == IN_MEMORY
     assert plan_accuracy(gguf, shapes, "cpu", None).batch == 1
+
+
+def test_under_a_budget_the_bench_leaves_out_the_batch_sizes_that_do_not_fit():
+    from transformers import LlamaConfig
+
+    from quantlab.measure.latency import LatencySettings
+    from quantlab.plan.shapes import model_shapes
+    from quantlab.plan.steps import IN_MEMORY, SKIPPED, bench_components, plan_bench, step_peak
+    from quantlab.recipe import parse_recipe
+
+    shapes = model_shapes(LlamaConfig(hidden_size=256, intermediate_size=2048, num_hidden_layers=2, vocab_size=32000,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    recipe, latency = parse_recipe("rtn-w8"), LatencySettings(batch_sizes=(1, 8, 32), prompt_tokens=512)
+    peak = {b: step_peak(bench_components(recipe, shapes, latency, "cpu", b)) for b in (1, 8, 32)}
+    assert peak[1] < peak[8] < peak[32]
+    full = plan_bench(recipe, shapes, latency, "cpu", None)
+    assert (full.mode, full.batch, full.reason) == (IN_MEMORY, 32, "")
+    part = plan_bench(recipe, shapes, latency, "cpu", (peak[8] + peak[32]) // 2)
+    assert (part.mode, part.batch, part.peak_bytes) == (IN_MEMORY, 8, peak[8]) and "batch 32 not timed" in part.reason
+    assert plan_bench(recipe, shapes, latency, "cpu", peak[1] - 1).mode == SKIPPED

@@ -209,19 +209,36 @@ def plan_fidelity(recipe, shapes, fidelity, device: str, budget: int | None) -> 
                     reason=f"{recipe.name} {how} with one window needs {gb(step_peak(comp))}, over the budget {gb(budget)}{why}")
 
 
-def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
+def bench_components(recipe, shapes, latency, device: str, batch: int) -> dict:
     layout = get_method(recipe.method).layout(recipe.config)
     elem = layout.unquantized_dtype_bytes(device)
-    batch, tokens = max(latency.batch_sizes), latency.prompt_tokens + latency.decode_tokens
+    tokens = latency.prompt_tokens + latency.decode_tokens
     comp = {"weights": layout_weights(recipe, shapes, device),
             "kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
             "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)}
     comp.update(checkpoint_pages(layout, shapes, device))
-    if budget is not None and step_peak(comp) > budget:
+    return comp
+
+
+def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
+    """The model loaded whole, timed at each of the settings' batch sizes; under a budget the largest batch sizes
+    that do not fit are left out (``batch``: the largest benched), and with none left the bench is skipped."""
+    tokens = latency.prompt_tokens + latency.decode_tokens
+    sizes = sorted(latency.batch_sizes)
+    comp = bench_components(recipe, shapes, latency, device, sizes[-1])
+    fitting = [b for b in sizes if budget is None or step_peak(bench_components(recipe, shapes, latency, device, b))
+               <= budget]
+    if not fitting:
         return StepPlan("bench", SKIPPED, step_peak(comp), comp,
-                        reason=f"{recipe.name} loaded whole needs {gb(step_peak(comp))} at batch {batch} x {tokens} tokens, "
-                               f"over the budget {gb(budget)}: memory is the planner's, latency not measured")
-    return StepPlan("bench", IN_MEMORY, step_peak(comp), comp)
+                        reason=f"{recipe.name} loaded whole needs {gb(step_peak(comp))} at batch {sizes[-1]} x {tokens} "
+                               f"tokens, over the budget {gb(budget)}: memory is the planner's, latency not measured")
+    if fitting[-1] == sizes[-1]:
+        return StepPlan("bench", IN_MEMORY, step_peak(comp), comp, batch=sizes[-1])
+    left = [b for b in sizes if b > fitting[-1]]
+    kept = bench_components(recipe, shapes, latency, device, fitting[-1])
+    return StepPlan("bench", IN_MEMORY, step_peak(kept), kept, batch=fitting[-1],
+                    reason=f"batch {', '.join(map(str, left))} not timed: {recipe.name} at batch {left[-1]} x {tokens} "
+                           f"tokens needs {gb(step_peak(comp))}, over the budget {gb(budget)}")
 
 
 def plan_accuracy(recipe, shapes, device: str, budget: int | None) -> StepPlan:

@@ -118,8 +118,14 @@ def _bench(job: Job, artifact: str) -> dict:
     plan = job.step("bench")
     if plan and plan.mode == SKIPPED:
         return planned_bench(plan, artifact, job.latency, job.threads)
-    return bench_artifact(job.recipe, artifact, job.threads, job.latency, job.device, job.model.trust_remote_code,
-                          budgeted=job.steps is not None)
+    settings = job.latency
+    if plan and plan.reason:  # the budget leaves the largest batch sizes out
+        settings = dataclasses.replace(settings, batch_sizes=tuple(b for b in settings.batch_sizes if b <= plan.batch))
+    out = bench_artifact(job.recipe, artifact, job.threads, settings, job.device, job.model.trust_remote_code,
+                         budgeted=job.steps is not None)
+    if plan and plan.reason:
+        out["latency"] = {**out["latency"], "batches_skipped": plan.reason}
+    return out
 
 
 def _accuracy(job: Job, artifact: str, tmp: Path) -> dict:
