@@ -204,6 +204,7 @@ def test_a_model_directory_is_refused_before_work(tiny_dir):
         get_method("gguf").check_source(parse_recipe("gguf-q4_k_m").config, str(tiny_dir))
 
 
+@pytest.mark.slow  # about a minute: HFLM and llama.cpp each score the requests on SmolLM2
 def test_lm_eval_scores_a_gguf_in_llama_cpp_as_hflm_scores_fp_in_torch(built, smol):
     """The F32 file in llama.cpp and fp32 in torch give the same lm-eval log-likelihoods and greedy flags on the
     same requests: the suite path of the llama.cpp engine is HFLM's, up to the engine's floor."""
