@@ -64,25 +64,7 @@ def render_table(results: dict) -> str:
     if roofline:
         notes.append("% roofline b1: batch-1 decode's weight bytes per step x steps/s over the GPU's HBM bandwidth")
     for r in results["runs"]:
-        if r.get("guard") and not r["guard"]["ok"]:
-            notes.append(f"{r['recipe']}: FAILED the garbage guard — {'; '.join(r['guard']['reasons'])}")
-        rec = r["fidelity"].get("recovery")
-        if rec:
-            ci = rec["ci95"]
-            parts = [f"{k.upper()} {_fmt(rec[k], '.0%')}" + (f" [{ci[k][0]:.0%}, {ci[k][1]:.0%}]" if ci.get(k) else "")
-                     for k in ("kld", "ppl")]
-            train = (r["cost"].get("training") or {})
-            notes.append(f"{r['recipe']}: recovers {', '.join(parts)} of {rec['twin']}'s degradation; training "
-                         f"{train.get('steps')} steps, {_fmt(train.get('train_cpu_s'), '.0f')} CPU-s, "
-                         f"{train.get('tokens_seen')} tokens")
-        if r["latency"].get("skipped"):
-            notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
-        elif (r["latency"].get("detail") or {}).get("batches_skipped"):
-            notes.append(f"{r['recipe']}: {r['latency']['detail']['batches_skipped']}")
-        if r["memory"].get("accuracy_skipped"):
-            notes.append(f"{r['recipe']}: accuracy not measured — {r['memory']['accuracy_skipped']}")
-        if r["memory"].get("planned"):
-            notes.append(f"{r['recipe']}: * weights are the planner's — bench {r['memory']['peak_kind'].removeprefix('not measured — ')}")
+        notes.extend(_run_notes(r))
     if results.get("max_memory_bytes"):
         notes.append(f"memory budget (--max-memory): {results['max_memory_bytes'] / 1e9:.2f} GB per step")
     for r in results["runs"]:
@@ -191,3 +173,28 @@ def render_fit(result: dict) -> str:
         *([f"vllm: {result['vllm']}"] if result.get("vllm") else []),
         f"artifact: {result['artifact']}",
     ])
+
+
+def _run_notes(r: dict) -> list[str]:
+    """The notes under the table about one run: guard failures, recoveries, what was not measured and why."""
+    notes = []
+    if r.get("guard") and not r["guard"]["ok"]:
+        notes.append(f"{r['recipe']}: FAILED the garbage guard — {'; '.join(r['guard']['reasons'])}")
+    rec = r["fidelity"].get("recovery")
+    if rec:
+        ci = rec["ci95"]
+        parts = [f"{k.upper()} {_fmt(rec[k], '.0%')}" + (f" [{ci[k][0]:.0%}, {ci[k][1]:.0%}]" if ci.get(k) else "")
+                 for k in ("kld", "ppl")]
+        train = (r["cost"].get("training") or {})
+        notes.append(f"{r['recipe']}: recovers {', '.join(parts)} of {rec['twin']}'s degradation; training "
+                     f"{train.get('steps')} steps, {_fmt(train.get('train_cpu_s'), '.0f')} CPU-s, "
+                     f"{train.get('tokens_seen')} tokens")
+    if r["latency"].get("skipped"):
+        notes.append(f"{r['recipe']}: latency not measured — {r['latency']['skipped']}")
+    elif (r["latency"].get("detail") or {}).get("batches_skipped"):
+        notes.append(f"{r['recipe']}: {r['latency']['detail']['batches_skipped']}")
+    if r["memory"].get("accuracy_skipped"):
+        notes.append(f"{r['recipe']}: accuracy not measured — {r['memory']['accuracy_skipped']}")
+    if r["memory"].get("planned"):
+        notes.append(f"{r['recipe']}: * weights are the planner's — bench {r['memory']['peak_kind'].removeprefix('not measured — ')}")
+    return notes

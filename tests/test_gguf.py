@@ -254,3 +254,27 @@ def test_the_importance_matrix_is_the_same_captured_layer_by_layer(tied, tmp_pat
     assert ("output.weight" in whole) is not tied
     for name, values in whole.items():
         np.testing.assert_allclose(layered[name], values, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["gguf-q4_k_m", "gguf-q8_0"])
+def test_the_planner_predicts_llama_cpp_s_buffers(name, built, smol):
+    """llama.cpp's model buffers are the file's tensor bytes plus its CPU repack of Q4_0/Q4_K matrix weights; its
+    KV cache and compute buffer at a context are what the planner's llama.cpp terms say (``held_terms``)."""
+    from quantlab.layouts.loading import load_recipe_model
+    from quantlab.models.load import load_config
+    from quantlab.plan.shapes import model_shapes
+    from quantlab.plan.steps import layout_weights
+
+    target, recipe, _ = built[name]
+    shapes = model_shapes(load_config(smol.path))
+    layout = get_method("gguf").layout(recipe.config)
+    planned = layout.engine_terms(shapes, 1, 256)
+    model = load_recipe_model(str(target), recipe, "cpu")
+    held = model.buffers_at(256)
+    model.close()
+    repacked = planned["llama.cpp: repacked copies of Q4_0/Q4_K weights (CPU)"]
+    assert (repacked > 0) == (name == "gguf-q4_k_m")
+    norms = shapes.unquantized["norms"] * 4  # F32 1-D tensors: in the file, and in the layout's weights
+    assert held["model"] == pytest.approx(layout_weights(recipe, shapes, "cpu") + repacked, rel=0.01, abs=norms)
+    assert held["KV"] == pytest.approx(planned["llama.cpp: KV cache (F16)"], rel=0.01)
+    assert held["compute"] == pytest.approx(planned["llama.cpp: compute buffer (a micro-batch's logits)"], rel=0.05)

@@ -108,13 +108,14 @@ class LlamaCppModel(EngineModel):
 
         windows, length = batch.shape
         llm = self._context(length)
-        out = []
-        for row in batch.tolist():
+        out = torch.empty((windows, length - 1, llm.n_vocab()), dtype=torch.float32)
+        for i, row in enumerate(batch.tolist()):
             llm.reset()
             llm.eval(row)
-            logits = torch.from_numpy(np.array(llm.scores[:length - 1], dtype=np.float32))
-            out.append(torch.log_softmax(logits, dim=-1))
-        return torch.stack(out)
+            window = out[i]
+            window.copy_(torch.from_numpy(np.asarray(llm.scores[:length - 1], dtype=np.float32)))
+            window -= torch.logsumexp(window, dim=-1, keepdim=True)  # normalised in place: one window's temporary
+        return out
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
         """``new_tokens`` greedy tokens (argmax of llama.cpp's logits) after ``prompt``."""
@@ -186,3 +187,27 @@ DECODE_DEFINITION = ("llama.cpp through llama-cpp-python, as llama-bench defines
                      "cache (llama-bench -n), all prompt runs before all generation runs, each after a warm-up; "
                      "batch 1; flash attention on, F16 KV cache, micro-batches of 512 (llama-bench's defaults on a "
                      "CPU)")
+
+
+#: ggml types llama.cpp's CPU backend repacks for its x86 AVX2 kernels (``ggml_repack_get_optimal_repack_type`` in
+#: ggml-cpu/repack.cpp: Q4_0, Q4_K, IQ4_NL and MXFP4, when the rows are a multiple of 8), as a second copy beside the
+#: mapped file: a weight of a matrix product (not the token embedding, which is read by rows)
+REPACKED_TYPES = ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4")
+
+
+def held_terms(tensors: dict[str, tuple[str, tuple[int, ...], int]], shapes, windows: int, tokens: int) -> dict:
+    """What llama.cpp holds beside the file's tensor bytes when it scores ``windows`` windows of ``tokens`` tokens
+    one at a time (``LlamaCppModel.log_probs``; ``windows`` 0: a bench or lm-eval request), in bytes by component. ``tensors``: GGUF name -> (ggml type, ggml
+    shape, bytes). Qwen2.5-Coder-1.5B gguf-q4_k_m at 256 tokens, from llama.cpp's log: model buffers 1729.1 MB
+    (the mapped file 1059.9 MiB and the repacked Q4_K copies), compute 158.7 MB, KV 7.3 MB."""
+    repacked = sum(size for name, (kind, shape, size) in tensors.items()
+                   if kind in REPACKED_TYPES and name != "token_embd.weight" and shape[1] % 8 == 0)
+    ubatch = min(tokens, UBATCH)
+    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * tokens * 2  # F16 keys and values
+    return {"llama.cpp: repacked copies of Q4_0/Q4_K weights (CPU)": repacked,
+            "llama.cpp: KV cache (F16)": kv,
+            "llama.cpp: compute buffer (a micro-batch's logits)": ubatch * shapes.vocab * 4,
+            "llama.cpp: logits of every position": tokens * shapes.vocab * 4,
+            "llama-cpp-python: scores array": tokens * shapes.vocab * 4,
+            **({"log-probs of the windows": windows * (tokens - 1) * shapes.vocab * 4,
+                "one window's normalisation temporary": (tokens - 1) * shapes.vocab * 4} if windows else {})}

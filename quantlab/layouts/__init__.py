@@ -81,6 +81,12 @@ class Layout:
         """Bytes per element of a quantized layer's bias (most layouts keep it at the unquantized dtype)."""
         return self.unquantized_dtype_bytes(device)
 
+    def engine_terms(self, shapes, windows: int, tokens: int) -> dict[str, int] | None:
+        """What the layout's own engine holds beside the weights while it scores ``windows`` windows of ``tokens``
+        tokens (``windows`` 0: one sequence, as a bench or lm-eval request), by component; None for a layout that
+        transformers runs, whose forward the planner models itself (``quantlab.plan.steps``)."""
+        return None
+
     def dequantize_bytes_per_value(self, device: str) -> int:
         """Bytes per weight value a linear's kernel holds in flight while it dequantizes that linear (the planner
         counts it for the largest linear); the default is one copy at the unquantized dtype."""

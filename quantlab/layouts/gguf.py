@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.engines.llamacpp import LlamaCppModel
+from quantlab.engines.llamacpp import LlamaCppModel, held_terms
 from quantlab.gguf_file import gguf_reader
 from quantlab.layouts import Layout
 from quantlab.layouts.gguf_types import gguf_name, tensor_bytes, tensor_types
@@ -77,6 +77,11 @@ class GgufLayout(Layout):
         import torch
 
         return LlamaCppModel(Path(path) / FILE, threads=torch.get_num_threads())
+
+    def engine_terms(self, shapes, windows: int, tokens: int) -> dict[str, int]:
+        types, tensors = self.types(shapes), self.tensors(shapes)
+        held = {name: (types[name], shape, tensor_bytes(types[name], shape)) for name, shape in tensors.items()}
+        return held_terms(held, shapes, windows, tokens)
 
     def stored_types(self, artifact: Path) -> dict[str, str]:
         """Each tensor's ggml type in the artifact's file (what ``check_quantized`` reads for a GGUF)."""

@@ -160,8 +160,9 @@ def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, window
     elem = layout.unquantized_dtype_bytes(device)
     compare = {"comparison": (fidelity.chunk_tokens - 1) * shapes.vocab * 4 + 3 * ROWS * shapes.vocab * 4}
     if mode == IN_MEMORY:
-        comp = {"weights": layout_weights(recipe, shapes, device), **_forward(shapes, windows, fidelity.chunk_tokens, elem),
-                **compare}
+        engine = layout.engine_terms(shapes, windows, fidelity.chunk_tokens)
+        forward = engine if engine is not None else _forward(shapes, windows, fidelity.chunk_tokens, elem)
+        comp = {"weights": layout_weights(recipe, shapes, device), **forward, **compare}
         return {**comp, **checkpoint_pages(layout, shapes, device)}
     weights = terms.weight_terms(layout, shapes, device)
     largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
@@ -213,9 +214,11 @@ def bench_components(recipe, shapes, latency, device: str, batch: int) -> dict:
     layout = get_method(recipe.method).layout(recipe.config)
     elem = layout.unquantized_dtype_bytes(device)
     tokens = latency.prompt_tokens + latency.decode_tokens
+    engine = layout.engine_terms(shapes, 0, tokens)  # an engine of its own benches batch 1 (llama-bench's way)
     comp = {"weights": layout_weights(recipe, shapes, device),
-            "kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
-            "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)}
+            **(engine if engine is not None else
+               {"kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
+                "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)})}
     comp.update(checkpoint_pages(layout, shapes, device))
     return comp
 
@@ -248,11 +251,12 @@ def plan_accuracy(recipe, shapes, device: str, budget: int | None) -> StepPlan:
     (arc_easy, piqa, hellaswag) are shorter; a longer task's batch can hold more, which the step's held memory then
     shows against the budget."""
     layout = get_method(recipe.method).layout(recipe.config)
-    batch = 1 if layout.engines[0] != "transformers" else ACCURACY_BATCH
-    comp = {"weights": layout_weights(recipe, shapes, device),
+    engine = layout.engine_terms(shapes, 0, ACCURACY_TOKENS)
+    batch = 1 if engine is not None else ACCURACY_BATCH
+    comp = {"weights": layout_weights(recipe, shapes, device), **(engine if engine is not None else {
             "activations": terms.activation_bytes(shapes, ACCURACY_TOKENS, batch,
                                                   layout.unquantized_dtype_bytes(device)) - batch * shapes.vocab * 4,
-            "logits and log-softmax": 2 * batch * ACCURACY_TOKENS * shapes.vocab * 4}
+            "logits and log-softmax": 2 * batch * ACCURACY_TOKENS * shapes.vocab * 4})}
     comp.update(checkpoint_pages(layout, shapes, device))
     if budget is not None and step_peak(comp) > budget:
         return StepPlan("accuracy", SKIPPED, step_peak(comp), comp,
