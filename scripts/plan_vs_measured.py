@@ -70,7 +70,7 @@ def main() -> None:
     print("held = peak RSS above the step process's RSS once its libraries are imported; GB = 10^9 bytes; "
           "wall = the step's wall seconds (step_wall_s; quantize: the artifact's build)")
     print("planned = this commit's planner at the run's budget; as run = the plan the job recorded, where it differs")
-    print(f"{'recipe':<14}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}{'wall s':>9}"
+    print(f"{'recipe':<21}{'step':<10}{'mode':<16}{'planned GB':>11}{'held GB':>9}{'planned/held':>14}{'wall s':>9}"
           f"  {'budget':<8}as run")
     for run in runs:
         device = (run.get("provenance") or {}).get("device", {}).get("device", "cpu")
@@ -90,7 +90,7 @@ def main() -> None:
             then = (f"{old['mode']} {old['peak_bytes'] / 1e9:.2f} GB ({old['peak_bytes'] / m:.3f})" if m else
                     f"{old['mode']} {old['peak_bytes'] / 1e9:.2f} GB") if old and old["peak_bytes"] != p["peak_bytes"] else ""
             wall = f"{walls[step]:.0f}" if walls.get(step) else "—"
-            print(f"{run['recipe']:<14}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}"
+            print(f"{run['recipe']:<21}{step:<10}{p['mode']:<16}{p['peak_bytes'] / 1e9:>11.2f}{held:>9}{ratio:>14}"
                   f"{wall:>9}  {verdict:<8}{then}")
 
 
