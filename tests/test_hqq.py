@@ -131,3 +131,21 @@ def test_a_sharded_artifact_reloads_with_the_same_logits(tiny_dir, tmp_path):
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_the_solver_in_blocks_gives_the_whole_tensor_s_solve():
+    """Every step of hqq's proximal solver is per element or per group, so solving blocks of groups gives the whole
+    tensor's codes, scales and zeros (while no block stops early, as here: five iterations that all lower the error)."""
+    from hqq.core.optimize import optimize_weights_proximal_legacy
+
+    from quantlab.methods.hqq import _PROXIMAL, SOLVER_BLOCK_GROUPS, solve_in_blocks
+
+    torch.manual_seed(0)
+    w = (torch.randn(2 * SOLVER_BLOCK_GROUPS + 100, 64) * 0.02)
+    lo, hi = w.min(1, keepdim=True)[0], w.max(1, keepdim=True)[0]
+    scale = 15 / (hi - lo)
+    args = dict(tensor=w, scale=scale, zero=-lo * scale, min_max=[0, 15], axis=1, device="cpu")
+    settings = {**_PROXIMAL, "iters": 5}
+    whole = optimize_weights_proximal_legacy(**args, opt_params=settings)
+    blocks = solve_in_blocks(**args, opt_params=settings)
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
