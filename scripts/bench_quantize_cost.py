@@ -7,7 +7,7 @@ and CPU seconds (the step's own ``quantize_wall_s`` and ``quantize_cpu_s``), the
 fraction of the last recipe's, with the goal of ``--goal`` (a ratio) checked on wall time.
 
     .venv/bin/python scripts/bench_quantize_cost.py --model smollm2-135m --recipes hqq-w4-g64,gptq-w4-g64 \\
-        --rounds 3 --goal 0.05
+        --rounds 3 --goal 0.05 [--max-memory 3.5GB]
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ BUILD = """
 import json, sys
 from quantlab.recipe import parse_recipe
 from quantlab.sweep.commands import quantize_model
-art = quantize_model(sys.argv[1], parse_recipe(sys.argv[2]), "cpu", threads=int(sys.argv[3]))
+art = quantize_model(sys.argv[1], parse_recipe(sys.argv[2]), "cpu", threads=int(sys.argv[3]),
+                     max_memory=sys.argv[4] or None)
 print("COST " + json.dumps({k: art["cost"].get(k) for k in ("quantize_wall_s", "quantize_cpu_s")}))
 """
 
 
-def build(model: str, recipe: str, threads: int, home: Path) -> dict:
+def build(model: str, recipe: str, threads: int, home: Path, max_memory: str | None) -> dict:
     import json
 
     env = {**os.environ, "QUANTLAB_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", BUILD, model, recipe, str(threads)], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", BUILD, model, recipe, str(threads), max_memory or ""], env=env,
+                         capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("COST "))[5:])
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--goal", type=float, default=None, help="most wall-time fraction of the reference allowed")
+    ap.add_argument("--max-memory", default=None, help="the memory budget each build plans under (e.g. 3.5GB)")
     args = ap.parse_args()
     recipes = args.recipes.split(",")
     real = quantlab_home()
@@ -61,10 +63,11 @@ def main() -> None:
                 for shared in ("models", "gguf"):
                     if (real / shared).is_dir():
                         (home / shared).symlink_to(real / shared)
-                costs[recipe].append(build(args.model, recipe, args.threads, home))
+                costs[recipe].append(build(args.model, recipe, args.threads, home, args.max_memory))
                 print(f"round {i + 1} {recipe}: {costs[recipe][-1]}", flush=True)
     prov = provenance("cpu")
-    print(f"\nmodel {args.model}; threads {args.threads}; {args.rounds} rounds, recipes alternating; "
+    print(f"\nmodel {args.model}; threads {args.threads}; budget {args.max_memory or 'none'}; {args.rounds} rounds, "
+          "recipes alternating; "
           f"git {git_sha()}; versions {prov.get('versions')}")
     print("wall = the quantize step's wall seconds (quantize_wall_s); cpu = its CPU seconds, all its threads "
           "(quantize_cpu_s); median [min, max]")

@@ -31,8 +31,9 @@ _BITS = (8, 4)
 _GROUPS = (32, 64, 128)
 #: hqq's proximal solver settings but the iteration cap (hqq.core.optimize.optimize_weights_proximal_legacy)
 _PROXIMAL = {"lp_norm": 0.7, "beta": 1e1, "kappa": 1.01}
-#: groups (rows of the solver's (groups, group size) view) solved at a time: 4096 x 64 fp32 values, 1 MiB
-SOLVER_BLOCK_GROUPS = 4096
+#: groups (rows of the solver's (groups, group size) view) solved at a time: 1024 x 64 fp32 values, 256 KiB, below
+#: the 1 MiB above which a budgeted step has glibc map and unmap every allocation (``return_freed_memory``)
+SOLVER_BLOCK_GROUPS = 1024
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def solve_in_blocks(tensor, scale, zero, min_max, axis=0, device=None, opt_param
 
     Each group's scale and zero are solved from that group's weights alone (every operation of the solver is per
     element or per group), so blocks give the whole tensor's result while each block's temporaries stay in the CPU's
-    cache: on a 8960 x 1536 linear at one thread 0.83 s against 2.44 s whole. The one thing a block does on its own is
+    cache: on a 8960 x 1536 linear at one thread 0.52 s against 2.44 s whole (0.80 s under a budget's allocator
+    setting, where blocks of 1 MiB took 1.93 s: each temporary mapped and unmapped). The one thing a block does on its own is
     hqq's early stop (an iteration that raises the mean error ends the solve): a block stops on its own error where
     the whole tensor stops on the mean over all groups. With 5 iterations on SmolLM2 and Qwen2.5-Coder-1.5B every
     iteration lowered it, and the artifacts are the whole-tensor solve's, byte for byte
