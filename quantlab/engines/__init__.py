@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from quantlab.device import CPU
 from quantlab.errors import RecipeError
 
 
@@ -45,7 +46,7 @@ class EngineModel:
     ``quantlab.engines.harness``; ``close`` frees what the engine holds."""
 
     engine: ClassVar[str]
-    device: ClassVar[str] = "cpu"
+    device: ClassVar[str] = CPU
 
     def log_probs(self, batch):
         """log p(next token) at every position but the last of each window: (windows, tokens - 1, vocab) float32."""

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantlab.device import CPU
 from quantlab.errors import RecipeError
 from quantlab.layouts.bnb import Bnb4Layout, Bnb8Layout
 from quantlab.layerwise.quantize import save_companions, write_layer_by_layer
@@ -104,7 +105,7 @@ class BnbMethod(Method):
                                         compute_dtype=dtype, compress_statistics=config.double_quant,
                                         quant_type=config.quant_type)
                 new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type=config.quant_type,
-                                               compress_statistics=config.double_quant, module=new).to("cpu")
+                                               compress_statistics=config.double_quant, module=new).to(CPU)
                 if module.bias is not None:
                     new.bias = module.bias
                 owner, _, leaf = name.rpartition(".")
