@@ -34,9 +34,15 @@ def env(tmp_path, quantlab_home):
             "HF_HUB_OFFLINE": "1"}
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT's default disposition, as a terminal's foreground job has it. A test runner started in
+    the background by a non-interactive shell ignores SIGINT, and every process it starts would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, env, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "quantlab.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kwargs)
 
 
 def _session(sid: int) -> list:
