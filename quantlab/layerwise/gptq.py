@@ -52,7 +52,7 @@ class GptqLayers:
                     fresh._buffers[leaf] = reader.read(full).to(self.device, buf.dtype)
                 elif buf is not None and buf.is_meta:
                     fresh._buffers[leaf] = None  # built by post-init (shift tables), if the kernel has any
-            _replace(layer, name, fresh)
+            layer.set_submodule(name, fresh)
         with torch.inference_mode(False):
             self._post_init(layer)
         missing = [f"{prefix}.{n}.{leaf}" for n, m in layer.named_modules() if isinstance(m, self.kind)
@@ -90,9 +90,5 @@ class GptqLayers:
             if fresh is not template:
                 for leaf in fresh._buffers:
                     fresh._buffers[leaf] = None
-            _replace(layer, name, template)
+            layer.set_submodule(name, template)
 
-
-def _replace(root, name: str, module) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(owner) if owner else root, leaf, module)

@@ -13,7 +13,7 @@ from quantlab.errors import ModelLoadError
 from quantlab.fp8_linear import fp8_linear_class
 
 
-def swapped_linears(model, config, reader, layers, layers_prefix: str, device: str):
+def swapped_linears(config, reader, layers, layers_prefix: str, device: str):
     """The ``SwappedLinears`` of an artifact whose linears are float8 or bitsandbytes 4-bit, else None."""
     quantization = getattr(config, "quantization_config", None)
     if not isinstance(quantization, dict):
@@ -37,7 +37,7 @@ class SwappedLinears:
     def __init__(self, layers, layers_prefix: str, reader, device: str, build, marker: str):
         import torch
 
-        self.build, self.device, self.reader = build, device, reader
+        self.build, self.device = build, device
         self.templates: dict[int, dict[str, object]] = {}  # layer index -> {linear name: its meta nn.Linear}
         for i, layer in enumerate(layers):
             self.templates[i] = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)
@@ -54,11 +54,11 @@ class SwappedLinears:
     def load(self, layer, i: int, prefix: str, reader) -> None:
         for name, template in self.templates.get(i, {}).items():
             module = self.build(reader, f"{prefix}.{name}", template, self.device)
-            _replace(layer, name, module.train(template.training))  # eval, as the model: bnb's CPU path checks
+            layer.set_submodule(name, module.train(template.training))  # eval, as the model: bnb's CPU path checks
 
     def release(self, layer, i: int) -> None:
         for name, template in self.templates.get(i, {}).items():
-            _replace(layer, name, template)
+            layer.set_submodule(name, template)
 
 
 def _fp8_linear(reader, name: str, template, device: str):
@@ -85,7 +85,3 @@ def _bnb4_linear(compute_dtype: str):
 
     return build
 
-
-def _replace(root, name: str, module) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(owner) if owner else root, leaf, module)

@@ -141,7 +141,7 @@ class LayerwiseModel:
         parts = model_parts(model, self.reader)
         self.layers, self.layers_prefix = parts.layers, parts.layers_prefix
         self.quantized = (GptqLayers(model, config, device) if is_gptq(config)
-                     else swapped_linears(model, config, self.reader, self.layers, self.layers_prefix, device))
+                          else swapped_linears(config, self.reader, self.layers, self.layers_prefix, device))
         self.head_tied = parts.head_name == parts.embed_name  # the checkpoint holds no head of its own
         row_embedding, sliced_head = _modules()
         model.set_input_embeddings(row_embedding(self.reader, self._need(parts.embed_name), self.dtype, device))

@@ -55,8 +55,8 @@ def write_layer_by_layer(source_dir: Path, out_dir: Path, quantize_layer, *, dty
                          trust_remote_code: bool = False):
     """The artifact of a method that quantizes each linear on its own (no calibration), one decoder layer at a time:
     every tensor outside the layers streamed across in row blocks (cast to ``dtype`` if given, floats only), then
-    each layer read from the safetensors (cast likewise), passed to ``quantize_layer(layer, prefix)`` (which returns
-    the layer's tensors under their full names, as ``save_pretrained`` names them) and written as its own shard.
+    each layer read from the safetensors (cast likewise), quantized in place by ``quantize_layer(layer)``, and its
+    state, under the names ``save_pretrained`` gives it, written as its own shard.
     Returns the source's config, for the caller to complete and save (``save_companions``). Peak: one fp layer, its
     quantized tensors and a block."""
     reader = CheckpointReader(source_dir)
@@ -69,7 +69,8 @@ def write_layer_by_layer(source_dir: Path, out_dir: Path, quantize_layer, *, dty
     writer.add_streamed({name: _blocks(reader, name, dtype) for name in outside})
     for i in range(len(parts.layers)):
         layer = read_layer(parts, i, dtype)
-        tensors = quantize_layer(layer, f"{parts.layers_prefix}.{i}.")
+        quantize_layer(layer)
+        tensors = {f"{parts.layers_prefix}.{i}.{k}": v.cpu() for k, v in layer.state_dict().items()}
         del layer
         writer.add(tensors)
         del tensors

@@ -97,7 +97,7 @@ class BnbMethod(Method):
 
         dtype = self.layout(config).load_kwargs(device)["dtype"]
 
-        def quantize_layer(layer, prefix):
+        def quantize_layer(layer):
             for name, module in list(layer.named_modules()):
                 if not isinstance(module, torch.nn.Linear):
                     continue
@@ -108,9 +108,7 @@ class BnbMethod(Method):
                                                compress_statistics=config.double_quant, module=new).to(CPU)
                 if module.bias is not None:
                     new.bias = module.bias
-                owner, _, leaf = name.rpartition(".")
-                setattr(layer.get_submodule(owner) if owner else layer, leaf, new)
-            return {prefix + k: v for k, v in layer.state_dict().items()}
+                layer.set_submodule(name, new)
 
         model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, dtype=dtype,
                                             trust_remote_code=trust_remote_code)

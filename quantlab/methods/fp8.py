@@ -73,11 +73,8 @@ class Fp8Method(Method):
                                 trust_remote_code=False) -> dict:
         """``quantize`` one decoder layer at a time (``quantlab.layerwise.quantize.write_layer_by_layer``): every
         linear in a layer as e4m3 and its scale; the embedding, norms and head (outside the layers) as stored."""
-        def quantize_layer(layer, prefix):
-            quantize_linears(layer, skip=None)
-            return {prefix + k: v for k, v in layer.state_dict().items()}
-
-        model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, trust_remote_code=trust_remote_code)
+        model_config = write_layer_by_layer(source_dir, out_dir, lambda layer: quantize_linears(layer, skip=None),
+                                            trust_remote_code=trust_remote_code)
         model_config.quantization_config = quantization_config(ignore=_head_names(model_config, trust_remote_code))
         save_companions(source_dir, out_dir, model_config, trust_remote_code)
         return {"library": "torch", "format": "compressed-tensors float-quantized (W8A16 FP8, channel)",

@@ -122,16 +122,14 @@ class HqqMethod(Method):
         settings = BaseQuantizeConfig(nbits=config.bits, group_size=config.group_size, axis=1)
         target = str(as_device(device))
 
-        def quantize_layer(layer, prefix):
+        def quantize_layer(layer):
             import torch
 
             for name, module in list(layer.named_modules()):
                 if isinstance(module, torch.nn.Linear):
                     quantized = HQQLinear(module, settings, compute_dtype=dtype, device=target)
                     quantized.device = target
-                    owner, _, leaf = name.rpartition(".")
-                    setattr(layer.get_submodule(owner) if owner else layer, leaf, quantized)
-            return {prefix + k: v.cpu() for k, v in layer.state_dict().items()}
+                    layer.set_submodule(name, quantized)
 
         with proximal_iterations(config.iters):
             model_config = write_layer_by_layer(source_dir, out_dir, quantize_layer, dtype=dtype,

@@ -227,21 +227,19 @@ def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> Step
     """The model loaded whole, timed at each of the settings' batch sizes; under a budget the largest batch sizes
     that do not fit are left out (``batch``: the largest benched), and with none left the bench is skipped."""
     tokens = latency.prompt_tokens + latency.decode_tokens
-    sizes = sorted(latency.batch_sizes)
-    comp = bench_components(recipe, shapes, latency, device, sizes[-1])
-    fitting = [b for b in sizes if budget is None or step_peak(bench_components(recipe, shapes, latency, device, b))
-               <= budget]
+    comps = {b: bench_components(recipe, shapes, latency, device, b) for b in sorted(latency.batch_sizes)}
+    largest = max(comps)
+    fitting = [b for b, comp in comps.items() if budget is None or step_peak(comp) <= budget]
+    full = step_peak(comps[largest])
     if not fitting:
-        return StepPlan("bench", SKIPPED, step_peak(comp), comp,
-                        reason=f"{recipe.name} loaded whole needs {gb(step_peak(comp))} at batch {sizes[-1]} x {tokens} "
+        return StepPlan("bench", SKIPPED, full, comps[largest],
+                        reason=f"{recipe.name} loaded whole needs {gb(full)} at batch {largest} x {tokens} "
                                f"tokens, over the budget {gb(budget)}: memory is the planner's, latency not measured")
-    if fitting[-1] == sizes[-1]:
-        return StepPlan("bench", IN_MEMORY, step_peak(comp), comp, batch=sizes[-1])
-    left = [b for b in sizes if b > fitting[-1]]
-    kept = bench_components(recipe, shapes, latency, device, fitting[-1])
-    return StepPlan("bench", IN_MEMORY, step_peak(kept), kept, batch=fitting[-1],
-                    reason=f"batch {', '.join(map(str, left))} not timed: {recipe.name} at batch {left[-1]} x {tokens} "
-                           f"tokens needs {gb(step_peak(comp))}, over the budget {gb(budget)}")
+    kept = fitting[-1]
+    left = [b for b in comps if b > kept]
+    reason = (f"batch {', '.join(map(str, left))} not timed: {recipe.name} at batch {largest} x {tokens} tokens needs "
+              f"{gb(full)}, over the budget {gb(budget)}") if left else ""
+    return StepPlan("bench", IN_MEMORY, step_peak(comps[kept]), comps[kept], batch=kept, reason=reason)
 
 
 def plan_accuracy(recipe, shapes, device: str, budget: int | None) -> StepPlan:
