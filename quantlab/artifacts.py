@@ -53,8 +53,10 @@ def resolve_target(ref: str, trust_remote_code: bool = False) -> tuple[str, Reci
     manifest = read_manifest(ref) if Path(ref).is_dir() else None
     if manifest:
         quiet_libraries()
-        check_model_dir(Path(ref), trust_remote_code)
-        return str(Path(ref).resolve()), Recipe.from_dict(manifest["recipe"])
+        recipe = Recipe.from_dict(manifest["recipe"])
+        if get_method(recipe.method).layout(recipe.config).engines[0] == "transformers":  # a GGUF: llama.cpp's file
+            check_model_dir(Path(ref), trust_remote_code)
+        return str(Path(ref).resolve()), recipe
     return resolve_model(ref, trust_remote_code).path, parse_recipe("fp")
 
 

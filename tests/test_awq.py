@@ -143,3 +143,23 @@ def test_gemm_tensors_dequantize_to_the_scaled_source_weight(awq_artifact, tiny_
             # measured: q_proj 0.095 and up_proj 0.138 against RTN's 0.092 (the clip search trades weight error for
             # output error); a misread packing order gives 1.26
             assert err < 2 * rtn, (proj, err.item(), rtn.item())
+
+
+@pytest.mark.parametrize("out_features", [512, 96], ids=["two-channel-batches", "no-multiple-of-64"])
+def test_the_clip_search_is_gptqmodels_with_matrix_products(out_features):
+    """quantlab's clip search chooses, per channel and group, the clip GPTQModel's own search chooses on the same
+    fp32 weight and tokens (GPTQModel's in zero-padded rows where 64 does not divide the channels)."""
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    from quantlab.methods.awq import clip_search
+
+    processor = AWQProcessor.__new__(AWQProcessor)  # the search reads only the quantize config
+    processor.qcfg = type("Q", (), {"group_size": 64, "bits": 4, "sym": False})()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, 256, generator=g) * torch.rand(1, 256, generator=g)
+    x = torch.randn(4, 600, 256, generator=g) * torch.rand(256, generator=g) * 3
+    padded = torch.cat([w, w.new_zeros(-out_features % 64, 256)])
+    theirs = AWQProcessor._compute_best_clip(processor, padded, x)[:out_features]
+    ours = clip_search(processor, w, x)
+    assert ours.shape == theirs.shape == (out_features, 4, 1)
+    assert torch.equal(ours, theirs)

@@ -1,7 +1,8 @@
 """Per-unit sensitivity: the KLD against fp of the model with only one unit quantized, for every unit and format.
 
-The quantized weights are those the format's uniform GPTQ run produced (its artifact, unpacked to fp32): the
-unit's own GPTQ weights, not a proxy's. One at a time they replace the unit's weights in the fp model, and the
+The quantized weights are those the format's uniform run produced, unpacked to fp32: a GPTQ format's uniform GPTQ
+artifact, a GGUF format's file with every tensor at that type (dequantized as transformers dequantizes a GGUF, in
+its layout), the unit's own weights, not a proxy's. One at a time they replace the unit's weights in the fp model, and the
 model's log-probs on the sensitivity text are compared with the cached fp log-probs, token by token over the full
 vocabulary, as the fidelity step does. Blocks before the unit's compute what fp computes, so their outputs are
 captured once and each unit's forward starts at its own block (checked once against a full forward; a model
@@ -14,7 +15,8 @@ import math
 
 from quantlab.errors import MeasurementError
 from quantlab.evaluate import fidelity as fid
-from quantlab.fit.units import HEAD
+from quantlab.gguf_file import gguf_reader
+from quantlab.layouts.gguf_types import gguf_name
 from quantlab.layouts.gptq import unpack_weight
 
 START_TOLERANCE = 1e-3  # largest |Δ log p| allowed between a forward started mid-way and a whole one
@@ -133,11 +135,34 @@ def gptq_weights(reader, names, bits: int) -> dict:
                              reader.read(f"{n}.g_idx"), bits) for n in names}
 
 
-def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: dict, progress=None,
-                  head_readers: dict | None = None) -> dict:
-    """``{unit: {format: [KLD of each window]}}``: fp is 0 by definition; every other format has its
-    ``CheckpointReader`` in ``readers`` (the format's uniform GPTQ artifact), and in ``head_readers`` where the
-    untied head is a unit (its head-only artifact: a uniform one leaves the head fp)."""
+class GgufWeights:
+    """The fp32 weights of a GGUF file's tensors in the HF layout (transformers' GGUF tensor processor: llama's
+    q and k rows un-permuted), by HF module name."""
+
+    def __init__(self, path, arch: str, heads: int, kv_heads: int):
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.tensors = {t.name: t for t in gguf_reader(path).tensors}
+        config = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+
+    def read(self, names) -> dict:
+        import gguf
+        import numpy as np
+        import torch
+
+        out = {}
+        for name in names:
+            tensor = self.tensors[gguf_name(name)]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = self.processor.process(values, tensor.name).weights
+            out[name] = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file's pages are read-only
+        return out
+
+
+def measure_table(model, prefixes: Prefixes, baseline, units, formats, weights_of, progress=None) -> dict:
+    """``{unit: {format: [KLD of each window]}}``: a format without bits (fp, gguf-f32) is 0 by definition; every
+    other's weights for a unit are ``weights_of(format, unit)`` (name -> fp32 (out, in) tensor)."""
     table = {u.name: {} for u in units}
     windows = prefixes.ids.shape[0]
     for fmt in formats:
@@ -145,13 +170,12 @@ def measure_table(model, prefixes: Prefixes, baseline, units, formats, readers: 
             if fmt.bits is None:
                 table[u.name][fmt.name] = [0.0] * windows
                 continue
-            reader = (head_readers or {}).get(fmt.name) if u.name == HEAD else readers[fmt.name]
-            weights = gptq_weights(reader, [n for n, _, _ in u.modules], fmt.bits)
+            weights = weights_of(fmt, u)
             with swapped(model, weights):
                 table[u.name][fmt.name] = unit_kld(prefixes, u.block, baseline)
             if not all(math.isfinite(k) for k in table[u.name][fmt.name]):  # NaN: the allocation's sums mean nothing
                 raise MeasurementError(f"The sensitivity of {u.name} in {fmt.name} is not a number (NaN or inf) — "
-                                       "that format's uniform GPTQ weights break the model: leave the format out "
+                                       "that format's uniform weights break the model: leave the format out "
                                        "(--formats) or check the calibration text")
             if progress:
                 progress()

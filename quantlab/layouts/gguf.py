@@ -13,11 +13,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.engines.llamacpp import LlamaCppModel, held_terms
+from quantlab.errors import RecipeError
 from quantlab.gguf_file import gguf_reader
 from quantlab.layouts import Layout
-from quantlab.layouts.gguf_types import gguf_name, tensor_bytes, tensor_types
+from quantlab.layouts.gguf_types import (BITS, EMBEDDING, allows_quantization, effective_type, gguf_name,
+                                         tensor_bytes, tensor_types)
+from quantlab.layouts.gptq_mixed import fused_name
 
 FILE = "model.gguf"
+#: the list of per-tensor types a mixed file was written with, in llama-quantize's ``--tensor-type-file`` form
+TENSOR_TYPE_FILE = "tensor-types.txt"
+#: a GGUF fit's formats: one ggml type each, given to every tensor of a unit (llama.cpp falls back per tensor where
+#: the type's block does not divide the rows: ``gguf_types.effective_type``)
+GGUF_FORMATS = {"gguf-q2_k": "Q2_K", "gguf-q3_k": "Q3_K", "gguf-q4_0": "Q4_0", "gguf-q4_1": "Q4_1",
+                "gguf-q4_k": "Q4_K", "gguf-q5_0": "Q5_0", "gguf-q5_1": "Q5_1", "gguf-q5_k": "Q5_K",
+                "gguf-q6_k": "Q6_K", "gguf-q8_0": "Q8_0", "gguf-f16": "F16", "gguf-f32": "F32"}
+
+
+def gguf_format_type(name: str) -> str:
+    """A GGUF fit format's ggml type (``gguf-q4_k`` -> ``Q4_K``); an unknown one refused in one line."""
+    if name not in GGUF_FORMATS:
+        raise RecipeError(f"Unknown GGUF fit format '{name}' — use one of {', '.join(GGUF_FORMATS)}")
+    return GGUF_FORMATS[name]
 
 
 @dataclass(frozen=True)
@@ -86,3 +103,47 @@ class GgufLayout(Layout):
     def stored_types(self, artifact: Path) -> dict[str, str]:
         """Each tensor's ggml type in the artifact's file (what ``check_quantized`` reads for a GGUF)."""
         return {t.name: t.tensor_type.name for t in gguf_reader(Path(artifact) / FILE).tensors}
+
+
+@dataclass(frozen=True)
+class GgufMixedLayout(GgufLayout):
+    """A GGUF whose quantizable tensors each take the type a fit chose, written by llama.cpp's quantize with one
+    override per tensor (``requested``), each falling back where llama.cpp's does; 1-D tensors F32. ``allocation``
+    gives a format (``gguf-q4_k``) per unit: a linear, a fused projection, a decoder block (``model.layers.3``), the
+    token embedding (``EMBEDDING``) or the untied head (``lm_head``). Unresolved (no allocation), every tensor is
+    priced at the largest of ``formats``: an upper bound."""
+
+    allocation: tuple[tuple[str, str], ...] = ()
+    formats: tuple[str, ...] = ()
+
+    @property
+    def quantizes(self) -> bool:
+        return any(gguf_format_type(f) not in ("F32", "F16") for _, f in self.allocation)
+
+    def requested(self, shapes) -> dict[str, str]:
+        """GGUF tensor -> the ggml type the allocation asks for it (before llama.cpp's fallback), for every
+        quantizable tensor, in the file's order."""
+        modules = {gguf_name(lin.name): lin.name for lin in shapes.linears}
+        modules.update({"token_embd.weight": EMBEDDING, "output.weight": "lm_head"})
+        largest = max((gguf_format_type(f) for f in self.formats or ("gguf-f32",)), key=lambda t: BITS[t])
+        return {name: gguf_format_type(self._format_of(modules[name])) if self.allocation else largest
+                for name, shape in self.tensors(shapes).items() if allows_quantization(name, shape)}
+
+    def _format_of(self, module: str) -> str:
+        fused = fused_name(module)
+        for unit, fmt in self.allocation:
+            if module == unit or module.startswith(unit + ".") or fused == unit:
+                return fmt
+        raise RecipeError(f"The allocation gives {module} no format — resolve the fit again")
+
+    def types(self, shapes) -> dict[str, str]:
+        asked = self.requested(shapes)
+        return {name: effective_type(asked[name], shape[0]) if name in asked else "F32"
+                for name, shape in self.tensors(shapes).items()}
+
+    def linear_bytes(self, out_features, in_features, device):
+        raise NotImplementedError("a mixed GGUF's bytes depend on the tensor: use weight_terms")
+
+    def note(self):
+        return ("llama.cpp, one ggml type per tensor as a fit chose it (written with llama.cpp's tensor-type "
+                "overrides; each falls back where its block does not divide the rows); norms and biases F32")

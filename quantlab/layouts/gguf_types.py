@@ -34,6 +34,8 @@ BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1"
           "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
           "Q5_K": (256, 176), "Q6_K": (256, 210)}
 FLOAT_TYPES = ("F32", "F16", "BF16")
+#: bits per value of each type, scales included (a block's bytes x 8 / its values): how types are ordered
+BITS = {name: size * 8 / block for name, (block, size) in BLOCKS.items()}
 
 #: tensor_type_fallback: a 256-value K-quant whose row length (ne0) is no multiple of 256 becomes this 32-value type
 #: of about the same precision; if ne0 is no multiple of 32 either, F16.
@@ -58,6 +60,8 @@ CATEGORIES = (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("a
 HF_TO_GGUF = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down", "embed_tokens": "token_embd",
               "lm_head": "output"}
+#: the token embedding's HF module name in llama and qwen2 (``token_embd.weight``)
+EMBEDDING = "model.embed_tokens"
 _LAYER = re.compile(r"blk\.(\d+)\.")
 _HF_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -93,7 +97,7 @@ def tensor_types(ftype: str, tensors: dict[str, tuple[int, ...]], arch: str, n_l
     # The counters (i_attention_wv, i_ffn_down) advance in the loader's order, so the order must be llama.cpp's.
     for name in sorted(tensors, key=_load_order):
         shape = tuple(tensors[name])
-        if not _allows_quantization(name, shape):
+        if not allows_quantization(name, shape):
             out[name] = "F32"  # kept as in the source, where the converter writes 1-D tensors as F32
         elif default in FLOAT_TYPES:
             out[name] = default  # llama_tensor_get_type only refines quantized defaults
@@ -175,7 +179,7 @@ def _n_dims(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
+def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     """tensor_allows_quantization with default params: 2-D and 3-D weights, no norms, none of the small special
     tensors (biases, norms and 1-D tensors keep their type)."""
     if _n_dims(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or name in KEEP_NAMES:
@@ -228,6 +232,12 @@ def _ffn_down_type(state: _State, new_type: str) -> str:
         # Guards the first ffn_down layers only with an imatrix, so a file without one stays as it always was.
         return "Q4_1"
     return new_type
+
+
+def effective_type(target: str, ncols: int) -> str:
+    """The type llama.cpp writes when ``target`` is asked for a tensor whose rows hold ``ncols`` values (an override
+    does not bypass the fallback: llama_tensor_get_type runs tensor_type_fallback after it)."""
+    return _fallback(ncols, target)
 
 
 def _fallback(ncols: int, target: str) -> str:

@@ -30,8 +30,9 @@ _GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
 @dataclass(frozen=True)
 class Format:
     name: str
-    bits: int | None  # None: unquantized
+    bits: int | float | None  # None: unquantized (GGUF: bits per value, its scales included)
     group_size: int = -1
+    ggml_type: str | None = None  # a GGUF format's ggml type (``quantlab.fit.units.parse_format``); None for GPTQ
 
 
 def parse_format(name: str) -> Format:

@@ -1,4 +1,6 @@
-"""``fit-<budget>``: a GPTQ checkpoint with one format per unit, the allocation of least predicted KLD that fits.
+"""``fit-<budget>``: a GPTQ checkpoint with one format per unit, the allocation of least predicted KLD that fits;
+``fit-<budget>-gguf``: the same in GGUF formats, a llama.cpp file with one ggml type per unit
+(``quantlab.methods.fit_gguf``, whose docstring says how it is written).
 
 The recipe names a budget: weights bytes (``fit-180MiB``) or a GPU plan (``fit-gpu32GB-c8192-b1``: weights + KV
 cache + activations + runtime as ``quantlab plan`` counts them, so the weights get what is left). Before it is
@@ -16,16 +18,21 @@ from pathlib import Path
 
 from quantlab.device import CPU, as_device
 from quantlab.errors import RecipeError
-from quantlab.fit.units import (DEFAULT_FORMATS, GRANULARITIES, HEAD, fixed_bytes, model_units, parse_formats,
-                                split_fused, unit_bytes)
-from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, fused_name, parse_format
+from quantlab.fit.units import (DEFAULT_FORMATS, GGUF_DEFAULT_FORMATS, GRANULARITIES, HEAD, family, fixed_bytes,
+                                model_units, parse_format, parse_formats, split_fused, unit_bytes)
+from quantlab.layouts.gguf import GgufMixedLayout
+from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, fused_name
 from quantlab.methods.base import Method, check_group_size
 from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.methods.gptq import GptqConfig, GptqMethod
+from quantlab.methods.fit_gguf import (gguf_fit_layer_by_layer_peak, gguf_fit_layout, gguf_fit_peak,
+                                       quantize_gguf_fit, uniform_allocation)
+from quantlab.methods.gguf import GgufMethod
 from quantlab.methods.gptqmodel_runner import import_gptqmodel, run_gptqmodel
 from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 from quantlab.plan.sizes import parse_size
+from quantlab.plan.terms import weight_terms
 
 _SIZE = r"([0-9]*\.?[0-9]+(?:[KMGT]i?B|B))"
 GPTQ_BLOCK = 128  # the columns GPTQModel 7.6 solves at a time (``GPTQ.quantize(blocksize=128)``)
@@ -47,6 +54,7 @@ class FitConfig:
     seed: int = 0
     dtype: str = "float16"  # the fit is held in: fp16 as vLLM runs GPTQ; bfloat16 for a model that overflows fp16
     allocation: tuple[tuple[str, str], ...] = ()  # (unit, format) in model order, once resolved
+    imatrix: bool = False  # GGUF formats: every file quantized with the calibration text's importance matrix
 
     def __post_init__(self):
         for name in ("weights_budget", "gpu_mem"):
@@ -68,6 +76,19 @@ class FitConfig:
             raise RecipeError("fit sensitivity_chunks must be ≥ 1 — e.g. 8")
         parse_formats(self.formats)
         GptqConfig(calibration=self.calibration, samples=self.samples, tokens=self.tokens, seed=self.seed)
+        if self.family == "gguf":
+            if self.dtype != "float16":
+                raise RecipeError("A GGUF fit runs in llama.cpp, which holds its own types — drop dtype / -bf16")
+            if self.gpu_mem is not None:
+                raise RecipeError("A GGUF fit takes a weights budget (fit-<bytes>-gguf); a GPU plan for llama.cpp "
+                                  "is not available yet — give the weights' bytes")
+        elif self.imatrix:
+            raise RecipeError("An importance matrix is for GGUF formats (gguf-q4_k, ...) — drop imatrix or use them")
+
+    @property
+    def family(self) -> str:
+        """``gguf`` for GGUF formats (a llama.cpp file), else ``gptq``."""
+        return family(parse_formats(self.formats))
 
     @property
     def bits(self) -> int:
@@ -92,38 +113,56 @@ class FitConfig:
 class FitMethod(Method):
     name = "fit"
     config_cls = FitConfig
-    short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?(?:-(bf16))?")
-    example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1", "fit-180MiB-bf16")
+    short_pattern = re.compile(rf"fit-(gpu)?{_SIZE}(?:-c(\d+))?(?:-b(\d+))?(?:-(bf16))?(-gguf(-imatrix)?)?")
+    example_names = ("fit-180MiB", "fit-gpu32GB-c8192-b1", "fit-180MiB-bf16", "fit-100MiB-gguf",
+                     "fit-100MiB-gguf-imatrix")
     resolved_first = True
 
     def config_from_match(self, match):
         size = parse_size(match.group(2))
         dtype = "bfloat16" if match.group(5) else "float16"
+        gguf = {"formats": GGUF_DEFAULT_FORMATS, "imatrix": bool(match.group(7))} if match.group(6) else {}
         if not match.group(1):
             if match.group(3) or match.group(4):
                 return None
-            return FitConfig(weights_budget=size, dtype=dtype)
+            return FitConfig(weights_budget=size, dtype=dtype, **gguf)
         return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1),
-                         dtype=dtype)
+                         dtype=dtype, **gguf)
 
     def short_name(self, config):
         held = "" if config.dtype == "float16" else f"-{DTYPES[config.dtype]}"
+        if config.family == "gguf":
+            held = "-gguf" + ("-imatrix" if config.imatrix else "")
         if config.weights_budget is not None:
             return f"fit-{_size_text(config.weights_budget)}{held}"
         return f"fit-gpu{_size_text(config.gpu_mem)}-c{config.context}-b{config.batch}{held}"
 
     def explain_short_name(self, text):
         return ("write fit-<weights bytes> (fit-180MiB, fit-1.5GB) or fit-gpu<GPU memory>-c<context>-b<batch>, "
-                "-bf16 at the end to hold it in bf16 (fit-180MiB-bf16)")
+                "-bf16 at the end to hold it in bf16 (fit-180MiB-bf16), -gguf for GGUF formats in llama.cpp "
+                "(fit-100MiB-gguf, fit-100MiB-gguf-imatrix)")
 
     def libraries_for(self, config):
-        """GPTQ's (its uniform artifacts are built and read through transformers) and the mixed layout's."""
+        """GPTQ's (its uniform artifacts are built and read through transformers) and the mixed layout's; a GGUF
+        fit's: llama.cpp's and gguf-py's."""
+        if config is not None and config.family == "gguf":
+            return GgufMethod().libraries_for(None)
         return tuple(dict.fromkeys(GptqMethod().libraries_for(None) + GptqMixedLayout(()).libraries))
 
     def check_model(self, config, linear_shapes):
         for fmt in parse_formats(config.formats):
-            if fmt.bits is not None:
+            if fmt.bits is not None and not fmt.ggml_type:
                 check_group_size(fmt.group_size, linear_shapes)
+
+    def check_source(self, config, source_dir):
+        """A GGUF fit, as every GGUF recipe, needs a model loaded from a GGUF of an architecture the planner ports."""
+        if config.family == "gguf":
+            GgufMethod().check_source(None, source_dir)
+
+    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
+        if config.family == "gguf":  # the source GGUF's sha256, and the calibration text's with an imatrix
+            return GgufMethod().cache_inputs(config, source_dir, data_dir=data_dir, trust_remote_code=trust_remote_code)
+        return calibration_inputs(config, source_dir, data_dir, trust_remote_code)
 
     def quantize_peak(self, config, sizes, device):
         """The GPTQ calibration's (``GptqMethod.quantize_peak``; the sensitivity pass is a step of its own), and, once
@@ -135,6 +174,8 @@ class FitMethod(Method):
         four of its size: each grid point's quantized copy, built while the last one is held, and its two
         intermediates, ``quantizer.py`` ``quantize``), and the solve (the copy, the quantized copy and the losses,
         and the first block's error carried to the columns after it, ``Err1.matmul(Hinv[i1:i2, i2:])``)."""
+        if config.family == "gguf":
+            return gguf_fit_peak(config, sizes["shapes"])
         gptq = GptqMethod().quantize_peak(config.uniform(_smallest(config)), sizes, device)
         if not config.allocation:
             return gptq
@@ -152,13 +193,24 @@ class FitMethod(Method):
                       "head: calibration inputs": config.samples * config.tokens * shapes.hidden * 4}
         return {**gptq, **extra}
 
+    def layer_by_layer_peak(self, config, sizes, device):
+        """A GGUF fit with an importance matrix captures it layer by layer (``GgufMethod``); a GPTQ fit has no such
+        way."""
+        return gguf_fit_layer_by_layer_peak(config, sizes["shapes"]) if config.family == "gguf" else None
+
+    def quantize_layer_by_layer(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
+        return quantize_gguf_fit(config, source_dir, out_dir, device, data_dir=data_dir,
+                                 trust_remote_code=trust_remote_code, layer_by_layer=True)
+
     def layout(self, config):
+        if config.family == "gguf":
+            return gguf_fit_layout(config)
         return GptqMixedLayout(tuple(config.allocation), config.units, tuple(config.formats), config.dtype)
 
-    def cache_inputs(self, config, source_dir, *, data_dir=None, trust_remote_code=False):
-        return calibration_inputs(config, source_dir, data_dir, trust_remote_code)
-
     def quantize(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
+        if config.family == "gguf":
+            return quantize_gguf_fit(config, source_dir, out_dir, device, data_dir=data_dir,
+                                     trust_remote_code=trust_remote_code)
         if not config.allocation:
             raise RecipeError("A fit recipe is built once its allocation is solved — run it through quantlab fit, "
                               "quantize-and-compare or a sweep, which resolve it")
@@ -257,6 +309,17 @@ def head_only(config: FitConfig, fmt: str, shapes) -> FitConfig:
                                                    zip(units, allocation))
     return FitConfig(weights_budget=size, formats=(FP, fmt), units="linear", calibration=config.calibration,
                      samples=config.samples, tokens=config.tokens, seed=config.seed, allocation=allocation)
+
+
+def uniform_gguf(config: FitConfig, fmt: str, shapes) -> FitConfig:
+    """The GGUF fit with every quantizable tensor in ``fmt`` (``llama-quantize --pure``'s file): where a format's
+    sensitivity is read from. Its budget is its own bytes and its units linears, so every GGUF fit of that model,
+    format and importance matrix shares it."""
+    allocation = uniform_allocation(shapes, fmt)
+    size = sum(weight_terms(GgufMixedLayout(allocation=allocation), shapes, CPU).values())
+    return FitConfig(weights_budget=size, formats=("gguf-f32", fmt), units="linear", calibration=config.calibration,
+                     samples=config.samples, tokens=config.tokens, seed=config.seed, allocation=allocation,
+                     imatrix=config.imatrix)
 
 
 def _smallest(config) -> str:

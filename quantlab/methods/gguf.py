@@ -143,30 +143,38 @@ class GgufMethod(Method):
         - quantize: llama.cpp maps the F32 file and unmaps each tensor once quantized, so the largest tensor's
           pages, its quantized copy and llama.cpp's own memory (``LLAMA_QUANTIZE_BYTES``);
         - capture (``-imatrix``): the fp32 model loaded whole and one window's forward."""
-        peak = _convert_and_quantize(self.layout(config), sizes["shapes"])
-        if config.imatrix:
-            shapes = sizes["shapes"]
-            peak["capture: fp32 model (imatrix)"] = shapes.params * 4
-            peak["capture: one window's activations"] = terms.activation_bytes(shapes, config.tokens, 1, 4)
-        return peak
+        return gguf_quantize_peak(self.layout(config), sizes["shapes"], config.imatrix, config.tokens)
 
     def layer_by_layer_peak(self, config, sizes, device):
         """As ``quantize_peak``, with the imatrix captured layer by layer: one fp32 layer, the activations of
         ``IMATRIX_BATCH`` windows and the hidden states in and out of a layer."""
         if not config.imatrix:
             return None
-        shapes = sizes["shapes"]
-        batch = min(IMATRIX_BATCH, config.samples)
-        peak = _convert_and_quantize(self.layout(config), shapes)
-        peak["capture: one fp32 layer"] = (shapes.params - shapes.unquantized["embeddings"]
-                                           - shapes.unquantized["lm_head"]) * 4 // max(shapes.layers, 1)
-        peak["capture: a batch's activations"] = (terms.activation_bytes(shapes, config.tokens, batch, 4)
-                                                  - batch * shapes.vocab * 4)
-        peak["capture: hidden states in and out"] = 2 * batch * config.tokens * shapes.hidden * 4
-        return peak
+        return gguf_layer_by_layer_peak(self.layout(config), sizes["shapes"], config.samples, config.tokens)
 
     def layout(self, config):
         return GgufLayout(config.qtype, config.imatrix)
+
+
+def gguf_quantize_peak(layout, shapes, imatrix: bool, tokens: int) -> dict:
+    """``GgufMethod.quantize_peak`` of a GGUF layout (a file type's, or a fit's mix)."""
+    peak = _convert_and_quantize(layout, shapes)
+    if imatrix:
+        peak["capture: fp32 model (imatrix)"] = shapes.params * 4
+        peak["capture: one window's activations"] = terms.activation_bytes(shapes, tokens, 1, 4)
+    return peak
+
+
+def gguf_layer_by_layer_peak(layout, shapes, samples: int, tokens: int) -> dict:
+    """``GgufMethod.layer_by_layer_peak`` of a GGUF layout whose importance matrix is captured layer by layer."""
+    batch = min(IMATRIX_BATCH, samples)
+    peak = _convert_and_quantize(layout, shapes)
+    peak["capture: one fp32 layer"] = (shapes.params - shapes.unquantized["embeddings"]
+                                       - shapes.unquantized["lm_head"]) * 4 // max(shapes.layers, 1)
+    peak["capture: a batch's activations"] = (terms.activation_bytes(shapes, tokens, batch, 4)
+                                              - batch * shapes.vocab * 4)
+    peak["capture: hidden states in and out"] = 2 * batch * tokens * shapes.hidden * 4
+    return peak
 
 
 def _source_info(source_dir: Path) -> dict:
@@ -260,8 +268,13 @@ def _convert_and_quantize(layout, shapes) -> dict:
             "save: llama.cpp's own": LLAMA_QUANTIZE_BYTES}
 
 
-def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None = None) -> None:
-    """``llama_model_quantize`` from ``source`` into ``target`` at ``qtype``, with an importance matrix if given."""
+def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None = None,
+                  overrides: dict[str, str] | None = None) -> None:
+    """``llama_model_quantize`` from ``source`` into ``target`` at ``qtype``, with an importance matrix if given.
+    ``overrides`` (GGUF tensor -> ggml type) is llama-quantize's ``--tensor-type`` list: one anchored pattern per
+    tensor (``tt_overrides``, the array the tool builds from the list), the file type's mixture rules off
+    (``pure``), so each listed tensor gets its type, then llama.cpp's fallback where its block does not divide the
+    rows. llama.cpp applies overrides only under a quantized file type, which ``qtype`` must then be."""
     import ctypes
 
     import numpy as np
@@ -272,6 +285,10 @@ def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None =
     params.ftype = FTYPE_IDS[qtype]
     params.nthread = torch.get_num_threads()
     keep = []  # the arrays llama.cpp reads must outlive the call
+    if overrides:
+        keep.append(_tensor_overrides(llama_cpp, overrides, keep))
+        params.tt_overrides = ctypes.cast(keep[-1], ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        params.pure = True
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(sorted(imatrix.items())):
@@ -283,3 +300,21 @@ def quantize_gguf(source: Path, target: Path, qtype: str, imatrix: dict | None =
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RecipeError(f"llama.cpp could not quantize {source.name} to {qtype} — see its log above, or try "
                           "another GGUF type")
+
+
+def tensor_pattern(name: str) -> str:
+    """The pattern that names one GGUF tensor and no other (llama.cpp searches patterns unanchored, first match)."""
+    return "^" + re.escape(name) + "$"
+
+
+def _tensor_overrides(llama_cpp, overrides: dict[str, str], keep: list):
+    """llama.cpp's ``llama_model_tensor_override`` array for ``overrides``, ended by a NULL pattern."""
+    from gguf import GGMLQuantizationType
+
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (name, kind) in enumerate(overrides.items()):
+        keep.append(tensor_pattern(name).encode())
+        entries[i].pattern = keep[-1]
+        entries[i].type = GGMLQuantizationType[kind].value
+    entries[len(overrides)].pattern = None  # the end of the list
+    return entries

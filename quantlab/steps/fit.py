@@ -1,4 +1,4 @@
-"""Resolving a fit recipe: the formats' uniform GPTQ artifacts, the sensitivity pass (a step of its own, its table
+"""Resolving a fit recipe: the formats' uniform artifacts (GPTQ, or GGUF files of one type), the sensitivity pass (a step of its own, its table
 cached by content), and the exact allocation within the budget.
 
 The sensitivity text is the fit's calibration text (what GPTQ calibrates on), its first ``sensitivity_chunks``
@@ -21,15 +21,17 @@ from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.guard import require_finite
 from quantlab.evaluate.text import TextSource
 from quantlab.fit.allocate import Option, Unit, allocate
-from quantlab.fit.sensitivity import Prefixes, measure_table
-from quantlab.fit.units import HEAD, check_formats, fixed_bytes, model_units, parse_formats, unit_bytes
+from quantlab.fit.sensitivity import GgufWeights, Prefixes, gptq_weights, measure_table
+from quantlab.fit.units import (HEAD, check_formats, family, fixed_bytes, model_units, parse_format, parse_formats,
+                                unit_bytes)
 from quantlab.fsutil import building_entry, cached_entry
 from quantlab.layerwise.weights import CheckpointReader
-from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout, parse_format
+from quantlab.layouts.gguf import FILE
+from quantlab.layouts.gptq_mixed import FP, GptqMixedLayout
 from quantlab.measure.cost import measure_cost
 from quantlab.methods import get_method
 from quantlab.methods.calibration import resolve_calibration
-from quantlab.methods.fit import head_only, resolved
+from quantlab.methods.fit import head_only, resolved, uniform_gguf
 from quantlab.layouts.loading import load_recipe_model
 from quantlab.home import quantlab_home
 from quantlab.models.load import load_config, load_tokenizer
@@ -46,24 +48,29 @@ from quantlab.steps.quantize import ensure_artifact
 WINDOW_TOKENS = 256
 DEFINITIONS = {
     "sensitivity": "mean per-token KL(fp || model) over the sensitivity windows with only that unit in that format "
-                   "(its weights from the format's uniform GPTQ artifact), every other unit fp; nats/token",
+                   "(its weights from the format's uniform artifact: GPTQ, or a GGUF with every tensor at the "
+                   "format's type, dequantized), every other unit fp; nats/token",
     "predicted_kld": "the sum of the chosen formats' sensitivities over the units (assumes the units' KLDs add)",
     "weights_bytes": "the planner's bytes of the model as GPTQModel.load holds it (unquantized parts in the fit's "
                      "dtype, fp16 by default; packed GPTQ modules)",
 }
 
 
-def uniform_recipe(config, fmt: str) -> Recipe | None:
-    """The artifact a format's sensitivity is read from: its uniform GPTQ recipe (None for fp)."""
-    gptq = config.uniform(fmt)
-    if gptq is None:
+def uniform_recipe(config, fmt: str, shapes) -> Recipe | None:
+    """The artifact a format's sensitivity is read from: its uniform GPTQ recipe, or the GGUF with every tensor at
+    the format's type (``uniform_gguf``); None for fp and gguf-f32."""
+    if parse_format(fmt).bits is None:
         return None
-    return Recipe(parse_recipe(fmt).name, "gptq", gptq)
+    if config.family == "gguf":
+        return Recipe(f"{fmt}-uniform" + ("-imatrix" if config.imatrix else ""), "fit", uniform_gguf(config, fmt, shapes))
+    return Recipe(parse_recipe(fmt).name, "gptq", config.uniform(fmt))
 
 
 def head_recipe(config, fmt: str, shapes) -> Recipe | None:
-    """Where the untied head's sensitivity in ``fmt`` is read from (``head_only``); None when the head is no unit."""
-    if not any(u.name == HEAD for u in model_units(shapes, config.units)) or parse_format(fmt).bits is None:
+    """Where the untied head's sensitivity in ``fmt`` is read from (``head_only``); None when the head is no unit,
+    and for a GGUF fit, whose uniform files quantize the head too."""
+    if (config.family == "gguf" or not any(u.name == HEAD for u in model_units(shapes, config.units))
+            or parse_format(fmt).bits is None):
         return None
     return Recipe(f"{parse_recipe(fmt).name}-head-only", "fit", head_only(config, fmt, shapes))
 
@@ -96,7 +103,7 @@ def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, devic
     artifact first if that is not cached). Its key is everything that changes it: model fingerprint, the
     artifact's key, text sha256, windows, units, quantlab and library versions, device type."""
     shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
-    recipes = {fmt: uniform_recipe(config, fmt)}
+    recipes = {fmt: uniform_recipe(config, fmt, shapes)}
     head = head_recipe(config, fmt, shapes)
     if head is not None:
         recipes[HEAD] = head
@@ -105,7 +112,8 @@ def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, devic
                                      "model": source.fingerprint, "text": text.sha256,
                                      "artifacts": {fmt: paths[fmt], **({HEAD: paths[HEAD]} if head else {})},
                                      "quantlab": __version__, "device": device.split(":")[0],
-                                     "libs": {n: library_version(n) for n in ("torch", "transformers")}},
+                                     "libs": {n: library_version(n) for n in ("torch", "transformers", "gguf")
+                                              if n != "gguf" or config.family == "gguf"}},
                                     sort_keys=True).encode()).hexdigest()[:24]
     target = quantlab_home() / "sensitivity" / "columns" / key
     def build(tmp: Path) -> None:
@@ -113,7 +121,8 @@ def ensure_column(source: ModelSource, config, fmt: str, text: TextSource, devic
                  for k, r in recipes.items()}
         run_step("sensitivity", {"source": source.to_dict(), "formats": [fmt], "artifacts": {fmt: built[fmt]},
                                  "head_artifact": built.get(HEAD), "text": text.to_dict(),
-                                 "chunks": config.sensitivity_chunks, "units": config.units, "device": device,
+                                 "chunks": config.sensitivity_chunks, "units": config.units,
+                                 "embedding": config.family == "gguf", "device": device,
                                  "threads": threads, "target": str(tmp)})
 
     cached_entry(target, build, is_complete=_has_table)
@@ -160,16 +169,13 @@ def sensitivity_step(payload: dict) -> dict:
     cache, _ = ensure_baseline(source, ids, text, settings, device)
     baseline, _ = fid.load_baseline(cache)
     shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
-    units = model_units(shapes, payload["units"])
+    units = model_units(shapes, payload["units"], payload.get("embedding", False))
     formats = tuple(parse_format(n) for n in payload["formats"])  # a column: one format
     with measure_cost(source.path, device) as cost:
         model = load_recipe_model(source.path, parse_recipe("fp"), device, source.trust_remote_code)
         started = time.perf_counter()
         prefixes = Prefixes(model, ids, settings.batch_size)
-        readers = {name: CheckpointReader(path) for name, path in payload["artifacts"].items()}
-        head = payload.get("head_artifact")
-        table = measure_table(model, prefixes, baseline, units, formats, readers,
-                              head_readers={f.name: CheckpointReader(head) for f in formats} if head else None)
+        table = measure_table(model, prefixes, baseline, units, formats, _weights_of(payload, shapes))
         forwards_s = time.perf_counter() - started
     out = {"units": [{"name": u.name, "block": u.block, "modules": [m[0] for m in u.modules]} for u in units],
            "formats": [f.name for f in formats], "granularity": payload["units"],
@@ -191,6 +197,22 @@ def sensitivity_step(payload: dict) -> dict:
     return {"path": payload["target"]}
 
 
+def _weights_of(payload: dict, shapes):
+    """``measure_table``'s ``weights_of``: a unit's weights in a format, from the format's uniform artifact (GPTQ
+    packed, or a GGUF file), the untied head's from its head-only GPTQ artifact."""
+    if family(parse_format(n) for n in payload["formats"]) == "gguf":
+        files = {name: GgufWeights(Path(path) / FILE, *_gguf_arch(shapes)) for name, path in payload["artifacts"].items()}
+        return lambda fmt, unit: files[fmt.name].read([n for n, _, _ in unit.modules])
+    readers = {name: CheckpointReader(path) for name, path in payload["artifacts"].items()}
+    head = CheckpointReader(payload["head_artifact"]) if payload.get("head_artifact") else None
+    return lambda fmt, unit: gptq_weights(head if unit.name == HEAD else readers[fmt.name],
+                                          [n for n, _, _ in unit.modules], fmt.bits)
+
+
+def _gguf_arch(shapes) -> tuple[str, int, int]:
+    return shapes.model_type, shapes.heads, shapes.kv_heads
+
+
 def fit_budget(config, shapes, device: str) -> int:
     """The weights budget: given, or the GPU memory less KV cache, activations and runtime at the layout's dtype."""
     if config.weights_budget is not None:
@@ -203,7 +225,7 @@ def fit_budget(config, shapes, device: str) -> int:
 def solve(config, table: dict, shapes, device: str):
     """The allocation of least predicted KLD within the budget, over the table's units and formats (``table`` None:
     any allocation that fits, to check the budget can be met)."""
-    units = model_units(shapes, config.units)
+    units = model_units(shapes, config.units, config.family == "gguf")
     formats = parse_formats(config.formats)
     check_formats(formats, units)
     if table:  # a table cached before NaN was refused where it is measured
@@ -212,19 +234,23 @@ def solve(config, table: dict, shapes, device: str):
     kld = (lambda u, f: table["kld"][u][f]) if table else (lambda u, f: 0.0)
     options = [Unit(u.name, tuple(Option(f.name, unit_bytes(u, f.name, shapes, device), kld(u.name, f.name))
                                   for f in formats)) for u in units]
-    return allocate(options, fit_budget(config, shapes, device), fixed_bytes(units, shapes, device))
+    return allocate(options, fit_budget(config, shapes, device), fixed_bytes(units, shapes, device, config.family))
 
 
 def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
                 data_dir: str | None = None) -> tuple[Recipe, dict]:
     """The fit recipe with its allocation, and what chose it (table path, predicted bytes and KLD, units per
     format). A recipe already resolved is returned as it is."""
+    held_in_torch = recipe.config.family == "gptq"  # GPTQModel's fp16/bf16 kernel; a GGUF runs in llama.cpp
     if recipe.config.allocation:
-        check_held_dtype(source, recipe, device, threads, data_dir)
+        if held_in_torch:
+            check_held_dtype(source, recipe, device, threads, data_dir)
         return recipe, {}
     shapes = model_shapes(load_config(source.path, source.trust_remote_code), source.trust_remote_code)
+    get_method("fit").check_source(recipe.config, source.path)  # a GGUF fit needs a model loaded from a GGUF
     solve(recipe.config, None, shapes, device)  # a budget nothing meets is refused before the sensitivity pass
-    check_held_dtype(source, recipe, device, threads, data_dir)  # and a model that overflows the fit's float16
+    if held_in_torch:  # and a model that overflows the fit's float16
+        check_held_dtype(source, recipe, device, threads, data_dir)
     table = ensure_sensitivity(source, recipe.config, device, threads, data_dir)
     alloc = solve(recipe.config, table, shapes, device)
     counts = {f: sum(1 for v in alloc.formats.values() if v == f) for f in recipe.config.formats}

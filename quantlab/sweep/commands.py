@@ -21,6 +21,7 @@ from quantlab.outputs import check_output_file, claim_output_file, write_output_
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
 from quantlab.methods.fit import loader, vllm_note
+from quantlab.methods.fit_gguf import GGUF_LOADER
 from quantlab.models.load import load_config
 from quantlab.models.source import resolve_model
 from quantlab.plan.shapes import model_shapes
@@ -91,8 +92,10 @@ def fit_model(model: str | None, config, device: str = "auto", threads: int = 1,
     weights = weigh_artifact(built, art["artifact"], device, (), threads, trust_remote_code)
     fid = evaluate_model(art["artifact"], model, text=text, data_dir=data_dir, device=device, threads=threads,
                          trust_remote_code=trust_remote_code)
-    return {"recipe": built.name, "artifact": art["artifact"], "fit": art["fit"], "loader": loader(built.config.dtype),
-            "vllm": vllm_note(art["fit"]["unit_formats"]), "measured_bytes": weights["weights_bytes"],
+    gguf = built.config.family == "gguf"
+    return {"recipe": built.name, "artifact": art["artifact"], "fit": art["fit"],
+            "loader": GGUF_LOADER if gguf else loader(built.config.dtype),
+            "vllm": None if gguf else vllm_note(art["fit"]["unit_formats"]), "measured_bytes": weights["weights_bytes"],
             "fidelity": fid["fidelity"], "text": fid["text"]}
 
 
