@@ -278,3 +278,32 @@ def test_the_planner_predicts_llama_cpp_s_buffers(name, built, smol):
     assert held["model"] == pytest.approx(layout_weights(recipe, shapes, "cpu") + repacked, rel=0.01, abs=norms)
     assert held["KV"] == pytest.approx(planned["llama.cpp: KV cache (F16)"], rel=0.01)
     assert held["compute"] == pytest.approx(planned["llama.cpp: compute buffer (a micro-batch's logits)"], rel=0.05)
+
+
+@pytest.mark.parametrize("type_k,type_v", [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q8_0"), ("f16", "q4_0")])
+def test_kv_cache_bytes_are_llama_cpp_s_kv_buffer(type_k, type_v, built, smol):
+    """The planner's KV bytes of a cache type are llama.cpp's KV buffer (its log gives MiB to two decimals), at a
+    context llama.cpp rounds up to 256 cells."""
+    from quantlab.engines.llamacpp import LlamaCppModel, kv_bytes
+    from quantlab.models.load import load_config
+    from quantlab.plan.shapes import model_shapes
+
+    shapes = model_shapes(load_config(smol.path))
+    model = LlamaCppModel(built["gguf-q8_0"][0] / "model.gguf", type_k=type_k, type_v=type_v)
+    held = model.buffers_at(300)
+    model.close()
+    assert abs(held["KV"] - kv_bytes(shapes, 300, 1, type_k, type_v)) <= 0.005 * 2**20
+    assert kv_bytes(shapes, 300, 1, type_k, type_v) == kv_bytes(shapes, 512, 1, type_k, type_v)
+
+
+def test_a_quantized_kv_cache_costs_kld_against_the_f16_cache(built, windows):
+    """The same model in llama.cpp with its cache in F16 twice gives KLD 0; q8_0 costs something, q4_0 more."""
+    from quantlab.engines.kv import cache_kld
+
+    path = built["gguf-q8_0"][0] / "model.gguf"
+    rows = windows.tolist()
+    same = cache_kld(path, rows, "f16", "f16")
+    q8, q4 = cache_kld(path, rows, "q8_0", "q8_0"), cache_kld(path, rows, "q4_0", "q4_0")
+    assert same["kld_mean"] == 0 and same["top1"] == 1
+    assert 0 < q8["kld_mean"] < q4["kld_mean"] and q8["top1"] >= q4["top1"]
+    assert q8["positions"] == WINDOWS * (TOKENS - 1 - TOKENS // 2)

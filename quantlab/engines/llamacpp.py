@@ -24,11 +24,16 @@ import time
 from pathlib import Path
 
 from quantlab.engines import EngineModel
-from quantlab.errors import MissingExtraError
+from quantlab.errors import MissingExtraError, UsageError
 from quantlab.gguf_file import gguf_reader
 from quantlab.measure.latency import LatencySettings, median_iqr
 
 UBATCH = 512  # llama.cpp's default micro-batch (llama-bench, llama-perplexity, llama-cli)
+#: the KV cache types llama.cpp takes (``-ctk``/``-ctv``, common/arg.cpp's kv_cache_types): name -> (ggml type id,
+#: values per block, bytes per block); a quantized V cache needs flash attention, which the engine always turns on
+KV_TYPES = {"f32": (0, 1, 4), "f16": (1, 1, 2), "bf16": (30, 1, 2), "q8_0": (8, 32, 34), "q4_0": (2, 32, 18),
+            "q4_1": (3, 32, 20), "iq4_nl": (20, 32, 18), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24)}
+KV_PAD = 256  # llama.cpp rounds a context's cells up to a multiple of this (llama-context.cpp, GGML_PAD(n_ctx, 256))
 BUFFER_LINE = re.compile(r"(\w+) (model|KV|compute|output|RS) buffer size =\s+([\d.]+) MiB")
 MIB = 1024 * 1024
 _log: list[str] = []
@@ -73,9 +78,10 @@ class LlamaCppModel(EngineModel):
     dtype = ""  # llama.cpp computes in F32 on the CPU whatever its tensors' types
     engine = "llama.cpp"
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, type_k: str = "f16", type_v: str = "f16"):
         self.path = str(path)
         self.threads = max(1, int(threads))
+        self.type_k, self.type_v = check_kv_type(type_k), check_kv_type(type_v)
         self._llm = None
         self._n_ctx = 0
         self.load_log: list[str] = []
@@ -87,7 +93,8 @@ class LlamaCppModel(EngineModel):
             start = len(_log)
             self._llm = llama_cpp.Llama(self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, UBATCH),
                                         logits_all=logits_all, flash_attn=True, n_threads=self.threads,
-                                        n_threads_batch=self.threads, verbose=False)
+                                        n_threads_batch=self.threads, type_k=KV_TYPES[self.type_k][0],
+                                        type_v=KV_TYPES[self.type_v][0], verbose=False)
             self.load_log = _log[start:]
             self._n_ctx = n_ctx
         return self._llm
@@ -194,6 +201,34 @@ DECODE_DEFINITION = ("llama.cpp through llama-cpp-python, as llama-bench defines
                      "CPU)")
 
 
+def check_kv_type(name: str) -> str:
+    if name not in KV_TYPES:
+        raise UsageError(f"Unknown KV cache type '{name}' — use one of {', '.join(KV_TYPES)} (llama.cpp's -ctk/-ctv)")
+    return name
+
+
+def kv_bytes(shapes, context: int, batch: int = 1, type_k: str = "f16", type_v: str = "f16") -> int:
+    """The bytes of llama.cpp's KV cache for ``batch`` sequences of ``context`` tokens, exactly as it allocates them
+    (llama-kv-cache.cpp): ``n_ctx = batch x context`` rounded up to 256 cells, each sequence's share rounded up to
+    256 again (a stream per sequence, llama.cpp's default), and per cell and layer one row of keys and one of values,
+    ``kv_heads x head_dim`` values each, in their types' blocks (q8_0: 34 bytes per 32 values). Every layer holds the
+    whole context: llama.cpp's default keeps a sliding-window layer's cache full size too (``swa_full``)."""
+    per_seq = _pad(_pad(context * batch) // batch)
+    width = shapes.kv_heads * shapes.head_dim
+    row = 0
+    for name in (type_k, type_v):
+        _, block, size = KV_TYPES[check_kv_type(name)]
+        if width % block:
+            raise UsageError(f"A {name} KV cache needs rows of a multiple of {block} values, and this model's are "
+                             f"{width} — use f16")
+        row += width // block * size
+    return shapes.layers * row * per_seq * batch
+
+
+def _pad(n: int) -> int:
+    return -(-n // KV_PAD) * KV_PAD
+
+
 #: ggml types llama.cpp's CPU backend repacks for its x86 AVX2 kernels (``ggml_repack_get_optimal_repack_type`` in
 #: ggml-cpu/repack.cpp: Q4_0, Q4_K, IQ4_NL and MXFP4, when the rows are a multiple of 8), as a second copy beside the
 #: mapped file: a weight of a matrix product (not the token embedding, which is read by rows)
@@ -208,7 +243,7 @@ def held_terms(tensors: dict[str, tuple[str, tuple[int, ...], int]], shapes, win
     repacked = sum(size for name, (kind, shape, size) in tensors.items()
                    if kind in REPACKED_TYPES and name != "token_embd.weight" and shape[1] % 8 == 0)
     ubatch = min(tokens, UBATCH)
-    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * tokens * 2  # F16 keys and values
+    kv = kv_bytes(shapes, tokens)  # F16 keys and values
     return {"llama.cpp: repacked copies of Q4_0/Q4_K weights (CPU)": repacked,
             "llama.cpp: KV cache (F16)": kv,
             "llama.cpp: compute buffer (a micro-batch's logits)": ubatch * shapes.vocab * 4,

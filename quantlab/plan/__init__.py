@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quantlab.device import CUDA, DEVICE_KINDS
+from quantlab.engines.llamacpp import kv_bytes
 from quantlab.errors import RecipeError, UsageError
 from quantlab.methods import get_method
 from quantlab.plan import terms
@@ -20,6 +21,7 @@ from quantlab.plan.steps import plan_quantize, quantize_sizes, step_peak
 from quantlab.recipe import parse_recipe_list
 
 PLAN_RECIPES = "fp,bnb-int8,bnb-nf4,bnb-nf4-dq,gptq-w8,gptq-w4-g128,rtn-w8"
+KV_FORMATS = ("f16", "q8_0", "q4_0")  # the llama.cpp cache types the plan shows
 GPU_SIZES_GB = (16, 24, 32, 40, 48, 80, 96, 141, 192)  # common single-GPU memory sizes, for suggestions
 
 
@@ -49,6 +51,7 @@ def plan_model(ref: str, settings: PlanSettings, trust_remote_code: bool = False
         "settings": {"gpu_mem_bytes": settings.gpu_mem, "context": settings.context, "batch": settings.batch,
                      "device": settings.device},
         "recipes": rows,
+        "kv_formats": kv_formats(shapes, settings),
         "advice": advise(rows, shapes, settings),
         "definitions": definitions(),
     }
@@ -65,12 +68,17 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
     weights = terms.weight_terms(layout, shapes, settings.device)
     elem = layout.unquantized_dtype_bytes(settings.device)
     fixed = sum(weights.values()) + terms.runtime_bytes(settings.device)
+    in_llama_cpp = layout.engines[0] == "llama.cpp"  # its own F16 cache, whatever its tensors' types
+
+    def cache(context: int) -> int:
+        if in_llama_cpp:
+            return kv_bytes(shapes, context, settings.batch)
+        return terms.kv_cache_bytes(shapes, context, settings.batch, elem)
 
     def total_at(context: int) -> int:
-        return (fixed + terms.kv_cache_bytes(shapes, context, settings.batch, elem)
-                + terms.activation_bytes(shapes, context, settings.batch, elem))
+        return fixed + cache(context) + terms.activation_bytes(shapes, context, settings.batch, elem)
 
-    kv = terms.kv_cache_bytes(shapes, settings.context, settings.batch, elem)
+    kv = cache(settings.context)
     act = terms.activation_bytes(shapes, settings.context, settings.batch, elem)
     total = total_at(settings.context)
     whole = plan_quantize(recipe, shapes, settings.device, None)
@@ -87,6 +95,18 @@ def plan_recipe(recipe, shapes, settings: PlanSettings) -> dict:
         "headroom_bytes": settings.gpu_mem - total,
         "max_context": _max_context(total_at, settings.gpu_mem, shapes.max_positions),
     }
+
+
+def kv_formats(shapes, settings: PlanSettings) -> dict:
+    """llama.cpp's KV cache at the plan's context and batch in each cache type it offers for keys and values alike
+    (``-ctk``/``-ctv``), bytes; None where the type's block does not divide the model's KV rows."""
+    out = {}
+    for name in KV_FORMATS:
+        try:
+            out[name] = kv_bytes(shapes, settings.context, settings.batch, name, name)
+        except UsageError:
+            out[name] = None
+    return out
 
 
 def _max_context(total_at, budget: int, limit: int | None) -> int:
@@ -155,7 +175,10 @@ def definitions() -> dict:
         "norms_biases_other": "norms, biases, routers at the unquantized dtype",
         "buffers": "rotary tables and other buffers at their own dtype",
         "kv_cache": "2 x layers x kv_heads x head_dim x tokens x batch x bytes; sliding-window layers hold "
-                    "min(context, window) tokens",
+                    "min(context, window) tokens; in llama.cpp (GGUF recipes) its F16 cache, each sequence's tokens "
+                    "rounded up to 256 cells, every layer full size",
+        "kv_formats": "llama.cpp's KV cache at the context and batch with keys and values in one cache type (f16, "
+                      "q8_0: 34 bytes per 32 values, q4_0: 18), as it allocates it",
         "activations": (terms.activation_bytes.__doc__ or "").split("\n")[0].strip() + " "
                        "= batch x context x (2 x hidden + 3 x intermediate x experts_per_token) x bytes "
                        "+ batch x vocab x 4",

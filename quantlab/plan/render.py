@@ -47,6 +47,10 @@ def render_plan(plan: dict) -> str:
         "",
     ]
     lines += _arithmetic(plan, unit, name)
+    kv = plan.get("kv_formats") or {}
+    if kv:
+        lines.append(f"KV cache in llama.cpp at context {s['context']} x batch {s['batch']}, keys and values in one type: "
+                     + ", ".join(f"{k} {_gb(v, unit)} {name}" if v is not None else f"{k} n/a" for k, v in kv.items()))
     lines += skipped
     lines += [""] + plan["advice"]
     return "\n".join(lines)
