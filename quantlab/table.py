@@ -169,6 +169,9 @@ def render_fit(result: dict) -> str:
         f"({ok} the budget; weights as loaded, every tensor)",
         f"KLD: predicted {fit['predicted_kld']:.4g} (sum of the units' sensitivities on the calibration text), "
         f"measured {fid['kld_mean']:.4g} [{lo:.4g}, {hi:.4g}] nats/token on {result['text']['name']}",
+        *([f"KV cache: {fit['kv_cache']} (keys/values), {fit['kv_bytes']:,} bytes at the plan's context, KLD "
+           f"{fit['kv_table']['kld'][fit['kv_cache']]:.4g} against the F16 cache (with {fit['kv_table']['weights']}'s "
+           "weights); in the bytes above"] if fit.get("kv_cache") and fit.get("kv_table") else []),
         f"load: {result['loader']}",
         *([f"vllm: {result['vllm']}"] if result.get("vllm") else []),
         f"artifact: {result['artifact']}",

@@ -60,7 +60,7 @@ def test_the_embedding_is_a_unit_and_formats_are_of_one_family(shapes):
         parse_formats(["fp", "gguf-q4_k"])
     with pytest.raises(RecipeError, match="Unknown GGUF fit format 'gguf-q4_k_m'"):
         parse_formats(["gguf-q4_k_m", "gguf-q8_0"])
-    with pytest.raises(RecipeError, match="importance matrix is for GGUF"):
+    with pytest.raises(RecipeError, match="are for GGUF formats"):
         FitConfig(weights_budget=10**8, imatrix=True)
     assert parse_recipe("fit-100MiB-gguf-imatrix").config.imatrix
     assert get_method("fit").short_name(parse_recipe("fit-100MiB-gguf").config) == "fit-100MiB-gguf"
@@ -171,3 +171,30 @@ def test_a_gguf_fit_is_resolved_built_within_its_budget_and_measured_in_llama_cp
     assert (Path(result["artifact"]) / "model.gguf").is_file() and not (Path(result["artifact"]) / "config.json").exists()
     assert result["vllm"] is None and "llama_cpp.Llama" in result["loader"]
     Recipe(result["recipe"], "fit", FitConfig(weights_budget=budget, **small))  # the name round-trips
+
+
+@pytest.mark.slow  # about three minutes: the weights' fit as above, and three cache pairs measured at 1024 tokens
+def test_a_gpu_plan_chooses_the_kv_cache_types_beside_the_weights(smol, shapes, home, tiny_text):
+    """With --gpu-mem a GGUF fit's KV cache is a unit: its pair of types is chosen beside the weights' formats, its
+    bytes at the context are in the plan, and the artifact runs with those types."""
+    from quantlab.artifacts import read_manifest
+    from quantlab.engines.llamacpp import compute_bytes, kv_bytes
+    from quantlab.sweep.commands import fit_model
+
+    units = model_units(shapes, "block", embedding=True)
+    fixed = fixed_bytes(units, shapes, "cpu", "gguf")
+    size = {f: fixed + sum(unit_bytes(u, f, shapes, "cpu") for u in units) for f in ("gguf-q4_k", "gguf-q8_0")}
+    gpu = compute_bytes(shapes, 1024) + (size["gguf-q4_k"] + size["gguf-q8_0"]) // 2 + kv_bytes(shapes, 1024)
+    config = FitConfig(gpu_mem=gpu, context=1024, formats=("gguf-q4_k", "gguf-q8_0"), units="block",
+                       sensitivity_chunks=1, calibration=str(tiny_text), kv_formats=("f16", "q8_0"), kv_windows=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLAB_HOME", str(home))
+        result = fit_model(None, config, "cpu", 1, None, str(tiny_text))
+    fit = result["fit"]
+    type_k, type_v = fit["kv_cache"].split("/")
+    assert fit["kv_bytes"] == kv_bytes(shapes, 1024, 1, type_k, type_v)
+    assert fit["predicted_bytes"] == result["measured_bytes"] + fit["kv_bytes"] <= gpu - compute_bytes(shapes, 1024)
+    assert set(fit["kv_table"]["kld"]) == {"f16/f16", "f16/q8_0", "q8_0/f16", "q8_0/q8_0"}
+    assert fit["kv_table"]["kld"]["q8_0/q8_0"] > 0 == fit["kv_table"]["kld"]["f16/f16"]
+    notes = read_manifest(result["artifact"])["method_notes"]
+    assert notes["kv_cache"]["type_k"] == type_k and f"-ctk {type_k} -ctv {type_v}" in notes["kv_cache"]["llama_cpp"]

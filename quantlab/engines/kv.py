@@ -1,7 +1,7 @@
 """What a quantized KV cache costs in llama.cpp: the KLD of a model's next-token distributions with its keys and
 values held in a cache type (q8_0, q4_0, ...) against the same model with llama.cpp's default F16 cache.
 
-One model is loaded once and two contexts are made on it, the F16 cache's and the candidate's (llama.cpp lets
+One model is loaded once and two contexts are made on it (``context_kld`` compares two files the same way), the F16 cache's and the candidate's (llama.cpp lets
 contexts share a model; each holds its own cache), with flash attention on (a quantized V cache needs it; both have
 it, so only the cache differs). Each window of tokens is decoded in both, micro-batch by micro-batch, every
 position's logits requested; a micro-batch's logits are log-softmaxed in float32 and compared at once, so nothing
@@ -58,15 +58,23 @@ def cache_kld(path: str | Path, windows: list[list[int]], type_k: str, type_v: s
               ubatch: int = UBATCH) -> dict:
     """KL(F16 cache || the ``type_k``/``type_v`` cache) of the GGUF at ``path`` on ``windows`` (token ids, each
     window one sequence from an empty cache); see the module docstring and ``DEFINITION``."""
+    return context_kld((path, "f16", "f16"), (path, type_k, type_v), windows, threads, ubatch)
+
+
+def context_kld(reference: tuple, candidate: tuple, windows: list[list[int]], threads: int = 1,
+                ubatch: int = UBATCH) -> dict:
+    """KL(reference || candidate) on ``windows``, each a (GGUF path, type_k, type_v): two files, or one file (loaded
+    once) with two caches; scored as the module docstring says."""
     import torch
     from llama_cpp._internals import LlamaBatch, LlamaModel
 
     llama_cpp = require_llama_cpp()
-    check_kv_type(type_k), check_kv_type(type_v)
-    model = LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False)
+    for _, k, v in (reference, candidate):
+        check_kv_type(k), check_kv_type(v)
+    paths = dict.fromkeys(str(p) for p, _, _ in (reference, candidate))
+    models = {p: LlamaModel(path_model=p, params=llama_cpp.llama_model_default_params(), verbose=False) for p in paths}
     n_ctx = max(len(w) for w in windows)
-    base = _Context(llama_cpp, model, n_ctx, "f16", "f16", threads, ubatch)
-    cand = _Context(llama_cpp, model, n_ctx, type_k, type_v, threads, ubatch)
+    base, cand = (_Context(llama_cpp, models[str(p)], n_ctx, k, v, threads, ubatch) for p, k, v in (reference, candidate))
     batch = LlamaBatch(n_tokens=ubatch, embd=0, n_seq_max=1, verbose=False)
     per_window, agree, scored = [], 0, 0
     try:
@@ -87,7 +95,9 @@ def cache_kld(path: str | Path, windows: list[list[int]], type_k: str, type_v: s
                 scored += hi - lo
             per_window.append(float(kl_sum) / (len(window) - 1 - first))
     finally:
-        batch.close(), cand.close(), base.close(), model.close()
-    return {"type_k": type_k, "type_v": type_v, "kld_mean": sum(per_window) / len(per_window),
-            "kld_per_window": per_window, "top1": agree / scored, "positions": scored,
-            "window_tokens": n_ctx, "definition": DEFINITION}
+        batch.close(), cand.close(), base.close()
+        for m in models.values():
+            m.close()
+    return {"reference": [str(reference[0]), *reference[1:]], "candidate": [str(candidate[0]), *candidate[1:]],
+            "kld_mean": sum(per_window) / len(per_window), "kld_per_window": per_window, "top1": agree / scored,
+            "positions": scored, "window_tokens": n_ctx, "definition": DEFINITION}

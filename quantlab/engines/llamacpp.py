@@ -225,6 +225,12 @@ def kv_bytes(shapes, context: int, batch: int = 1, type_k: str = "f16", type_v: 
     return shapes.layers * row * per_seq * batch
 
 
+def compute_bytes(shapes, tokens: int) -> int:
+    """llama.cpp's compute buffer for sequences of ``tokens``: a micro-batch's logits, F32 (within 5 % of its log on
+    SmolLM2, tests/test_gguf.py)."""
+    return min(tokens, UBATCH) * shapes.vocab * 4
+
+
 def _pad(n: int) -> int:
     return -(-n // KV_PAD) * KV_PAD
 
@@ -235,18 +241,18 @@ def _pad(n: int) -> int:
 REPACKED_TYPES = ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4")
 
 
-def held_terms(tensors: dict[str, tuple[str, tuple[int, ...], int]], shapes, windows: int, tokens: int) -> dict:
+def held_terms(tensors: dict[str, tuple[str, tuple[int, ...], int]], shapes, windows: int, tokens: int,
+               type_k: str = "f16", type_v: str = "f16") -> dict:
     """What llama.cpp holds beside the file's tensor bytes when it scores ``windows`` windows of ``tokens`` tokens
     one at a time (``LlamaCppModel.log_probs``; ``windows`` 0: a bench or lm-eval request), in bytes by component. ``tensors``: GGUF name -> (ggml type, ggml
     shape, bytes). Qwen2.5-Coder-1.5B gguf-q4_k_m at 256 tokens, from llama.cpp's log: model buffers 1729.1 MB
     (the mapped file 1059.9 MiB and the repacked Q4_K copies), compute 158.7 MB, KV 7.3 MB."""
     repacked = sum(size for name, (kind, shape, size) in tensors.items()
                    if kind in REPACKED_TYPES and name != "token_embd.weight" and shape[1] % 8 == 0)
-    ubatch = min(tokens, UBATCH)
-    kv = kv_bytes(shapes, tokens)  # F16 keys and values
     return {"llama.cpp: repacked copies of Q4_0/Q4_K weights (CPU)": repacked,
-            "llama.cpp: KV cache (F16)": kv,
-            "llama.cpp: compute buffer (a micro-batch's logits)": ubatch * shapes.vocab * 4,
+            f"llama.cpp: KV cache ({type_k.upper()}, {type_v.upper()})" if (type_k, type_v) != ("f16", "f16")
+            else "llama.cpp: KV cache (F16)": kv_bytes(shapes, tokens, 1, type_k, type_v),
+            "llama.cpp: compute buffer (a micro-batch's logits)": compute_bytes(shapes, tokens),
             "llama.cpp: logits of every position": tokens * shapes.vocab * 4,
             "llama-cpp-python: scores array": tokens * shapes.vocab * 4,
             **({"log-probs of the windows": windows * (tokens - 1) * shapes.vocab * 4,

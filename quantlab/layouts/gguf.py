@@ -41,6 +41,8 @@ def gguf_format_type(name: str) -> str:
 class GgufLayout(Layout):
     qtype: str = "q4_k_m"
     imatrix: bool = False
+    type_k: str = "f16"  # the KV cache's types llama.cpp runs it with (a GGUF fit's GPU plan chooses them)
+    type_v: str = "f16"
     libraries = ("llama_cpp", "gguf")
     engines = ("llama.cpp",)
 
@@ -93,12 +95,13 @@ class GgufLayout(Layout):
     def load(self, path: str, device: str, trust_remote_code: bool = False):
         import torch
 
-        return LlamaCppModel(Path(path) / FILE, threads=torch.get_num_threads())
+        return LlamaCppModel(Path(path) / FILE, threads=torch.get_num_threads(), type_k=self.type_k,
+                             type_v=self.type_v)
 
     def engine_terms(self, shapes, windows: int, tokens: int) -> dict[str, int]:
         types, tensors = self.types(shapes), self.tensors(shapes)
         held = {name: (types[name], shape, tensor_bytes(types[name], shape)) for name, shape in tensors.items()}
-        return held_terms(held, shapes, windows, tokens)
+        return held_terms(held, shapes, windows, tokens, self.type_k, self.type_v)
 
     def stored_types(self, artifact: Path) -> dict[str, str]:
         """Each tensor's ggml type in the artifact's file (what ``check_quantized`` reads for a GGUF)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from quantlab.device import CPU, as_device
+from quantlab.engines.llamacpp import KV_TYPES
 from quantlab.errors import RecipeError
 from quantlab.fit.units import (DEFAULT_FORMATS, GGUF_DEFAULT_FORMATS, GRANULARITIES, HEAD, family, fixed_bytes,
                                 model_units, parse_format, parse_formats, split_fused, unit_bytes)
@@ -36,6 +37,7 @@ from quantlab.plan.terms import weight_terms
 
 _SIZE = r"([0-9]*\.?[0-9]+(?:[KMGT]i?B|B))"
 GPTQ_BLOCK = 128  # the columns GPTQModel 7.6 solves at a time (``GPTQ.quantize(blocksize=128)``)
+KV_FORMATS = ("f16", "q8_0", "q4_0")  # the cache types a GGUF fit's GPU plan chooses among, unless it names others
 DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # what GPTQModel's torch kernel runs in; a name's suffix for each
 
 
@@ -55,6 +57,9 @@ class FitConfig:
     dtype: str = "float16"  # the fit is held in: fp16 as vLLM runs GPTQ; bfloat16 for a model that overflows fp16
     allocation: tuple[tuple[str, str], ...] = ()  # (unit, format) in model order, once resolved
     imatrix: bool = False  # GGUF formats: every file quantized with the calibration text's importance matrix
+    kv_formats: tuple[str, ...] = ()  # GGUF with gpu_mem: the cache types keys and values may take (f16 if none)
+    kv_windows: int = 2  # GGUF with gpu_mem: windows of ``context`` tokens the cache types' KLD is measured on
+    kv_cache: tuple[str, ...] = ()  # (type_k, type_v) once resolved (GGUF with gpu_mem)
 
     def __post_init__(self):
         for name in ("weights_budget", "gpu_mem"):
@@ -64,6 +69,9 @@ class FitConfig:
         formats = self.formats.split(",") if isinstance(self.formats, str) else self.formats
         object.__setattr__(self, "formats", tuple(str(f).strip() for f in formats))
         object.__setattr__(self, "allocation", tuple(tuple(pair) for pair in self.allocation))
+        kv = self.kv_formats.split(",") if isinstance(self.kv_formats, str) else self.kv_formats
+        object.__setattr__(self, "kv_formats", tuple(str(f).strip() for f in kv))
+        object.__setattr__(self, "kv_cache", tuple(self.kv_cache))
         if (self.weights_budget is None) == (self.gpu_mem is None):
             raise RecipeError("A fit names one budget: weights_budget (e.g. 180MiB) or gpu_mem (e.g. 32GB)")
         if (self.weights_budget or self.gpu_mem) <= 0 or self.context < 1 or self.batch < 1:
@@ -76,14 +84,24 @@ class FitConfig:
             raise RecipeError("fit sensitivity_chunks must be ≥ 1 — e.g. 8")
         parse_formats(self.formats)
         GptqConfig(calibration=self.calibration, samples=self.samples, tokens=self.tokens, seed=self.seed)
+        self._check_family()
+
+    def _check_family(self) -> None:
         if self.family == "gguf":
             if self.dtype != "float16":
                 raise RecipeError("A GGUF fit runs in llama.cpp, which holds its own types — drop dtype / -bf16")
-            if self.gpu_mem is not None:
-                raise RecipeError("A GGUF fit takes a weights budget (fit-<bytes>-gguf); a GPU plan for llama.cpp "
-                                  "is not available yet — give the weights' bytes")
-        elif self.imatrix:
-            raise RecipeError("An importance matrix is for GGUF formats (gguf-q4_k, ...) — drop imatrix or use them")
+            if self.gpu_mem is None and self.kv_formats:
+                raise RecipeError("KV cache formats are chosen within a GPU plan — give gpu_mem (fit-gpu...-gguf) "
+                                  "or drop kv_formats")
+            unknown = [name for name in self.kv_formats if name not in KV_TYPES]
+            if unknown:
+                raise RecipeError(f"Unknown KV cache type {unknown[0]!r} — use one of {', '.join(KV_TYPES)} "
+                                  "(llama.cpp's -ctk/-ctv)")
+            if self.kv_windows < 1:
+                raise RecipeError("fit kv_windows must be ≥ 1 — e.g. 2")
+        elif self.imatrix or self.kv_formats:
+            raise RecipeError("An importance matrix and KV cache formats are for GGUF formats (gguf-q4_k, ...) — "
+                              "drop them or use those formats")
 
     @property
     def family(self) -> str:
@@ -126,6 +144,8 @@ class FitMethod(Method):
             if match.group(3) or match.group(4):
                 return None
             return FitConfig(weights_budget=size, dtype=dtype, **gguf)
+        if gguf:
+            gguf["kv_formats"] = KV_FORMATS
         return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1),
                          dtype=dtype, **gguf)
 
@@ -337,5 +357,5 @@ def fit_fields() -> set[str]:
     return {f.name for f in fields(FitConfig)}
 
 
-def resolved(config: FitConfig, allocation: dict[str, str]) -> FitConfig:
-    return replace(config, allocation=tuple(allocation.items()))
+def resolved(config: FitConfig, allocation: dict[str, str], kv_cache: tuple[str, str] | None = None) -> FitConfig:
+    return replace(config, allocation=tuple(allocation.items()), kv_cache=tuple(kv_cache or ()))

@@ -35,7 +35,9 @@ FILE_TYPE_OF = {"Q4_0": "q4_0", "Q4_K": "q4_k_m", "Q5_K": "q5_k_m", "Q6_K": "q6_
 
 
 def gguf_fit_layout(config) -> GgufMixedLayout:
-    return GgufMixedLayout(imatrix=config.imatrix, allocation=tuple(config.allocation), formats=tuple(config.formats))
+    type_k, type_v = config.kv_cache or ("f16", "f16")
+    return GgufMixedLayout(imatrix=config.imatrix, type_k=type_k, type_v=type_v, allocation=tuple(config.allocation),
+                           formats=tuple(config.formats))
 
 
 def tensor_type_list(requested: dict[str, str]) -> str:
@@ -74,8 +76,12 @@ def quantize_gguf_fit(config, source_dir: Path, out_dir: Path, device: str, *, d
     if wrong:
         raise RecipeError(f"llama.cpp wrote {len(wrong)} tensor(s) at types other than the allocation's "
                           f"({', '.join(wrong[:3])}) — report this with the fit's tensor-types.txt")
+    run_with = {"kv_cache": {"type_k": config.kv_cache[0], "type_v": config.kv_cache[1], "context": config.context,
+                             "batch": config.batch,
+                             "llama_cpp": f"-c {config.context * config.batch} -np {config.batch} -ctk "
+                                          f"{config.kv_cache[0]} -ctv {config.kv_cache[1]} -fa on"}} if config.kv_cache else {}
     return {**notes, "file_type": file_type, "unit_formats": dict(config.allocation), "tensor_types": planned,
-            "loader": GGUF_LOADER}
+            "loader": GGUF_LOADER, **run_with}
 
 
 def gguf_fit_peak(config, shapes) -> dict:

@@ -13,5 +13,6 @@ STEPS = {
     "bench": "quantlab.steps.bench:bench_step",
     "weights": "quantlab.steps.bench:weights_step",
     "sensitivity": "quantlab.steps.fit:sensitivity_step",
+    "kv-sensitivity": "quantlab.steps.fit_kv:kv_sensitivity_step",
     "overflow": "quantlab.steps.overflow:overflow_step",
 }

@@ -40,7 +40,9 @@ from quantlab.plan import terms
 from quantlab.plan.shapes import model_shapes
 from quantlab.provenance import library_version, versions
 from quantlab.recipe import Recipe, parse_recipe
+from quantlab.engines.llamacpp import compute_bytes
 from quantlab.steps.fidelity import ensure_baseline
+from quantlab.steps.fit_kv import KV_UNIT, ensure_kv_costs, kv_pairs, kv_unit
 from quantlab.steps.launcher import run_step
 from quantlab.steps.overflow import check_held_dtype
 from quantlab.steps.quantize import ensure_artifact
@@ -214,9 +216,13 @@ def _gguf_arch(shapes) -> tuple[str, int, int]:
 
 
 def fit_budget(config, shapes, device: str) -> int:
-    """The weights budget: given, or the GPU memory less KV cache, activations and runtime at the layout's dtype."""
+    """The weights budget: given, or the GPU memory less KV cache, activations and runtime at the layout's dtype;
+    for a GGUF fit, the GPU memory less llama.cpp's compute buffer and the runtime (its KV cache is a unit of the
+    allocation, ``steps.fit_kv``)."""
     if config.weights_budget is not None:
         return config.weights_budget
+    if config.family == "gguf":
+        return config.gpu_mem - compute_bytes(shapes, config.context) - terms.runtime_bytes(device)
     elem = GptqMixedLayout(()).unquantized_dtype_bytes(device)
     return (config.gpu_mem - terms.kv_cache_bytes(shapes, config.context, config.batch, elem)
             - terms.activation_bytes(shapes, config.context, config.batch, elem) - terms.runtime_bytes(device))
@@ -234,6 +240,8 @@ def solve(config, table: dict, shapes, device: str):
     kld = (lambda u, f: table["kld"][u][f]) if table else (lambda u, f: 0.0)
     options = [Unit(u.name, tuple(Option(f.name, unit_bytes(u, f.name, shapes, device), kld(u.name, f.name))
                                   for f in formats)) for u in units]
+    if config.family == "gguf" and config.gpu_mem is not None:
+        options.append(kv_unit(config, shapes, (table or {}).get("kv")))
     return allocate(options, fit_budget(config, shapes, device), fixed_bytes(units, shapes, device, config.family))
 
 
@@ -252,13 +260,29 @@ def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int |
     if held_in_torch:  # and a model that overflows the fit's float16
         check_held_dtype(source, recipe, device, threads, data_dir)
     table = ensure_sensitivity(source, recipe.config, device, threads, data_dir)
-    alloc = solve(recipe.config, table, shapes, device)
-    counts = {f: sum(1 for v in alloc.formats.values() if v == f) for f in recipe.config.formats}
+    kv = None
+    if len(kv_pairs(recipe.config)) > 1 and recipe.config.gpu_mem is not None:  # a GGUF fit's cache types
+        reference = uniform_recipe(recipe.config, _most_precise(recipe.config), shapes)
+        kv = ensure_kv_costs(source, recipe.config, reference, device, threads, data_dir)
+    alloc = solve(recipe.config, {**table, "kv": kv} if kv else table, shapes, device)
+    formats = dict(alloc.formats)
+    cache = formats.pop(KV_UNIT, None)
+    counts = {f: sum(1 for v in formats.values() if v == f) for f in recipe.config.formats}
     info = {"sensitivity_table": table["path"], "sensitivity_cost": table["cost"], "budget_bytes": alloc.budget,
             "sensitivity": {k: table[k] for k in ("units", "formats", "granularity", "kld", "text")},
             "predicted_bytes": alloc.bytes, "predicted_kld": alloc.kld, "units_per_format": counts,
-            "unit_formats": alloc.formats, "fp_units": counts.get(FP, 0)}
-    return Recipe(recipe.name, recipe.method, resolved(recipe.config, alloc.formats)), info
+            "unit_formats": formats, "fp_units": counts.get(FP, 0)}
+    if cache:
+        info.update(kv_cache=cache, kv_bytes=next(o.bytes for o in kv_unit(recipe.config, shapes, kv).options
+                                                   if o.format == cache),
+                    kv_table={k: kv[k] for k in ("kld", "weights", "text", "cost")} if kv else None)
+    kv_cache = tuple(cache.split("/")) if cache else None
+    return Recipe(recipe.name, recipe.method, resolved(recipe.config, formats, kv_cache)), info
+
+
+def _most_precise(config) -> str:
+    """The format the KV cache's cost is measured with: the fit's most precise quantized one."""
+    return max((f for f in parse_formats(config.formats) if f.bits is not None), key=lambda f: f.bits).name
 
 
 def ensure_recipe_artifact(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
