@@ -191,24 +191,24 @@ def quantize_cmd(recipe, model, data_dir, max_memory, device, threads, trust_rem
 @click.option("--formats", default=",".join(DEFAULT_FORMATS), show_default=True, help="Formats a unit may take: "
               "fp and GPTQ ones (gptq-w8, gptq-w4-g64...), or GGUF ones (gguf-q4_k, gguf-q8_0...) for llama.cpp.")
 @click.option("--imatrix", is_flag=True, help="GGUF formats: quantize with the calibration text's importance matrix.")
-@click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "fused", "linear"]),
-              help="One format per linear; per fused projection as vLLM runs them (q,k,v; gate,up; each other linear: "
-                   "what vLLM can load); or per decoder block's linears (a sensitivity pass 7x cheaper, a worse fit).")
+@click.option("--kv-formats", default="", help="GGUF with --gpu-mem: KV cache types to choose among (default f16,q8_0,q4_0).")
+@click.option("--units", default="linear", show_default=True, type=click.Choice(["block", "fused", "linear"]), help="One "
+              "format per linear, per fused projection (q,k,v; gate,up: what vLLM loads) or per block (a cheaper pass).")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16"]),
               help="What the fit is held in (GPTQModel's torch kernel): fp16 as vLLM runs GPTQ, bf16 if fp16 overflows.")
 @click.option("--text", default=None, help="Reference text the fit is measured on (default wikitext2_raw).")
 @click.option("--data-dir", default=None, help="Benchmark data dir (default ../shared/data or QUANTLAB_DATA_DIR).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_common
-def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, imatrix, units, dtype, text, data_dir, as_json,
-            device, threads, trust_remote_code):
+def fit_cmd(model, weights_budget, gpu_mem, context, batch, formats, imatrix, kv_formats, units, dtype, text, data_dir,
+            as_json, device, threads, trust_remote_code):
     """Fit MODEL (default smollm2-135m) to a budget: one format per unit, least predicted KLD; build and measure it."""
     if (weights_budget is None) == (gpu_mem is None):
         raise click.UsageError("Give one budget: --weights-budget SIZE or --gpu-mem SIZE")
     if weights_budget is not None and (context or batch):
         raise click.UsageError("--context and --batch size the KV cache within --gpu-mem — drop them, or give --gpu-mem")
     config = FitConfig(weights_budget=weights_budget, gpu_mem=gpu_mem, context=context or 4096, batch=batch or 1,
-                       units=units, dtype=dtype, formats=formats, imatrix=imatrix)
+                       units=units, dtype=dtype, formats=formats, imatrix=imatrix, kv_formats=kv_formats)
     result = _call(fit_model, model, config, device or "auto", threads or 1, data_dir, text, trust_remote_code)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else render_fit(result))
 

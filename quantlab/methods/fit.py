@@ -70,7 +70,9 @@ class FitConfig:
         object.__setattr__(self, "formats", tuple(str(f).strip() for f in formats))
         object.__setattr__(self, "allocation", tuple(tuple(pair) for pair in self.allocation))
         kv = self.kv_formats.split(",") if isinstance(self.kv_formats, str) else self.kv_formats
-        object.__setattr__(self, "kv_formats", tuple(str(f).strip() for f in kv))
+        object.__setattr__(self, "kv_formats", tuple(str(f).strip() for f in kv if str(f).strip()))
+        if not self.kv_formats and self.gpu_mem is not None and self.family == "gguf":
+            object.__setattr__(self, "kv_formats", KV_FORMATS)  # a GGUF GPU plan chooses its cache by default
         object.__setattr__(self, "kv_cache", tuple(self.kv_cache))
         if (self.weights_budget is None) == (self.gpu_mem is None):
             raise RecipeError("A fit names one budget: weights_budget (e.g. 180MiB) or gpu_mem (e.g. 32GB)")
@@ -144,8 +146,6 @@ class FitMethod(Method):
             if match.group(3) or match.group(4):
                 return None
             return FitConfig(weights_budget=size, dtype=dtype, **gguf)
-        if gguf:
-            gguf["kv_formats"] = KV_FORMATS
         return FitConfig(gpu_mem=size, context=int(match.group(3) or 4096), batch=int(match.group(4) or 1),
                          dtype=dtype, **gguf)
 
