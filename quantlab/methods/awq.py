@@ -88,6 +88,9 @@ class AwqMethod(Method):
                 "layers: one fp layer, mapped and copied": sizes["layer"],
                 "layers: calibration inputs and outputs": 2 * windows,
                 "layers: scale search outputs, two linears": 2 * rows * widest_out * 2,
+                "layers: the down projection's inputs (fp16)": rows * shapes.intermediate * 2,
+                "layers: the clip search (fp32, the largest linear's)": clip_search_bytes(per_layer, rows,
+                                                                                          config.group_size),
                 "save: the embedding read back": embed}
 
     def layout(self, config):
@@ -116,6 +119,17 @@ class AwqMethod(Method):
 
 #: output channels the clip search takes at a time (GPTQModel's batch where it divides them)
 CLIP_CHANNELS = 256
+CLIP_TOKENS = 512  # the tokens it samples (GPTQModel's n_sample_token)
+
+
+def clip_search_bytes(linears: dict, rows: int, group_size: int) -> int:
+    """``clip_search``'s working set for the largest of ``linears`` (name -> (out, in)) it runs on (GPTQModel skips
+    q and k): the sampled tokens, one channel batch's weight and its clamped and quantized copies, and its reference
+    outputs, a candidate's outputs and their squared error (groups x tokens x channels), fp32."""
+    tokens = len(range(0, rows, max(1, rows // CLIP_TOKENS)))
+    sizes = [tokens * k + 3 * min(o, CLIP_CHANNELS) * k + 3 * (k // group_size) * tokens * min(o, CLIP_CHANNELS)
+             for name, (o, k) in linears.items() if not any(part in name for part in ("q_proj", "k_proj"))]
+    return 4 * max(sizes, default=0)
 
 
 @contextlib.contextmanager

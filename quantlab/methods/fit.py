@@ -219,6 +219,8 @@ class FitMethod(Method):
         return gguf_fit_layer_by_layer_peak(config, sizes["shapes"]) if config.family == "gguf" else None
 
     def quantize_layer_by_layer(self, config, source_dir, out_dir, device, *, data_dir=None, trust_remote_code=False):
+        if config.family != "gguf":
+            raise NotImplementedError("a GPTQ fit has no layer-by-layer quantize")
         return quantize_gguf_fit(config, source_dir, out_dir, device, data_dir=data_dir,
                                  trust_remote_code=trust_remote_code, layer_by_layer=True)
 
