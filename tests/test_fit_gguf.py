@@ -5,6 +5,7 @@ built and measured in llama.cpp within its budget."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -198,3 +199,21 @@ def test_a_gpu_plan_chooses_the_kv_cache_types_beside_the_weights(smol, shapes, 
     assert fit["kv_table"]["kld"]["q8_0/q8_0"] > 0 == fit["kv_table"]["kld"]["f16/f16"]
     notes = read_manifest(result["artifact"])["method_notes"]
     assert notes["kv_cache"]["type_k"] == type_k and f"-ctk {type_k} -ctv {type_v}" in notes["kv_cache"]["llama_cpp"]
+
+
+def test_a_gpu_plan_nothing_meets_is_refused_with_the_smallest_gpu_memory(shapes):
+    """The refusal speaks of the GPU memory given: the smallest is every unit and the cache in their smallest formats,
+    beside llama.cpp's compute buffer."""
+    from quantlab.engines.llamacpp import compute_bytes, kv_bytes
+    from quantlab.errors import UsageError
+    from quantlab.steps.fit import solve
+
+    units = model_units(shapes, "linear", embedding=True)
+    least = (compute_bytes(shapes, 8192) + kv_bytes(shapes, 8192, 1, "q4_0", "q4_0") + fixed_bytes(units, shapes, "cpu", "gguf")
+             + sum(unit_bytes(u, "gguf-q4_k", shapes, "cpu") for u in units))
+    config = FitConfig(gpu_mem=least - 1, context=8192, formats=("gguf-q4_k", "gguf-q8_0"))
+    assert config.kv_formats == ("f16", "q8_0", "q4_0")  # a GGUF GPU plan chooses its cache by default
+    with pytest.raises(UsageError, match=f"GPU of {least - 1} bytes at context 8192 x batch 1: the smallest that can "
+                                         f"be met is {least} bytes"):
+        solve(config, None, shapes, "cpu")
+    assert solve(dataclasses.replace(config, gpu_mem=least), None, shapes, "cpu").bytes == least - compute_bytes(shapes, 8192)

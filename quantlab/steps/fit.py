@@ -20,7 +20,8 @@ from quantlab.evaluate import fidelity as fid
 from quantlab.evaluate.fidelity import FidelitySettings
 from quantlab.evaluate.guard import require_finite
 from quantlab.evaluate.text import TextSource
-from quantlab.fit.allocate import Option, Unit, allocate
+from quantlab.errors import UsageError
+from quantlab.fit.allocate import Option, Unit, allocate, smallest_budget
 from quantlab.fit.sensitivity import GgufWeights, Prefixes, gptq_weights, measure_table
 from quantlab.fit.units import (HEAD, check_formats, family, fixed_bytes, model_units, parse_format, parse_formats,
                                 unit_bytes)
@@ -242,7 +243,13 @@ def solve(config, table: dict, shapes, device: str):
                                   for f in formats)) for u in units]
     if config.family == "gguf" and config.gpu_mem is not None:
         options.append(kv_unit(config, shapes, (table or {}).get("kv")))
-    return allocate(options, fit_budget(config, shapes, device), fixed_bytes(units, shapes, device, config.family))
+    budget, fixed = fit_budget(config, shapes, device), fixed_bytes(units, shapes, device, config.family)
+    if config.gpu_mem is not None and budget < smallest_budget(options, fixed):  # said in the GPU memory given
+        least = smallest_budget(options, fixed) + config.gpu_mem - budget
+        raise UsageError(f"No allocation fits a GPU of {config.gpu_mem} bytes at context {config.context} x batch "
+                         f"{config.batch}: the smallest that can be met is {least} bytes (every unit in its smallest "
+                         "format, the rest of the plan beside it) — raise --gpu-mem or lower the context or batch")
+    return allocate(options, budget, fixed)
 
 
 def resolve_fit(source: ModelSource, recipe: Recipe, device: str, threads: int | None = None,
