@@ -184,6 +184,17 @@ def test_the_importance_matrix_reaches_llama_cpp(built):
     assert a.tensor_type == b.tensor_type and not np.array_equal(np.asarray(a.data), np.asarray(b.data))
 
 
+def test_the_importance_matrix_is_captured_once_per_source_and_calibration(built, smol, home, tiny_text, tmp_path):
+    """A second GGUF recipe on the same calibration reads the first one's cached matrix."""
+    _, _, first = built["gguf-q4_k_m-imatrix"]
+    recipe = _recipe("gguf-q8_0-imatrix", tiny_text)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTLAB_HOME", str(home))
+        notes = get_method("gguf").quantize(recipe.config, Path(smol.path), tmp_path, "cpu")
+    assert notes["imatrix_cache"] == {"path": first["imatrix_cache"]["path"], "reused": True}
+    assert first["imatrix_cache"]["reused"] is False and notes["imatrix_entries"] == first["imatrix_entries"]
+
+
 def test_the_llama_cpp_bench_times_prefill_and_decode_and_reads_its_buffers(built):
     from quantlab.layouts.loading import load_recipe_model
     from quantlab.measure.latency import LatencySettings

@@ -21,8 +21,7 @@ from quantlab.errors import RecipeError
 from quantlab.gguf_file import gguf_reader
 from quantlab.layouts.gguf import FILE, TENSOR_TYPE_FILE, GgufMixedLayout
 from quantlab.layouts.gguf_types import EMBEDDING
-from quantlab.methods.calibration import calibration_windows
-from quantlab.methods.gguf import (gguf_layer_by_layer_peak, gguf_quantize_peak, importance_matrix,
+from quantlab.methods.gguf import (calibration_importance_matrix, gguf_layer_by_layer_peak, gguf_quantize_peak,
                                    quantize_gguf, tensor_pattern, unquantized_gguf)
 from quantlab.models.load import load_config, load_tokenizer
 from quantlab.plan.shapes import model_shapes
@@ -63,9 +62,9 @@ def quantize_gguf_fit(config, source_dir: Path, out_dir: Path, device: str, *, d
                       f"--tensor-type-file {TENSOR_TYPE_FILE})"}
     imatrix = None
     if config.imatrix:
-        windows, notes["calibration"] = calibration_windows(config, source_dir, device, data_dir, trust_remote_code)
-        imatrix = importance_matrix(source_dir, windows, device, trust_remote_code, layer_by_layer)
-        notes["imatrix_entries"] = len(imatrix)
+        imatrix, more = calibration_importance_matrix(config, source_dir, device, data_dir, trust_remote_code,
+                                                      layer_by_layer)
+        notes.update(more)
     counts = Counter(requested.values())
     file_type = next((FILE_TYPE_OF[k] for k, _ in counts.most_common() if k in FILE_TYPE_OF), "q8_0")
     (Path(out_dir) / TENSOR_TYPE_FILE).write_text(tensor_type_list(requested))

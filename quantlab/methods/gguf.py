@@ -40,6 +40,7 @@ from quantlab.methods.base import Method
 from quantlab.methods.calibration import calibration_inputs, calibration_windows
 from quantlab.models.convert import SOURCE_INFO
 from quantlab.models.load import load_causal_lm, load_tokenizer
+from quantlab.provenance import library_version
 
 BITS = {"f32": 32, "f16": 16, "q4_0": 4, "q4_k_s": 4, "q4_k_m": 4, "q5_k_s": 5, "q5_k_m": 5, "q6_k": 6, "q8_0": 8}
 #: windows per forward when the imatrix is captured layer by layer (each forward reads every layer once)
@@ -121,10 +122,9 @@ class GgufMethod(Method):
             return notes
         imatrix = None
         if config.imatrix:
-            windows, notes["calibration"] = calibration_windows(config, source_dir, device, data_dir, trust_remote_code)
-            imatrix = importance_matrix(source_dir, windows, device, trust_remote_code, layer_by_layer)
-            notes["imatrix_entries"] = len(imatrix)
-            notes["imatrix_model"] = "layer by layer" if layer_by_layer else "loaded whole"
+            imatrix, more = calibration_importance_matrix(config, source_dir, device, data_dir, trust_remote_code,
+                                                          layer_by_layer)
+            notes.update(more)
         quantize_gguf(f32, target, config.qtype, imatrix)
         return notes
 
@@ -206,6 +206,34 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def calibration_importance_matrix(config, source_dir: Path, device: str, data_dir, trust_remote_code: bool,
+                                  layer_by_layer: bool) -> tuple[dict, dict]:
+    """(``importance_matrix`` of ``config``'s calibration windows, notes for the manifest), cached under
+    QUANTLAB_HOME/imatrix by the source GGUF, the windows' token ids, how the model ran and the library versions:
+    every GGUF recipe and fit file of one source and calibration reads the same matrix, captured once."""
+    import hashlib
+
+    import numpy as np
+
+    windows, info = calibration_windows(config, Path(source_dir), device, data_dir, trust_remote_code)
+    mode = "layer by layer" if layer_by_layer else "loaded whole"
+    key = hashlib.sha256(json.dumps({
+        "gguf": _source_info(Path(source_dir))["gguf_sha256"], "windows": windows, "mode": mode,
+        "device": device.split(":")[0], "libs": {n: library_version(n) for n in ("torch", "transformers")}},
+        sort_keys=True).encode()).hexdigest()[:24]
+    entry = quantlab_home() / "imatrix" / f"{key}.npz"
+
+    def build(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **importance_matrix(source_dir, windows, device, trust_remote_code, layer_by_layer))
+
+    cached = cached_entry(entry, build, file=True)
+    with np.load(entry) as data:
+        imatrix = {name: data[name] for name in data.files}
+    return imatrix, {"calibration": info, "imatrix_entries": len(imatrix), "imatrix_model": mode,
+                     "imatrix_cache": {"path": str(entry), "reused": cached}}
 
 
 def importance_matrix(source_dir: Path, windows: list[list[int]], device: str, trust_remote_code: bool,
