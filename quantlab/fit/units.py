@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from quantlab.errors import RecipeError
 from quantlab.layouts import gptq_mixed
 from quantlab.layouts.gguf import GgufMixedLayout, gguf_format_type
-from quantlab.layouts.gguf_types import BITS, EMBEDDING, effective_type, tensor_bytes
+from quantlab.layouts.gguf_types import EMBEDDING, effective_type, tensor_bytes
 from quantlab.layouts.gptq_mixed import FP, Format, GptqMixedLayout, fused_name
 from quantlab.plan.shapes import ModelShapes
 from quantlab.plan.terms import weight_terms
@@ -36,11 +36,11 @@ FAMILIES = ("gptq", "gguf")
 
 
 def parse_format(name: str) -> Format:
-    """A fit format: ``fp`` or a GPTQ one (``gptq_mixed.parse_format``), or a GGUF one (``gguf-q4_k``: its ggml type,
-    its bits per value with scales, and no bits for ``gguf-f32``, the source's own values)."""
+    """A fit format: ``fp`` or a GPTQ one (``gptq_mixed.parse_format``), or a GGUF one (``gguf-q4_k``: its ggml type
+    and its nominal bits, 4; no bits for ``gguf-f32``, the source's own values)."""
     if name.startswith("gguf-"):
         kind = gguf_format_type(name)
-        return Format(name, None if kind == "F32" else BITS[kind], ggml_type=kind)
+        return Format(name, None if kind == "F32" else int(re.search(r"\d+", kind).group()), ggml_type=kind)
     return gptq_mixed.parse_format(name)
 
 

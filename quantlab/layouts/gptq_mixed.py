@@ -30,7 +30,7 @@ _GPTQ = re.compile(r"gptq-w(4|8)(?:-g(32|64|128))?")
 @dataclass(frozen=True)
 class Format:
     name: str
-    bits: int | float | None  # None: unquantized (GGUF: bits per value, its scales included)
+    bits: int | None  # None: unquantized
     group_size: int = -1
     ggml_type: str | None = None  # a GGUF format's ggml type (``quantlab.fit.units.parse_format``); None for GPTQ
 
