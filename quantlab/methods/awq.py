@@ -74,9 +74,11 @@ class AwqMethod(Method):
         """GPTQModel's disk offload as for GPTQ (``GptqMethod.quantize_peak``), in fp16: the embedding read; one fp
         layer read; the calibration inputs and outputs of every window; and, for the largest group of modules
         sharing an input (the MLP's gate and up), the scale search's scaled copy of their weights and its output on
-        every calibration row. Derived from GPTQModel's code and NOT yet matching a measurement: on SmolLM2 (64 x 256
-        windows, fp32 source checkpoint) this plans 153 MB where the quantize step held 975 MB at its peak (peak RSS
-        1.58 GB), probably the source's mapped pages and the per-module input caches; to be measured and fixed."""
+        every calibration row; the down projection's cached inputs and the clip search's working set. Derived from
+        GPTQModel's code and NOT yet matching a measurement: on SmolLM2 (64 x 256 windows, fp32 source checkpoint) the
+        quantize step held 975 MB at its peak, and on Qwen2.5-Coder-1.5B within 3.5 GB (32 x 256 windows) 2.70 GB
+        against 0.96 GB planned (reports/formats/qwen2.5-coder-1.5b/plan-vs-measured.txt); to be measured phase by
+        phase and fixed."""
         shapes = sizes["shapes"]
         per_layer = {re.sub(r"\.\d+(?=\.)", "", lin.name): (lin.out_features, lin.in_features)
                      for lin in shapes.linears}
