@@ -1,9 +1,9 @@
 """What a quantized KV cache costs in llama.cpp: the KLD of a model's next-token distributions with its keys and
 values held in a cache type (q8_0, q4_0, ...) against the same model with llama.cpp's default F16 cache.
 
-One model is loaded once and two contexts are made on it (``context_kld`` compares two files the same way), the F16 cache's and the candidate's (llama.cpp lets
-contexts share a model; each holds its own cache), with flash attention on (a quantized V cache needs it; both have
-it, so only the cache differs). Each window of tokens is decoded in both, micro-batch by micro-batch, every
+One model is loaded once and two contexts are made on it (``context_kld`` compares two files the same way), the
+F16 cache's and the candidate's (llama.cpp lets contexts share a model; each holds its own cache), with flash
+attention on (a quantized V cache needs it; both have it, so only the cache differs). Each window of tokens is decoded in both, micro-batch by micro-batch, every
 position's logits requested; a micro-batch's logits are log-softmaxed in float32 and compared at once, so nothing
 the length of the window is held but the two caches. The scored positions are the second half of each window, as
 ``llama-perplexity --kl-divergence`` scores them: each has at least half the window in the cache before it.
@@ -74,7 +74,8 @@ def context_kld(reference: tuple, candidate: tuple, windows: list[list[int]], th
     paths = dict.fromkeys(str(p) for p, _, _ in (reference, candidate))
     models = {p: LlamaModel(path_model=p, params=llama_cpp.llama_model_default_params(), verbose=False) for p in paths}
     n_ctx = max(len(w) for w in windows)
-    base, cand = (_Context(llama_cpp, models[str(p)], n_ctx, k, v, threads, ubatch) for p, k, v in (reference, candidate))
+    base, cand = (_Context(llama_cpp, models[str(p)], n_ctx, k, v, threads, ubatch)
+                  for p, k, v in (reference, candidate))
     batch = LlamaBatch(n_tokens=ubatch, embd=0, n_seq_max=1, verbose=False)
     per_window, agree, scored = [], 0, 0
     try:

@@ -2,9 +2,9 @@
 
 The quantized weights are those the format's uniform run produced, unpacked to fp32: a GPTQ format's uniform GPTQ
 artifact, a GGUF format's file with every tensor at that type (dequantized as transformers dequantizes a GGUF, in
-its layout), the unit's own weights, not a proxy's. One at a time they replace the unit's weights in the fp model, and the
-model's log-probs on the sensitivity text are compared with the cached fp log-probs, token by token over the full
-vocabulary, as the fidelity step does. Blocks before the unit's compute what fp computes, so their outputs are
+its layout), the unit's own weights, not a proxy's. One at a time they replace the unit's weights in the fp model,
+and the model's log-probs on the sensitivity text are compared with the cached fp log-probs, token by token over
+the full vocabulary, as the fidelity step does. Blocks before the unit's compute what fp computes, so their outputs are
 captured once and each unit's forward starts at its own block (checked once against a full forward; a model
 whose decoder cannot start mid-way runs every forward whole).
 """

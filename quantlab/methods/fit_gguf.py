@@ -75,10 +75,12 @@ def quantize_gguf_fit(config, source_dir: Path, out_dir: Path, device: str, *, d
     if wrong:
         raise RecipeError(f"llama.cpp wrote {len(wrong)} tensor(s) at types other than the allocation's "
                           f"({', '.join(wrong[:3])}) — report this with the fit's tensor-types.txt")
-    run_with = {"kv_cache": {"type_k": config.kv_cache[0], "type_v": config.kv_cache[1], "context": config.context,
-                             "batch": config.batch,
-                             "llama_cpp": f"-c {config.context * config.batch} -np {config.batch} -ctk "
-                                          f"{config.kv_cache[0]} -ctv {config.kv_cache[1]} -fa on"}} if config.kv_cache else {}
+    run_with = {}
+    if config.kv_cache:  # a GPU plan's cache: how llama.cpp runs the file as planned
+        type_k, type_v = config.kv_cache
+        run_with["kv_cache"] = {"type_k": type_k, "type_v": type_v, "context": config.context, "batch": config.batch,
+                                "llama_cpp": f"-c {config.context * config.batch} -np {config.batch} -ctk {type_k} "
+                                             f"-ctv {type_v} -fa on"}
     return {**notes, "file_type": file_type, "unit_formats": dict(config.allocation), "tensor_types": planned,
             "loader": GGUF_LOADER, **run_with}
 

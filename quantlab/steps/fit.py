@@ -1,5 +1,5 @@
-"""Resolving a fit recipe: the formats' uniform artifacts (GPTQ, or GGUF files of one type), the sensitivity pass (a step of its own, its table
-cached by content), and the exact allocation within the budget.
+"""Resolving a fit recipe: the formats' uniform artifacts (GPTQ, or GGUF files of one type), the sensitivity pass
+(a step of its own, its table cached by content), and the exact allocation within the budget.
 
 The sensitivity text is the fit's calibration text (what GPTQ calibrates on), its first ``sensitivity_chunks``
 windows of 256 tokens: the reference text the fit is then judged on stays out of the choice. The fp log-probs
@@ -55,7 +55,8 @@ DEFINITIONS = {
                    "format's type, dequantized), every other unit fp; nats/token",
     "predicted_kld": "the sum of the chosen formats' sensitivities over the units (assumes the units' KLDs add)",
     "weights_bytes": "the planner's bytes of the model as GPTQModel.load holds it (unquantized parts in the fit's "
-                     "dtype, fp16 by default; packed GPTQ modules)",
+                     "dtype, fp16 by default; packed GPTQ modules); for GGUF formats, the file's tensor bytes as "
+                     "llama.cpp holds them",
 }
 
 
@@ -65,7 +66,8 @@ def uniform_recipe(config, fmt: str, shapes) -> Recipe | None:
     if parse_format(fmt).bits is None:
         return None
     if config.family == "gguf":
-        return Recipe(f"{fmt}-uniform" + ("-imatrix" if config.imatrix else ""), "fit", uniform_gguf(config, fmt, shapes))
+        name = f"{fmt}-uniform" + ("-imatrix" if config.imatrix else "")
+        return Recipe(name, "fit", uniform_gguf(config, fmt, shapes))
     return Recipe(parse_recipe(fmt).name, "gptq", config.uniform(fmt))
 
 
@@ -204,7 +206,8 @@ def _weights_of(payload: dict, shapes):
     """``measure_table``'s ``weights_of``: a unit's weights in a format, from the format's uniform artifact (GPTQ
     packed, or a GGUF file), the untied head's from its head-only GPTQ artifact."""
     if family(parse_format(n) for n in payload["formats"]) == "gguf":
-        files = {name: GgufWeights(Path(path) / FILE, *_gguf_arch(shapes)) for name, path in payload["artifacts"].items()}
+        files = {name: GgufWeights(Path(path) / FILE, *_gguf_arch(shapes))
+                 for name, path in payload["artifacts"].items()}
         return lambda fmt, unit: files[fmt.name].read([n for n, _, _ in unit.modules])
     readers = {name: CheckpointReader(path) for name, path in payload["artifacts"].items()}
     head = CheckpointReader(payload["head_artifact"]) if payload.get("head_artifact") else None
