@@ -21,9 +21,8 @@ from quantlab.errors import RecipeError
 from quantlab.gguf_file import gguf_reader
 from quantlab.layouts.gguf import FILE, TENSOR_TYPE_FILE, GgufMixedLayout
 from quantlab.layouts.gguf_types import EMBEDDING
-from quantlab.methods.gguf import (calibration_importance_matrix, gguf_layer_by_layer_peak, gguf_quantize_peak,
-                                   quantize_gguf, tensor_pattern, unquantized_gguf)
-from quantlab.models.load import load_config, load_tokenizer
+from quantlab.methods.gguf import gguf_layer_by_layer_peak, gguf_quantize_peak, tensor_pattern, write_gguf
+from quantlab.models.load import load_config
 from quantlab.plan.shapes import model_shapes
 
 #: the file type a mix is written under, by its most common type (llama.cpp applies overrides under a quantized
@@ -55,20 +54,13 @@ def quantize_gguf_fit(config, source_dir: Path, out_dir: Path, device: str, *, d
     shapes = model_shapes(load_config(source_dir, trust_remote_code), trust_remote_code)
     layout = gguf_fit_layout(config)
     requested = layout.requested(shapes)
-    f32 = unquantized_gguf(source_dir)
-    load_tokenizer(source_dir, trust_remote_code).save_pretrained(str(out_dir))
-    notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32),
-             "route": "llama_model_quantize with one tensor-type override per tensor (llama-quantize "
-                      f"--tensor-type-file {TENSOR_TYPE_FILE})"}
-    imatrix = None
-    if config.imatrix:
-        imatrix, more = calibration_importance_matrix(config, source_dir, device, data_dir, trust_remote_code,
-                                                      layer_by_layer)
-        notes.update(more)
     counts = Counter(requested.values())
     file_type = next((FILE_TYPE_OF[k] for k, _ in counts.most_common() if k in FILE_TYPE_OF), "q8_0")
     (Path(out_dir) / TENSOR_TYPE_FILE).write_text(tensor_type_list(requested))
-    quantize_gguf(f32, Path(out_dir) / FILE, file_type, imatrix, overrides=requested)
+    notes = write_gguf(config, source_dir, out_dir, device, file_type, overrides=requested, data_dir=data_dir,
+                       trust_remote_code=trust_remote_code, layer_by_layer=layer_by_layer)
+    notes["route"] = ("llama_model_quantize with one tensor-type override per tensor (llama-quantize "
+                      f"--tensor-type-file {TENSOR_TYPE_FILE})")
     written = {t.name: t.tensor_type.name for t in gguf_reader(Path(out_dir) / FILE).tensors}
     planned = layout.types(shapes)
     wrong = [f"{n}: {written.get(n)} (planned {planned[n]})" for n in planned if written.get(n) != planned[n]]

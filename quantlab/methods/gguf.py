@@ -111,22 +111,8 @@ class GgufMethod(Method):
 
     def quantize(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                  trust_remote_code=False, layer_by_layer: bool = False) -> dict:
-        f32 = unquantized_gguf(Path(source_dir))
-        target = Path(out_dir) / FILE
-        notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32)}
-        # the source's tokenizer beside the file (the one inside it, as transformers reads it): what lm-eval tokenizes
-        # with, as for every other artifact
-        load_tokenizer(source_dir, trust_remote_code).save_pretrained(str(out_dir))
-        if config.qtype == "f32":
-            _link_or_copy(f32, target)
-            return notes
-        imatrix = None
-        if config.imatrix:
-            imatrix, more = calibration_importance_matrix(config, source_dir, device, data_dir, trust_remote_code,
-                                                          layer_by_layer)
-            notes.update(more)
-        quantize_gguf(f32, target, config.qtype, imatrix)
-        return notes
+        return write_gguf(config, source_dir, out_dir, device, config.qtype, data_dir=data_dir,
+                          trust_remote_code=trust_remote_code, layer_by_layer=layer_by_layer)
 
     def quantize_layer_by_layer(self, config, source_dir: Path, out_dir: Path, device: str, *, data_dir=None,
                                 trust_remote_code=False) -> dict:
@@ -154,6 +140,28 @@ class GgufMethod(Method):
 
     def layout(self, config):
         return GgufLayout(config.qtype, config.imatrix)
+
+
+def write_gguf(config, source_dir: Path, out_dir: Path, device: str, qtype: str, *, overrides=None, data_dir=None,
+               trust_remote_code=False, layer_by_layer: bool = False) -> dict:
+    """``out_dir/model.gguf``, llama.cpp's quantize of the source's F32 GGUF at ``qtype`` (``f32``: that file itself)
+    with ``config``'s importance matrix if it asks for one and ``overrides`` (``quantize_gguf``), beside the source's
+    tokenizer (the one inside the GGUF, as transformers reads it: what lm-eval tokenizes with, as for every other
+    artifact). Returns the manifest's notes."""
+    f32 = unquantized_gguf(Path(source_dir))
+    target = Path(out_dir) / FILE
+    notes = {"library": "llama.cpp", "engine": "llama.cpp", "unquantized_gguf": str(f32)}
+    load_tokenizer(source_dir, trust_remote_code).save_pretrained(str(out_dir))
+    if qtype == "f32":
+        _link_or_copy(f32, target)
+        return notes
+    imatrix = None
+    if config.imatrix:
+        imatrix, more = calibration_importance_matrix(config, source_dir, device, data_dir, trust_remote_code,
+                                                      layer_by_layer)
+        notes.update(more)
+    quantize_gguf(f32, target, qtype, imatrix, overrides=overrides)
+    return notes
 
 
 def gguf_quantize_peak(layout, shapes, imatrix: bool, tokens: int) -> dict:
