@@ -163,3 +163,70 @@ def test_the_clip_search_is_gptqmodels_with_matrix_products(out_features):
     ours = clip_search(processor, w, x)
     assert ours.shape == theirs.shape == (out_features, 4, 1)
     assert torch.equal(ours, theirs)
+
+
+def test_an_awq_artifact_runs_layer_by_layer_with_the_kernel_it_loads_with(awq_artifact):
+    """Layer by layer (the fidelity step under a budget) each layer's linears are the kernel class the whole load
+    makes, filled from the checkpoint and repacked on their first forward as loaded whole: the same log-probs."""
+    from quantlab.evaluate import fidelity as fid
+    from quantlab.layerwise.model import LayerwiseModel
+    from quantlab.layouts.loading import load_recipe_model
+
+    path, _, recipe = awq_artifact
+    whole = load_recipe_model(str(path), recipe, "cpu")
+    run = LayerwiseModel(path, head_rows=7)
+    kernel = type(whole.model.layers[0].mlp.down_proj)
+    assert "Awq" in kernel.__name__ and type(run.layers[0].mlp.down_proj) is kernel
+    assert run.layers[0].mlp.down_proj.qweight.is_meta  # filled only while its layer runs
+    ids = torch.randint(0, whole.config.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0))
+    first, again = fid._log_probs(run, ids), fid._log_probs(run, ids)
+    assert torch.equal(first, again)
+    assert (first - fid._log_probs(whole, ids)).abs().max().item() < 1e-4
+    assert run.layers[-1].mlp.down_proj.qweight.is_meta
+
+
+def _mapped(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+def test_a_whole_cpu_load_repacks_each_linear_as_its_first_forward_would_and_releases_the_checkpoint(awq_artifact,
+                                                                                                    tiny_dir):
+    """quantlab runs the kernel's one-time repack itself once the model is weighed (``AwqGemmLayout.prepare``): the
+    same logits as transformers' plain load, whose first forward repacks; the repack's extra bytes are the planner's
+    exactly, the checkpoint's bytes are its pages term, and no tensor is left on the checkpoint's mapping."""
+    from quantlab.layouts.loading import load_recipe_model
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq import TorchAtenAwqLinear
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.measure.memory import weight_bytes
+    from quantlab.models.load import load_config
+    from quantlab.plan.shapes import model_shapes
+
+    path, _, recipe = awq_artifact
+    layout = get_method("awq").layout(recipe.config)
+    def packed(model):
+        return sum(t.untyped_storage().nbytes() for m in model.modules() if isinstance(m, TorchAtenAwqLinear)
+                   for t in (m.qweight, m.qzeros, m.scales, getattr(m, "scales_and_zeros", torch.empty(0))))
+
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    before, as_stored = weight_bytes(plain)["weights_bytes"], packed(plain)
+    unprepared = load_recipe_model(str(path), recipe, "cpu", prepare=False)
+    assert weight_bytes(unprepared)["weights_bytes"] == before  # what the bench step weighs
+    assert unprepared.model.layers[0].mlp.up_proj.linear_mode is None
+    del unprepared
+    model = load_recipe_model(str(path), recipe, "cpu")
+    linears = [m for m in model.modules() if isinstance(m, TorchAtenAwqLinear)]
+    assert linears and all(m.linear_mode == "inference" and hasattr(m, "scales_and_zeros") for m in linears)
+    if _mapped(path / "model.safetensors"):  # the plain model still maps it; drop it and look again
+        del plain
+        import gc
+        gc.collect()
+        assert not _mapped(path / "model.safetensors")
+        plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    terms = layout.load_terms(model_shapes(load_config(tiny_dir)), "cpu")
+    assert terms["kernel repack: the int4 matmul's zero points and scales"] == packed(model) - as_stored > 0
+    header = 8 + int.from_bytes((path / "model.safetensors").read_bytes()[:8], "little")
+    assert terms["load: checkpoint pages, mapped"] == (path / "model.safetensors").stat().st_size - header

@@ -10,8 +10,8 @@ so masks, rotary tables and layer types are the model's. Three parts hold real w
 
 Everything else (final norm, rotary tables) is small and held throughout. The peak is then one layer's weights,
 one head slice and the activations of one forward, whatever the model's size. The model runs in fp32. A quantized
-artifact's layers are read as they load whole: torchao's intx tensors rebuilt from their parts, GPTQ's packed
-linears into the QuantLinear kernels transformers' GPTQ integration selects (``quantlab.layerwise.gptq``), float8
+artifact's layers are read as they load whole: torchao's intx tensors rebuilt from their parts, GPTQ's and AWQ's
+packed linears into the kernels transformers' GPTQ and AWQ integrations select (``quantlab.layerwise.packed``), float8
 and bitsandbytes 4-bit linears into the modules they load whole into (``quantlab.layerwise.linears``); an
 artifact's embedding, head and norms are plain tensors.
 """
@@ -23,8 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from quantlab.errors import ModelLoadError
-from quantlab.layerwise.gptq import GptqLayers, is_gptq
 from quantlab.layerwise.linears import swapped_linears
+from quantlab.layerwise.packed import packed_layers
 from quantlab.layerwise.weights import CheckpointReader
 from quantlab.conv1d import conv1d_names, conv1d_to_linear
 from quantlab.models.load import load_config
@@ -140,8 +140,8 @@ class LayerwiseModel:
         stored_as_linear(model, self.reader)
         parts = model_parts(model, self.reader)
         self.layers, self.layers_prefix = parts.layers, parts.layers_prefix
-        self.quantized = (GptqLayers(model, config, device) if is_gptq(config)
-                          else swapped_linears(config, self.reader, self.layers, self.layers_prefix, device))
+        self.quantized = (packed_layers(model, config, device)
+                          or swapped_linears(config, self.reader, self.layers, self.layers_prefix, device))
         self.head_tied = parts.head_name == parts.embed_name  # the checkpoint holds no head of its own
         row_embedding, sliced_head = _modules()
         model.set_input_embeddings(row_embedding(self.reader, self._need(parts.embed_name), self.dtype, device))

@@ -87,6 +87,12 @@ class Layout:
         transformers runs, whose forward the planner models itself (``quantlab.plan.steps``)."""
         return None
 
+    def load_terms(self, shapes, device: str) -> dict[str, int]:
+        """What a model of this layout loaded whole holds beside its weights as loaded, by component: keys
+        ``"load: ..."`` only while it loads (pages it reads, a conversion in flight), the rest throughout (what a
+        kernel converts its tensors into beyond the layout's bytes). None by default."""
+        return {}
+
     def dequantize_bytes_per_value(self, device: str) -> int:
         """Bytes per weight value a linear's kernel holds in flight while it dequantizes that linear (the planner
         counts it for the largest linear); the default is one copy at the unquantized dtype."""
@@ -99,6 +105,10 @@ class Layout:
     def load(self, path: str, device: str, trust_remote_code: bool = False):
         """The artifact at ``path`` loaded whole, with plain ``from_pretrained`` and ``load_kwargs``."""
         return load_causal_lm(path, device=device, trust_remote_code=trust_remote_code, **self.load_kwargs(device))
+
+    def prepare(self, model, device: str) -> None:
+        """Run once on a model loaded whole, after it is weighed and before its first forward: a kernel's one-time
+        conversion of its tensors (AWQ on CPU). Nothing by default."""
 
     def latency_skipped(self, device: str) -> str | None:
         """None when latency can be measured on ``device``; otherwise the reason it is not."""

@@ -71,29 +71,40 @@ class AwqMethod(Method):
                               "not multiples of 8 — use gptq or rtn for this model")
 
     def quantize_peak(self, config, sizes, device):
-        """GPTQModel's disk offload as for GPTQ (``GptqMethod.quantize_peak``), in fp16: the embedding read; one fp
-        layer read; the calibration inputs and outputs of every window; and, for the largest group of modules
-        sharing an input (the MLP's gate and up), the scale search's scaled copy of their weights and its output on
-        every calibration row; the down projection's cached inputs and the clip search's working set. Derived from
-        GPTQModel's code and NOT yet matching a measurement: on SmolLM2 (64 x 256 windows, fp32 source checkpoint) the
-        quantize step held 975 MB at its peak, and on Qwen2.5-Coder-1.5B within 3.5 GB (32 x 256 windows) 2.70 GB
-        against 0.96 GB planned (reports/formats/qwen2.5-coder-1.5b/plan-vs-measured.txt); to be measured phase by
-        phase and fixed."""
+        """GPTQModel's disk offload as for GPTQ (``GptqMethod.quantize_peak``), the model in fp16:
+
+        - capture: the input embedding read from the (fp32) source through a memory map into an fp16 copy, and the
+          first layer's calibration inputs;
+        - layers: one fp layer read; the calibration inputs and outputs of every window; for the largest group of
+          modules sharing an input (the MLP's gate and up) the scale search's scaled copy of their weights and its
+          output on every calibration row; the down projection's cached inputs and the clip search's working set;
+        - save: the embedding and the head written one after the other, the larger of them at its peak: read back
+          from the (fp32) source through a memory map into a copy, converted to fp16 and copied again as its bytes
+          are written (``tensor.numpy().tobytes()``); the packed layers streamed in 32 MiB blocks.
+
+        The save is the peak, as measured within a budget: SmolLM2 (tied, 16 x 256 windows) held 0.366 GB against
+        0.374 GB planned, Qwen2.5-Coder-1.5B (untied, 32 x 256 windows, within 3.5 GB) 2.70 GB against 2.83 GB
+        (reports/formats/qwen2.5-coder-1.5b/plan-vs-measured.txt). The layer phase is planned from GPTQModel's
+        code and not measured apart."""
         shapes = sizes["shapes"]
+        elem = as_device(device).default_dtype_bytes
         per_layer = {re.sub(r"\.\d+(?=\.)", "", lin.name): (lin.out_features, lin.in_features)
                      for lin in shapes.linears}
         rows = config.samples * config.tokens
         windows = rows * shapes.hidden * 2
-        embed = shapes.unquantized["embeddings"] * 2
+        tables = (shapes.unquantized["embeddings"], shapes.unquantized["lm_head"])  # elements; the head 0 when tied
         widest_out = max((o for o, _ in per_layer.values()), default=0)
-        return {"capture: the embedding, mapped and copied": 2 * embed, "capture: first layer's inputs": windows,
+        return {"capture: the embedding, mapped and copied": tables[0] * (elem + 2),
+                "capture: first layer's inputs": windows,
                 "layers: one fp layer, mapped and copied": sizes["layer"],
                 "layers: calibration inputs and outputs": 2 * windows,
                 "layers: scale search outputs, two linears": 2 * rows * widest_out * 2,
                 "layers: the down projection's inputs (fp16)": rows * shapes.intermediate * 2,
                 "layers: the clip search (fp32, the largest linear's)": clip_search_bytes(per_layer, rows,
                                                                                           config.group_size),
-                "save: the embedding read back": embed}
+                "save: the larger of embedding and head, mapped and read back": 2 * max(tables) * elem,
+                "save: it in fp16, copied as it is written": 2 * max(tables) * 2,
+                "save: the packed layers, copied in blocks": 32 * 2**20}
 
     def layout(self, config):
         return AwqGemmLayout(config.bits, config.group_size)

@@ -31,7 +31,7 @@ from quantlab.plan.sizes import parse_size
 
 GB = 10**9
 IN_MEMORY, LAYER_BY_LAYER, SKIPPED, REFUSED, NONE = "in memory", "layer by layer", "skipped", "refused", "none"
-PHASES = ("convert", "capture", "layers", "head", "compare", "save")
+PHASES = ("convert", "load", "forward", "capture", "layers", "head", "compare", "save")
 HEAD_SLICE_ROWS = 16384  # vocabulary rows of the output head per slice, layer by layer
 ACCURACY_BATCH = HarnessSettings.batch_size  # lm-eval requests per forward in transformers
 ACCURACY_TOKENS = 256  # tokens per lm-eval request, as planned
@@ -72,8 +72,9 @@ def gb(n: int | None) -> str:
 
 def step_peak(components: dict) -> int:
     """The peak of a step's components. A step may go through phases that never overlap: keys ``"<phase>: ..."``
-    are held only during that phase (``PHASES``: a GGUF source's one-time convert, a quantizer's calibration
-    capture, the decoder layers, the output head, the final save), the rest throughout. The peak is the rest plus the largest phase."""
+    are held only during that phase (``PHASES``: a GGUF source's one-time convert, a whole load's reading and
+    converting and the forwards after it, a quantizer's calibration capture, the decoder layers, the output head,
+    the final save), the rest throughout. The peak is the rest plus the largest phase."""
     prefixes = tuple(p + ": " for p in PHASES)
     phase = {p: sum(v for k, v in components.items() if k.startswith(p + ": ")) for p in PHASES}
     rest = sum(v for k, v in components.items() if not k.startswith(prefixes))
@@ -155,35 +156,47 @@ def plan_reference(shapes, fidelity, device: str, budget: int | None) -> StepPla
 def fidelity_components(recipe, shapes, fidelity, device: str, mode: str, windows: int) -> dict:
     """A candidate's fidelity step: its forward over ``windows`` windows and one window's comparison temporaries
     (the reference's log-probs read back, their exp, the difference), with the candidate loaded whole, or layer
-    by layer: one layer as stored, its largest linear dequantized in flight, one head slice."""
+    by layer: one layer as stored (and as its kernel converts it), its largest linear dequantized in flight, one head
+    slice."""
     layout = get_method(recipe.method).layout(recipe.config)
     elem = layout.unquantized_dtype_bytes(device)
     compare = {"comparison": (fidelity.chunk_tokens - 1) * shapes.vocab * 4 + 3 * ROWS * shapes.vocab * 4}
     if mode == IN_MEMORY:
         engine = layout.engine_terms(shapes, windows, fidelity.chunk_tokens)
         forward = engine if engine is not None else _forward(shapes, windows, fidelity.chunk_tokens, elem)
-        comp = {"weights": layout_weights(recipe, shapes, device), **forward, **compare}
-        return {**comp, **checkpoint_pages(layout, shapes, device)}
+        return whole_load(layout, shapes, device, layout_weights(recipe, shapes, device), {**forward, **compare})
     weights = terms.weight_terms(layout, shapes, device)
     largest = max((lin.out_features * lin.in_features for lin in shapes.linears), default=0)
     # Layer by layer the comparison comes after the head: the batch's log-probs, one reference window read
     # back and the row blocks' temporaries, with no layer or head slice held (quantlab.evaluate.fidelity.compare).
     after = {"compare: candidate log-probs of the batch": windows * (fidelity.chunk_tokens - 1) * shapes.vocab * 4,
              "compare: reference window and row blocks": compare["comparison"]}
-    return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"]) // max(shapes.layers, 1),
+    kernel = sum(v for k, v in layout.load_terms(shapes, device).items() if not k.startswith("load: "))
+    return {"layers: one layer": (weights["linear_data"] + weights["linear_scales"] + kernel) // max(shapes.layers, 1),
             "layers: largest linear dequantized": largest * layout.dequantize_bytes_per_value(device),
             **_layerwise_forward(shapes, windows, fidelity.chunk_tokens, elem), **_always(shapes, windows, fidelity, elem),
             **after}
 
 
 def checkpoint_pages(layout, shapes, device: str) -> dict:
-    """The checkpoint's mapped pages that stay resident beside the copies a whole load makes of them."""
+    """The checkpoint's mapped pages that stay resident beside the copies a whole load makes of them, and the
+    layout's own load terms (``Layout.load_terms``)."""
+    own = layout.load_terms(shapes, device)
     if not layout.load_copies_linears:
-        return {}
+        return own
     w = terms.weight_terms(layout, shapes, device)
     if layout.load_copies_everything:
-        return {"checkpoint pages of the copied tensors": sum(w.values())}
-    return {"checkpoint pages of the copied linears": w["linear_data"] + w["linear_scales"]}
+        return {"checkpoint pages of the copied tensors": sum(w.values()), **own}
+    return {"checkpoint pages of the copied linears": w["linear_data"] + w["linear_scales"], **own}
+
+
+def whole_load(layout, shapes, device: str, weights: int, forward: dict) -> dict:
+    """A step with the model loaded whole: its weights, what its load holds (``checkpoint_pages``) and its
+    forward's terms, which are a phase of their own after the load where the load has one."""
+    load = checkpoint_pages(layout, shapes, device)
+    if any(k.startswith("load: ") for k in load):
+        forward = {f"forward: {k}": v for k, v in forward.items()}
+    return {"weights": weights, **forward, **load}
 
 
 def is_reference(recipe) -> bool:
@@ -215,12 +228,9 @@ def bench_components(recipe, shapes, latency, device: str, batch: int) -> dict:
     elem = layout.unquantized_dtype_bytes(device)
     tokens = latency.prompt_tokens + latency.decode_tokens
     engine = layout.engine_terms(shapes, 0, tokens)  # an engine of its own benches batch 1 (llama-bench's way)
-    comp = {"weights": layout_weights(recipe, shapes, device),
-            **(engine if engine is not None else
-               {"kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
-                "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)})}
-    comp.update(checkpoint_pages(layout, shapes, device))
-    return comp
+    return whole_load(layout, shapes, device, layout_weights(recipe, shapes, device), engine if engine is not None else
+                      {"kv_cache": terms.kv_cache_bytes(shapes, tokens, batch, elem),
+                       "activations": terms.activation_bytes(shapes, latency.prompt_tokens, batch, elem)})
 
 
 def plan_bench(recipe, shapes, latency, device: str, budget: int | None) -> StepPlan:
@@ -251,11 +261,10 @@ def plan_accuracy(recipe, shapes, device: str, budget: int | None) -> StepPlan:
     layout = get_method(recipe.method).layout(recipe.config)
     engine = layout.engine_terms(shapes, 0, ACCURACY_TOKENS)
     batch = 1 if engine is not None else ACCURACY_BATCH
-    comp = {"weights": layout_weights(recipe, shapes, device), **(engine if engine is not None else {
-            "activations": terms.activation_bytes(shapes, ACCURACY_TOKENS, batch,
-                                                  layout.unquantized_dtype_bytes(device)) - batch * shapes.vocab * 4,
-            "logits and log-softmax": 2 * batch * ACCURACY_TOKENS * shapes.vocab * 4})}
-    comp.update(checkpoint_pages(layout, shapes, device))
+    comp = whole_load(layout, shapes, device, layout_weights(recipe, shapes, device), engine if engine is not None else {
+        "activations": terms.activation_bytes(shapes, ACCURACY_TOKENS, batch,
+                                              layout.unquantized_dtype_bytes(device)) - batch * shapes.vocab * 4,
+        "logits and log-softmax": 2 * batch * ACCURACY_TOKENS * shapes.vocab * 4})
     if budget is not None and step_peak(comp) > budget:
         return StepPlan("accuracy", SKIPPED, step_peak(comp), comp,
                         reason=f"{recipe.name} loaded whole with a batch of {batch} lm-eval requests of "

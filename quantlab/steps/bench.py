@@ -11,7 +11,7 @@ from quantlab.engines import EngineModel
 from quantlab.measure import latency, memory
 from quantlab.measure.latency import LatencySettings
 from quantlab.methods import get_method
-from quantlab.layouts.loading import load_recipe_model
+from quantlab.layouts.loading import load_recipe_model, prepare_model
 from quantlab.recipe import Recipe
 from quantlab.steps.launcher import run_step
 
@@ -59,11 +59,12 @@ def _bench(payload: dict, recipe: Recipe, device: str) -> dict:
     rss_before = memory.current_rss_bytes()
     dev.memory.reset_counters()
     t0 = time.perf_counter()
-    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False), prepare=False)
     if isinstance(model, EngineModel):  # an engine of its own (llama.cpp) loads, times and weighs the artifact itself
         return _engine_bench(model, payload, rss_before, t0)
+    weights = memory.weight_bytes(model)  # as loaded, before a kernel converts anything
+    prepare_model(model, recipe, device)
     load_s = time.perf_counter() - t0
-    weights = memory.weight_bytes(model)
     rss_loaded = memory.current_rss_bytes()
     settings = LatencySettings.from_dict(payload.get("latency", {}))
     skipped = get_method(recipe.method).layout(recipe.config).latency_skipped(device)
@@ -108,7 +109,7 @@ def weights_step(payload: dict) -> dict:
 
     recipe = Recipe.from_dict(payload["recipe"])
     device = payload["device"]
-    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False))
+    model = load_recipe_model(payload["artifact"], recipe, device, payload.get("trust_remote_code", False), prepare=False)
     if isinstance(model, EngineModel):  # an engine of its own (llama.cpp): its tensor bytes; its buffers per context
         out = {**model.weight_bytes(), "footprint_hf_bytes": None, "prefill": {}}
         for context in payload.get("contexts", []):
@@ -116,6 +117,7 @@ def weights_step(payload: dict) -> dict:
         model.close()
         return out
     out = {**memory.weight_bytes(model), "footprint_hf_bytes": model.get_memory_footprint(), "prefill": {}}
+    prepare_model(model, recipe, device)
     for context in payload.get("contexts", []):
         ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
         out["prefill"][str(context)] = _prefill_peak(model, ids.to(device), device)

@@ -1,4 +1,4 @@
-"""A GPTQ artifact's decoder layers run one at a time with the kernels the artifact loads with whole.
+"""A GPTQ or AWQ artifact's decoder layers run one at a time with the kernels the artifact loads with whole.
 
 transformers' GPTQ integration (optimum, then GPTQModel) turns the model's linears into the QuantLinear class
 GPTQModel selects for the device, loads the packed tensors into them, then converts the v1 zero points and
@@ -7,6 +7,11 @@ Here the same quantizer converts the meta-device model once; each layer, when it
 meta QuantLinears filled from the checkpoint and post-initialised the same way, and gets the meta ones back when
 it is done. The arithmetic is then the one of the artifact loaded whole (on CPU: GPTQModel's aten int4 kernel in
 bf16 at 4 bits, its torch kernel at 8), whatever a kernel converts or caches on first use.
+
+An AWQ artifact goes the same way through transformers' AWQ integration: its quantizer turns the meta model's
+linears into the AWQ kernel GPTQModel selects (on CPU ``TorchAtenAwqLinear``, which repacks itself for torch's int4
+matmul on its first forward), and each layer's are filled from the checkpoint and post-initialised as GPTQModel's
+``hf_gptqmodel_post_init`` does after a whole load.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import copy
 from quantlab.errors import ModelLoadError
 
 
-def is_gptq(config) -> bool:
+def packed_layers(model, config, device: str):
+    """The ``GptqLayers`` or ``AwqLayers`` of a GPTQ or AWQ artifact's config, applied to ``model``; else None."""
     quantization = getattr(config, "quantization_config", None)
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "gptq"
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    kinds = {"gptq": GptqLayers, "awq": AwqLayers}
+    return kinds[method](model, config, device) if method in kinds else None
 
 
 class GptqLayers:
     """The quantizer of a GPTQ artifact's config, applied to ``model`` (on meta) at construction."""
+
+    format_name = "GPTQ"
 
     def __init__(self, model, config, device: str):
         import torch
@@ -58,7 +68,8 @@ class GptqLayers:
         missing = [f"{prefix}.{n}.{leaf}" for n, m in layer.named_modules() if isinstance(m, self.kind)
                    for leaf, b in m._buffers.items() if b is not None and b.is_meta]
         if missing:
-            raise ModelLoadError(f"{missing[0]} is neither in the GPTQ checkpoint nor built by GPTQModel's post-init — "
+            raise ModelLoadError(f"{missing[0]} is neither in the {self.format_name} checkpoint nor built by GPTQModel's "
+                                 "post-init — "
                                  "this artifact is not run layer by layer; raise --max-memory so it loads whole")
 
     def _post_init(self, layer) -> None:
@@ -92,3 +103,31 @@ class GptqLayers:
                     fresh._buffers[leaf] = None
             layer.set_submodule(name, template)
 
+
+
+class AwqLayers(GptqLayers):
+    """transformers' AWQ quantizer of an AWQ artifact's config, applied to ``model`` (on meta) at construction: the
+    linears it converts (all but those it keeps, the head among them) become the kernel class it selects."""
+
+    format_name = "AWQ"
+
+    def __init__(self, model, config, device: str):
+        import torch
+        from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+        from transformers import AwqConfig
+        from transformers.quantizers.quantizer_awq import AwqQuantizer
+
+        AwqQuantizer(AwqConfig.from_dict(config.quantization_config))._process_model_before_weight_loading(
+            model, device_map={"": torch.device(device)})
+        kinds = {type(m) for m in model.modules() if isinstance(m, BaseQuantLinear)}
+        if len(kinds) != 1:
+            raise ModelLoadError(f"transformers' AWQ integration made {len(kinds)} kernel classes of this model's "
+                                 "linears — this artifact is not run layer by layer; raise --max-memory so it loads "
+                                 "whole")
+        self.kind, self.device = kinds.pop(), device
+        self.templates: dict[int, dict[str, object]] = {}
+
+    def _post_init(self, layer) -> None:
+        for module in layer.modules():
+            if isinstance(module, self.kind):
+                module.post_init()
