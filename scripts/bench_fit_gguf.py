@@ -14,6 +14,9 @@ the reference text, WikiText-2 test, 16 windows of 256 tokens; KLD with its boot
   with its cache against the F16 GGUF with an F16 cache (``engines.kv.context_kld``: ``--kv-windows`` windows of the
   reference text, the second half of each scored, as llama-perplexity --kl-divergence scores).
 
+Last, one byte below the smallest allocation, as a weights budget and as a GPU plan, each refused before any work
+with the smallest that can be met (and that smallest met).
+
 Each finished row is kept in ``--state`` and reused, so an interrupted run resumes (artifacts, sensitivity columns
 and fp log-probs are cached under QUANTLAB_HOME too); ``--report-only`` prints what is there, headed PARTIAL when
 rows are missing.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 REFS = ("gguf-q4_k_s", "gguf-q4_k_m", "gguf-q5_k_m")
@@ -130,15 +134,61 @@ def main(argv=None) -> int:
             if row and reference:
                 kept(f"plan {label} at context", lambda row=row: at_context(
                     args.model, row, reference["artifact"], args.context, args.kv_windows, args.threads))
-    print(report(args, source, shapes, state, budgets))
+    print(report(args, source, shapes, state, budgets) + "\n\n" + refusals(args, shapes, formats))
     return 0
+
+
+def refusals(args, shapes, formats) -> str:
+    """One byte below the smallest allocation, as a weights budget and as a GPU plan: each refused before any work,
+    its message naming the smallest that can be met (``quantlab.steps.fit.solve``, which every fit runs first)."""
+    from quantlab.errors import UsageError
+    from quantlab.fit.units import fixed_bytes, model_units, unit_bytes
+    from quantlab.methods.fit import FitConfig
+    from quantlab.steps.fit import solve
+
+    units = model_units(shapes, args.units, True)
+    least = fixed_bytes(units, shapes, "cpu", "gguf") + sum(min(unit_bytes(u, f, shapes, "cpu") for f in formats)
+                                                             for u in units)
+    lines = ["budgets below every allocation (refused before any work):"]
+    for label, config in (("weights budget", FitConfig(weights_budget=least - 1, formats=formats, units=args.units,
+                                                        imatrix=True)),
+                          ("weights budget", FitConfig(weights_budget=least, formats=formats, units=args.units,
+                                                        imatrix=True))):
+        try:
+            solve(config, None, shapes, "cpu")
+            lines.append(f"  {label} {config.weights_budget:,} B: met")
+        except UsageError as exc:
+            lines.append(f"  {label} {config.weights_budget:,} B: refused: {exc}")
+    gpu = dict(context=args.context, batch=args.batch, formats=formats, units=args.units, imatrix=True,
+               kv_formats=("f16", "q8_0", "q4_0"))
+    try:  # the smallest GPU memory, as the refusal of a 1-byte GPU names it; then one byte below it and it
+        solve(FitConfig(gpu_mem=1, **gpu), None, shapes, "cpu")
+    except UsageError as exc:
+        smallest = int(re.search(r"the smallest that can be met is (\d+) bytes", str(exc)).group(1))
+        for mem in (smallest - 1, smallest):
+            try:
+                solve(FitConfig(gpu_mem=mem, **gpu), None, shapes, "cpu")
+                lines.append(f"  GPU plan {mem:,} B at context {args.context} x batch {args.batch}: met")
+            except UsageError as exc2:
+                lines.append(f"  GPU plan {mem:,} B at context {args.context} x batch {args.batch}: refused: {exc2}")
+    return "\n".join(lines)
+
+
+def _unit_format(row: dict, unit: str) -> str:
+    formats = row["fit"].get("unit_formats") or {}
+    if isinstance(formats, str):  # a row kept by an older run of this script, its mapping as text
+        import ast
+        formats = ast.literal_eval(formats)
+    return formats.get(unit, "?")
 
 
 def report(args, source, shapes, state: dict, budgets: dict) -> str:
     from quantlab.engines.llamacpp import compute_bytes, kv_bytes
 
     refs = [n for r in REFS for n in (r, f"{r}-imatrix")]
-    missing = [n for n in refs + [f"fit {b}" for b in budgets] if n not in state]
+    plan_keys = [f"plan {label}{at}" for label in ("cache fixed at F16", "cache types in the choice")
+                 for at in ("", " at context")] if budgets else []
+    missing = [n for n in refs + [f"fit {b}" for b in budgets] + plan_keys if n not in state]
     lines = [("PARTIAL — rows not yet measured: " + ", ".join(missing)) if missing or not budgets else "complete",
              f"$ .venv/bin/python scripts/bench_fit_gguf.py --model {args.model} --units {args.units} --formats "
              f"{args.formats} --context {args.context} --batch {args.batch} --kv-windows {args.kv_windows}",
@@ -164,7 +214,9 @@ def report(args, source, shapes, state: dict, budgets: dict) -> str:
             goal = f" ({'meets' if ratio <= 0.8 else 'MISSES'} the ≤ 0.8 goal)" if label in GOALS else ""
             line += f"  x {SAME_BYTES[label]}'s {ratio:.3f}{goal}"
         lines.append(line)
-        lines.append("    units per format: " + ", ".join(f"{k} {v}" for k, v in r["fit"]["units_per_format"].items()))
+        lines.append("    units per format: " + ", ".join(f"{k} {v}" for k, v in r["fit"]["units_per_format"].items())
+                     + f"; token embedding {_unit_format(r, 'model.embed_tokens')}; predicted KLD (the units' KLDs "
+                     f"summed) {r['fit']['predicted_kld']:.4f}")
     plan_rows = [(k, state[k]) for k in ("plan cache fixed at F16", "plan cache types in the choice") if k in state]
     if plan_rows:
         cfg = plan_rows[0][1]["fit"]
