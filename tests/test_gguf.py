@@ -309,7 +309,7 @@ def test_kv_cache_bytes_are_llama_cpp_s_kv_buffer(type_k, type_v, built, smol):
 
 def test_a_quantized_kv_cache_costs_kld_against_the_f16_cache(built, windows):
     """The same model in llama.cpp with its cache in F16 twice gives KLD 0; q8_0 costs something, q4_0 more."""
-    from quantlab.engines.kv import cache_kld
+    from quantlab.engines.kv import cache_kld, caches_kld
 
     path = built["gguf-q8_0"][0] / "model.gguf"
     rows = windows.tolist()
@@ -318,3 +318,7 @@ def test_a_quantized_kv_cache_costs_kld_against_the_f16_cache(built, windows):
     assert same["kld_mean"] == 0 and same["top1"] == 1
     assert 0 < q8["kld_mean"] < q4["kld_mean"] and q8["top1"] >= q4["top1"]
     assert q8["positions"] == WINDOWS * (TOKENS - 1 - TOKENS // 2)
+    # measured together against one F16 forward, each pair's numbers are the ones it has alone
+    both = caches_kld(path, rows, [("q8_0", "q8_0"), ("q4_0", "q4_0")])
+    assert [b["kld_per_window"] for b in both] == [q8["kld_per_window"], q4["kld_per_window"]]
+    assert [b["top1"] for b in both] == [q8["top1"], q4["top1"]]

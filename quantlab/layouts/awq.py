@@ -99,7 +99,7 @@ def repack_for_cpu(model) -> None:
         return  # the kernel then dequantizes at each forward, as it would loaded any other way
     for module in model.modules():
         if isinstance(module, TorchAtenAwqLinear) and module.linear_mode is None and not module.training:
-            module.transform("cpu")
+            module.transform(module.qweight.device.type)  # what its forward passes: the input's device, here CPU
             module.linear_mode = "inference"
             if module.bias is not None:
                 module.bias = module.bias.clone()

@@ -4,7 +4,7 @@ context, and the allocation's KV unit.
 With ``--gpu-mem`` a GGUF fit chooses the cache's types for keys and values beside the weights' formats: one unit
 (``KV_UNIT``) whose options are the pairs of ``kv_formats`` (``q8_0/q4_0``: keys q8_0, values q4_0), each with its
 bytes at the context and batch (``engines.llamacpp.kv_bytes``, llama.cpp's allocation exactly) and its KLD against
-the F16 cache (``engines.kv.cache_kld``). That KLD is measured on the uniform file of the fit's most precise format
+the F16 cache (``engines.kv.caches_kld``). That KLD is measured on the uniform file of the fit's most precise format
 (the weights the cache is measured with, stated with the table), on ``kv_windows`` windows of ``context`` tokens of
 the fit's calibration text (the reference text stays out of the choice), one cache pair after another; the table is
 cached by content. The pairs are measured, not summed from keys and values alone: on SmolLM2 keys and values in
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from quantlab import __version__
 from quantlab.artifacts import artifact_path
-from quantlab.engines.kv import cache_kld
+from quantlab.engines.kv import caches_kld
 from quantlab.engines.llamacpp import kv_bytes
 from quantlab.errors import DataError
 from quantlab.evaluate.text import TextSource
@@ -79,7 +79,8 @@ def ensure_kv_costs(source: ModelSource, config, reference, device: str, threads
 
 
 def kv_sensitivity_step(payload: dict) -> dict:
-    """Measure each pair's ``cache_kld`` into ``payload["target"]``."""
+    """Measure each pair's KLD against the F16 cache (``caches_kld``: one F16 forward for all pairs) into
+    ``payload["target"]``."""
     source = ModelSource.from_dict(payload["source"])
     text = TextSource(**payload["text"])
     context, count = payload["context"], payload["windows"]
@@ -90,8 +91,9 @@ def kv_sensitivity_step(payload: dict) -> dict:
     windows = [ids[i * context:(i + 1) * context] for i in range(count)]
     path = Path(payload["weights"]) / FILE
     with measure_cost(source.path, "cpu") as cost:
-        rows = {pair_name(k, v): cache_kld(path, windows, k, v, int(payload.get("threads") or 1))
-                for k, v in payload["pairs"]}
+        pairs = [tuple(pair) for pair in payload["pairs"]]
+        rows = dict(zip((pair_name(k, v) for k, v in pairs),
+                        caches_kld(path, windows, pairs, int(payload.get("threads") or 1))))
     out = {"kld": {"f16/f16": 0.0, **{name: r["kld_mean"] for name, r in rows.items()}}, "pairs": rows,
            "weights": payload["weights_recipe"], "text": {**text.to_dict(), "windows": count, "window_tokens": context},
            "cost": {k: cost[k] for k in ("quantize_wall_s", "quantize_cpu_s", "quantize_peak_rss_bytes")},
