@@ -12,7 +12,8 @@ the reference text, WikiText-2 test, 16 windows of 256 tokens; KLD with its boot
   Q4_K_M-imatrix's bytes plus the F16 cache's, so the F16 cache takes a quarter or more of it; fitted once with the
   cache fixed at F16 and once with its types in the choice, each file then measured in llama.cpp at that context
   with its cache against the F16 GGUF with an F16 cache (``engines.kv.context_kld``: ``--kv-windows`` windows of the
-  reference text, the second half of each scored, as llama-perplexity --kl-divergence scores).
+  reference text, the second half of each scored, as llama-perplexity --kl-divergence scores); the fit's own measure
+  of each cache pair (its ``kv_windows``) takes as many windows of its calibration text.
 
 Last, one byte below the smallest allocation, as a weights budget and as a GPU plan, each refused before any work
 with the smallest that can be met (and that smallest met).
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         reference = kept("gguf-f32", lambda: measure(args.model, parse_recipe("gguf-f32"), args.threads))
         for label, kv in (("cache fixed at F16", ("f16",)), ("cache types in the choice", ("f16", "q8_0", "q4_0"))):
             config = FitConfig(gpu_mem=plan, context=args.context, batch=args.batch, formats=formats, units=args.units,
-                               imatrix=True, kv_formats=kv)
+                               imatrix=True, kv_formats=kv, kv_windows=args.kv_windows)
             name = f"fit-gpu{plan}B-c{args.context}-b{args.batch}-gguf-imatrix" + ("-kv" if len(kv) > 1 else "")
             row = kept(f"plan {label}", lambda config=config, name=name: measure(args.model, Recipe(name, "fit", config),
                                                                                args.threads))
@@ -174,6 +175,13 @@ def refusals(args, shapes, formats) -> str:
     return "\n".join(lines)
 
 
+def _versions() -> str:
+    from quantlab.provenance import provenance
+
+    v = provenance("cpu")["versions"]
+    return ", ".join(f"{k} {v.get(k)}" for k in ("llama_cpp", "torch", "transformers", "gguf") if v.get(k))
+
+
 def _unit_format(row: dict, unit: str) -> str:
     formats = row["fit"].get("unit_formats") or {}
     if isinstance(formats, str):  # a row kept by an older run of this script, its mapping as text
@@ -193,6 +201,8 @@ def report(args, source, shapes, state: dict, budgets: dict) -> str:
              f"$ .venv/bin/python scripts/bench_fit_gguf.py --model {args.model} --units {args.units} --formats "
              f"{args.formats} --context {args.context} --batch {args.batch} --kv-windows {args.kv_windows}",
              f"model {source.ref}: {source.note}",
+             "rows measured at git " + ", ".join(sorted({str(r.get("git_sha")) for r in state.values()
+                                                        if isinstance(r, dict) and r.get("git_sha")})) + "; " + _versions(),
              "KLD: mean per-token KL(fp || model) in nats/token on WikiText-2 test (16 windows of 256 tokens), the file in "
              "llama.cpp against fp in torch, [bootstrap 95 % CI]; bytes: the file's tensor bytes (llama_model_size)",
              "", "llama.cpp's mixes:"]
@@ -229,6 +239,13 @@ def report(args, source, shapes, state: dict, budgets: dict) -> str:
                          f"predicted weights+cache {r['fit']['predicted_bytes']:,}  KLD at 256 tokens {r['kld']:.4f}  "
                          f"at {args.context} tokens vs F16 GGUF: " + (f"{ctx['kld']:.4f} (top-1 {ctx['top1']:.3f}, "
                                                                      f"{ctx['positions']} positions)" if ctx else "n/a"))
+        table = dict(plan_rows)["plan cache types in the choice"]["fit"].get("kv_table") if len(plan_rows) > 1 else None
+        if table:
+            pairs = sorted(table["kld"].items(), key=lambda kv: kv[1])
+            lines.append(f"  the cache pairs the choice weighed (KLD against the F16 cache at {args.context} tokens of the "
+                         "calibration text, on the uniform file of the most precise format; bytes at the plan): "
+                         + ", ".join(f"{pair} {kld:.4f} ({kv_bytes(shapes, args.context, args.batch, *pair.split('/')):,} B)"
+                                     for pair, kld in pairs))
     return "\n".join(lines)
 
 
