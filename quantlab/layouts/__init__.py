@@ -90,7 +90,7 @@ class Layout:
     def load_terms(self, shapes, device: str) -> dict[str, int]:
         """What a model of this layout loaded whole holds beside its weights as loaded, by component: keys
         ``"load: ..."`` only while it loads (pages it reads, a conversion in flight), the rest throughout (what a
-        kernel converts its tensors into beyond the layout's bytes). None by default."""
+        kernel converts its tensors into beyond the layout's bytes). Nothing by default."""
         return {}
 
     def dequantize_bytes_per_value(self, device: str) -> int:

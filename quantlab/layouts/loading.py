@@ -19,5 +19,6 @@ def load_recipe_model(path: str, recipe, device: str, trust_remote_code: bool = 
 
 
 def prepare_model(model, recipe, device: str):
+    """``Layout.prepare`` of the recipe's layout on a model loaded whole; returns the model."""
     get_method(recipe.method).layout(recipe.config).prepare(model, device)
     return model
