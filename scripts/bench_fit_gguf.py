@@ -140,38 +140,27 @@ def main(argv=None) -> int:
 
 
 def refusals(args, shapes, formats) -> str:
-    """One byte below the smallest allocation, as a weights budget and as a GPU plan: each refused before any work,
-    its message naming the smallest that can be met (``quantlab.steps.fit.solve``, which every fit runs first)."""
+    """One byte below the smallest allocation, as a weights budget and as a GPU plan: each refused before any work
+    (``quantlab.steps.fit.solve``, which every fit runs first), its message naming the smallest that can be met,
+    which is then met. The smallest is the one a 1-byte budget's refusal names."""
     from quantlab.errors import UsageError
-    from quantlab.fit.units import fixed_bytes, model_units, unit_bytes
     from quantlab.methods.fit import FitConfig
     from quantlab.steps.fit import solve
 
-    units = model_units(shapes, args.units, True)
-    least = fixed_bytes(units, shapes, "cpu", "gguf") + sum(min(unit_bytes(u, f, shapes, "cpu") for f in formats)
-                                                             for u in units)
+    common = dict(formats=formats, units=args.units, imatrix=True)
+    kinds = (("weights budget {:,} B", "weights_budget", common),
+             (f"GPU plan {{:,}} B at context {args.context} x batch {args.batch}", "gpu_mem",
+              dict(common, context=args.context, batch=args.batch, kv_formats=("f16", "q8_0", "q4_0"))))
     lines = ["budgets below every allocation (refused before any work):"]
-    for label, config in (("weights budget", FitConfig(weights_budget=least - 1, formats=formats, units=args.units,
-                                                        imatrix=True)),
-                          ("weights budget", FitConfig(weights_budget=least, formats=formats, units=args.units,
-                                                        imatrix=True))):
-        try:
-            solve(config, None, shapes, "cpu")
-            lines.append(f"  {label} {config.weights_budget:,} B: met")
-        except UsageError as exc:
-            lines.append(f"  {label} {config.weights_budget:,} B: refused: {exc}")
-    gpu = dict(context=args.context, batch=args.batch, formats=formats, units=args.units, imatrix=True,
-               kv_formats=("f16", "q8_0", "q4_0"))
-    try:  # the smallest GPU memory, as the refusal of a 1-byte GPU names it; then one byte below it and it
-        solve(FitConfig(gpu_mem=1, **gpu), None, shapes, "cpu")
-    except UsageError as exc:
-        smallest = int(re.search(r"the smallest that can be met is (\d+) bytes", str(exc)).group(1))
-        for mem in (smallest - 1, smallest):
+    for label, field, settings in kinds:
+        def outcome(size):
             try:
-                solve(FitConfig(gpu_mem=mem, **gpu), None, shapes, "cpu")
-                lines.append(f"  GPU plan {mem:,} B at context {args.context} x batch {args.batch}: met")
-            except UsageError as exc2:
-                lines.append(f"  GPU plan {mem:,} B at context {args.context} x batch {args.batch}: refused: {exc2}")
+                solve(FitConfig(**{field: size}, **settings), None, shapes, "cpu")
+                return "met"
+            except UsageError as exc:
+                return f"refused: {exc}"
+        smallest = int(re.search(r"the smallest that can be met is (\d+) bytes", outcome(1)).group(1))
+        lines += [f"  {label.format(size)}: {outcome(size)}" for size in (smallest - 1, smallest)]
     return "\n".join(lines)
 
 
